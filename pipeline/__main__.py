@@ -1,0 +1,155 @@
+"""Command line: `python -m pipeline train|study|summarize ...`.
+
+Bad input (a config, an override, a path) ends with one line on stderr and exit code 2, before
+anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from tqdm import tqdm
+
+from pipeline.config import Config, ConfigError, load_config
+from pipeline.plots import png_bytes, training_figure
+from pipeline.results import (
+    TRIALS,
+    Output,
+    claim_output,
+    steps_file,
+    steps_table,
+    trial_row,
+    trials_table,
+)
+from pipeline.summary import objective_value, trial_metrics
+from pipeline.train import Step, resolve_device, train
+
+USAGE_ERROR = 2
+# A single run's Parquet columns: the factors the summary groups by, and the learning rate.
+TRAIN_PARAMS = {
+    "num_layers": "model.num_layers",
+    "state_size": "model.state_size",
+    "echo_step": "task.echo_step",
+    "lr": "train.lr",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_ERROR, f"error: {message} (see {self.prog} --help)\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = _load(args)
+        return args.command(config)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(required=True, metavar="COMMAND", parser_class=_Parser)
+
+    run = commands.add_parser("train", help="train one model, as the tutorial does")
+    run.add_argument("config", help="YAML config, e.g. configs/tutorial.yaml")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set model.num_layers=2 (repeatable)",
+    )
+    run.add_argument("--output", help="results folder (default: the config's output)")
+    run.set_defaults(command=run_train)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Config:
+    config = load_config(args.config, args.set)
+    if args.output is not None:
+        config = config.with_params({"output": args.output})
+    return config
+
+
+def run_train(config: Config) -> int:
+    """Train one model like the tutorial and write it in the results layout as trial 0."""
+    resolve_device(config.train.device)
+    output = Output(config.output)
+    claim_output(output, config)
+    with tqdm(total=config.total_steps, unit="window", disable=not sys.stderr.isatty()) as bar:
+        result = train([config], on_step=_tutorial_log(config, bar))
+    run = result.runs[0]
+    windows = config.task.windows_per_epoch
+    metrics = trial_metrics(run.losses, windows, config.convergence)
+    params = {name: _value(config, key) for name, key in TRAIN_PARAMS.items()}
+    diverged = run.status == "diverged"
+    row = trial_row(
+        trial=0,
+        state="FAIL" if diverged else "COMPLETE",
+        params=params,
+        value=None if diverged else objective_value(metrics, config.study.objective),
+        metrics=metrics,
+        steps=run.steps,
+        duration_s=result.seconds,
+        error=f"diverged at step {run.steps - 1}" if diverged else None,
+        trial_seed=config.train.seed,
+    )
+    output.write_table(steps_file(0), steps_table(0, run.losses, windows, params, row))
+    output.write_table(TRIALS, trials_table([row], list(params)))
+    x, y, margin = (a[..., 0] for a in result.last_window)
+    title = (
+        f"{config.model.num_layers} layers × {config.model.state_size} units, "
+        f"echo {config.task.echo_step}, seed {config.train.seed}"
+    )
+    figure = training_figure(run.losses, x, y, margin, title)
+    output.write_bytes("plots/training.png", png_bytes(figure))
+    _print_outcome(config, result.seconds, metrics, row["error"])
+    return 0
+
+
+def _tutorial_log(config: Config, bar: tqdm):
+    """Print what the tutorial prints: each epoch's start, and the loss every log_every steps."""
+
+    def on_step(step: Step) -> None:
+        if step.window == 0:
+            bar.write(f"New data, epoch {step.epoch}")
+        if step.window % config.train.log_every == 0:
+            bar.write(f"Step {step.window} Batch loss {step.losses[0]:.8g}")
+        bar.update()
+
+    return on_step
+
+
+def _print_outcome(config: Config, seconds: float, metrics, error: str | None) -> None:
+    epochs = config.train.epochs
+    converged = (
+        f"the {config.convergence.window}-step mean loss fell below "
+        f"{config.convergence.threshold:g} at step {metrics.steps_to_converge}"
+        if metrics.converged
+        else f"the {config.convergence.window}-step mean loss never fell below "
+        f"{config.convergence.threshold:g}"
+    )
+    print(
+        f"Trained {epochs} epochs in {seconds:.1f} s ({seconds / epochs:.2f} s per epoch); "
+        f"final loss {metrics.final_loss:.3g}; {converged}."
+    )
+    if error:
+        print(f"The loss {error}.")
+    print(f"Results in {config.output}")
+
+
+def _value(config: Config, key: str) -> object:
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""K stacked LSTMs of one architecture, trained in lockstep as one set of tensors.
+
+Small LSTMs are overhead-bound: a window of state 4 costs about what one of state 16 does, so
+instead of one model per call we stack K models on a trailing "trial" axis and vectorize over it.
+Every weight has shape (..., K); model k owns the slice [..., k] and no operation mixes two
+models, so a model follows the same arithmetic whatever else is in its batch.
+
+Weights, a flat list (flat so that torch.compile sees plain tensors):
+    per layer l: w_input (I_l, 4H, K), w_hidden (H, 4H, K), bias (4H, K)   (I_0 = 1, else H)
+    then the head: w_out (H, 2, K), b_out (2, K)
+Gates are ordered i, f, o, g so that one sigmoid covers the first three and one tanh the last.
+State is (h, c), each (num_layers, B, H, K), like the tutorial's [num_layers, 2, batch, state].
+
+`train_window` is the hot path: forward, the backward written out by hand, and Adagrad, in one
+function without autograd, which torch.compile turns into a few fused loops. Writing the
+backward by hand also makes the truncation structural: it starts every window with a zero
+gradient on the final state and never computes one for the initial state, so no gradient can
+cross a window boundary and the carried state never holds a graph. `forward` is the same model
+for predictions and for checking those hand-written gradients against autograd.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import ModelConfig
+from pipeline.data import INIT_STREAM, rng_for
+
+# TensorFlow's LSTMCell adds 1.0 to the forget gate, and its AdagradOptimizer starts every
+# accumulator at 0.1; both matter for matching the tutorial's convergence.
+FORGET_BIAS = 1.0
+ADAGRAD_INITIAL_ACCUMULATOR = 0.1
+NUM_CLASSES = 2
+
+Weights = list[torch.Tensor]
+
+
+class State(NamedTuple):
+    """The carried LSTM state of every layer: h and c, each (num_layers, B, H, K)."""
+
+    h: torch.Tensor
+    c: torch.Tensor
+
+
+class _LayerTape(NamedTuple):
+    """What the backward of one layer needs from its forward, each (B, T, ·, K)."""
+
+    inputs: torch.Tensor  # (B, T, I, K)
+    h_prev: torch.Tensor  # (B, T, H, K): h entering each step
+    c_prev: torch.Tensor  # (B, T, H, K)
+    gates: torch.Tensor  # (B, T, 4H, K): i, f, o after sigmoid, g after tanh
+    tanh_c: torch.Tensor  # (B, T, H, K)
+    outputs: torch.Tensor  # (B, T, H, K): h after each step
+
+
+def init_weights(model: ModelConfig, seeds: Sequence[int], device: torch.device) -> Weights:
+    """Initial weights of K models, model k drawn from its own seed as the tutorial's TF code does.
+
+    LSTM kernels are Glorot-uniform over TensorFlow's joint [input + hidden, 4H] matrix, biases 0
+    except the forget gate's 1.0, the output weights uniform in [0, 1) and the output bias 0.
+    """
+    per_model = [_init_one(model, seed) for seed in seeds]
+    return [
+        torch.from_numpy(np.stack(parts, axis=-1)).to(device)
+        for parts in zip(*per_model, strict=True)
+    ]
+
+
+def _init_one(model: ModelConfig, seed: int) -> list[np.ndarray]:
+    rng = rng_for(seed, INIT_STREAM)
+    units = model.state_size
+    arrays = []
+    for layer in range(model.num_layers):
+        inputs = 1 if layer == 0 else units
+        limit = math.sqrt(6.0 / (inputs + units + 4 * units))
+        kernel = rng.uniform(-limit, limit, (inputs + units, 4 * units)).astype(np.float32)
+        bias = np.zeros(4 * units, np.float32)
+        bias[units : 2 * units] = FORGET_BIAS
+        arrays += [kernel[:inputs], kernel[inputs:], bias]
+    w_out = rng.random((units, NUM_CLASSES)).astype(np.float32)
+    return [*arrays, w_out, np.zeros(NUM_CLASSES, np.float32)]
+
+
+def init_adagrad(weights: Weights) -> Weights:
+    """Adagrad's accumulators, one per weight."""
+    return [torch.full_like(w, ADAGRAD_INITIAL_ACCUMULATOR) for w in weights]
+
+
+def num_layers(weights: Weights) -> int:
+    return (len(weights) - 2) // 3
+
+
+def init_state(weights: Weights, batch_size: int) -> State:
+    """Zero state for every layer; device and dtype follow the weights."""
+    w_hidden = weights[1]  # (H, 4H, K)
+    units, models = w_hidden.shape[0], w_hidden.shape[-1]
+    zeros = w_hidden.new_zeros(num_layers(weights), batch_size, units, models)
+    return State(zeros, zeros.clone())
+
+
+def forward(weights: Weights, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+    """Logits (B, T, 2, K) of a window x (B, T, K), and the state after it; autograd-friendly."""
+    logits, _, new_state = _forward(weights, x, state)
+    return logits, new_state
+
+
+def train_window(
+    weights: Weights,
+    accum: Weights,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    state: State,
+    lr: torch.Tensor,
+    active: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, Weights, Weights, State, torch.Tensor]:
+    """One truncated-BPTT update of K models on one window.
+
+    x, y: (B, T, K) inputs and 0/1 targets; lr: (K,) Adagrad learning rates; active: (K,) bool,
+    false for models that stopped (pruned, or diverged) and must not change.
+    Returns the loss of each model (mean cross-entropy over the window, before the update), the
+    logit of class 1 minus that of class 0 (B, T, K), the updated weights and accumulators, the
+    state to carry into the next window, and `active` with the models whose loss is not finite
+    switched off, so that a diverged model keeps its last finite weights.
+    """
+    logits, tapes, new_state = _forward(weights, x, state)
+    margin = logits[:, :, 1] - logits[:, :, 0]  # (B, T, K)
+    # Cross-entropy over two classes is softplus of the margin against the target: sign = +1
+    # for target 0 and -1 for target 1.
+    sign = 1.0 - 2.0 * y
+    losses = F.softplus(sign * margin).mean(dim=(0, 1))  # (K,)
+    active = active & torch.isfinite(losses)
+    window_size = margin.shape[0] * margin.shape[1]
+    d_margin = torch.sigmoid(sign * margin) * sign / window_size  # (B, T, K)
+    grads = _backward(weights, tapes, d_margin)
+    weights, accum = _adagrad(weights, accum, grads, lr, active)
+    return losses, margin, weights, accum, new_state, active
+
+
+def _forward(
+    weights: Weights, x: torch.Tensor, state: State
+) -> tuple[torch.Tensor, list[_LayerTape], State]:
+    inputs = x.unsqueeze(2)  # (B, T, 1, K): one scalar per step
+    steps = x.shape[1]
+    tapes, last_h, last_c = [], [], []
+    for layer in range(num_layers(weights)):
+        w_input, w_hidden, bias = weights[3 * layer : 3 * layer + 3]
+        units = w_hidden.shape[0]
+        # The input projection of every step at once: only the recurrence is sequential.
+        projected = _matmul(inputs, w_input) + bias  # (B, T, 4H, K)
+        h, c = state.h[layer], state.c[layer]
+        h_prev, c_prev, gates, tanh_c, outputs = [], [], [], [], []
+        for t in range(steps):
+            pre = projected[:, t] + _matmul(h, w_hidden)  # (B, 4H, K)
+            sig = torch.sigmoid(pre[:, : 3 * units])
+            g = torch.tanh(pre[:, 3 * units :])
+            i, f, o = sig[:, :units], sig[:, units : 2 * units], sig[:, 2 * units :]
+            h_prev.append(h)
+            c_prev.append(c)
+            c = f * c + i * g
+            tc = torch.tanh(c)
+            h = o * tc
+            gates.append(torch.cat([sig, g], dim=1))
+            tanh_c.append(tc)
+            outputs.append(h)
+        sequences = (h_prev, c_prev, gates, tanh_c, outputs)
+        tape = _LayerTape(inputs, *(torch.stack(seq, dim=1) for seq in sequences))
+        tapes.append(tape)
+        last_h.append(h)
+        last_c.append(c)
+        inputs = tape.outputs
+    w_out, b_out = weights[-2:]
+    logits = _matmul(inputs, w_out) + b_out  # (B, T, 2, K)
+    return logits, tapes, State(torch.stack(last_h), torch.stack(last_c))
+
+
+def _backward(weights: Weights, tapes: list[_LayerTape], d_margin: torch.Tensor) -> Weights:
+    """Gradients of every weight, given d loss / d margin (B, T, K)."""
+    grads: Weights = [None] * len(weights)  # type: ignore[list-item]
+    d_logits = torch.stack([-d_margin, d_margin], dim=2)  # (B, T, 2, K)
+    w_out = weights[-2]
+    grads[-2] = _outer_sum(tapes[-1].outputs, d_logits)
+    grads[-1] = d_logits.sum(dim=(0, 1))
+    d_outputs = _matmul_t(d_logits, w_out)  # (B, T, H, K)
+    for layer in reversed(range(len(tapes))):
+        w_input, w_hidden, _ = weights[3 * layer : 3 * layer + 3]
+        tape = tapes[layer]
+        units = w_hidden.shape[0]
+        # The gradient flowing back through time starts at zero at the window's end...
+        d_h = torch.zeros_like(d_outputs[:, 0])
+        d_c = torch.zeros_like(d_h)
+        d_pre_steps = []
+        for t in reversed(range(d_outputs.shape[1])):
+            gates = tape.gates[:, t]
+            i, f = gates[:, :units], gates[:, units : 2 * units]
+            o, g = gates[:, 2 * units : 3 * units], gates[:, 3 * units :]
+            tc = tape.tanh_c[:, t]
+            d_h = d_outputs[:, t] + d_h
+            d_c = d_c + d_h * o * (1 - tc * tc)
+            d_pre = torch.cat(
+                [
+                    d_c * g * i * (1 - i),
+                    d_c * tape.c_prev[:, t] * f * (1 - f),
+                    d_h * tc * o * (1 - o),
+                    d_c * i * (1 - g * g),
+                ],
+                dim=1,
+            )  # (B, 4H, K)
+            d_pre_steps.append(d_pre)
+            d_c = d_c * f
+            # ...and stops at its start: nothing is propagated into the initial state.
+            if t > 0:
+                d_h = _matmul_t(d_pre, w_hidden)
+        d_pre = torch.stack(d_pre_steps[::-1], dim=1)  # (B, T, 4H, K)
+        grads[3 * layer] = _outer_sum(tape.inputs, d_pre)
+        grads[3 * layer + 1] = _outer_sum(tape.h_prev, d_pre)
+        grads[3 * layer + 2] = d_pre.sum(dim=(0, 1))
+        if layer > 0:
+            d_outputs = _matmul_t(d_pre, w_input)
+    return grads
+
+
+def _adagrad(
+    weights: Weights,
+    accum: Weights,
+    grads: Weights,
+    lr: torch.Tensor,
+    active: torch.Tensor,
+) -> tuple[Weights, Weights]:
+    """TensorFlow's Adagrad (accum += g², w -= lr g / sqrt(accum)) for the active models only."""
+    new_weights, new_accum = [], []
+    for w, a, g in zip(weights, accum, grads, strict=True):
+        a_next = a + g * g
+        w_next = w - lr * g * torch.rsqrt(a_next)
+        new_weights.append(torch.where(active, w_next, w))
+        new_accum.append(torch.where(active, a_next, a))
+    return new_weights, new_accum
+
+
+def _matmul(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Per-model v @ w: v (..., I, K), w (I, J, K) → (..., J, K)."""
+    return (v.unsqueeze(-2) * w).sum(dim=-3)
+
+
+def _matmul_t(d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Per-model d @ wᵀ: d (..., J, K), w (I, J, K) → (..., I, K)."""
+    return (d.unsqueeze(-3) * w).sum(dim=-2)
+
+
+def _outer_sum(v: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Per-model Σ over batch and time of v ⊗ d: v (B, T, I, K), d (B, T, J, K) → (I, J, K)."""
+    return (v.unsqueeze(-2) * d.unsqueeze(-3)).sum(dim=(0, 1))

@@ -1,0 +1,279 @@
+"""The results folder: Arrow schemas, atomic Parquet writes, and loaders for pandas.
+
+An output is a local folder or any URI that pyarrow.fs understands (file://, s3://, gs://, ...):
+
+    <output>/config.yaml        the resolved config
+    <output>/steps/trial-000042.parquet   one file per finished trial, its losses step by step
+    <output>/trials.parquet     one row per trial
+    <output>/summary.parquet, summary.md, plots/*.png
+
+Nothing half-written is ever visible: on a local disk a file is written under a hidden
+temporary name (pyarrow and pandas skip names starting with "."), flushed, and renamed into
+place; on an object store a PUT appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import yaml
+
+from pipeline.config import Config, ConfigError, config_from_dict
+
+STEPS = "steps"
+TRIALS = "trials.parquet"
+CONFIG = "config.yaml"
+# Where each steps file keeps its trial's outcome, so that steps/ alone can rebuild trials.
+TRIAL_METADATA_KEY = b"echo_study.trial"
+
+STEP_COLUMNS = {
+    "trial": pa.int32(),
+    "epoch": pa.int16(),
+    "window": pa.int32(),
+    "step": pa.int32(),
+    "loss": pa.float32(),
+}
+# Parameter columns by short name, as compact as their ranges allow.
+PARAM_TYPES = {
+    "num_layers": pa.int16(),
+    "state_size": pa.int16(),
+    "echo_step": pa.int32(),
+    "lr": pa.float64(),
+    "seed": pa.int64(),
+    "epochs": pa.int16(),
+    "series_length": pa.int32(),
+    "batch_size": pa.int32(),
+    "truncation": pa.int32(),
+    "carry_state": pa.bool_(),
+}
+TRIAL_COLUMNS = {
+    "trial": pa.int32(),
+    "state": pa.string(),
+    "value": pa.float64(),
+    "final_loss": pa.float32(),
+    "mean_loss": pa.float32(),
+    "steps_to_converge": pa.int32(),
+    "converged": pa.bool_(),
+    "steps": pa.int32(),
+    "duration_s": pa.float32(),
+    "error": pa.string(),
+    "trial_seed": pa.int64(),
+}
+
+
+class Output:
+    """One results folder, local or remote, addressed by names relative to its root."""
+
+    def __init__(self, location: str) -> None:
+        self.location = location
+        if "://" in location:
+            self.fs, self.root = pafs.FileSystem.from_uri(location)
+        else:
+            self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(location)
+        self.root = self.root.rstrip("/")
+
+    @property
+    def is_local(self) -> bool:
+        return self.fs.type_name == "local"
+
+    def path(self, *names: str) -> str:
+        return "/".join([self.root, *names])
+
+    def exists(self, *names: str) -> bool:
+        return self.fs.get_file_info(self.path(*names)).type != pafs.FileType.NotFound
+
+    def read_text(self, *names: str) -> str:
+        with self.fs.open_input_stream(self.path(*names)) as stream:
+            return stream.read().decode()
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write a whole file so that no reader ever sees part of it."""
+        target = self.path(name)
+        parent = target.rsplit("/", 1)[0]
+        self.fs.create_dir(parent, recursive=True)
+        if not self.is_local:
+            with self.fs.open_output_stream(target) as stream:
+                stream.write(data)
+            return
+        temporary = f"{parent}/.{target.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp"
+        try:
+            with open(temporary, "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, target)
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+
+    def write_table(self, name: str, table: pa.Table) -> None:
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd")
+        self.write_bytes(name, buffer.getvalue())
+
+
+def claim_output(output: Output, config: Config) -> None:
+    """Make `output` this config's: refuse one that holds another config's results (or is not
+    an echo-study output at all), then write config.yaml. Raises ConfigError before writing."""
+    if output.exists(CONFIG):
+        try:
+            previous = config_from_dict(yaml.safe_load(output.read_text(CONFIG)))
+        except (ConfigError, yaml.YAMLError) as error:
+            raise ConfigError(
+                f"{output.path(CONFIG)}: unreadable ({error}); move it away"
+            ) from None
+        differing = config.differences(previous)
+        if differing:
+            key = differing[0]
+            raise ConfigError(
+                f"output {output.location} holds results of another config ({key}: "
+                f"{_dotted(previous, key)!r} there, {_dotted(config, key)!r} here); "
+                "choose another --output or remove that folder"
+            )
+    elif output.exists() and _has_entries(output):
+        raise ConfigError(
+            f"output {output.location} exists and is not an echo-study output (no {CONFIG}); "
+            "choose another --output"
+        )
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    output.write_bytes(CONFIG, text.encode())
+
+
+def _dotted(config: Config, key: str) -> Any:
+    section, _, name = key.partition(".")
+    return config.to_dict()[section][name] if name else config.to_dict()[section]
+
+
+def _has_entries(output: Output) -> bool:
+    return bool(output.fs.get_file_info(pafs.FileSelector(output.root)))
+
+
+def steps_file(trial: int) -> str:
+    return f"{STEPS}/trial-{trial:06d}.parquet"
+
+
+def steps_table(
+    trial: int,
+    losses: np.ndarray,
+    windows_per_epoch: int,
+    params: Mapping[str, Any],
+    outcome: Mapping[str, Any],
+) -> pa.Table:
+    """One trial's steps: trial, epoch, window, step, loss and its parameters by short name.
+
+    `outcome` (state, value, error, ...) goes into the file's metadata, so that the steps files
+    alone can rebuild trials.parquet.
+    """
+    step = np.arange(len(losses), dtype=np.int32)
+    columns = {
+        "trial": np.full(len(losses), trial, np.int32),
+        "epoch": (step // windows_per_epoch).astype(np.int16),
+        "window": (step % windows_per_epoch).astype(np.int32),
+        "step": step,
+        "loss": np.asarray(losses, np.float32),
+    }
+    arrays = [pa.array(values, STEP_COLUMNS[name]) for name, values in columns.items()]
+    names = list(columns)
+    for name, value in params.items():
+        arrays.append(pa.array(np.full(len(losses), value), PARAM_TYPES[name]))
+        names.append(name)
+    metadata = {TRIAL_METADATA_KEY: json.dumps({"trial": trial, **outcome}).encode()}
+    return pa.Table.from_arrays(arrays, names=names).replace_schema_metadata(metadata)
+
+
+def trial_row(
+    *,
+    trial: int,
+    state: str,
+    params: Mapping[str, Any],
+    value: float | None,
+    metrics: Any,
+    steps: int,
+    duration_s: float | None,
+    error: str | None,
+    trial_seed: int,
+) -> dict[str, Any]:
+    """One row of trials.parquet; `metrics` is a summary.TrialMetrics."""
+    return {
+        "trial": trial,
+        "state": state,
+        **params,
+        "value": value,
+        "final_loss": metrics.final_loss,
+        "mean_loss": metrics.mean_loss,
+        "steps_to_converge": metrics.steps_to_converge,
+        "converged": metrics.converged,
+        "steps": steps,
+        "duration_s": duration_s,
+        "error": error,
+        "trial_seed": trial_seed,
+    }
+
+
+def trials_table(rows: Sequence[Mapping[str, Any]], param_names: Sequence[str]) -> pa.Table:
+    """One row per trial, parameters after `state`; missing metrics are null."""
+    schema = pa.schema(
+        [("trial", TRIAL_COLUMNS["trial"]), ("state", TRIAL_COLUMNS["state"])]
+        + [(name, PARAM_TYPES[name]) for name in param_names]
+        + [(name, kind) for name, kind in TRIAL_COLUMNS.items() if name not in ("trial", "state")]
+    )
+    return pa.Table.from_pylist([dict(row) for row in rows], schema=schema)
+
+
+def read_steps_outcomes(output: Output) -> dict[int, dict[str, Any]]:
+    """The outcome recorded in every steps file, by trial number (reads only the footers)."""
+    outcomes = {}
+    for info in _steps_files(output):
+        metadata = pq.read_schema(info.path, filesystem=output.fs).metadata or {}
+        if TRIAL_METADATA_KEY in metadata:
+            outcome = json.loads(metadata[TRIAL_METADATA_KEY])
+            outcomes[outcome["trial"]] = outcome
+    return outcomes
+
+
+def _steps_files(output: Output) -> list[pafs.FileInfo]:
+    selector = pafs.FileSelector(output.path(STEPS), allow_not_found=True)
+    infos = output.fs.get_file_info(selector)
+    return sorted(
+        (i for i in infos if i.base_name.endswith(".parquet") and not i.base_name.startswith(".")),
+        key=lambda i: i.base_name,
+    )
+
+
+def load_steps(output: str, columns: Sequence[str] | None = None, **filters: Any) -> pd.DataFrame:
+    """Every step of every finished trial as a DataFrame, filtered in pyarrow before pandas.
+
+    A filter is a column name and a value, or a list of accepted values:
+    `load_steps("results/echo-grid", echo_step=[3, 9], num_layers=2)`.
+    """
+    location = Output(output)
+    dataset = ds.dataset(location.path(STEPS), filesystem=location.fs, format="parquet")
+    expression = None
+    for name, wanted in filters.items():
+        if name not in dataset.schema.names:
+            raise ValueError(
+                f"no column {name!r} in steps; columns: {', '.join(dataset.schema.names)}"
+            )
+        values = list(wanted) if isinstance(wanted, list | tuple | set) else [wanted]
+        term = ds.field(name).isin(values)
+        expression = term if expression is None else expression & term
+    table = dataset.to_table(columns=list(columns) if columns else None, filter=expression)
+    return table.to_pandas().sort_values(["trial", "step"], ignore_index=True)
+
+
+def load_trials(output: str) -> pd.DataFrame:
+    """trials.parquet as a DataFrame: one row per trial with its parameters and metrics."""
+    location = Output(output)
+    with location.fs.open_input_file(location.path(TRIALS)) as file:
+        return pq.read_table(file).to_pandas()

@@ -1,0 +1,172 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline.__main__ import main
+from tests.conftest import SMALL
+
+TUTORIAL = Path(__file__).parent.parent / "configs" / "tutorial.yaml"
+
+
+def _write_config(folder: Path, text: str) -> Path:
+    path = folder / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def _small_config_file(folder: Path, **changes: dict) -> Path:
+    raw = {section: dict(values) for section, values in SMALL.items()}
+    for section, values in changes.items():
+        raw.setdefault(section, {}).update(values)
+    return _write_config(folder, yaml.safe_dump(raw))
+
+
+def test_cli_train_writes_steps_trials_config_and_figure(tmp_path, capsys):
+    config = _small_config_file(tmp_path)
+    out = tmp_path / "run"
+    assert main(["train", str(config), "--output", str(out), "--set", "train.seed=2"]) == 0
+    printed = capsys.readouterr().out
+    assert "New data, epoch 0" in printed and "New data, epoch 1" in printed
+    assert "Step 0 Batch loss 0.6" in printed
+    steps = pd.read_parquet(out / "steps")
+    assert len(steps) == 2 * 20
+    assert list(steps.columns[:5]) == ["trial", "epoch", "window", "step", "loss"]
+    assert {"num_layers", "state_size", "echo_step", "lr"} <= set(steps.columns)
+    assert steps["loss"].dtype == np.float32 and steps["epoch"].dtype == np.int16
+    assert steps["step"].tolist() == list(range(40))
+    trials = pd.read_parquet(out / "trials.parquet")
+    assert trials.loc[0, "state"] == "COMPLETE" and trials.loc[0, "trial_seed"] == 2
+    assert trials.loc[0, "value"] == pytest.approx(steps["loss"].iloc[20:].mean(), rel=1e-5)
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["seed"] == 2
+    assert (out / "plots" / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_train_tutorial_behaves_like_the_tutorial(tmp_path, capsys):
+    out = tmp_path / "tutorial"
+    assert main(["train", str(TUTORIAL), "--output", str(out), "--set", "train.compile=false"]) == 0
+    steps = pd.read_parquet(out / "steps")
+    # 50,000 values in 5 rows of 10,000 columns: 666 windows of 15 per epoch, 5 epochs.
+    assert len(steps) == 3330 and steps["window"].max() == 665 and steps["epoch"].max() == 4
+    loss = steps["loss"].to_numpy()
+    assert 0.66 < loss[0] < 0.73
+    moving = np.convolve(loss, np.full(100, 0.01), "valid")
+    assert moving[: 2 * 666 - 99].min() < 0.01  # converged within the first two epochs
+    assert loss[-100:].mean() < 2e-3  # and keeps improving, towards the tutorial's 2e-4
+    assert "Step 600 Batch loss" in capsys.readouterr().out
+
+
+def test_cli_train_reruns_into_its_own_output_but_refuses_another_config(tmp_path, capsys):
+    config = _small_config_file(tmp_path, train={"epochs": 1})
+    out = tmp_path / "run"
+    assert main(["train", str(config), "--output", str(out)]) == 0
+    first = pd.read_parquet(out / "steps")
+    assert main(["train", str(config), "--output", str(out)]) == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "steps"), first)
+    capsys.readouterr()
+    assert main(["train", str(config), "--output", str(out), "--set", "task.echo_step=5"]) == 2
+    err = capsys.readouterr().err
+    assert "task.echo_step: 3 there, 5 here" in err
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "steps"), first)
+
+
+BAD_CONFIGS = {
+    "unknown section": ("modle: {num_layers: 2}", "did you mean model?"),
+    "misspelled key": ("model: {num_layer: 2}", "did you mean model.num_layers?"),
+    "wrong type": ("model: {num_layers: three}", "model.num_layers = 'three': must be an integer"),
+    "negative echo": ("task: {echo_step: -1}", "task.echo_step = -1"),
+    "echo beyond series": ("task: {echo_step: 50000}", "must be < task.series_length"),
+    "zero batch": ("task: {batch_size: 0}", "task.batch_size = 0"),
+    "zero truncation": ("task: {truncation: 0}", "task.truncation = 0"),
+    "zero state": ("model: {state_size: 0}", "model.state_size = 0"),
+    "zero layers": ("model: {num_layers: 0}", "model.num_layers = 0"),
+    "zero epochs": ("train: {epochs: 0}", "train.epochs = 0"),
+    "zero lr": ("train: {lr: 0}", "train.lr = 0"),
+    "nan lr": ("train: {lr: .nan}", "train.lr = nan: must be a finite number"),
+    "negative lr": ("train: {lr: -0.3}", "train.lr = -0.3"),
+    "series too short": ("task: {series_length: 50}", "too short for one window"),
+    "rows of unequal length": ("task: {series_length: 1001}", "multiple of task.batch_size"),
+    "fractional epochs": ("train: {epochs: 2.5}", "train.epochs = 2.5: must be an integer"),
+    "section not a mapping": ("model: 3", "model: must be a mapping"),
+    "not a mapping": ("- 1\n- 2", "must be a mapping of sections, got a list"),
+    "malformed yaml": ("task: [1, 2", "not valid YAML at line"),
+    "unknown device": ("train: {device: tpu}", "train.device = 'tpu'"),
+    "unknown compile": ("train: {compile: sometimes}", "train.compile = 'sometimes'"),
+}
+
+
+@pytest.mark.parametrize("text, message", BAD_CONFIGS.values(), ids=BAD_CONFIGS.keys())
+def test_cli_train_rejects_a_bad_config_in_one_line_writing_nothing(
+    tmp_path, capsys, text, message
+):
+    config = _write_config(tmp_path, text)
+    out = tmp_path / "out"
+    assert main(["train", str(config), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert message in err
+    assert not out.exists()
+
+
+BAD_ARGUMENTS = {
+    "missing file": (["train", "no/such.yaml"], "no/such.yaml: no such config file"),
+    "override without =": (
+        ["train", "{config}", "--set", "model.num_layers"],
+        "expected key=value",
+    ),
+    "override of unknown key": (["train", "{config}", "--set", "model.layers=2"], "unknown key"),
+    "override out of range": (
+        ["train", "{config}", "--set", "train.epochs=-1"],
+        "train.epochs = -1",
+    ),
+    "unknown command": (["fly", "{config}"], "invalid choice: 'fly'"),
+    "missing config argument": (["train"], "the following arguments are required: config"),
+    "folder as config": (["train", "{folder}"], "is a folder, not a config file"),
+    "no such GPU": (["train", "{config}", "--set", "train.device=cuda:3"], "CUDA devices"),
+}
+
+
+@pytest.mark.parametrize("argv, message", BAD_ARGUMENTS.values(), ids=BAD_ARGUMENTS.keys())
+def test_cli_rejects_bad_arguments_in_one_line_writing_nothing(tmp_path, capsys, argv, message):
+    config = _small_config_file(tmp_path)
+    out = tmp_path / "out"
+    argv = [a.format(config=config, folder=tmp_path) for a in argv]
+    assert _exit_code([*argv, "--output", str(out)] if len(argv) > 1 else argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not out.exists()
+
+
+def _exit_code(argv: list[str]) -> int:
+    """main's return value, or the code argparse exits with."""
+    try:
+        return main(argv)
+    except SystemExit as exit:
+        return exit.code
+
+
+def test_cli_refuses_an_output_that_is_not_an_echo_study_folder(tmp_path, capsys):
+    config = _small_config_file(tmp_path)
+    out = tmp_path / "holiday-photos"
+    out.mkdir()
+    (out / "beach.jpg").write_bytes(b"...")
+    assert main(["train", str(config), "--output", str(out)]) == 2
+    assert "is not an echo-study output" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["beach.jpg"]
+
+
+def test_cli_bad_input_in_a_real_process_exits_2_without_traceback(tmp_path):
+    config = _write_config(tmp_path, "task: {echo_step: -3}\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train", str(config), "--output", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr == "error: task.echo_step = -3: must be an integer >= 0\n"
+    assert not (tmp_path / "o").exists()
