@@ -7,6 +7,7 @@ anything is written.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -47,8 +48,10 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        config = _load(args)
-        return args.command(config)
+        config = load_config(args.config, args.set)
+        if args.output is not None:
+            config = config.with_params({"output": args.output})
+        return args.command(config, args)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR
@@ -58,28 +61,54 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(required=True, metavar="COMMAND", parser_class=_Parser)
 
-    run = commands.add_parser("train", help="train one model, as the tutorial does")
-    run.add_argument("config", help="YAML config, e.g. configs/tutorial.yaml")
-    run.add_argument(
+    train_parser = commands.add_parser("train", help="train one model, as the tutorial does")
+    _add_config_arguments(train_parser, example="configs/tutorial.yaml")
+    train_parser.set_defaults(command=run_train)
+
+    study_parser = commands.add_parser("study", help="run or resume an Optuna study on Ray")
+    _add_config_arguments(study_parser, example="configs/quick.yaml")
+    study_parser.add_argument(
+        "--address",
+        help="Ray cluster to join (default: ray.address, else RAY_ADDRESS, else Ray embedded)",
+    )
+    study_parser.set_defaults(command=run_study_command)
+    return parser
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser, example: str) -> None:
+    parser.add_argument("config", help=f"YAML config, e.g. {example}")
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set model.num_layers=2 (repeatable)",
     )
-    run.add_argument("--output", help="results folder (default: the config's output)")
-    run.set_defaults(command=run_train)
-    return parser
+    parser.add_argument("--output", help="results folder or URI (default: the config's output)")
 
 
-def _load(args: argparse.Namespace) -> Config:
-    config = load_config(args.config, args.set)
-    if args.output is not None:
-        config = config.with_params({"output": args.output})
-    return config
+def run_study_command(config: Config, args: argparse.Namespace) -> int:
+    """Run or resume the study, then say where its results are."""
+    address = args.address or config.ray.address or os.environ.get("RAY_ADDRESS")
+    if address is None:
+        # Ray binds its servers to this machine's network address unless it believes it is a
+        # single-node Ray, which an embedded one is; Ray reads this once, when first imported.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    from pipeline.study import run_study  # imports Ray, so only after the line above
+
+    outcome = run_study(config, address)
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(outcome.counts.items()))
+    print(
+        f"Study {config.study.name}: {outcome.ran} trials ran in {outcome.seconds:.1f} s "
+        f"({counts} in all)."
+    )
+    if outcome.best_value is not None:
+        print(f"Best value {outcome.best_value:.4g} with {outcome.best_params}")
+    print(f"Results in {config.output}")
+    return 0
 
 
-def run_train(config: Config) -> int:
+def run_train(config: Config, args: argparse.Namespace) -> int:
     """Train one model like the tutorial and write it in the results layout as trial 0."""
     resolve_device(config.train.device)
     output = Output(config.output)

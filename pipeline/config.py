@@ -521,10 +521,7 @@ def _build_section(cls: type, raw: Any) -> Any:
     for name, value in raw.items():
         if name not in names:
             raise ConfigError(_unknown_key(f"{section}.{name}", [f"{section}.{n}" for n in names]))
-        if cls is StudyConfig and name == "search":
-            values[name] = _parse_search(value)
-        else:
-            values[name] = _coerce(f"{section}.{name}", value, _field_type(f"{section}.{name}"))
+        values[name] = _coerce_field(f"{section}.{name}", value)
     return cls(**values)
 
 
@@ -675,10 +672,13 @@ def _split_key(key: str) -> tuple[str, str]:
 
 
 def _coerced(section: str, values: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        name: _coerce(f"{section}.{name}", v, _field_type(f"{section}.{name}"))
-        for name, v in values.items()
-    }
+    return {name: _coerce_field(f"{section}.{name}", value) for name, value in values.items()}
+
+
+def _coerce_field(key: str, value: Any) -> Any:
+    if key == "study.search":
+        return _parse_search(value)
+    return _coerce(key, value, _field_type(key))
 
 
 def _fields(cls: type) -> tuple[dataclasses.Field, ...]:

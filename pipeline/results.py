@@ -123,9 +123,9 @@ class Output:
         self.write_bytes(name, buffer.getvalue())
 
 
-def claim_output(output: Output, config: Config) -> None:
-    """Make `output` this config's: refuse one that holds another config's results (or is not
-    an echo-study output at all), then write config.yaml. Raises ConfigError before writing."""
+def check_output(output: Output, config: Config) -> None:
+    """Raise ConfigError, writing nothing, if `output` holds another config's results or is not
+    an echo-study output at all."""
     if output.exists(CONFIG):
         try:
             previous = config_from_dict(yaml.safe_load(output.read_text(CONFIG)))
@@ -146,6 +146,11 @@ def claim_output(output: Output, config: Config) -> None:
             f"output {output.location} exists and is not an echo-study output (no {CONFIG}); "
             "choose another --output"
         )
+
+
+def claim_output(output: Output, config: Config) -> None:
+    """Make `output` this config's: check it (see check_output), then write config.yaml."""
+    check_output(output, config)
     text = yaml.safe_dump(config.to_dict(), sort_keys=False)
     output.write_bytes(CONFIG, text.encode())
 
@@ -156,7 +161,9 @@ def _dotted(config: Config, key: str) -> Any:
 
 
 def _has_entries(output: Output) -> bool:
-    return bool(output.fs.get_file_info(pafs.FileSelector(output.root)))
+    """Whether the folder holds anything but hidden files (such as a study's lock)."""
+    infos = output.fs.get_file_info(pafs.FileSelector(output.root))
+    return any(not info.base_name.startswith(".") for info in infos)
 
 
 def steps_file(trial: int) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from pipeline.config import Config, config_from_dict
@@ -22,3 +24,30 @@ def small_config(**params: object) -> Config:
 @pytest.fixture
 def small() -> Config:
     return small_config()
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A real embedded Ray with two CPUs, shared by the tests that run studies in-process."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    yield ray
+    ray.shutdown()
+
+
+def study_config(tmp_path, search: dict | None = None, **params: object) -> Config:
+    """A small grid study: 1 layer, 100 windows per epoch, 2 epochs, by default over echo step
+    and state size; `params` are dotted keys as for small_config."""
+    raw = {
+        "task": {"series_length": 7500, "batch_size": 5, "truncation": 15},
+        "model": {"num_layers": 1, "state_size": 4},
+        "train": {"epochs": 2, "compile": False, "device": "cpu"},
+        "study": {
+            "name": "test-study",
+            "search": search or {"task.echo_step": [1, 20], "model.state_size": [3, 4]},
+        },
+        "output": str(tmp_path / "study"),
+    }
+    return config_from_dict(raw).with_params(params)

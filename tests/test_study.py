@@ -1,0 +1,146 @@
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+
+from pipeline.config import ConfigError
+from pipeline.results import Output
+from pipeline.study import JOURNAL, param_columns, run_study
+from tests.conftest import study_config
+
+
+def _load_optuna(config):
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(Output(config.output).path(JOURNAL)))
+    )
+    return optuna.load_study(study_name=config.study.name, storage=storage)
+
+
+def test_study_writes_steps_and_trials_that_agree_with_optuna(tmp_path, ray_session):
+    config = study_config(tmp_path)
+    outcome = run_study(config, progress=False)
+    assert outcome.counts == {"COMPLETE": 4} and outcome.ran == 4
+    steps = pd.read_parquet(config.output + "/steps")
+    trials = pd.read_parquet(config.output + "/trials.parquet")
+    # One row per trial, one Parquet row per step, with the parameters as columns.
+    assert sorted(trials["trial"]) == [0, 1, 2, 3]
+    assert steps.groupby("trial").size().to_dict() == dict(
+        zip(trials["trial"], trials["steps"], strict=True)
+    )
+    assert (trials["steps"] == 200).all()
+    assert list(steps.columns[5:]) == param_columns(config)
+    grid = steps.groupby("trial")[["echo_step", "state_size"]].first()
+    assert sorted(map(tuple, grid.to_numpy())) == [(1, 3), (1, 4), (20, 3), (20, 4)]
+    # Optuna's storage holds the same trials, states and objective values.
+    study = _load_optuna(config)
+    assert {t.number: t.state.name for t in study.trials} == dict.fromkeys(range(4), "COMPLETE")
+    by_number = trials.set_index("trial")
+    for trial in study.trials:
+        assert trial.value == pytest.approx(by_number.loc[trial.number, "value"])
+        assert trial.params["echo_step"] == by_number.loc[trial.number, "echo_step"]
+    # The echo within reach is learned in two epochs, the one beyond the truncation is not.
+    final = trials.groupby("echo_step")["final_loss"].max()
+    assert final[1] < 0.2 < 0.6 < trials.groupby("echo_step")["final_loss"].min()[20]
+
+
+def test_study_same_config_gives_the_same_losses(tmp_path, ray_session):
+    first = study_config(tmp_path / "a")
+    second = study_config(tmp_path / "b")
+    run_study(first, progress=False)
+    run_study(second, progress=False)
+    a = pd.read_parquet(first.output + "/steps").sort_values(["trial", "step"], ignore_index=True)
+    b = pd.read_parquet(second.output + "/steps").sort_values(["trial", "step"], ignore_index=True)
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_study_resume_runs_only_the_missing_trials(tmp_path, ray_session):
+    config = study_config(tmp_path, search={"task.echo_step": [1, 2, 20], "train.seed": [0, 1]})
+    partial = run_study(config.with_params({"study.trials": 2}), progress=False)
+    assert partial.ran == 2
+    first_files = {p.name: p.read_bytes() for p in (tmp_path / "study" / "steps").iterdir()}
+    resumed = run_study(config, progress=False)
+    assert resumed.ran == 4 and resumed.counts == {"COMPLETE": 6}
+    steps = pd.read_parquet(config.output + "/steps")
+    assert not steps.duplicated(["trial", "step"]).any()
+    assert sorted(steps["trial"].unique()) == list(range(6))
+    params = steps.groupby("trial")[["echo_step", "seed"]].first()
+    assert not params.duplicated().any()  # every grid point once
+    again = {p.name: p.read_bytes() for p in (tmp_path / "study" / "steps").iterdir()}
+    assert all(again[name] == data for name, data in first_files.items())
+    assert len(_load_optuna(config).trials) == 6
+    # A finished study run once more has nothing left to do.
+    assert run_study(config, progress=False).ran == 0
+
+
+def test_study_median_pruner_stops_hopeless_trials_and_keeps_their_steps(tmp_path, ray_session):
+    config = study_config(
+        tmp_path,
+        search={"task.echo_step": [1, 20], "train.seed": [0, 1, 2, 3, 4, 5]},
+        **{
+            "study.pruner": "median",
+            "study.trials_per_task": 1,
+            "study.report_every": 50,
+            "train.epochs": 3,
+        },
+    )
+    run_study(config, progress=False)
+    trials = pd.read_parquet(config.output + "/trials.parquet")
+    steps = pd.read_parquet(config.output + "/steps")
+    pruned = trials[trials["state"] == "PRUNED"]
+    learned = trials[(trials["state"] == "COMPLETE") & (trials["echo_step"] == 1)]
+    # Hopeless trials are pruned, and only trials doing worse than every completed learner,
+    # after the first epoch's warm-up...
+    assert (pruned["echo_step"] == 20).sum() >= 1
+    assert len(learned) >= 3 and pruned["value"].min() > learned["value"].max()
+    assert (pruned["steps"] > 100).all() and (pruned["steps"] < 300).all()
+    # ...and the steps they ran are kept.
+    counts = steps.groupby("trial").size()
+    for row in pruned.itertuples():
+        assert counts[row.trial] == row.steps
+    study = _load_optuna(config)
+    assert {t.number for t in study.trials if t.state.name == "PRUNED"} == set(pruned["trial"])
+
+
+def test_study_records_trials_that_raise_as_failed_and_goes_on(tmp_path, ray_session):
+    # On a machine without a GPU every trial of a CUDA study raises in its Ray task.
+    config = study_config(tmp_path, **{"train.device": "cuda"})
+    outcome = run_study(config, progress=False)
+    assert outcome.counts == {"FAIL": 4}
+    trials = pd.read_parquet(config.output + "/trials.parquet")
+    assert trials["error"].str.contains("torch sees 0 CUDA devices").all()
+    assert all(t.state.name == "FAIL" for t in _load_optuna(config).trials)
+
+
+def test_study_refuses_a_relative_output_inside_a_ray_job(tmp_path, ray_session, monkeypatch):
+    # The variable Ray's job supervisor sets for a submitted job's driver.
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    monkeypatch.chdir(tmp_path)
+    config = study_config(tmp_path).with_params({"output": "results/relative"})
+    with pytest.raises(ConfigError, match="relative, but this runs as a Ray job"):
+        run_study(config, progress=False)
+    assert not (tmp_path / "results").exists()
+
+
+def test_study_refuses_an_output_holding_another_config(tmp_path, ray_session):
+    config = study_config(tmp_path, **{"study.trials": 1})
+    run_study(config, progress=False)
+    before = sorted(p.name for p in (tmp_path / "study").rglob("*"))
+    with pytest.raises(ConfigError, match="holds results of another config"):
+        run_study(config.with_params({"train.lr": 0.1}), progress=False)
+    assert sorted(p.name for p in (tmp_path / "study").rglob("*")) == before
+
+
+def test_study_batches_trials_of_one_architecture_into_one_task(tmp_path, ray_session):
+    from pipeline.study import PlannedTrial, _take_batch
+
+    config = study_config(tmp_path)
+    queue = [
+        PlannedTrial(n, config.with_params({"model.num_layers": layers}), {})
+        for n, layers in enumerate([1, 2, 1, 1, 2, 1])
+    ]
+    first = _take_batch(queue, free_slots=1, trials_per_task=3)
+    assert [t.number for t in first] == [0, 2, 3]
+    # With more free slots than architectures, the largest group is split to fill them.
+    rest = [PlannedTrial(n, config, {}) for n in range(8)]
+    assert len(_take_batch(rest, free_slots=2, trials_per_task=64)) == 4
+    assert len(np.unique([t.number for t in rest])) == 4
