@@ -25,7 +25,7 @@ from pipeline.results import (
     trial_row,
     trials_table,
 )
-from pipeline.summary import objective_value, trial_metrics
+from pipeline.summary import objective_value, trial_metrics, write_summary
 from pipeline.train import Step, resolve_device, train
 
 USAGE_ERROR = 2
@@ -48,6 +48,8 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command is run_summarize:  # takes an output folder, not a config
+            return run_summarize(args)
         config = load_config(args.config, args.set)
         if args.output is not None:
             config = config.with_params({"output": args.output})
@@ -72,6 +74,14 @@ def _parser() -> argparse.ArgumentParser:
         help="Ray cluster to join (default: ray.address, else RAY_ADDRESS, else Ray embedded)",
     )
     study_parser.set_defaults(command=run_study_command)
+
+    summarize_parser = commands.add_parser(
+        "summarize", help="summarize convergence versus layers, state size and echo step"
+    )
+    summarize_parser.add_argument(
+        "output", help="a study's or train run's results folder or URI, e.g. results/quick"
+    )
+    summarize_parser.set_defaults(command=run_summarize)
     return parser
 
 
@@ -105,6 +115,20 @@ def run_study_command(config: Config, args: argparse.Namespace) -> int:
     if outcome.best_value is not None:
         print(f"Best value {outcome.best_value:.4g} with {outcome.best_params}")
     print(f"Results in {config.output}")
+    return 0
+
+
+def run_summarize(args: argparse.Namespace) -> int:
+    """Write the summary of the finished trials in an output, then print its findings."""
+    summary = write_summary(args.output)
+    for sentence in summary.findings:
+        print(f"- {sentence}")
+    where = args.output.rstrip("/")
+    tables = ", ".join(name for name in summary.files if not name.startswith("plots/"))
+    plots = ", ".join(
+        name.removeprefix("plots/") for name in summary.files if name.startswith("plots/")
+    )
+    print(f"Summary in {where}/: {tables}; plots in {where}/plots/: {plots}")
     return 0
 
 

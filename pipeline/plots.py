@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
+import pandas as pd
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch, Rectangle
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 
 def png_bytes(figure: Figure) -> bytes:
@@ -46,3 +54,224 @@ def training_figure(
     for ax in axes[rows + 1 :]:
         ax.set_visible(False)
     return figure
+
+
+LN2 = math.log(2)
+_LINE_STYLES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "s", "^", "D", "v", "P")
+_NEVER = {"facecolor": "0.88", "edgecolor": "0.55", "hatch": "///", "linewidth": 0.0}
+
+
+def loss_curves_figure(
+    curves: pd.DataFrame,
+    threshold: float,
+    window: int,
+    truncation: int | None,
+    epoch_steps: int | None,
+    title: str,
+) -> Figure:
+    """Small multiples, one panel per echo step: the median moving-average loss of each
+    architecture (colour: layers, line style: state size) with its inter-quartile band, on a
+    log scale. `curves` as summary.loss_curves makes it."""
+    echo_steps = sorted(curves["echo_step"].unique()) or [None]
+    layers = sorted(curves["num_layers"].unique())
+    sizes = sorted(curves["state_size"].unique())
+    figure, axes = _panels(len(echo_steps), width=3.8, height=3.0, sharey=True)
+    figure.suptitle(
+        f"{title}: median loss per architecture\n"
+        f"{window}-step moving average; band: inter-quartile range over trials"
+    )
+    colours = colormaps["tab10"]
+    for ax, echo in zip(axes, echo_steps, strict=False):
+        panel = curves[curves["echo_step"] == echo]
+        for (num_layers, state_size), rows in panel.groupby(["num_layers", "state_size"]):
+            colour = colours(layers.index(num_layers) % 10)
+            ax.fill_between(rows["step"], rows["q25"], rows["q75"], color=colour, alpha=0.18, lw=0)
+            ax.plot(
+                rows["step"],
+                rows["median"],
+                color=colour,
+                linestyle=_LINE_STYLES[sizes.index(state_size) % len(_LINE_STYLES)],
+                linewidth=1.3,
+            )
+        if epoch_steps and not panel.empty:
+            for start in range(epoch_steps, int(panel["step"].max()) + 1, epoch_steps):
+                ax.axvline(start, color="0.85", linewidth=0.8, zorder=0)
+        ax.axhline(LN2, color="0.3", linestyle=":", linewidth=1)
+        ax.axhline(threshold, color="crimson", linestyle="--", linewidth=1)
+        ax.set_yscale("log")
+        ax.set_title(_echo_title(echo, truncation))
+        if panel.empty:
+            ax.text(0.5, 0.5, "no trained trials", ha="center", va="center", transform=ax.transAxes)
+    _label_outer(axes, xlabel="step (window)", ylabel="cross-entropy loss")
+    handles = [
+        Line2D([], [], color=colours(layers.index(n) % 10), label=f"{_plural(n, 'layer')}")
+        for n in layers
+    ]
+    if len(sizes) > 1:
+        handles += [
+            Line2D([], [], color="0.3", linestyle=_LINE_STYLES[i % 4], label=f"{s} units")
+            for i, s in enumerate(sizes)
+        ]
+    handles += [
+        Patch(color="0.3", alpha=0.18, label="inter-quartile range"),
+        Line2D([], [], color="0.3", linestyle=":", label="ln 2 (chance)"),
+        Line2D([], [], color="crimson", linestyle="--", label=f"threshold {threshold:g}"),
+    ]
+    if epoch_steps:
+        handles.append(Line2D([], [], color="0.85", label="epoch start"))
+    figure.legend(
+        handles=handles,
+        loc="outside lower center",
+        ncols=min(len(handles), 3 * axes[0].get_gridspec().ncols, 6),
+        fontsize="small",
+    )
+    return figure
+
+
+def steps_to_converge_figure(table: pd.DataFrame, truncation: int | None, title: str) -> Figure:
+    """Heat maps of the median steps to converge over layers × state size, one panel per echo
+    step; a cell shows the median and converged/trained, grey and hatched when none converged.
+    `table` as summary.parquet."""
+    echo_steps = sorted(table["echo_step"].unique())
+    layers = sorted(table["num_layers"].unique())
+    sizes = sorted(table["state_size"].unique())
+    figure, axes = _panels(
+        len(echo_steps), width=max(2.6, 0.9 * len(sizes) + 1.4), height=0.7 * len(layers) + 1.6
+    )
+    figure.suptitle(
+        f"{title}: median steps to converge\n"
+        "cell: median and converged/trained trials; grey, hatched: never converged"
+    )
+    medians = table["median_steps_to_converge"].dropna()
+    low, high = (medians.min(), medians.max()) if len(medians) else (0.0, 1.0)
+    norm = Normalize(low - 1, high + 1) if low == high else Normalize(low, high)
+    cmap = colormaps["viridis"]
+    cells = table.set_index(["echo_step", "num_layers", "state_size"])
+    for ax, echo in zip(axes, echo_steps, strict=False):
+        grid = np.full((len(layers), len(sizes)), np.nan)
+        for i, num_layers in enumerate(layers):
+            for j, state_size in enumerate(sizes):
+                key = (echo, num_layers, state_size)
+                row = cells.loc[key] if key in cells.index else None
+                grid[i, j] = np.nan if row is None else row["median_steps_to_converge"]
+                _heat_cell(ax, i, j, row, norm, cmap)
+        ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, origin="lower", aspect="auto")
+        ax.set_xticks(range(len(sizes)), [str(s) for s in sizes])
+        ax.set_yticks(range(len(layers)), [str(n) for n in layers])
+        ax.set_title(_echo_title(echo, truncation))
+    _label_outer(axes, xlabel="state size (units)", ylabel="layers")
+    if len(medians):
+        bar = figure.colorbar(
+            ScalarMappable(norm, cmap), ax=axes.tolist(), label="median steps to converge"
+        )
+        bar.locator = MaxNLocator(integer=True)
+    figure.legend(
+        handles=[Patch(**_NEVER, label="never converged")],
+        loc="outside lower center",
+        fontsize="small",
+    )
+    return figure
+
+
+def converged_fraction_figure(table: pd.DataFrame, truncation: int | None, title: str) -> Figure:
+    """Converged fraction versus echo step, one line per layer count (pooled over state sizes
+    and seeds), with the truncation length marked. `table` has num_layers, echo_step, trained,
+    converged_fraction."""
+    table = table[table["trained"] > 0]
+    figure = Figure(figsize=(7.5, 4.6), layout="constrained")
+    ax = figure.subplots()
+    echo_steps = sorted(table["echo_step"].unique())
+    layers = sorted(table["num_layers"].unique())
+    colours = colormaps["tab10"]
+    for i, num_layers in enumerate(layers):
+        rows = table[table["num_layers"] == num_layers].sort_values("echo_step")
+        # Lines that coincide stay visible: earlier ones are drawn wider, with larger markers.
+        ax.plot(
+            rows["echo_step"],
+            rows["converged_fraction"],
+            color=colours(i % 10),
+            marker=_MARKERS[i % len(_MARKERS)],
+            markersize=9 - 5 * i / max(1, len(layers) - 1) if len(layers) > 1 else 7,
+            linewidth=3.0 - 2.0 * i / max(1, len(layers) - 1) if len(layers) > 1 else 1.5,
+            label=_plural(num_layers, "layer"),
+        )
+    margin = max(1.0, 0.05 * (max(echo_steps, default=1) - min(echo_steps, default=0)))
+    left = min(echo_steps, default=0) - margin
+    right = max([*echo_steps, truncation or 0]) + margin
+    if truncation is not None:
+        ax.axvspan(
+            truncation,
+            right,
+            color="0.92",
+            zorder=0,
+            label=f"echo step ≥ truncation ({truncation}): no gradient links input to target",
+        )
+        ax.axvline(truncation, color="0.3", linestyle="--", linewidth=1)
+    ax.set(
+        xlim=(left, right),
+        ylim=(-0.05, 1.05),
+        xlabel="echo step",
+        ylabel="converged fraction of trained trials",
+        title=f"{title}: converged fraction versus echo step",
+    )
+    ax.set_xticks(sorted({*echo_steps, *([truncation] if truncation is not None else [])}))
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.grid(axis="y", color="0.9")
+    handles, labels = ax.get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=2, fontsize="small")
+    return figure
+
+
+def _panels(count: int, width: float, height: float, sharey: bool = False):
+    """A figure with `count` panels in rows of at most four; the spare ones hidden."""
+    columns = min(max(count, 1), 4)
+    rows = math.ceil(max(count, 1) / columns)
+    # Wide enough for the two-line title even with one panel.
+    size = (max(width * columns + 2.2, 6.5), height * rows + 1.2)
+    figure = Figure(figsize=size, layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False, sharex=True, sharey=sharey).ravel()
+    for ax in axes[count:]:
+        ax.set_visible(False)
+    return figure, axes[: max(count, 1)]
+
+
+def _label_outer(axes: np.ndarray, xlabel: str, ylabel: str) -> None:
+    columns = axes[0].get_gridspec().ncols
+    for k, ax in enumerate(axes):
+        if k + columns >= len(axes):
+            # The last panel of its column: shared x axes hid its tick labels if a row follows.
+            ax.xaxis.set_tick_params(labelbottom=True)
+            ax.set_xlabel(xlabel)
+        if k % columns == 0:
+            ax.set_ylabel(ylabel)
+
+
+def _heat_cell(ax, i: int, j: int, row: pd.Series | None, norm: Normalize, cmap) -> None:
+    """Mark a cell that has no colour, and write its numbers."""
+    centre = {"ha": "center", "va": "center", "fontsize": "small"}
+    if row is None or row["trained"] == 0:
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="white", edgecolor="0.7"))
+        ax.text(j, i, "not run" if row is None else "no trained\ntrial", color="0.4", **centre)
+        return
+    counts = f"{row['converged']:.0f}/{row['trained']:.0f}"
+    median = row["median_steps_to_converge"]
+    if np.isnan(median):
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, **_NEVER))
+        box = {"facecolor": _NEVER["facecolor"], "edgecolor": "none", "pad": 1.5}
+        ax.text(j, i, f"never\n{counts}", color="0.15", bbox=box, **centre)
+        return
+    red, green, blue, _ = cmap(norm(median))
+    dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
+    ax.text(j, i, f"{median:.0f}\n{counts}", color="white" if dark else "black", **centre)
+
+
+def _echo_title(echo: float | None, truncation: int | None) -> str:
+    if echo is None:
+        return "no data"
+    beyond = truncation is not None and echo >= truncation
+    return f"echo step {echo:g}" + (f" (≥ truncation {truncation})" if beyond else "")
+
+
+def _plural(count: float, word: str) -> str:
+    return f"{count:g} {word}" + ("" if count == 1 else "s")

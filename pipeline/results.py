@@ -18,7 +18,7 @@ import io
 import json
 import os
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -261,22 +261,29 @@ def _steps_files(output: Output) -> list[pafs.FileInfo]:
 def load_steps(output: str, columns: Sequence[str] | None = None, **filters: Any) -> pd.DataFrame:
     """Every step of every finished trial as a DataFrame, filtered in pyarrow before pandas.
 
-    A filter is a column name and a value, or a list of accepted values:
-    `load_steps("results/echo-grid", echo_step=[3, 9], num_layers=2)`.
+    `columns` selects columns (default: all). A filter is a column name and a value, or a list
+    of accepted values: `load_steps("results/echo-grid", echo_step=[3, 9], num_layers=2)`.
+    Rows come sorted by trial and step (when those columns are selected). An unknown column
+    raises ValueError; a folder without steps files raises FileNotFoundError.
     """
     location = Output(output)
-    dataset = ds.dataset(location.path(STEPS), filesystem=location.fs, format="parquet")
+    files = [info.path for info in _steps_files(location)]
+    if not files:
+        raise FileNotFoundError(f"{location.path(STEPS)}: no steps files (no finished trial)")
+    dataset = ds.dataset(files, filesystem=location.fs, format="parquet")
+    names = dataset.schema.names
+    unknown = [name for name in [*(columns or []), *filters] if name not in names]
+    if unknown:
+        raise ValueError(f"no column {unknown[0]!r} in steps; columns: {', '.join(names)}")
     expression = None
     for name, wanted in filters.items():
-        if name not in dataset.schema.names:
-            raise ValueError(
-                f"no column {name!r} in steps; columns: {', '.join(dataset.schema.names)}"
-            )
-        values = list(wanted) if isinstance(wanted, list | tuple | set) else [wanted]
-        term = ds.field(name).isin(values)
+        scalar = isinstance(wanted, str | bytes) or not isinstance(wanted, Iterable)
+        term = ds.field(name).isin([wanted] if scalar else list(wanted))
         expression = term if expression is None else expression & term
     table = dataset.to_table(columns=list(columns) if columns else None, filter=expression)
-    return table.to_pandas().sort_values(["trial", "step"], ignore_index=True)
+    order = [name for name in ("trial", "step") if name in table.column_names]
+    frame = table.to_pandas()
+    return frame.sort_values(order, ignore_index=True) if order else frame
 
 
 def load_trials(output: str) -> pd.DataFrame:
