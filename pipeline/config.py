@@ -457,7 +457,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: no such config file") from None
     except IsADirectoryError:
         raise ConfigError(f"{path}: is a folder, not a config file") from None
-    except (OSError, UnicodeDecodeError) as error:
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file; expected a YAML config") from None
+    except OSError as error:
         raise ConfigError(f"{path}: cannot be read ({_reason(error)})") from None
     try:
         raw = yaml.safe_load(text)

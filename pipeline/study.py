@@ -118,6 +118,7 @@ def run_study(
     _check_search(config)
     _check_output_location(config, output)
     check_output(output, config)
+    _check_not_running(output)
     custom_storage = _open_storage(config.study.storage) if config.study.storage else None
     embedded = _connect_ray(config, address or config.ray.address or os.environ.get("RAY_ADDRESS"))
     try:
@@ -166,6 +167,7 @@ class _Driver:
         self.queue: list[PlannedTrial] = []
         self.trials: dict[int, optuna.Trial] = {}
         self.last_report: dict[int, float] = {}
+        self.last_step: dict[int, int] = {}
         self.running: dict[ray.ObjectRef, list[PlannedTrial]] = {}
         self.slots = max(1, int(ray.cluster_resources().get("CPU", 1) // config.ray.cpus_per_trial))
         self.relay = _PruningRelay.remote() if config.study.pruner != "none" else None
@@ -269,8 +271,10 @@ class _Driver:
             pruned = []
             for number, step, value in reports:
                 trial = self.trials[number]
-                trial.report(value, step)
-                self.last_report[number] = value
+                # A task Ray reran after its worker died reports its first steps again.
+                if step > self.last_step.get(number, -1):
+                    trial.report(value, step)
+                    self.last_step[number], self.last_report[number] = step, value
                 if trial.should_prune():
                     pruned.append(number)
             verdicts[ticket] = pruned
@@ -568,7 +572,10 @@ def _open_storage(url: str) -> optuna.storages.BaseStorage:
 
 
 def _connect_ray(config: Config, address: str | None) -> bool:
-    """Join the cluster at `address`, or start Ray embedded; True when embedded."""
+    """Join the cluster at `address`, or start Ray embedded; True when embedded. A Ray this
+    process already runs is used as it is."""
+    if address is not None:
+        _check_reachable(address)
     if ray.is_initialized():
         return False
     if address is None:
@@ -580,7 +587,6 @@ def _connect_ray(config: Config, address: str | None) -> bool:
             logging_level=logging.WARNING,
         )
         return True
-    _check_reachable(address)
     try:
         ray.init(address=address, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as error:
@@ -589,10 +595,19 @@ def _connect_ray(config: Config, address: str | None) -> bool:
 
 
 def _check_reachable(address: str) -> None:
-    """Fail fast, and say how to start a cluster, when nothing listens at host:port."""
+    """Fail fast, and say how to start a cluster, when nothing listens at the address (Ray
+    itself would retry for minutes)."""
+    target = address
     if address == "auto":
-        return  # ray.init looks for a cluster on this machine and says so when there is none
-    host, colon, port = address.removeprefix("ray://").rpartition(":")
+        # What Ray would join: the cluster last started on this machine (a private helper of
+        # Ray's, so without it Ray's own search decides).
+        try:
+            target = ray._private.services.canonicalize_bootstrap_address("auto")
+        except ConnectionError as error:
+            raise ConfigError(_no_cluster(address, _first_line(error))) from None
+        except (AttributeError, TypeError):
+            return
+    host, colon, port = target.removeprefix("ray://").rpartition(":")
     if not colon or not port.isdigit() or "/" in host:
         raise ConfigError(
             f"ray.address = {address!r}: expected auto, host:port or ray://host:port "
@@ -602,13 +617,32 @@ def _check_reachable(address: str) -> None:
         with socket.create_connection((host, int(port)), timeout=5):
             return
     except OSError as error:
-        raise ConfigError(_no_cluster(address, _first_line(error))) from None
+        raise ConfigError(_no_cluster(address, f"{target}: {_first_line(error)}")) from None
 
 
 def _no_cluster(address: str, reason: str) -> str:
     return (
         f"ray.address = {address!r}: no Ray cluster answers there ({reason}); start one with "
         "`ray start --head`, or leave ray.address unset to run Ray embedded"
+    )
+
+
+def _check_not_running(output: Output) -> None:
+    """Refuse at once, before starting anything, an output another study is running into."""
+    if not output.is_local or not output.exists(LOCK):
+        return
+    with open(output.path(LOCK)) as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(_in_use(output)) from None
+        fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _in_use(output: Output) -> str:
+    return (
+        f"output {output.location} is in use by another running study; wait for it to finish "
+        "or choose another --output"
     )
 
 
@@ -624,10 +658,7 @@ def _exclusive(output: Output) -> Iterator[None]:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ConfigError(
-                f"output {output.location} is in use by another running study; wait for it "
-                "or choose another --output"
-            ) from None
+            raise ConfigError(_in_use(output)) from None
         yield
 
 

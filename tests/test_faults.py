@@ -1,0 +1,350 @@
+"""Faults injected for real: Ray workers and drivers killed by PID, a diverging loss, two
+studies racing for one output, and bad input of every kind."""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import psutil
+import pytest
+import yaml
+
+from pipeline.__main__ import main
+from pipeline.results import Output, claim_output, steps_file, steps_table, trial_row
+from pipeline.study import JOURNAL, run_study
+from pipeline.summary import trial_metrics
+from tests.conftest import study_config
+
+# 666 windows per epoch: long enough to kill a task in the middle of its trials.
+LONG = {"task.series_length": 50000, "train.epochs": 2}
+TWO_BY_TWO = {"task.echo_step": [1, 20], "train.seed": [0, 1]}
+
+
+def _kill_first_task_of(parent: psutil.Process, killed: list[int], delay: float = 0.5) -> None:
+    """Wait for a Ray worker of `parent` that runs a batch of trials, then SIGKILL it."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for process in parent.children(recursive=True):
+            try:
+                running = process.cmdline()[:1] == ["ray::run_batch"]
+            except psutil.Error:
+                continue
+            if running:
+                time.sleep(delay)  # into the middle of its trials
+                process.send_signal(signal.SIGKILL)
+                killed.append(process.pid)
+                return
+        time.sleep(0.05)
+
+
+def _in_background(target, *args) -> threading.Thread:
+    thread = threading.Thread(target=target, args=args, daemon=True)
+    thread.start()
+    return thread
+
+
+def _optuna_trials(config):
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(Output(config.output).path(JOURNAL))
+    )
+    return optuna.load_study(study_name=config.study.name, storage=storage).trials
+
+
+def _visible_and_hidden(steps: Path) -> tuple[list[str], list[str]]:
+    names = sorted(p.name for p in steps.iterdir())
+    return [n for n in names if not n.startswith(".")], [n for n in names if n.startswith(".")]
+
+
+def test_faults_killed_worker_is_retried_and_its_trials_recorded_once(tmp_path, ray_session):
+    config = study_config(tmp_path, search=TWO_BY_TWO, **LONG, **{"study.trials_per_task": 2})
+    killed: list[int] = []
+    killer = _in_background(_kill_first_task_of, psutil.Process(), killed)
+    outcome = run_study(config, progress=False)
+    killer.join()
+    assert len(killed) == 1
+    # Ray reran the killed task (ray.max_retries = 2), so every trial completed, once.
+    assert outcome.counts == {"COMPLETE": 4}
+    steps = pd.read_parquet(config.output + "/steps")
+    assert steps.groupby("trial").size().to_dict() == dict.fromkeys(range(4), 1332)
+    visible, hidden = _visible_and_hidden(tmp_path / "study" / "steps")
+    assert len(visible) == 4 and hidden == []
+    assert [t.state.name for t in _optuna_trials(config)] == ["COMPLETE"] * 4
+
+
+def test_faults_killed_worker_past_its_retries_fails_its_trials_and_the_study_goes_on(
+    tmp_path, ray_session
+):
+    config = study_config(
+        tmp_path, search=TWO_BY_TWO, **LONG, **{"study.trials_per_task": 2, "ray.max_retries": 0}
+    )
+    killed: list[int] = []
+    killer = _in_background(_kill_first_task_of, psutil.Process(), killed)
+    outcome = run_study(config, progress=False)
+    killer.join()
+    assert len(killed) == 1
+    assert outcome.counts == {"FAIL": 2, "COMPLETE": 2}
+    trials = pd.read_parquet(config.output + "/trials.parquet")
+    failed = trials[trials["state"] == "FAIL"]
+    assert failed["error"].str.contains("Worker|worker|died", regex=True).all()
+    assert (failed["steps"] == 0).all()
+    assert len(_visible_and_hidden(tmp_path / "study" / "steps")[0]) == 4
+
+
+def test_faults_diverging_loss_fails_its_trial_while_its_batch_goes_on(tmp_path, ray_session):
+    # Adagrad steps by about lr, so lr = 1e38 overflows float32 at the second window.
+    config = study_config(tmp_path, search={"train.lr": [0.3, 1e38], "task.echo_step": [1, 2]})
+    outcome = run_study(config, progress=False)
+    assert outcome.counts == {"COMPLETE": 2, "FAIL": 2}
+    trials = pd.read_parquet(config.output + "/trials.parquet").set_index("trial")
+    steps = pd.read_parquet(config.output + "/steps")
+    for trial, row in trials.iterrows():
+        losses = steps.loc[steps["trial"] == trial, "loss"].to_numpy()
+        if row["lr"] > 1:
+            assert row["state"] == "FAIL" and row["error"] == f"diverged at step {len(losses) - 1}"
+            assert not np.isfinite(losses[-1]) and np.isfinite(losses[:-1]).all()
+        else:
+            assert row["state"] == "COMPLETE" and len(losses) == 200
+            assert np.isfinite(losses).all()
+
+
+def _study_process(config_path: Path, output: Path, *args: str) -> subprocess.Popen:
+    """`python -m pipeline study` in a session of its own, so that what its embedded Ray leaves
+    after a SIGKILL can be stopped by process group, never by a machine-wide kill."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, "-m", "pipeline", "study", str(config_path), "--output", str(output)]
+    return subprocess.Popen(
+        [*command, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def _reap(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def _write_config(tmp_path: Path, config) -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    return path
+
+
+def _wait_for(condition, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_faults_killed_driver_resumes_to_a_complete_grid(tmp_path):
+    search = {"task.echo_step": [1, 2, 20], "train.seed": [0, 1]}
+    config = study_config(
+        tmp_path, search=search, **{**LONG, "train.epochs": 1, "study.trials_per_task": 1}
+    )
+    path, output = _write_config(tmp_path, config), tmp_path / "study"
+    driver = _study_process(path, output)
+    try:
+        _wait_for(lambda: len(list((output / "steps").glob("*.parquet"))) >= 2)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    finally:
+        _reap(driver)
+    done_before = len(list((output / "steps").glob("*.parquet")))
+    assert 2 <= done_before < 6
+    again = _study_process(path, output)
+    _, err = again.communicate(timeout=300)
+    _reap(again)
+    assert again.returncode == 0, err[-2000:]
+    trials = pd.read_parquet(output / "trials.parquet")
+    steps = pd.read_parquet(output / "steps")
+    # Every grid point finished exactly once, in the storage and in steps/.
+    assert len(trials) == 6 and (trials["state"] == "COMPLETE").all()
+    assert not trials.duplicated(["echo_step", "seed"]).any()
+    assert steps.groupby("trial").size().to_dict() == dict.fromkeys(trials["trial"], 666)
+    states = [t.state.name for t in _optuna_trials(config)]
+    assert states.count("COMPLETE") == 6
+    # The trials the dead driver left running were marked FAIL and run again.
+    assert states.count("FAIL") == len(states) - 6 >= 1
+    assert "queued again" in err
+
+
+def test_faults_trial_written_but_not_told_is_completed_from_its_steps(tmp_path, ray_session):
+    config = study_config(tmp_path, search={"task.echo_step": [1, 20]})
+    output = Output(config.output)
+    # The state a driver killed between writing a trial's steps and telling Optuna leaves.
+    claim_output(output, config)
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(output.path(JOURNAL))
+    )
+    study = optuna.create_study(storage=storage, study_name=config.study.name)
+    study.enqueue_trial({"echo_step": 20})
+    trial = study.ask()
+    trial.suggest_categorical("echo_step", [1, 20])
+    losses = np.full(200, 0.69, np.float32)
+    metrics = trial_metrics(losses, 100, config.convergence)
+    columns = {"num_layers": 1, "state_size": 4, "echo_step": 20, "lr": 0.3}
+    row = trial_row(trial=0, state="COMPLETE", params=columns, value=0.69, metrics=metrics,
+                    steps=200, duration_s=1.0, error=None, trial_seed=7)  # fmt: skip
+    output.write_table(steps_file(0), steps_table(0, losses, 100, columns, row))
+
+    outcome = run_study(config, progress=False)
+    assert outcome.ran == 1 and outcome.counts == {"COMPLETE": 2}
+    trials = _optuna_trials(config)
+    assert [(t.number, t.state.name) for t in trials] == [(0, "COMPLETE"), (1, "COMPLETE")]
+    assert trials[0].value == pytest.approx(0.69)
+    assert trials[1].params == {"echo_step": 1}
+
+
+def test_faults_second_study_into_a_busy_output_is_refused(tmp_path):
+    config = study_config(tmp_path, search=TWO_BY_TWO, **LONG)
+    path, output = _write_config(tmp_path, config), tmp_path / "study"
+    first = _study_process(path, output)
+    try:
+        _wait_for(lambda: (output / "config.yaml").exists())
+        # While it runs, its embedded Ray listens on the loopback interface only.
+        addresses = {c.laddr.ip for p in psutil.Process(first.pid).children(recursive=True)
+                     for c in _listening(p)}  # fmt: skip
+        assert addresses and addresses <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, addresses
+        second = _study_process(path, output)
+        _, err = second.communicate(timeout=120)
+        _reap(second)
+        assert second.returncode == 2
+        assert err.strip().splitlines()[-1].startswith("error: output")
+        assert "in use by another running study" in err
+        _, err = first.communicate(timeout=300)
+        assert first.returncode == 0, err[-2000:]
+    finally:
+        _reap(first)
+    trials = pd.read_parquet(output / "trials.parquet")
+    assert sorted(trials["trial"]) == [0, 1, 2, 3]
+
+
+def _listening(process: psutil.Process) -> list:
+    try:
+        return [c for c in process.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    except psutil.Error:
+        return []
+
+
+STUDY = {
+    "task": {"series_length": 1500},
+    "model": {"num_layers": 1},
+    "train": {"epochs": 1, "compile": False},
+    "study": {"name": "bad", "search": {"task.echo_step": [1, 20]}},
+}
+
+
+def _with(section: str, values: dict) -> dict:
+    raw = {name: dict(body) for name, body in STUDY.items()}
+    raw[section] = {**raw.get(section, {}), **values}
+    return raw
+
+
+BAD_STUDIES = {
+    "misspelled key": (_with("study", {"pruner_": "median"}), [], "did you mean study.pruner?"),
+    "unknown section": ({**STUDY, "trian": {}}, [], "trian: unknown key; did you mean train?"),
+    "wrong type": (_with("study", {"trials": "many"}), [], "study.trials = 'many'"),
+    "out of range": (_with("task", {"echo_step": -1}), [], "task.echo_step = -1"),
+    "misspelled search key": (
+        _with("study", {"search": {"model.num_layer": [1, 2]}}), [],
+        "did you mean model.num_layers?",
+    ),
+    "unknown search key": (
+        _with("study", {"search": {"model.depth": [1, 2]}}), [],
+        "model.depth: unknown searchable key; allowed: task.series_length",
+    ),
+    "unsearchable key": (
+        _with("study", {"search": {"train.device": ["cpu"]}}), [], "unknown searchable key"
+    ),
+    "range in a grid": (
+        _with("study", {"search": {"train.lr": {"low": 0.1, "high": 1.0}}}), [],
+        "the grid sampler needs a list of choices",
+    ),
+    "searched value out of range": (
+        _with("study", {"search": {"task.echo_step": [3, -1]}}), [],
+        "study.search.task.echo_step: task.echo_step = -1",
+    ),
+    "empty choices": (_with("study", {"search": {"task.echo_step": []}}), [], "at least one"),
+    "repeated choice": (_with("study", {"search": {"task.echo_step": [3, 3]}}), [], "twice"),
+    "empty search": (_with("study", {"search": {}}), [], "study.search is empty"),
+    "unknown sampler": (_with("study", {"sampler": "bayes"}), [], "one of grid, tpe, random"),
+    "unknown pruner": (_with("study", {"pruner": "asha"}), [], "one of none, median, hyperband"),
+    "unknown objective": (_with("study", {"objective": "accuracy"}), [], "study.objective"),
+    "tpe without trials": (
+        _with("study", {"sampler": "tpe", "search": {"train.lr": {"low": 0.1, "high": 1}}}), [],
+        "study.trials: required for the tpe sampler",
+    ),
+    "more trials than the grid": (_with("study", {"trials": 3}), [], "grid's size (2)"),
+    "log range from zero": (
+        _with("study", {"sampler": "random", "trials": 2,
+                        "search": {"task.echo_step": {"low": 0, "high": 9, "log": True}}}),
+        [], "a log range needs low > 0",
+    ),
+    "zero cpus per trial": (_with("ray", {"cpus_per_trial": 0}), [], "ray.cpus_per_trial = 0"),
+    "bad override": (STUDY, ["--set", "study.trials=0"], "study.trials = 0"),
+    "override of unknown search key": (
+        STUDY, ["--set", "study.search.task.echo=[1]"], "did you mean task.echo_step?"
+    ),
+    "storage that cannot be opened": (
+        _with("study", {"storage": "sqlite:////no/such/folder/study.db"}), [],
+        "study.storage = 'sqlite:////no/such/folder/study.db': cannot be opened",
+    ),
+    "no cluster at the address": (
+        STUDY, ["--address", "127.0.0.1:9"], "no Ray cluster answers there",
+    ),
+    "dashboard URL as the address": (
+        STUDY, ["--address", "http://127.0.0.1:8265"], "expected auto, host:port",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("raw, args, message", BAD_STUDIES.values(), ids=BAD_STUDIES.keys())
+def test_faults_bad_study_input_is_one_line_exit_2_and_nothing_written(
+    tmp_path, capsys, monkeypatch, raw, args, message
+):
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # what the CLI sets; restored
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    assert main(["study", str(path), "--output", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert message in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"\xff\xfe\x00binary", "not a text file"), (b"study: [unclosed", "not valid YAML")],
+)
+def test_faults_unreadable_study_file_is_one_line_exit_2(tmp_path, capsys, content, message):
+    path = tmp_path / "study.yaml"
+    path.write_bytes(content)
+    assert main(["study", str(path), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_faults_study_into_an_output_of_another_config_is_refused(tmp_path, capsys):
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(STUDY))
+    out = tmp_path / "out"
+    out.mkdir()
+    other = {**STUDY, "train": {**STUDY["train"], "lr": 0.1}}
+    (out / "config.yaml").write_text(yaml.safe_dump(other))
+    assert main(["study", str(path), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds results of another config (train.lr: 0.1 there, 0.3 here)" in err
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
