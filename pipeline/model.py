@@ -21,8 +21,9 @@ for predictions and for checking those hand-written gradients against autograd.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -49,7 +50,7 @@ class State(NamedTuple):
 
 
 class _LayerTape(NamedTuple):
-    """What the backward of one layer needs from its forward, each (B, T, ·, K)."""
+    """What the backward of one layer needs from its forward, each (B, T, ·, K), and its final c."""
 
     inputs: torch.Tensor  # (B, T, I, K)
     h_prev: torch.Tensor  # (B, T, H, K): h entering each step
@@ -57,6 +58,7 @@ class _LayerTape(NamedTuple):
     gates: torch.Tensor  # (B, T, 4H, K): i, f, o after sigmoid, g after tanh
     tanh_c: torch.Tensor  # (B, T, H, K)
     outputs: torch.Tensor  # (B, T, H, K): h after each step
+    c_last: torch.Tensor  # (B, H, K)
 
 
 def init_weights(model: ModelConfig, seeds: Sequence[int], device: torch.device) -> Weights:
@@ -106,8 +108,27 @@ def init_state(weights: Weights, batch_size: int) -> State:
 
 def forward(weights: Weights, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
     """Logits (B, T, 2, K) of a window x (B, T, K), and the state after it; autograd-friendly."""
-    logits, _, new_state = _forward(weights, x, state)
-    return logits, new_state
+    inputs = x.unsqueeze(2)  # (B, T, 1, K): one scalar per step
+    last_h, last_c = [], []
+    for layer in range(num_layers(weights)):
+        tape = _LayerTape(*_layer_forward(*_layer(weights, layer), inputs, *_layer(state, layer)))
+        inputs = tape.outputs
+        last_h.append(tape.outputs[:, -1])
+        last_c.append(tape.c_last)
+    return _logits(*weights[-2:], inputs), State(torch.stack(last_h), torch.stack(last_c))
+
+
+class Kernels(NamedTuple):
+    """The pieces one window's update is made of, eager or compiled.
+
+    Compiling pieces rather than the whole window keeps each graph small and shared: every
+    layer after the first has the same shapes, so one compiled piece serves them all, and a
+    network of any depth reuses what another depth compiled.
+    """
+
+    layer_forward: Callable[..., tuple]
+    head_update: Callable[..., tuple]
+    layer_backward_update: Callable[..., tuple]
 
 
 def train_window(
@@ -118,6 +139,7 @@ def train_window(
     state: State,
     lr: torch.Tensor,
     active: torch.Tensor,
+    kernels: Kernels | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, Weights, Weights, State, torch.Tensor]:
     """One truncated-BPTT update of K models on one window.
 
@@ -128,7 +150,88 @@ def train_window(
     state to carry into the next window, and `active` with the models whose loss is not finite
     switched off, so that a diverged model keeps its last finite weights.
     """
-    logits, tapes, new_state = _forward(weights, x, state)
+    kernels = kernels or EAGER
+    layers = num_layers(weights)
+    inputs = x.unsqueeze(2)  # (B, T, 1, K): one scalar per step
+    tapes = []
+    for layer in range(layers):
+        tape = _LayerTape(
+            *kernels.layer_forward(*_layer(weights, layer), inputs, *_layer(state, layer))
+        )
+        tapes.append(tape)
+        inputs = tape.outputs
+    losses, margin, active, d_outputs, *head = kernels.head_update(
+        *weights[-2:], *accum[-2:], inputs, y, lr, active
+    )
+    new_weights, new_accum = list(weights), list(accum)
+    new_weights[-2:], new_accum[-2:] = head[:2], head[2:]
+    for layer in reversed(range(layers)):
+        tape = tapes[layer]
+        *updated, d_outputs = kernels.layer_backward_update(
+            *_layer(weights, layer), *_layer(accum, layer), *tape[:5], d_outputs, lr, active,
+            layer > 0,
+        )  # fmt: skip
+        new_weights[3 * layer : 3 * layer + 3] = updated[:3]
+        new_accum[3 * layer : 3 * layer + 3] = updated[3:]
+    new_state = State(
+        torch.stack([t.outputs[:, -1] for t in tapes]), torch.stack([t.c_last for t in tapes])
+    )
+    return losses, margin, new_weights, new_accum, new_state, active
+
+
+def _layer(tensors: Sequence[torch.Tensor], layer: int) -> Sequence[torch.Tensor]:
+    """A layer's three weights (or accumulators), or its (h, c) when given a State."""
+    if isinstance(tensors, State):
+        return tensors.h[layer], tensors.c[layer]
+    return tensors[3 * layer : 3 * layer + 3]
+
+
+def _layer_forward(
+    w_input: torch.Tensor,
+    w_hidden: torch.Tensor,
+    bias: torch.Tensor,
+    inputs: torch.Tensor,
+    h: torch.Tensor,
+    c: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """One LSTM layer over a window: inputs (B, T, I, K), h, c (B, H, K) → a _LayerTape."""
+    units = w_hidden.shape[0]
+    # The input projection of every step at once: only the recurrence is sequential.
+    projected = _matmul(inputs, w_input) + bias  # (B, T, 4H, K)
+    h_prev, c_prev, gates, tanh_c, outputs = [], [], [], [], []
+    for t in range(inputs.shape[1]):
+        pre = projected[:, t] + _matmul(h, w_hidden)  # (B, 4H, K)
+        sig = torch.sigmoid(pre[:, : 3 * units])
+        g = torch.tanh(pre[:, 3 * units :])
+        i, f, o = sig[:, :units], sig[:, units : 2 * units], sig[:, 2 * units :]
+        h_prev.append(h)
+        c_prev.append(c)
+        c = f * c + i * g
+        tc = torch.tanh(c)
+        h = o * tc
+        gates.append(torch.cat([sig, g], dim=1))
+        tanh_c.append(tc)
+        outputs.append(h)
+    sequences = (h_prev, c_prev, gates, tanh_c, outputs)
+    return (inputs, *(torch.stack(seq, dim=1) for seq in sequences), c)
+
+
+def _logits(w_out: torch.Tensor, b_out: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    return _matmul(top, w_out) + b_out  # (B, T, 2, K)
+
+
+def _head_update(
+    w_out: torch.Tensor,
+    b_out: torch.Tensor,
+    accum_w: torch.Tensor,
+    accum_b: torch.Tensor,
+    top: torch.Tensor,
+    y: torch.Tensor,
+    lr: torch.Tensor,
+    active: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """Loss, output layer update and the gradient flowing into the top LSTM layer's outputs."""
+    logits = _logits(w_out, b_out, top)
     margin = logits[:, :, 1] - logits[:, :, 0]  # (B, T, K)
     # Cross-entropy over two classes is softplus of the margin against the target: sign = +1
     # for target 0 and -1 for target 1.
@@ -137,109 +240,104 @@ def train_window(
     active = active & torch.isfinite(losses)
     window_size = margin.shape[0] * margin.shape[1]
     d_margin = torch.sigmoid(sign * margin) * sign / window_size  # (B, T, K)
-    grads = _backward(weights, tapes, d_margin)
-    weights, accum = _adagrad(weights, accum, grads, lr, active)
-    return losses, margin, weights, accum, new_state, active
-
-
-def _forward(
-    weights: Weights, x: torch.Tensor, state: State
-) -> tuple[torch.Tensor, list[_LayerTape], State]:
-    inputs = x.unsqueeze(2)  # (B, T, 1, K): one scalar per step
-    steps = x.shape[1]
-    tapes, last_h, last_c = [], [], []
-    for layer in range(num_layers(weights)):
-        w_input, w_hidden, bias = weights[3 * layer : 3 * layer + 3]
-        units = w_hidden.shape[0]
-        # The input projection of every step at once: only the recurrence is sequential.
-        projected = _matmul(inputs, w_input) + bias  # (B, T, 4H, K)
-        h, c = state.h[layer], state.c[layer]
-        h_prev, c_prev, gates, tanh_c, outputs = [], [], [], [], []
-        for t in range(steps):
-            pre = projected[:, t] + _matmul(h, w_hidden)  # (B, 4H, K)
-            sig = torch.sigmoid(pre[:, : 3 * units])
-            g = torch.tanh(pre[:, 3 * units :])
-            i, f, o = sig[:, :units], sig[:, units : 2 * units], sig[:, 2 * units :]
-            h_prev.append(h)
-            c_prev.append(c)
-            c = f * c + i * g
-            tc = torch.tanh(c)
-            h = o * tc
-            gates.append(torch.cat([sig, g], dim=1))
-            tanh_c.append(tc)
-            outputs.append(h)
-        sequences = (h_prev, c_prev, gates, tanh_c, outputs)
-        tape = _LayerTape(inputs, *(torch.stack(seq, dim=1) for seq in sequences))
-        tapes.append(tape)
-        last_h.append(h)
-        last_c.append(c)
-        inputs = tape.outputs
-    w_out, b_out = weights[-2:]
-    logits = _matmul(inputs, w_out) + b_out  # (B, T, 2, K)
-    return logits, tapes, State(torch.stack(last_h), torch.stack(last_c))
-
-
-def _backward(weights: Weights, tapes: list[_LayerTape], d_margin: torch.Tensor) -> Weights:
-    """Gradients of every weight, given d loss / d margin (B, T, K)."""
-    grads: Weights = [None] * len(weights)  # type: ignore[list-item]
     d_logits = torch.stack([-d_margin, d_margin], dim=2)  # (B, T, 2, K)
-    w_out = weights[-2]
-    grads[-2] = _outer_sum(tapes[-1].outputs, d_logits)
-    grads[-1] = d_logits.sum(dim=(0, 1))
-    d_outputs = _matmul_t(d_logits, w_out)  # (B, T, H, K)
-    for layer in reversed(range(len(tapes))):
-        w_input, w_hidden, _ = weights[3 * layer : 3 * layer + 3]
-        tape = tapes[layer]
-        units = w_hidden.shape[0]
-        # The gradient flowing back through time starts at zero at the window's end...
-        d_h = torch.zeros_like(d_outputs[:, 0])
-        d_c = torch.zeros_like(d_h)
-        d_pre_steps = []
-        for t in reversed(range(d_outputs.shape[1])):
-            gates = tape.gates[:, t]
-            i, f = gates[:, :units], gates[:, units : 2 * units]
-            o, g = gates[:, 2 * units : 3 * units], gates[:, 3 * units :]
-            tc = tape.tanh_c[:, t]
-            d_h = d_outputs[:, t] + d_h
-            d_c = d_c + d_h * o * (1 - tc * tc)
-            d_pre = torch.cat(
-                [
-                    d_c * g * i * (1 - i),
-                    d_c * tape.c_prev[:, t] * f * (1 - f),
-                    d_h * tc * o * (1 - o),
-                    d_c * i * (1 - g * g),
-                ],
-                dim=1,
-            )  # (B, 4H, K)
-            d_pre_steps.append(d_pre)
-            d_c = d_c * f
-            # ...and stops at its start: nothing is propagated into the initial state.
-            if t > 0:
-                d_h = _matmul_t(d_pre, w_hidden)
-        d_pre = torch.stack(d_pre_steps[::-1], dim=1)  # (B, T, 4H, K)
-        grads[3 * layer] = _outer_sum(tape.inputs, d_pre)
-        grads[3 * layer + 1] = _outer_sum(tape.h_prev, d_pre)
-        grads[3 * layer + 2] = d_pre.sum(dim=(0, 1))
-        if layer > 0:
-            d_outputs = _matmul_t(d_pre, w_input)
-    return grads
+    d_top = _matmul_t(d_logits, w_out)  # (B, T, H, K)
+    w_out, accum_w = _adagrad(w_out, accum_w, _outer_sum(top, d_logits), lr, active)
+    b_out, accum_b = _adagrad(b_out, accum_b, d_logits.sum(dim=(0, 1)), lr, active)
+    return losses, margin, active, d_top, w_out, b_out, accum_w, accum_b
+
+
+def _layer_backward_update(
+    w_input: torch.Tensor,
+    w_hidden: torch.Tensor,
+    bias: torch.Tensor,
+    accum_input: torch.Tensor,
+    accum_hidden: torch.Tensor,
+    accum_bias: torch.Tensor,
+    inputs: torch.Tensor,
+    h_prev: torch.Tensor,
+    c_prev: torch.Tensor,
+    gates: torch.Tensor,
+    tanh_c: torch.Tensor,
+    d_outputs: torch.Tensor,
+    lr: torch.Tensor,
+    active: torch.Tensor,
+    needs_input_grad: bool,
+) -> tuple[torch.Tensor, ...]:
+    """Backpropagate through one layer's window, update its weights, and return the gradient
+    on its inputs (the outputs of the layer below), computed with the weights before the update."""
+    units = w_hidden.shape[0]
+    # The gradient flowing back through time starts at zero at the window's end...
+    d_h = torch.zeros_like(d_outputs[:, 0])
+    d_c = torch.zeros_like(d_h)
+    d_pre_steps = []
+    for t in reversed(range(d_outputs.shape[1])):
+        i, f = gates[:, t, :units], gates[:, t, units : 2 * units]
+        o, g = gates[:, t, 2 * units : 3 * units], gates[:, t, 3 * units :]
+        tc = tanh_c[:, t]
+        d_h = d_outputs[:, t] + d_h
+        d_c = d_c + d_h * o * (1 - tc * tc)
+        d_pre = torch.cat(
+            [
+                d_c * g * i * (1 - i),
+                d_c * c_prev[:, t] * f * (1 - f),
+                d_h * tc * o * (1 - o),
+                d_c * i * (1 - g * g),
+            ],
+            dim=1,
+        )  # (B, 4H, K)
+        d_pre_steps.append(d_pre)
+        d_c = d_c * f
+        # ...and stops at its start: nothing is propagated into the initial state.
+        if t > 0:
+            d_h = _matmul_t(d_pre, w_hidden)
+    d_pre = torch.stack(d_pre_steps[::-1], dim=1)  # (B, T, 4H, K)
+    d_inputs = _matmul_t(d_pre, w_input) if needs_input_grad else None
+    w_input, accum_input = _adagrad(w_input, accum_input, _outer_sum(inputs, d_pre), lr, active)
+    w_hidden, accum_hidden = _adagrad(w_hidden, accum_hidden, _outer_sum(h_prev, d_pre), lr, active)
+    bias, accum_bias = _adagrad(bias, accum_bias, d_pre.sum(dim=(0, 1)), lr, active)
+    return w_input, w_hidden, bias, accum_input, accum_hidden, accum_bias, d_inputs
 
 
 def _adagrad(
-    weights: Weights,
-    accum: Weights,
-    grads: Weights,
+    weight: torch.Tensor,
+    accum: torch.Tensor,
+    grad: torch.Tensor,
     lr: torch.Tensor,
     active: torch.Tensor,
-) -> tuple[Weights, Weights]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """TensorFlow's Adagrad (accum += g², w -= lr g / sqrt(accum)) for the active models only."""
-    new_weights, new_accum = [], []
-    for w, a, g in zip(weights, accum, grads, strict=True):
-        a_next = a + g * g
-        w_next = w - lr * g * torch.rsqrt(a_next)
-        new_weights.append(torch.where(active, w_next, w))
-        new_accum.append(torch.where(active, a_next, a))
-    return new_weights, new_accum
+    accum_next = accum + grad * grad
+    weight_next = weight - lr * grad * torch.rsqrt(accum_next)
+    return torch.where(active, weight_next, weight), torch.where(active, accum_next, accum)
+
+
+EAGER = Kernels(_layer_forward, _head_update, _layer_backward_update)
+
+
+@functools.cache
+def compiled_kernels() -> Kernels:
+    """The kernels compiled by torch.compile, the model axis symbolic: one compile serves any
+    number of models, so a model computes the same bits alone or batched (torch specializes a
+    size of 1, which is why the trainer never runs a lone model in a lane of its own)."""
+    # Each state size and layer position compiles its own version of a kernel; torch's default
+    # of 8 versions would silently send a wide study back to eager after a few state sizes.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return Kernels(*(_compile_over_models(kernel) for kernel in EAGER))
+
+
+def _compile_over_models(kernel: Callable[..., tuple]) -> Callable[..., tuple]:
+    compiled = torch.compile(kernel, fullgraph=True)
+
+    def call(*args: object) -> tuple:
+        # Marks count only when torch compiles (a new shape, a new layer), which cannot be
+        # told beforehand, so every call carries them; they cost a microsecond each.
+        for arg in args:
+            if isinstance(arg, torch.Tensor):
+                torch._dynamo.mark_dynamic(arg, arg.dim() - 1)
+        return compiled(*args)
+
+    return call
 
 
 def _matmul(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

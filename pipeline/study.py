@@ -50,7 +50,7 @@ from pipeline.results import (
     trial_row,
     trials_table,
 )
-from pipeline.summary import objective_value, trial_metrics
+from pipeline.summary import objective_value, trial_metrics, write_summary
 from pipeline.train import Step, batch_key, train
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,8 @@ def run_study(
             driver = _Driver(config, output, study, progress)
             driver.recover()
             ran = driver.run()
+            if driver.rows:
+                write_summary(config.output)
     finally:
         if embedded:
             ray.shutdown()
@@ -339,16 +341,17 @@ class _Driver:
 def _take_batch(
     queue: list[PlannedTrial], free_slots: int, trials_per_task: int
 ) -> list[PlannedTrial]:
-    """Take the next batch off the queue: trials of the most common architecture, split so that
-    every free slot gets work when there are fewer architectures than slots."""
+    """Take the next batch off the queue: trials of one architecture, the costliest group first
+    (deep networks of many trials) so that no worker is left with a long task at the end, and
+    split so that every free slot gets work when there are fewer architectures than slots."""
     if not queue or free_slots < 1:
         return []
     groups: dict[tuple, list[PlannedTrial]] = {}
     for trial in queue:
         groups.setdefault(batch_key(trial.config), []).append(trial)
-    largest = max(groups.values(), key=len)
-    share = math.ceil(len(largest) / max(1, free_slots - len(groups) + 1))
-    batch = largest[: min(share, trials_per_task)]
+    costliest = max(groups.values(), key=lambda g: (len(g) * g[0].config.model.num_layers, len(g)))
+    share = math.ceil(len(costliest) / max(1, free_slots - len(groups) + 1))
+    batch = costliest[: min(share, trials_per_task)]
     taken = {t.number for t in batch}
     queue[:] = [t for t in queue if t.number not in taken]
     return batch
@@ -580,6 +583,7 @@ def _connect_ray(config: Config, address: str | None) -> bool:
         return False
     if address is None:
         ray.init(
+            address="local",  # a Ray of our own, even when `ray start` runs on this machine
             num_cpus=config.ray.num_cpus,
             include_dashboard=config.ray.dashboard,
             dashboard_host="127.0.0.1",

@@ -96,14 +96,19 @@ class TrialMetrics:
 def trial_metrics(
     losses: np.ndarray, windows_per_epoch: int, convergence: ConvergenceConfig
 ) -> TrialMetrics:
-    """Metrics of one trial's losses; a trial that ran no step has NaN losses."""
+    """Metrics of one trial's losses. A trial that ran no step has NaN losses; a trial whose
+    last loss is not finite diverged and never counts as converged, even if it had been
+    below the threshold before."""
     if len(losses) == 0:
         return TrialMetrics(float("nan"), float("nan"), None)
     last_epoch_start = (len(losses) - 1) // windows_per_epoch * windows_per_epoch
+    diverged = not np.isfinite(losses[-1])
     return TrialMetrics(
         final_loss=float(np.mean(losses[last_epoch_start:])),
         mean_loss=float(np.mean(losses)),
-        steps_to_converge=steps_to_converge(losses, convergence.threshold, convergence.window),
+        steps_to_converge=None
+        if diverged
+        else steps_to_converge(losses, convergence.threshold, convergence.window),
     )
 
 

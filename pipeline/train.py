@@ -21,13 +21,26 @@ import torch
 
 from pipeline.config import Config, ConfigError, TaskConfig
 from pipeline.data import epoch_windows
-from pipeline.model import Weights, init_adagrad, init_state, init_weights, train_window
+from pipeline.model import (
+    EAGER,
+    Kernels,
+    Weights,
+    compiled_kernels,
+    init_adagrad,
+    init_state,
+    init_weights,
+    train_window,
+)
 
 log = logging.getLogger(__name__)
 
-# Below this much eager work (model-windows, summed over the batch) a cold torch.compile costs
-# more than it saves, so `compile: auto` leaves such runs eager.
-COMPILE_PAYS_OFF_MODEL_WINDOWS = 200_000
+# `compile: auto` compiles when the eager run would take longer than this: then even a cold
+# compile (about a minute per state size on two cores, cached on disk afterwards) pays off.
+COMPILE_PAYS_OFF_SECONDS = 120.0
+# Eager cost of one window per layer, measured on one core of our machines: a fixed overhead
+# of about 130 small operations, plus the arithmetic of each model in the batch.
+EAGER_SECONDS_PER_LAYER = 1.7e-3
+EAGER_SECONDS_PER_LAYER_AND_MODEL = 3.5e-5
 
 Status = Literal["complete", "pruned", "diverged"]
 
@@ -90,10 +103,10 @@ def train(configs: Sequence[Config], on_step: OnStep | None = None) -> TrainResu
         raise ValueError(f"configs differ beyond echo_step, lr and seed: {sorted(keys)}")
     device = resolve_device(first.train.device)
     count = len(configs)
-    step_fn, compiled = _step_function(first, count, device)
+    step_fn = _step_function(first, count, device)
     # A compiled step treats the model axis as dynamic, which needs at least two: a lone model
     # gets an idle twin, so it runs the very same kernel (and losses) as a batched one.
-    lanes = list(configs) + ([first] if compiled and count == 1 else [])
+    lanes = list(configs) + ([first] if step_fn.compiled and count == 1 else [])
     tasks = [c.task for c in lanes]
     seeds = [c.train.seed for c in lanes]
 
@@ -129,7 +142,9 @@ def train(configs: Sequence[Config], on_step: OnStep | None = None) -> TrainResu
     traces = losses[:, :count].T.cpu().numpy()
     runs = [_model_run(trace, pruned_at.get(k)) for k, trace in enumerate(traces)]
     last_window = tuple(t[..., :count].cpu().numpy() for t in (x, y, margin))
-    return TrainResult(runs, [w[..., :count] for w in weights], last_window, seconds, compiled)
+    return TrainResult(
+        runs, [w[..., :count] for w in weights], last_window, seconds, step_fn.compiled
+    )
 
 
 def _windows(
@@ -180,53 +195,48 @@ def _model_run(trace: np.ndarray, pruned_at: int | None) -> ModelRun:
     return ModelRun(ran.copy(), "complete" if pruned_at is None else "pruned")
 
 
-StepFunction = Callable[..., tuple]
-
-
-def _step_function(config: Config, count: int, device: torch.device) -> tuple[StepFunction, bool]:
+def _step_function(config: Config, count: int, device: torch.device) -> _Step:
     wanted = config.train.compile
     if wanted == "auto":
-        wanted = config.total_steps * count >= COMPILE_PAYS_OFF_MODEL_WINDOWS
-    if not wanted:
-        return train_window, False
-    return _with_eager_fallback(_compiled_train_window()), True
+        wanted = device.type == "cuda" or _eager_seconds(config, count) > COMPILE_PAYS_OFF_SECONDS
+    return _compiled_step() if wanted else _Step(EAGER)
+
+
+def _eager_seconds(config: Config, count: int) -> float:
+    """About how long `count` models of this config take to train eagerly on one CPU core."""
+    per_window = config.model.num_layers * (
+        EAGER_SECONDS_PER_LAYER + EAGER_SECONDS_PER_LAYER_AND_MODEL * count
+    )
+    return config.total_steps * per_window
+
+
+class _Step:
+    """The training step on some kernels; compiled ones that fail to compile (say, with no C++
+    compiler installed) are replaced by the eager ones, once, with a warning."""
+
+    def __init__(self, kernels: Kernels) -> None:
+        self.kernels = kernels
+
+    @property
+    def compiled(self) -> bool:
+        return self.kernels is not EAGER
+
+    def __call__(self, *args: object) -> tuple:
+        try:
+            return train_window(*args, kernels=self.kernels)
+        except Exception as error:  # whatever broke the compile, the eager step works
+            if not self.compiled:
+                raise
+            log.warning("torch.compile failed (%s); training without it", _first_line(error))
+            self.kernels = EAGER
+            return train_window(*args, kernels=self.kernels)
 
 
 @functools.cache
-def _compiled_train_window() -> StepFunction:
-    return torch.compile(train_window, fullgraph=True)
-
-
-def _with_eager_fallback(compiled: StepFunction) -> StepFunction:
-    """The compiled step with its model axis marked dynamic, so that one compile serves every
-    K; if compiling fails (say, no C++ compiler), a warning and the eager step instead."""
-    first_call = True
-    broken = False
-
-    def step(*args: object) -> tuple:
-        nonlocal first_call, broken
-        if broken:
-            return train_window(*args)
-        if first_call:
-            first_call = False
-            for tensor in _tensors(args):
-                torch._dynamo.mark_dynamic(tensor, tensor.dim() - 1)
-        try:
-            return compiled(*args)
-        except Exception as error:  # whatever broke the compile, the eager step works
-            broken = True
-            log.warning("torch.compile failed (%s); training without it", _first_line(error))
-            return train_window(*args)
-
-    return step
-
-
-def _tensors(args: Iterable[object]) -> Iterator[torch.Tensor]:
-    for arg in args:
-        if isinstance(arg, torch.Tensor):
-            yield arg
-        elif isinstance(arg, list | tuple):
-            yield from _tensors(arg)
+def _compiled_step() -> _Step:
+    """One compiled step per process, so that a Ray worker compiles once for all its tasks,
+    and a compile that failed is not tried again."""
+    return _Step(compiled_kernels())
 
 
 def _first_line(error: BaseException) -> str:

@@ -118,3 +118,25 @@ def test_train_cannot_learn_an_echo_at_or_beyond_the_truncation():
     for run in train(configs).runs:
         averages = np.convolve(run.losses, np.full(100, 0.01), "valid")
         assert averages.min() > 0.6
+
+
+def test_train_compiled_model_computes_the_same_losses_alone_or_batched():
+    # One compiled kernel serves every batch width, and each model owns its lane, so a model's
+    # losses are bit-identical alone (an idle twin fills the second lane) or among others.
+    configs = [
+        small_config(**{"model.num_layers": 1, "train.compile": True, "train.seed": s,
+                        "task.echo_step": e, "train.lr": lr})
+        for s, e, lr in [(1, 1, 0.3), (2, 3, 0.1), (3, 15, 1.0)]
+    ]  # fmt: skip
+    batched = train(configs)
+    assert batched.compiled
+    for k, config in enumerate(configs):
+        alone = train([config])
+        assert np.array_equal(alone.runs[0].losses, batched.runs[k].losses)
+    assert all(
+        np.array_equal(a.losses, b.losses)
+        for a, b in zip(train(configs[:2]).runs, batched.runs[:2], strict=False)
+    )
+    # The compiled kernels compute what the eager ones do, to float32 rounding at first.
+    eager = train([configs[0].with_params({"train.compile": False})]).runs[0].losses
+    np.testing.assert_allclose(batched.runs[0].losses[:10], eager[:10], rtol=1e-5, atol=1e-6)
