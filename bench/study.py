@@ -1,0 +1,264 @@
+"""Wall time of a whole study with our pipeline, against its trials run one by one.
+
+What is measured, side by side in one run on the same cores (`--cores`, default 2):
+1. Our pipeline end to end: `pipeline.study.run_study` on the study's config (by default
+   configs/study.yaml: 336 trials of 3,330 windows), Ray started embedded with `--cores` CPUs and
+   one CPU per task, compile as configured, results written to a fresh temporary folder. The
+   clock runs from the call to its return, so Ray's start-up and shutdown are in it.
+2. The straightforward loop (bench/baseline.py) on exactly the trials our run ran (read back from
+   its trials.parquet: same layers, state size, echo step, learning rate, epochs and seeds),
+   one trial at a time in each of `--cores` processes of one thread (a multiprocessing Pool,
+   longest trials first). Its clock starts once the pool's processes are up, which favours it.
+3. Ray workers: the same study (at `--scaling-epochs` epochs, to keep it short) with
+   `ray.num_cpus` 1 against `--cores`.
+
+Why: a study of small LSTMs is overhead-bound, and the pipeline trains the trials of one
+architecture in lockstep to beat that. The targets this measures (and never asserts): the study
+≥ 15× faster end to end than its trials one by one, and two Ray workers ≥ 1.8× one.
+
+    python bench/study.py                  # study.yaml in full, then 1 against 2 workers at
+                                           # 2 epochs: about 10-15 minutes on two cores
+    python bench/study.py --epochs 1       # every trial, a fifth of the windows
+    python bench/study.py --trials 48      # 48 trials of the grid, as its sampler picks them
+    python bench/study.py --quick          # a smoke run: 24 trials of 1 epoch (2-3 minutes);
+                                           # about 2 trials per architecture, so little lockstep:
+                                           # it checks the script, its ratios mean little
+    python bench/study.py configs/quick.yaml --set model.state_size=8
+
+Ray starts embedded with RAY_AUTH_MODE=disabled and RAY_ADDRESS unset; `run_study` stops it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import redirect_stdout
+from dataclasses import dataclass
+
+import pandas as pd
+import ray
+from baseline import TrialSpec, init_worker, train_trial
+
+from pipeline.config import Config, ConfigError, load_config
+from pipeline.results import load_trials
+from pipeline.study import FIXED_COLUMNS, run_study
+
+DEFAULT_CONFIG = "configs/study.yaml"
+QUICK = {"epochs": 1, "trials": 24, "scaling_epochs": 1}
+TARGETS = "Targets (issue 6): the study ≥ 15× faster than the loop; 2 Ray workers ≥ 1.8× one."
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One measured run: its wall time, and the time spent inside training loops."""
+
+    seconds: float
+    busy: float
+    """Seconds inside training loops, summed over processes (ours: over Ray tasks)."""
+
+
+@dataclass(frozen=True)
+class StudyRun(Timing):
+    """One measured run of our pipeline, with its trials.parquet."""
+
+    trials: pd.DataFrame
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.quick:
+        for name, value in QUICK.items():
+            setattr(args, name, getattr(args, name) or value)
+    _embedded_ray_only()
+    try:
+        config = _bench_config(args)
+    except ConfigError as error:
+        sys.exit(f"error: {error}")
+    scaling = config.with_params(
+        {"train.epochs": args.scaling_epochs or min(2, config.train.epochs)}
+    )
+    _say(f"our pipeline: {_describe(config)} on {args.cores} Ray workers")
+    load = os.getloadavg()[0]
+    ours = _run_study(config, args.cores)
+    specs = _trial_specs(config, ours.trials)
+    _say(f"the straightforward loop: the same {len(specs)} trials in {args.cores} processes")
+    loop = _run_loop(specs, args.cores)
+    _say(f"Ray workers: {_describe(scaling)} on 1 worker, then on {args.cores}")
+    one = _run_study(scaling, 1)
+    many = _run_study(scaling, args.cores)
+    print(_report(args, config, specs, load, ours, loop, scaling, one, many))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help="a study config")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
+    parser.add_argument("--epochs", type=int, help="train.epochs (default: the config's)")
+    parser.add_argument(
+        "--trials", type=int, help="study.trials: a subset, picked by the study's sampler"
+    )
+    parser.add_argument(
+        "--scaling-epochs", type=int, help="epochs of the 1-against-N workers runs (default 2)"
+    )
+    parser.add_argument("--cores", type=int, default=2, help="cores for both sides (default 2)")
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run (24 trials, 1 epoch), not representative"
+    )
+    return parser
+
+
+def _embedded_ray_only() -> None:
+    """Make `run_study` start its own Ray here rather than join one named in the environment;
+    without token authentication, as other local Ray instances here run."""
+    os.environ.pop("RAY_ADDRESS", None)
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+
+
+def _bench_config(args: argparse.Namespace) -> Config:
+    """The study's config with the options applied; on the CPU, one core per Ray task."""
+    overrides = [*args.set, "train.device=cpu", "ray.cpus_per_trial=1", "ray.address=null"]
+    if args.epochs:
+        overrides.append(f"train.epochs={args.epochs}")
+    if args.trials:
+        overrides.append(f"study.trials={args.trials}")
+    return load_config(args.config, overrides)
+
+
+def _run_study(config: Config, workers: int) -> StudyRun:
+    """Run the study with `workers` CPUs of embedded Ray into a fresh folder, deleted after."""
+    folder = tempfile.mkdtemp(prefix="echo-bench-")
+    run_config = config.with_params(
+        {"ray.num_cpus": workers, "output": os.path.join(folder, "study")}
+    )
+    try:
+        started = time.perf_counter()
+        # Per-trial lines (when stderr is not a terminal) stay out of the result on stdout.
+        with redirect_stdout(sys.stderr):
+            run_study(run_config, progress=sys.stderr.isatty())
+        seconds = time.perf_counter() - started
+        trials = load_trials(run_config.output)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        shutil.rmtree(folder, ignore_errors=True)
+    # A trial's duration_s is its share of its task's training loop.
+    return StudyRun(seconds, float(trials["duration_s"].sum()), trials)
+
+
+def _trial_specs(config: Config, trials: pd.DataFrame) -> list[TrialSpec]:
+    """The loop's version of every trial our run ran, with the seed it ran with."""
+    keys = {**FIXED_COLUMNS, **{p.short_name: p.key for p in config.study.search}}
+    specs = []
+    for row in trials.to_dict("records"):
+        trial = config.with_params({key: row[name] for name, key in keys.items()})
+        specs.append(
+            TrialSpec(
+                num_layers=trial.model.num_layers,
+                state_size=trial.model.state_size,
+                echo_step=trial.task.echo_step,
+                lr=trial.train.lr,
+                epochs=trial.train.epochs,
+                series_length=trial.task.series_length,
+                batch_size=trial.task.batch_size,
+                truncation=trial.task.truncation,
+                seed=row["trial_seed"],
+            )
+        )
+    return specs
+
+
+def _run_loop(specs: list[TrialSpec], cores: int) -> Timing:
+    """How long `cores` one-thread processes take to train every trial, one at a time."""
+    context = multiprocessing.get_context("spawn")
+    ready = context.Barrier(cores + 1)
+    # Longest first, so that the processes run out of work at about the same time.
+    ordered = sorted(specs, key=lambda s: s.windows * s.num_layers, reverse=True)
+    with context.Pool(cores, initializer=init_worker, initargs=(ready,)) as pool:
+        ready.wait()
+        started = time.perf_counter()
+        busy = sum(r.seconds for r in pool.imap_unordered(train_trial, ordered, chunksize=1))
+        return Timing(time.perf_counter() - started, busy)
+
+
+def _report(
+    args: argparse.Namespace,
+    config: Config,
+    specs: list[TrialSpec],
+    load: float,
+    ours: StudyRun,
+    loop: Timing,
+    scaling: Config,
+    one: StudyRun,
+    many: StudyRun,
+) -> str:
+    """The README-ready result: what was measured, then Markdown tables of times and ratios."""
+    windows = sum(s.windows for s in specs)
+    lines = [
+        f"### Study wall time: {args.config} ({_describe(config)}, {windows:,} windows)",
+        "",
+        f"- our pipeline: `run_study`, Ray embedded with {args.cores} CPUs (1 per task), "
+        f"train.compile {config.train.compile}, pruner {config.study.pruner}; from the call to "
+        f"its return, Ray's start-up included; trials {_states(ours)}",
+        f"- the straightforward loop: the same {len(specs)} trials (layers, state size, echo "
+        f"step, lr, epochs, seeds), one at a time in each of {args.cores} one-thread processes "
+        "(multiprocessing Pool, longest first), timed from a started pool",
+        "- training s: time inside the training loops, summed over processes (ours: over Ray "
+        "tasks); the rest of wall s × cores is start-up, scheduling, writing and idle cores",
+        f"- 1-minute load average at the start: {load:.1f} on {os.cpu_count()} CPUs "
+        "(other work on the machine skews every number)",
+        "",
+        "| run | cores | wall s | training s | speed-up |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        f"| straightforward loop, one trial at a time | {args.cores} | {loop.seconds:.1f} "
+        f"| {loop.busy:.1f} | 1× |",
+        f"| our pipeline | {args.cores} | {ours.seconds:.1f} | {ours.busy:.1f} "
+        f"| {_times(loop.seconds / ours.seconds)} |",
+        "",
+        f"### Ray workers: 1 against {args.cores} ({_describe(scaling)})",
+        "",
+        "| Ray workers | wall s | training s | speed-up |",
+        "| ---: | ---: | ---: | ---: |",
+        f"| 1 | {one.seconds:.1f} | {one.busy:.1f} | 1× |",
+        f"| {args.cores} | {many.seconds:.1f} | {many.busy:.1f} "
+        f"| {_times(one.seconds / many.seconds)} |",
+        "",
+        TARGETS,
+    ]
+    return "\n".join(lines)
+
+
+def _describe(config: Config) -> str:
+    """How much a study is: its trials, epochs and windows per trial."""
+    return (
+        f"{config.study.n_trials} trials × {config.train.epochs} epochs × "
+        f"{config.task.windows_per_epoch} windows"
+    )
+
+
+def _states(run: StudyRun) -> str:
+    """How the run's trials ended, e.g. `168 COMPLETE`."""
+    counts = run.trials["state"].value_counts()
+    return ", ".join(f"{count} {state}" for state, count in counts.items())
+
+
+def _times(ratio: float) -> str:
+    """A ratio with the digits that matter: 0.26×, 3.1×, 57×."""
+    if ratio < 1:
+        return f"{ratio:.2f}×"
+    return f"{ratio:.1f}×" if ratio < 10 else f"{ratio:.0f}×"
+
+
+def _say(message: str) -> None:
+    """Progress goes to stderr, so that stdout holds only the result."""
+    print(message, file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()
