@@ -318,8 +318,8 @@ EAGER = Kernels(_layer_forward, _head_update, _layer_backward_update)
 @functools.cache
 def compiled_kernels() -> Kernels:
     """The kernels compiled by torch.compile, the model axis symbolic: one compile serves any
-    number of models, so a model computes the same bits alone or batched (torch specializes a
-    size of 1, which is why the trainer never runs a lone model in a lane of its own)."""
+    number of models, so a model computes the same bits alone or batched (the trainer pads
+    batches to whole vectors, which also keeps torch from specializing a lone model)."""
     # Each state size and layer position compiles its own version of a kernel; torch's default
     # of 8 versions would silently send a wide study back to eager after a few state sizes.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -327,8 +327,11 @@ def compiled_kernels() -> Kernels:
 
 
 def _compile_over_models(kernel: Callable[..., tuple]) -> Callable[..., tuple]:
+    # dynamic=False: only the marked model axis is symbolic, so a kernel's code depends on the
+    # state size alone, never on which sizes the process happened to see first (torch would
+    # otherwise turn a size that changed between calls symbolic, and the losses with it).
     # A C++ wrapper allocates a kernel's many small buffers far faster than Python does.
-    compiled = torch.compile(kernel, fullgraph=True, options={"cpp_wrapper": True})
+    compiled = torch.compile(kernel, dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
 
     def call(*args: object) -> tuple:
         # Marks count only when torch compiles (a new shape, a new layer), which cannot be told

@@ -34,6 +34,9 @@ from pipeline.model import (
 
 log = logging.getLogger(__name__)
 
+# Floats in the widest CPU vector (AVX-512) and a divisor of GPU warps: compiled batches are
+# padded to a multiple of it.
+LANES = 16
 # `compile: auto` compiles when the eager run would take longer than this: then even a cold
 # compile (about a minute per state size on two cores, cached on disk afterwards) pays off.
 COMPILE_PAYS_OFF_SECONDS = 120.0
@@ -104,9 +107,11 @@ def train(configs: Sequence[Config], on_step: OnStep | None = None) -> TrainResu
     device = resolve_device(first.train.device)
     count = len(configs)
     step_fn = _step_function(first, count, device)
-    # A compiled step treats the model axis as dynamic, which needs at least two: a lone model
-    # gets an idle twin, so it runs the very same kernel (and losses) as a batched one.
-    lanes = list(configs) + ([first] if step_fn.compiled and count == 1 else [])
+    # Compiled kernels run the model axis in vectors of LANES: idle copies of the first model
+    # fill the last vector, so every model runs the same full-vector code (and bits), and the
+    # slow masked code for a partial vector never runs.
+    idle = -count % LANES if step_fn.compiled else 0
+    lanes = list(configs) + [first] * idle
     tasks = [c.task for c in lanes]
     seeds = [c.train.seed for c in lanes]
 

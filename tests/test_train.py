@@ -121,8 +121,8 @@ def test_train_cannot_learn_an_echo_at_or_beyond_the_truncation():
 
 
 def test_train_compiled_model_computes_the_same_losses_alone_or_batched():
-    # One compiled kernel serves every batch width, and each model owns its lane, so a model's
-    # losses are bit-identical alone (an idle twin fills the second lane) or among others.
+    # One compiled kernel serves every batch width, each model owns its lane and every lane
+    # runs in a full vector, so a model's losses are bit-identical alone or among others.
     configs = [
         small_config(**{"model.num_layers": 1, "train.compile": True, "train.seed": s,
                         "task.echo_step": e, "train.lr": lr})
