@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import pandas as pd
 import ray
 from baseline import TrialSpec, init_worker, train_trial
+from report import say, times
 
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.results import load_trials
@@ -82,13 +83,13 @@ def main(argv: list[str] | None = None) -> None:
     scaling = config.with_params(
         {"train.epochs": args.scaling_epochs or min(2, config.train.epochs)}
     )
-    _say(f"our pipeline: {_describe(config)} on {args.cores} Ray workers")
+    say(f"our pipeline: {_describe(config)} on {args.cores} Ray workers")
     load = os.getloadavg()[0]
     ours = _run_study(config, args.cores)
     specs = _trial_specs(config, ours.trials)
-    _say(f"the straightforward loop: the same {len(specs)} trials in {args.cores} processes")
+    say(f"the straightforward loop: the same {len(specs)} trials in {args.cores} processes")
     loop = _run_loop(specs, args.cores)
-    _say(f"Ray workers: {_describe(scaling)} on 1 worker, then on {args.cores}")
+    say(f"Ray workers: {_describe(scaling)} on 1 worker, then on {args.cores}")
     one = _run_study(scaling, 1)
     many = _run_study(scaling, args.cores)
     print(_report(args, config, specs, load, ours, loop, scaling, one, many))
@@ -219,7 +220,7 @@ def _report(
         f"| straightforward loop, one trial at a time | {args.cores} | {loop.seconds:.1f} "
         f"| {loop.busy:.1f} | 1× |",
         f"| our pipeline | {args.cores} | {ours.seconds:.1f} | {ours.busy:.1f} "
-        f"| {_times(loop.seconds / ours.seconds)} |",
+        f"| {times(loop.seconds / ours.seconds)} |",
         "",
         f"### Ray workers: 1 against {args.cores} ({_describe(scaling)})",
         "",
@@ -227,7 +228,7 @@ def _report(
         "| ---: | ---: | ---: | ---: |",
         f"| 1 | {one.seconds:.1f} | {one.busy:.1f} | 1× |",
         f"| {args.cores} | {many.seconds:.1f} | {many.busy:.1f} "
-        f"| {_times(one.seconds / many.seconds)} |",
+        f"| {times(one.seconds / many.seconds)} |",
         "",
         TARGETS,
     ]
@@ -243,21 +244,9 @@ def _describe(config: Config) -> str:
 
 
 def _states(run: StudyRun) -> str:
-    """How the run's trials ended, e.g. `168 COMPLETE`."""
+    """How the run's trials ended, e.g. `336 COMPLETE`."""
     counts = run.trials["state"].value_counts()
     return ", ".join(f"{count} {state}" for state, count in counts.items())
-
-
-def _times(ratio: float) -> str:
-    """A ratio with the digits that matter: 0.26×, 3.1×, 57×."""
-    if ratio < 1:
-        return f"{ratio:.2f}×"
-    return f"{ratio:.1f}×" if ratio < 10 else f"{ratio:.0f}×"
-
-
-def _say(message: str) -> None:
-    """Progress goes to stderr, so that stdout holds only the result."""
-    print(message, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

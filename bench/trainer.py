@@ -32,7 +32,6 @@ import logging
 import math
 import os
 import platform
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,6 +40,7 @@ from typing import TypeVar
 
 import torch
 from baseline import TrialSpec, train_trial
+from report import say, times
 
 from pipeline.config import Config
 from pipeline.train import train
@@ -105,12 +105,12 @@ def main(argv: list[str] | None = None) -> None:
         if mode != "compiled" or compile_notes[state] is not None
     ]
     for contender in contenders:
-        _say(f"warm-up: state {contender.state_size}, {contender.mode}, K = {contender.count}")
+        say(f"warm-up: state {contender.state_size}, {contender.mode}, K = {contender.count}")
         warm = contender.run(args.layers, WARMUP_WINDOWS)
         contender.windows = _windows_for(args.seconds, warm)
     # Round-robin, so that a spell of load elsewhere on the machine hits every contender alike.
     for repeat in range(args.repeats):
-        _say(f"timing, round {repeat + 1} of {args.repeats}")
+        say(f"timing, round {repeat + 1} of {args.repeats}")
         for contender in contenders:
             measured = contender.run(args.layers, contender.windows)
             if contender.best is None or measured.rate > contender.best.rate:
@@ -140,13 +140,13 @@ def _fill_defaults(args: argparse.Namespace) -> None:
 def _compile(state_size: int, layers: int) -> str | None:
     """Compile our training step for this architecture: how long it took, or None when
     torch.compile is unavailable here (the trainer then warns and trains eager)."""
-    _say(f"compiling the training step for state {state_size} (cold: about 60-90 s)")
+    say(f"compiling the training step for state {state_size} (cold: about 60-90 s)")
     started = time.perf_counter()
     with _compile_warnings() as warnings:
         # Any K will do: the trainer marks the model axis dynamic, so one compile serves all.
         _time_trainer(state_size, layers, 2, True, WARMUP_WINDOWS)
     if warnings:
-        _say(f"no compiled measurements for state {state_size}: {warnings[0]}")
+        say(f"no compiled measurements for state {state_size}: {warnings[0]}")
         return None
     return f"{time.perf_counter() - started:.1f} s"
 
@@ -279,7 +279,7 @@ def _report(
     target = best.get((TARGET_STATE, "compiled", TARGET_K))
     if args.layers == TARGET_LAYERS and target is not None:
         ratio = target.rate / best[(TARGET_STATE, "baseline", 1)].rate
-        lines += ["", f"{TARGET}: measured {_times(ratio)}."]
+        lines += ["", f"{TARGET}: measured {times(ratio)}."]
     return "\n".join(lines)
 
 
@@ -287,19 +287,7 @@ def _cell(measured: Measurement | None, baseline: float) -> str:
     """A rate and its ratio to the baseline's, or n/a when it could not be measured."""
     if measured is None:
         return "n/a"
-    return f"{measured.rate:,.0f} ({_times(measured.rate / baseline)})"
-
-
-def _times(ratio: float) -> str:
-    """A ratio with the digits that matter: 0.26×, 3.1×, 57×."""
-    if ratio < 1:
-        return f"{ratio:.2f}×"
-    return f"{ratio:.1f}×" if ratio < 10 else f"{ratio:.0f}×"
-
-
-def _say(message: str) -> None:
-    """Progress goes to stderr, so that stdout holds only the result."""
-    print(message, file=sys.stderr, flush=True)
+    return f"{measured.rate:,.0f} ({times(measured.rate / baseline)})"
 
 
 if __name__ == "__main__":

@@ -317,31 +317,21 @@ EAGER = Kernels(_layer_forward, _head_update, _layer_backward_update)
 
 @functools.cache
 def compiled_kernels() -> Kernels:
-    """The kernels compiled by torch.compile, the model axis symbolic: one compile serves any
-    number of models, so a model computes the same bits alone or batched (the trainer pads
-    batches to whole vectors, which also keeps torch from specializing a lone model)."""
-    # Each state size and layer position compiles its own version of a kernel; torch's default
-    # of 8 versions would silently send a wide study back to eager after a few state sizes.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return Kernels(*(_compile_over_models(kernel) for kernel in EAGER))
+    """The kernels compiled by torch.compile, with static shapes: torch compiles each kernel
+    once per state size and batch width and caches it on disk. The trainer pads batches to
+    whole vectors (LANES), so the widths are few, and every model runs the same full-vector
+    code whatever the width: its losses are the same bits alone or batched."""
+    # Each state size, width and layer position is a version of a kernel; torch's default of
+    # 8 versions would silently send a wide study back to eager.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    return Kernels(*(_compile(kernel) for kernel in EAGER))
 
 
-def _compile_over_models(kernel: Callable[..., tuple]) -> Callable[..., tuple]:
-    # dynamic=False: only the marked model axis is symbolic, so a kernel's code depends on the
-    # state size alone, never on which sizes the process happened to see first (torch would
-    # otherwise turn a size that changed between calls symbolic, and the losses with it).
+def _compile(kernel: Callable[..., tuple]) -> Callable[..., tuple]:
+    # dynamic=False: torch would otherwise turn a size that changed between calls symbolic, so
+    # that a kernel's code, and the losses, depended on what the process happened to run first.
     # A C++ wrapper allocates a kernel's many small buffers far faster than Python does.
-    compiled = torch.compile(kernel, dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
-
-    def call(*args: object) -> tuple:
-        # Marks count only when torch compiles (a new shape, a new layer), which cannot be told
-        # beforehand, so every argument carries one; outputs of compiled kernels already do.
-        for arg in args:
-            if isinstance(arg, torch.Tensor) and not hasattr(arg, "_dynamo_dynamic_indices"):
-                torch._dynamo.mark_dynamic(arg, arg.dim() - 1)
-        return compiled(*args)
-
-    return call
+    return torch.compile(kernel, dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
 
 
 def _matmul(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

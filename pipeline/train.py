@@ -108,8 +108,8 @@ def train(configs: Sequence[Config], on_step: OnStep | None = None) -> TrainResu
     count = len(configs)
     step_fn = _step_function(first, count, device)
     # Compiled kernels run the model axis in vectors of LANES: idle copies of the first model
-    # fill the last vector, so every model runs the same full-vector code (and bits), and the
-    # slow masked code for a partial vector never runs.
+    # fill the last vector, so every model runs the same full-vector code (and bits) in any
+    # batch, the slow masked code for a partial vector never runs, and few widths compile.
     idle = -count % LANES if step_fn.compiled else 0
     lanes = list(configs) + [first] * idle
     tasks = [c.task for c in lanes]
