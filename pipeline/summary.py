@@ -57,6 +57,8 @@ PLOTS = {
     "converged_fraction": "plots/converged_fraction.png",
 }
 LN2 = math.log(2)
+# Medians of steps to converge this close (relative) say nothing about a factor's effect.
+SAME_WITHIN = 0.1
 STATES = ("COMPLETE", "PRUNED", "FAIL")
 # Statistics of a set of trials, in the order of the Parquet columns.
 STATISTICS = {
@@ -494,6 +496,8 @@ def _factor_finding(summary: Summary, factor: str) -> str | None:
     more = "more layers" if factor == "num_layers" else "more units"
     if len(medians) < 2:
         trend = "too few converged groups to compare"
+    elif medians.max() < (1 + SAME_WITHIN) * medians.min():
+        trend = f"{more} changed it by less than {SAME_WITHIN:.0%}"
     elif np.all(np.diff(medians) > 0):
         trend = f"with {more}, convergence took more steps"
     elif np.all(np.diff(medians) < 0):
