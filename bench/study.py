@@ -46,8 +46,8 @@ from baseline import TrialSpec, init_worker, train_trial
 from report import say, times
 
 from pipeline.config import Config, ConfigError, load_config
-from pipeline.results import load_trials
-from pipeline.study import FIXED_COLUMNS, run_study
+from pipeline.results import FIXED_COLUMNS, load_trials
+from pipeline.study import run_study
 
 DEFAULT_CONFIG = "configs/study.yaml"
 QUICK = {"epochs": 1, "trials": 24, "scaling_epochs": 1}

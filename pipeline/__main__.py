@@ -17,6 +17,7 @@ from tqdm import tqdm
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.plots import png_bytes, training_figure
 from pipeline.results import (
+    FIXED_COLUMNS,
     TRIALS,
     Output,
     claim_output,
@@ -29,13 +30,6 @@ from pipeline.summary import objective_value, trial_metrics, write_summary
 from pipeline.train import Step, resolve_device, train
 
 USAGE_ERROR = 2
-# A single run's Parquet columns: the factors the summary groups by, and the learning rate.
-TRAIN_PARAMS = {
-    "num_layers": "model.num_layers",
-    "state_size": "model.state_size",
-    "echo_step": "task.echo_step",
-    "lr": "train.lr",
-}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -142,7 +136,7 @@ def run_train(config: Config, args: argparse.Namespace) -> int:
     run = result.runs[0]
     windows = config.task.windows_per_epoch
     metrics = trial_metrics(run.losses, windows, config.convergence)
-    params = {name: _value(config, key) for name, key in TRAIN_PARAMS.items()}
+    params = {name: config.value(key) for name, key in FIXED_COLUMNS.items()}
     diverged = run.status == "diverged"
     row = trial_row(
         trial=0,
@@ -197,11 +191,6 @@ def _print_outcome(config: Config, seconds: float, metrics, error: str | None) -
     if error:
         print(f"The loss {error}.")
     print(f"Results in {config.output}")
-
-
-def _value(config: Config, key: str) -> object:
-    section, name = key.split(".")
-    return getattr(getattr(config, section), name)
 
 
 if __name__ == "__main__":

@@ -337,6 +337,11 @@ class Config:
         }
         return dataclasses.replace(self, **sections, output=output)
 
+    def value(self, key: str) -> Any:
+        """The value of a dotted key, e.g. `config.value("model.num_layers")`."""
+        section, name = _split_key(key)
+        return self.output if key == "output" else getattr(getattr(self, section), name)
+
     def differences(self, other: Config) -> list[str]:
         """Dotted keys on which two configs disagree about what is computed; keys that say only
         how much runs and where (RUN_KEYS) are ignored, so a study can be resumed with more

@@ -44,6 +44,14 @@ STEP_COLUMNS = {
     "step": pa.int32(),
     "loss": pa.float32(),
 }
+# Parameter columns every trial's rows carry, searched or not: the factors the summary groups
+# by, and the learning rate. Searched keys add their own columns.
+FIXED_COLUMNS = {
+    "num_layers": "model.num_layers",
+    "state_size": "model.state_size",
+    "echo_step": "task.echo_step",
+    "lr": "train.lr",
+}
 # Parameter columns by short name, as compact as their ranges allow.
 PARAM_TYPES = {
     "num_layers": pa.int16(),
@@ -138,7 +146,7 @@ def check_output(output: Output, config: Config) -> None:
             key = differing[0]
             raise ConfigError(
                 f"output {output.location} holds results of another config ({key}: "
-                f"{_dotted(previous, key)!r} there, {_dotted(config, key)!r} here); "
+                f"{previous.value(key)!r} there, {config.value(key)!r} here); "
                 "choose another --output or remove that folder"
             )
     elif output.exists() and _has_entries(output):
@@ -153,11 +161,6 @@ def claim_output(output: Output, config: Config) -> None:
     check_output(output, config)
     text = yaml.safe_dump(config.to_dict(), sort_keys=False)
     output.write_bytes(CONFIG, text.encode())
-
-
-def _dotted(config: Config, key: str) -> Any:
-    section, _, name = key.partition(".")
-    return config.to_dict()[section][name] if name else config.to_dict()[section]
 
 
 def _has_entries(output: Output) -> bool:

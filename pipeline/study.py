@@ -40,6 +40,7 @@ from tqdm import tqdm
 from pipeline.config import Config, ConfigError, SearchParam, short_name
 from pipeline.data import derive_seed
 from pipeline.results import (
+    FIXED_COLUMNS,
     TRIALS,
     Output,
     check_output,
@@ -57,13 +58,6 @@ log = logging.getLogger(__name__)
 
 JOURNAL = "study.journal"
 LOCK = ".study.lock"
-# Columns every trial's rows carry, searched or not: the factors the summary groups by.
-FIXED_COLUMNS = {
-    "num_layers": "model.num_layers",
-    "state_size": "model.state_size",
-    "echo_step": "task.echo_step",
-    "lr": "train.lr",
-}
 STATES = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED}
 
 
@@ -258,7 +252,7 @@ class _Driver:
             params = {p.key: _suggest(trial, p) for p in self.config.study.search}
             trial_config = self.config.with_params(params)
             seed = derive_seed(self.config.study.seed, trial.number, trial_config.train.seed)
-            columns = {name: _value(trial_config, key) for name, key in FIXED_COLUMNS.items()}
+            columns = {name: trial_config.value(key) for name, key in FIXED_COLUMNS.items()}
             columns.update({short_name(k): v for k, v in params.items()})
             planned = PlannedTrial(
                 trial.number, trial_config.with_params({"train.seed": seed}), columns
@@ -671,11 +665,6 @@ def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
         return study.best_trial
     except ValueError:
         return None
-
-
-def _value(config: Config, key: str) -> Any:
-    section, name = key.split(".")
-    return getattr(getattr(config, section), name)
 
 
 def _first_line(error: BaseException) -> str:

@@ -569,7 +569,7 @@ def _what_was_run(summary: Summary) -> list[str]:
         "train.carry_state",
     ]
     values = ", ".join(
-        f"`{key}` = {_yaml_value(_dotted(config, key))}" for key in fixed if key not in searched
+        f"`{key}` = {_yaml_value(config.value(key))}" for key in fixed if key not in searched
     )
     lines.append(f"- {'Config' if _is_single_run(config) else 'Every trial'}: {values}.")
     lines.append(
@@ -691,11 +691,6 @@ def _search_values(spec: object) -> str:
 def _yaml_value(value: object) -> str:
     """A value as YAML writes it: true, null, 0.3."""
     return yaml.safe_dump(value, default_flow_style=True).removesuffix("...\n").strip()
-
-
-def _dotted(config: Config, key: str) -> object:
-    section, name = key.split(".")
-    return getattr(getattr(config, section), name)
 
 
 def _trailing_mean(window: int):
