@@ -52,7 +52,7 @@ from pipeline.results import (
     trials_table,
 )
 from pipeline.summary import objective_value, trial_metrics, write_summary
-from pipeline.train import Step, batch_key, train
+from pipeline.train import Step, batch_key, first_line, train
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ class _Driver:
             outcomes = ray.get(ref)
         except (ray.exceptions.RayError, OSError) as error:
             # The task's worker died more often than ray.max_retries allows.
-            text = f"{type(error).__name__}: {_first_line(error)}"
+            text = f"{type(error).__name__}: {first_line(error)}"
             outcomes = [
                 TrialOutcome(t.number, np.zeros(0, np.float32), "error", text, 0.0) for t in batch
             ]
@@ -366,7 +366,7 @@ def run_batch(
     try:
         result = train([config for _, config in trials], on_step)
     except Exception as error:  # a trial that raises is recorded FAIL; the study goes on
-        text = f"{type(error).__name__}: {_first_line(error)}"
+        text = f"{type(error).__name__}: {first_line(error)}"
         return [TrialOutcome(n, np.zeros(0, np.float32), "error", text, 0.0) for n in numbers]
     seconds = result.seconds / len(trials)
     return [
@@ -564,7 +564,7 @@ def _open_storage(url: str) -> optuna.storages.BaseStorage:
         return optuna.storages.get_storage(url)
     except Exception as error:  # whatever the backend raises, the URL is what the user fixes
         raise ConfigError(
-            f"study.storage = {url!r}: cannot be opened ({_first_line(error)})"
+            f"study.storage = {url!r}: cannot be opened ({first_line(error)})"
         ) from None
 
 
@@ -588,7 +588,7 @@ def _connect_ray(config: Config, address: str | None) -> bool:
     try:
         ray.init(address=address, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as error:
-        raise ConfigError(_no_cluster(address, _first_line(error))) from None
+        raise ConfigError(_no_cluster(address, first_line(error))) from None
     return False
 
 
@@ -602,7 +602,7 @@ def _check_reachable(address: str) -> None:
         try:
             target = ray._private.services.canonicalize_bootstrap_address("auto")
         except ConnectionError as error:
-            raise ConfigError(_no_cluster(address, _first_line(error))) from None
+            raise ConfigError(_no_cluster(address, first_line(error))) from None
         except (AttributeError, TypeError):
             return
     host, colon, port = target.removeprefix("ray://").rpartition(":")
@@ -615,7 +615,7 @@ def _check_reachable(address: str) -> None:
         with socket.create_connection((host, int(port)), timeout=5):
             return
     except OSError as error:
-        raise ConfigError(_no_cluster(address, f"{target}: {_first_line(error)}")) from None
+        raise ConfigError(_no_cluster(address, f"{target}: {first_line(error)}")) from None
 
 
 def _no_cluster(address: str, reason: str) -> str:
@@ -665,8 +665,3 @@ def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
         return study.best_trial
     except ValueError:
         return None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -232,7 +232,7 @@ class _Step:
         except Exception as error:  # whatever broke the compile, the eager step works
             if not self.compiled:
                 raise
-            log.warning("torch.compile failed (%s); training without it", _first_line(error))
+            log.warning("torch.compile failed (%s); training without it", first_line(error))
             self.kernels = EAGER
             return train_window(*args, kernels=self.kernels)
 
@@ -244,6 +244,7 @@ def _compiled_step() -> _Step:
     return _Step(compiled_kernels())
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message, for one-line reports."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
