@@ -140,7 +140,7 @@ def run_train(config: Config, args: argparse.Namespace) -> int:
     diverged = run.status == "diverged"
     row = trial_row(
         trial=0,
-        state="FAIL" if diverged else "COMPLETE",
+        status=run.status,
         params=params,
         value=None if diverged else objective_value(metrics, config.study.objective),
         metrics=metrics,

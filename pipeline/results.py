@@ -65,9 +65,15 @@ PARAM_TYPES = {
     "truncation": pa.int32(),
     "carry_state": pa.bool_(),
 }
+# A trial's fate as data: Optuna's state, and why it ended (a diverged loss and an error are
+# both FAIL to Optuna, but only one of them says something about convergence).
+TRIAL_STATES = ("COMPLETE", "PRUNED", "FAIL")
+STATUSES = ("complete", "pruned", "diverged", "error")
+STATE_OF_STATUS = {"complete": "COMPLETE", "pruned": "PRUNED", "diverged": "FAIL", "error": "FAIL"}
 TRIAL_COLUMNS = {
     "trial": pa.int32(),
     "state": pa.string(),
+    "status": pa.string(),
     "value": pa.float64(),
     "final_loss": pa.float32(),
     "mean_loss": pa.float32(),
@@ -131,16 +137,23 @@ class Output:
         self.write_bytes(name, buffer.getvalue())
 
 
+def read_config(output: Output) -> Config | None:
+    """The config an output was made with (its config.yaml), or None when it has none; an
+    unreadable one raises ConfigError in one line."""
+    if not output.exists(CONFIG):
+        return None
+    try:
+        return config_from_dict(yaml.safe_load(output.read_text(CONFIG)), output.path(CONFIG))
+    except (ConfigError, yaml.YAMLError, UnicodeDecodeError) as error:
+        message = str(error).splitlines()[0]
+        raise ConfigError(f"{output.path(CONFIG)}: unreadable ({message}); move it away") from None
+
+
 def check_output(output: Output, config: Config) -> None:
     """Raise ConfigError, writing nothing, if `output` holds another config's results or is not
     an echo-study output at all."""
-    if output.exists(CONFIG):
-        try:
-            previous = config_from_dict(yaml.safe_load(output.read_text(CONFIG)))
-        except (ConfigError, yaml.YAMLError) as error:
-            raise ConfigError(
-                f"{output.path(CONFIG)}: unreadable ({error}); move it away"
-            ) from None
+    previous = read_config(output)
+    if previous is not None:
         differing = config.differences(previous)
         if differing:
             key = differing[0]
@@ -205,7 +218,7 @@ def steps_table(
 def trial_row(
     *,
     trial: int,
-    state: str,
+    status: str,
     params: Mapping[str, Any],
     value: float | None,
     metrics: Any,
@@ -217,7 +230,8 @@ def trial_row(
     """One row of trials.parquet; `metrics` is a summary.TrialMetrics."""
     return {
         "trial": trial,
-        "state": state,
+        "state": STATE_OF_STATUS[status],
+        "status": status,
         **params,
         "value": value,
         "final_loss": metrics.final_loss,
@@ -232,11 +246,12 @@ def trial_row(
 
 
 def trials_table(rows: Sequence[Mapping[str, Any]], param_names: Sequence[str]) -> pa.Table:
-    """One row per trial, parameters after `state`; missing metrics are null."""
+    """One row per trial, parameters after `status`; missing metrics are null."""
+    leading = ("trial", "state", "status")
     schema = pa.schema(
-        [("trial", TRIAL_COLUMNS["trial"]), ("state", TRIAL_COLUMNS["state"])]
+        [(name, TRIAL_COLUMNS[name]) for name in leading]
         + [(name, PARAM_TYPES[name]) for name in param_names]
-        + [(name, kind) for name, kind in TRIAL_COLUMNS.items() if name not in ("trial", "state")]
+        + [(name, kind) for name, kind in TRIAL_COLUMNS.items() if name not in leading]
     )
     return pa.Table.from_pylist([dict(row) for row in rows], schema=schema)
 

@@ -307,7 +307,7 @@ class _Driver:
             error = f"diverged at step {len(outcome.losses) - 1}"
         row = trial_row(
             trial=trial.number,
-            state=state.name,
+            status=outcome.status,
             params=trial.columns,
             value=value,
             metrics=metrics,
