@@ -72,6 +72,8 @@ class StudyOutcome:
     best_value: float | None
     best_params: dict[str, Any] | None
     seconds: float
+    driver_cpu_seconds: float
+    """CPU time this process (the driver) spent, Ray's own processes not included."""
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,7 @@ def run_study(
     finished trial (False), or a bar on a terminal only (None). Bad input raises ConfigError
     before anything is written.
     """
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     output = Output(config.output)
     _check_search(config)
     _check_output_location(config, output)
@@ -142,6 +144,7 @@ def run_study(
         best_value=best.value if best else None,
         best_params=best.params if best else None,
         seconds=time.perf_counter() - started,
+        driver_cpu_seconds=time.process_time() - started_cpu,
     )
 
 
