@@ -14,19 +14,11 @@ from typing import NoReturn
 
 from tqdm import tqdm
 
-from pipeline.config import Config, ConfigError, load_config
+from pipeline.config import Config, ConfigError, load_config, ray_address
 from pipeline.plots import png_bytes, training_figure
-from pipeline.results import (
-    FIXED_COLUMNS,
-    TRIALS,
-    Output,
-    claim_output,
-    steps_file,
-    steps_table,
-    trial_row,
-    trials_table,
-)
-from pipeline.summary import objective_value, trial_metrics, write_summary
+from pipeline.record import TrialResult, record_trials
+from pipeline.results import FIXED_COLUMNS, TRIALS, Output, claim_output, trials_table
+from pipeline.summary import trial_metrics, write_summary
 from pipeline.train import Step, resolve_device, train
 
 USAGE_ERROR = 2
@@ -47,6 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config, args.set)
         if args.output is not None:
             config = config.with_params({"output": args.output})
+        if getattr(args, "address", None) is not None:
+            config = config.with_params({"ray.address": args.address})
         return args.command(config, args)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -93,14 +87,13 @@ def _add_config_arguments(parser: argparse.ArgumentParser, example: str) -> None
 
 def run_study_command(config: Config, args: argparse.Namespace) -> int:
     """Run or resume the study, then say where its results are."""
-    address = args.address or config.ray.address or os.environ.get("RAY_ADDRESS")
-    if address is None:
+    if ray_address(config) is None:
         # Ray binds its servers to this machine's network address unless it believes it is a
         # single-node Ray, which an embedded one is; Ray reads this once, when first imported.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from pipeline.study import run_study  # imports Ray, so only after the line above
 
-    outcome = run_study(config, address)
+    outcome = run_study(config)
     counts = ", ".join(f"{n} {state}" for state, n in sorted(outcome.counts.items()))
     print(
         f"Study {config.study.name}: {outcome.ran} trials ran in {outcome.seconds:.1f} s "
@@ -129,27 +122,18 @@ def run_summarize(args: argparse.Namespace) -> int:
 def run_train(config: Config, args: argparse.Namespace) -> int:
     """Train one model like the tutorial and write it in the results layout as trial 0."""
     resolve_device(config.train.device)
+    # A study config's search space says nothing about this one run: keeping it would make
+    # the output look like a study of which one trial ran.
+    config = config.with_params({"study.search": {}})
     output = Output(config.output)
+    output.check_writable()
     claim_output(output, config)
     with tqdm(total=config.total_steps, unit="window", disable=not sys.stderr.isatty()) as bar:
         result = train([config], on_step=_tutorial_log(config, bar))
     run = result.runs[0]
-    windows = config.task.windows_per_epoch
-    metrics = trial_metrics(run.losses, windows, config.convergence)
     params = {name: config.value(key) for name, key in FIXED_COLUMNS.items()}
-    diverged = run.status == "diverged"
-    row = trial_row(
-        trial=0,
-        status=run.status,
-        params=params,
-        value=None if diverged else objective_value(metrics, config.study.objective),
-        metrics=metrics,
-        steps=run.steps,
-        duration_s=result.seconds,
-        error=f"diverged at step {run.steps - 1}" if diverged else None,
-        trial_seed=config.train.seed,
-    )
-    output.write_table(steps_file(0), steps_table(0, run.losses, windows, params, row))
+    trial = TrialResult(0, config, params, run.losses, run.status, seconds=result.seconds)
+    (row,) = record_trials(output, [trial])
     output.write_table(TRIALS, trials_table([row], list(params)))
     x, y, margin = (a[..., 0] for a in result.last_window)
     title = (
@@ -158,6 +142,7 @@ def run_train(config: Config, args: argparse.Namespace) -> int:
     )
     figure = training_figure(run.losses, x, y, margin, title)
     output.write_bytes("plots/training.png", png_bytes(figure))
+    metrics = trial_metrics(run.losses, config.task.windows_per_epoch, config.convergence)
     _print_outcome(config, result.seconds, metrics, row["error"])
     return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -29,19 +30,32 @@ def _fail(key: str, value: Any, allowed: str) -> typing.NoReturn:
     raise ConfigError(f"{key} = {value!r}: {allowed}")
 
 
+# What a key means to a trainer, kept on the field itself so that every list of keys below
+# derives from one source (a new field cannot be forgotten in one of them):
+#   LANE    may differ between the trials that train side by side in one trainer;
+#   SHARED  fixes the tensors' shapes or the data's layout: one trainer's lanes share it;
+#   RUN     says how much runs and where, not what is computed: it may change between runs
+#           into one output, and it is never searched.
+LANE, SHARED, RUN = "lane", "shared", "run"
+
+
+def _field(default: Any, scope: str) -> Any:
+    return field(default=default, metadata={"scope": scope})
+
+
 @dataclass(frozen=True)
 class TaskConfig:
     """The echo task of the tutorial: predict the input delayed by `echo_step`."""
 
     SECTION: ClassVar[str] = "task"
 
-    series_length: int = 50_000
+    series_length: int = _field(50_000, SHARED)
     """Length of the random binary series drawn anew every epoch."""
-    echo_step: int = 3
+    echo_step: int = _field(3, LANE)
     """The target is the input delayed by this many steps."""
-    batch_size: int = 5
+    batch_size: int = _field(5, SHARED)
     """The series is cut into this many contiguous rows, trained side by side."""
-    truncation: int = 15
+    truncation: int = _field(15, SHARED)
     """Columns per truncated-BPTT window; no gradient crosses a window boundary."""
 
     def __post_init__(self) -> None:
@@ -86,9 +100,9 @@ class ModelConfig:
 
     SECTION: ClassVar[str] = "model"
 
-    num_layers: int = 3
+    num_layers: int = _field(3, SHARED)
     """Stacked LSTM layers; each carries its own (h, c) state from window to window."""
-    state_size: int = 4
+    state_size: int = _field(4, SHARED)
     """Units per LSTM layer."""
 
     def __post_init__(self) -> None:
@@ -103,19 +117,19 @@ class TrainConfig:
     SECTION: ClassVar[str] = "train"
     DEVICES: ClassVar[tuple[str, ...]] = ("auto", "cpu", "cuda")
 
-    epochs: int = 5
+    epochs: int = _field(5, LANE)
     """Epochs; each draws a new series and resets the carried state to zeros."""
-    lr: float = 0.3
+    lr: float = _field(0.3, LANE)
     """Adagrad learning rate."""
-    seed: int = 0
-    """Seed of a single `train` run (in a study each trial derives its own, see study.seed)."""
-    carry_state: bool = True
+    seed: int = _field(0, LANE)
+    """Seed of a single `train` run; in a study a replicate key mixed into each trial's seed."""
+    carry_state: bool = _field(True, SHARED)
     """Carry the LSTM state from one window to the next (false: start every window at zeros)."""
-    device: str = "auto"
+    device: str = _field("auto", RUN)
     """auto (a GPU when there is one), cpu, cuda or cuda:N."""
-    compile: bool | str = "auto"
+    compile: bool | str = _field("auto", RUN)
     """torch.compile the training step: true, false, or auto (only when it pays for itself)."""
-    log_every: int = 100
+    log_every: int = _field(100, RUN)
     """The `train` command prints a loss line every this many windows, as the tutorial does."""
 
     def __post_init__(self) -> None:
@@ -139,7 +153,6 @@ SAMPLERS = ("grid", "tpe", "random")
 PRUNERS = ("none", "median", "hyperband")
 OBJECTIVES = ("final_loss", "mean_loss")
 SEARCHABLE_SECTIONS = (TaskConfig, ModelConfig, TrainConfig)
-_NOT_SEARCHABLE = {"train.device", "train.compile", "train.log_every"}
 
 
 @dataclass(frozen=True)
@@ -178,7 +191,7 @@ class StudyConfig:
 
     name: str = "echo-study"
     """Study name inside the storage."""
-    trials: int | None = None
+    trials: int | None = _field(None, RUN)
     """Trials to finish; for the grid sampler optional (default: the grid's size)."""
     sampler: str = "grid"
     """grid, tpe or random; seeded from study.seed."""
@@ -189,13 +202,17 @@ class StudyConfig:
     objective: str = "final_loss"
     """Minimized: final_loss (mean loss over the last epoch) or mean_loss (over every step)."""
     seed: int = 0
-    """Seeds the sampler and, with the trial number, every trial's weights and data."""
+    """Seeds the sampler and, with each trial's parameters, the trial's weights and data."""
     storage: str | None = None
     """Optuna storage URL; default: the journal file study.journal in the output folder."""
-    trials_per_task: int = 64
-    """At most this many trials of one architecture are trained in lockstep in one Ray task."""
+    lanes_per_trainer: int | None = _field(None, RUN)
+    """Trials one trainer trains side by side (its lanes); default 64, or 8 for tpe, where
+    fewer trials in flight means each is sampled knowing more finished ones."""
     report_every: int = 100
     """Steps between the intermediate values a trial reports to the pruner."""
+    only_writer: bool = _field(False, RUN)
+    """Run into a remote output (s3://, gs://), which cannot be locked, promising that no other
+    study writes there meanwhile."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -208,8 +225,10 @@ class StudyConfig:
         _require_int(self, "seed", minimum=0, maximum=2**32 - 1)
         if self.storage is not None and (not isinstance(self.storage, str) or not self.storage):
             _fail("study.storage", self.storage, "must be an Optuna storage URL or null")
-        _require_int(self, "trials_per_task", minimum=1)
+        if self.lanes_per_trainer is not None:
+            _require_int(self, "lanes_per_trainer", minimum=1, maximum=4096)
         _require_int(self, "report_every", minimum=1)
+        _require_bool(self, "only_writer")
         if self.sampler == "grid":
             ranges = [p.key for p in self.search if p.choices is None]
             if ranges:
@@ -265,15 +284,19 @@ class RayConfig:
 
     SECTION: ClassVar[str] = "ray"
 
-    address: str | None = None
+    address: str | None = _field(None, RUN)
     """null: start Ray embedded here; `auto`, `ray://host:port` or host:port: join that cluster."""
-    cpus_per_trial: int = 1
-    """CPUs each Ray task (a batch of trials) asks for, and torch's thread count inside it."""
-    num_cpus: int | None = None
+    cpus_per_trial: int = _field(1, RUN)
+    """CPUs each trainer asks of Ray (a trainer trains many trials side by side), and torch's
+    thread count inside it."""
+    gpus_per_trainer: float | None = _field(None, RUN)
+    """GPUs (a fraction is fine) each trainer asks of Ray; default: 1 when train.device asks for
+    CUDA, or is auto on a cluster with GPUs, else 0."""
+    num_cpus: int | None = _field(None, RUN)
     """CPUs of the embedded Ray (default: all of this machine's); ignored on a cluster."""
-    max_retries: int = 2
-    """Times Ray reruns a task whose worker died before its trials are recorded FAIL."""
-    dashboard: bool = False
+    max_retries: int = _field(2, RUN)
+    """Times a trial whose trainer died (worker or node lost) runs again before it is FAIL."""
+    dashboard: bool = _field(False, RUN)
     """Start the Ray dashboard (on 127.0.0.1) with the embedded Ray."""
 
     def __post_init__(self) -> None:
@@ -284,6 +307,10 @@ class RayConfig:
                 "must be auto, ray://host:port, host:port or null",
             )
         _require_int(self, "cpus_per_trial", minimum=1)
+        if self.gpus_per_trainer is not None:
+            _require_float(self, "gpus_per_trainer")
+            if not 0 <= self.gpus_per_trainer <= 64:
+                _fail("ray.gpus_per_trainer", self.gpus_per_trainer, "must be between 0 and 64")
         if self.num_cpus is not None:
             _require_int(self, "num_cpus", minimum=1)
         _require_int(self, "max_retries", minimum=0)
@@ -385,22 +412,18 @@ class Config:
             raise ConfigError(f"{where}: {error}") from None
 
 
+def keys_of_scope(scope: str, sections: Iterable[type] | None = None) -> list[str]:
+    """Dotted keys whose field has this scope (LANE, SHARED or RUN), in declaration order."""
+    return [
+        f"{s.SECTION}.{f.name}"
+        for s in (SECTIONS if sections is None else sections)
+        for f in dataclasses.fields(s)
+        if f.metadata.get("scope") == scope
+    ]
+
+
 # Keys that may change between runs into one output: how much runs and where, not what.
-RUN_KEYS = frozenset(
-    {
-        "study.trials",
-        "study.trials_per_task",
-        "train.device",
-        "train.compile",
-        "train.log_every",
-        "ray.address",
-        "ray.cpus_per_trial",
-        "ray.num_cpus",
-        "ray.max_retries",
-        "ray.dashboard",
-        "output",
-    }
-)
+RUN_KEYS = frozenset([*keys_of_scope(RUN), "output"])
 
 
 def _flatten(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -413,15 +436,21 @@ def _flatten(raw: Mapping[str, Any]) -> dict[str, Any]:
     return flat
 
 
+def ray_address(config: Config) -> str | None:
+    """The Ray cluster a study joins: ray.address, else RAY_ADDRESS in the environment; None
+    means Ray starts embedded in this process."""
+    return config.ray.address or os.environ.get("RAY_ADDRESS") or None
+
+
 def short_name(key: str) -> str:
     """The name a dotted key goes by in Parquet columns and Optuna params."""
     return key.rsplit(".", 1)[-1]
 
 
 def searchable_keys() -> list[str]:
-    """Dotted keys a study may vary."""
+    """Dotted keys a study may vary: what a trial computes, never how or where it runs."""
     keys = [f"{s.SECTION}.{f.name}" for s in SEARCHABLE_SECTIONS for f in _fields(s)]
-    return [k for k in keys if k not in _NOT_SEARCHABLE]
+    return [k for k in keys if k not in RUN_KEYS]
 
 
 def all_keys() -> list[str]:

@@ -8,7 +8,10 @@ the model's seed and the epoch, so a model sees the same data whether it trains 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,9 +24,19 @@ DATA_STREAM = 1
 
 
 def derive_seed(*keys: int) -> int:
-    """A 63-bit seed mixed from non-negative integers, e.g. (study seed, trial number)."""
+    """A 63-bit seed mixed from non-negative integers."""
     state = np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)
     return int(state[0] >> np.uint64(1))
+
+
+def trial_seed(study_seed: int, params: Mapping[str, Any]) -> int:
+    """A trial's seed, from the study's seed and the trial's parameters (dotted key → value,
+    the replicate key train.seed among them), never from its trial number: numbers change
+    when a study is interrupted and resumed, parameters do not."""
+    text = json.dumps(sorted((key, repr(value)) for key, value in params.items()))
+    digest = hashlib.sha256(text.encode()).digest()
+    words = np.frombuffer(digest, dtype=np.uint32)
+    return derive_seed(study_seed, *(int(w) for w in words))
 
 
 def rng_for(seed: int, *stream: int) -> np.random.Generator:

@@ -22,6 +22,7 @@ for predictions and for checking those hand-written gradients against autograd.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -32,6 +33,8 @@ import torch.nn.functional as F
 
 from pipeline.config import ModelConfig
 from pipeline.data import INIT_STREAM, rng_for
+
+log = logging.getLogger(__name__)
 
 # TensorFlow's LSTMCell adds 1.0 to the forget gate, and its AdagradOptimizer starts every
 # accumulator at 0.1; both matter for matching the tutorial's convergence.
@@ -347,3 +350,50 @@ def _matmul_t(d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def _outer_sum(v: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """Per-model Σ over batch and time of v ⊗ d: v (B, T, I, K), d (B, T, J, K) → (I, J, K)."""
     return (v.unsqueeze(-2) * d.unsqueeze(-3)).sum(dim=(0, 1))
+
+
+class WindowStep:
+    """The training step on some kernels; compiled ones that fail to compile (say, with no C++
+    compiler installed) are replaced by the eager ones, once, with a warning."""
+
+    def __init__(self, kernels: Kernels, backend: str) -> None:
+        self.kernels = kernels
+        self.backend = backend
+
+    @property
+    def compiled(self) -> bool:
+        return self.kernels is not EAGER
+
+    def __call__(self, *args: object) -> tuple:
+        try:
+            return _masked_window(*args, kernels=self.kernels)
+        except Exception as error:  # whatever broke the compile, the eager step works
+            if not self.compiled:
+                raise
+            log.warning("torch.compile failed (%s); training without it", error)
+            self.kernels, self.backend = EAGER, "eager"
+            return _masked_window(*args, kernels=self.kernels)
+
+
+def _masked_window(weights, accum, x, y, state, lr, active, kernels):
+    losses, margin, weights, accum, new_state, after = train_window(
+        weights, accum, x, y, state, lr, active, kernels=kernels
+    )
+    # A model that sat this window out keeps its carried state too.
+    kept = State(
+        torch.where(active, new_state.h, state.h), torch.where(active, new_state.c, state.c)
+    )
+    return losses, margin, weights, accum, kept, after
+
+
+def step_function(mode: bool | str, device: torch.device) -> WindowStep:
+    """The window step for `train.compile` = mode on `device`."""
+    wanted = mode is True or (mode == "auto" and device.type == "cuda")
+    return _compiled_step() if wanted else WindowStep(EAGER, "eager")
+
+
+@functools.cache
+def _compiled_step() -> WindowStep:
+    """One compiled step per process, so that a worker compiles once for all its trials, and a
+    compile that failed is not tried again."""
+    return WindowStep(compiled_kernels(), "inductor")

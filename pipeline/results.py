@@ -3,7 +3,8 @@
 An output is a local folder or any URI that pyarrow.fs understands (file://, s3://, gs://, ...):
 
     <output>/config.yaml        the resolved config
-    <output>/steps/trial-000042.parquet   one file per finished trial, its losses step by step
+    <output>/steps/trials-0000042-17.parquet   the steps of trials recorded together (here 17,
+                                the first numbered 42), so that files do not grow one per trial
     <output>/trials.parquet     one row per trial
     <output>/summary.parquet, summary.md, plots/*.png
 
@@ -14,11 +15,13 @@ place; on an object store a PUT appears whole or not at all.
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -34,8 +37,9 @@ from pipeline.config import Config, ConfigError, config_from_dict
 STEPS = "steps"
 TRIALS = "trials.parquet"
 CONFIG = "config.yaml"
-# Where each steps file keeps its trial's outcome, so that steps/ alone can rebuild trials.
-TRIAL_METADATA_KEY = b"echo_study.trial"
+LOCK = ".study.lock"
+# Where each steps file keeps its trials' rows, so that steps/ alone can rebuild trials.
+TRIALS_METADATA_KEY = b"echo_study.trials"
 
 STEP_COLUMNS = {
     "trial": pa.int32(),
@@ -136,6 +140,56 @@ class Output:
         pq.write_table(table, buffer, compression="zstd")
         self.write_bytes(name, buffer.getvalue())
 
+    def check_writable(self) -> None:
+        """Raise ConfigError, writing nothing, when this output cannot be a results folder here:
+        a file in its place, or a local folder (or the nearest existing parent) not writable."""
+        info = self.fs.get_file_info(self.root)
+        if info.type == pafs.FileType.File:
+            raise ConfigError(
+                f"output {self.location} is a file, not a folder: choose a folder for --output"
+            )
+        if not self.is_local:
+            return
+        existing = self.root
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise ConfigError(f"output {self.location}: {existing} is a file, not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"output {self.location}: {existing} is not writable by this user")
+
+    def check_free(self) -> None:
+        """Refuse at once, before starting anything, an output another study is running into."""
+        if self.is_local and self.exists(LOCK):
+            with self.lock():
+                pass
+
+    @contextmanager
+    def lock(self, only_writer: bool = False) -> Iterator[None]:
+        """Hold this output for one study alone: a second study into it is refused, not mixed
+        in. On a local disk the lock is an flock, which dies with its process, so a killed
+        driver never leaves it behind. An object store has no such lock: a study there runs
+        only when told it is the only writer (`only_writer`), else it is refused."""
+        if not self.is_local:
+            if not only_writer:
+                raise ConfigError(
+                    f"output {self.location}: a remote output cannot be locked against a "
+                    "second study writing into it; --set study.only_writer=true if no other "
+                    "study writes there, or use a local or mounted folder"
+                )
+            yield
+            return
+        os.makedirs(self.root, exist_ok=True)
+        with open(self.path(LOCK), "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ConfigError(
+                    f"output {self.location} is in use by another running study; wait for it "
+                    "to finish or choose another --output"
+                ) from None
+            yield
+
 
 def read_config(output: Output) -> Config | None:
     """The config an output was made with (its config.yaml), or None when it has none; an
@@ -182,22 +236,16 @@ def _has_entries(output: Output) -> bool:
     return any(not info.base_name.startswith(".") for info in infos)
 
 
-def steps_file(trial: int) -> str:
-    return f"{STEPS}/trial-{trial:06d}.parquet"
+def steps_file(trials: Sequence[int]) -> str:
+    """The name of the steps file of trials recorded together: unique, since a trial number
+    is recorded once, and sorted by trial."""
+    return f"{STEPS}/trials-{min(trials):07d}-{len(trials)}.parquet"
 
 
 def steps_table(
-    trial: int,
-    losses: np.ndarray,
-    windows_per_epoch: int,
-    params: Mapping[str, Any],
-    outcome: Mapping[str, Any],
+    trial: int, losses: np.ndarray, windows_per_epoch: int, params: Mapping[str, Any]
 ) -> pa.Table:
-    """One trial's steps: trial, epoch, window, step, loss and its parameters by short name.
-
-    `outcome` (state, value, error, ...) goes into the file's metadata, so that the steps files
-    alone can rebuild trials.parquet.
-    """
+    """One trial's steps: trial, epoch, window, step, loss and its parameters by short name."""
     step = np.arange(len(losses), dtype=np.int32)
     columns = {
         "trial": np.full(len(losses), trial, np.int32),
@@ -211,8 +259,15 @@ def steps_table(
     for name, value in params.items():
         arrays.append(pa.array(np.full(len(losses), value), PARAM_TYPES[name]))
         names.append(name)
-    metadata = {TRIAL_METADATA_KEY: json.dumps({"trial": trial, **outcome}).encode()}
-    return pa.Table.from_arrays(arrays, names=names).replace_schema_metadata(metadata)
+    return pa.Table.from_arrays(arrays, names=names)
+
+
+def write_steps(output: Output, tables: Sequence[pa.Table], rows: Sequence[dict]) -> None:
+    """Write the steps of trials recorded together as one file, their rows in its footer, so
+    that steps/ alone can rebuild trials.parquet."""
+    metadata = {TRIALS_METADATA_KEY: json.dumps(list(rows)).encode()}
+    table = pa.concat_tables(tables).replace_schema_metadata(metadata)
+    output.write_table(steps_file([row["trial"] for row in rows]), table)
 
 
 def trial_row(
@@ -257,13 +312,19 @@ def trials_table(rows: Sequence[Mapping[str, Any]], param_names: Sequence[str]) 
 
 
 def read_steps_outcomes(output: Output) -> dict[int, dict[str, Any]]:
-    """The outcome recorded in every steps file, by trial number (reads only the footers)."""
+    """The row recorded for every trial in the steps files, by trial number (reads only the
+    footers). A file that is not readable Parquet is refused in one line."""
     outcomes = {}
     for info in _steps_files(output):
-        metadata = pq.read_schema(info.path, filesystem=output.fs).metadata or {}
-        if TRIAL_METADATA_KEY in metadata:
-            outcome = json.loads(metadata[TRIAL_METADATA_KEY])
-            outcomes[outcome["trial"]] = outcome
+        try:
+            metadata = pq.read_schema(info.path, filesystem=output.fs).metadata or {}
+        except (pa.ArrowInvalid, OSError) as error:
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ConfigError(
+                f"{info.path}: not a readable Parquet file ({message}); move it away"
+            ) from None
+        for row in json.loads(metadata.get(TRIALS_METADATA_KEY, b"[]")):
+            outcomes[row["trial"]] = row
     return outcomes
 
 

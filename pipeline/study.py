@@ -1,31 +1,34 @@
-"""The Optuna study, its trials run as Ray tasks.
+"""The Optuna study, its trials flowing through long-lived trainers on Ray.
 
 The driver (this process) owns the study: it alone asks for trials, tells their outcomes and
-writes the results, so a journal file in the output folder needs no other writer. Trials of one
-architecture are trained in lockstep by one Ray task (`study.trials_per_task` at most), and as
-many tasks run at once as the cluster has CPUs for (`ray.cpus_per_trial` each). While they run,
-tasks report each trial's running loss; the driver feeds it to Optuna's pruner and sends back
-the verdicts, through a small relay actor. A finished trial's steps are written (atomically)
-before Optuna hears of it, so a driver killed at any moment leaves nothing half-done: the next
-run completes trials whose steps were written and queues the rest again.
+writes the results, so a journal file in the output folder needs no other writer. Trials run in
+trainers, one Ray actor per `ray.cpus_per_trial` CPUs, each holding lanes (see train.py): a lane
+whose trial ends takes the next one at its next window. The driver asks Optuna for a trial only
+when a lane can take it, so an adaptive sampler (TPE) samples each trial knowing every trial
+finished so far; it relays the running losses that trainers report to Optuna's pruner and the
+verdicts back, and records each trial as it ends: its steps are written (atomically, together
+with the trials that ended with it) before Optuna is told, so a driver killed at any moment
+leaves nothing half-done. Rerun, it tells Optuna about trials whose steps were written, marks
+the trials it left running FAIL, and runs what is missing: a grid point is identified by its
+parameters and its seed derives from them, so it gets the same losses however often the study
+was interrupted. A trainer lost with its worker or node has its unfinished trials run again
+elsewhere, up to `ray.max_retries` times.
 
 This is the only module that imports Ray or Optuna.
 """
 
 from __future__ import annotations
 
-import asyncio
-import fcntl
+import itertools
 import logging
 import math
 import os
 import socket
-import sys
+import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -35,10 +38,11 @@ import torch
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
-from tqdm import tqdm
 
-from pipeline.config import Config, ConfigError, SearchParam, short_name
-from pipeline.data import derive_seed
+from pipeline.config import Config, ConfigError, SearchParam, ray_address, short_name
+from pipeline.data import trial_seed
+from pipeline.progress import Progress
+from pipeline.record import TrialResult, record_trials
 from pipeline.results import (
     FIXED_COLUMNS,
     TRIALS,
@@ -46,19 +50,30 @@ from pipeline.results import (
     check_output,
     claim_output,
     read_steps_outcomes,
-    steps_file,
-    steps_table,
-    trial_row,
     trials_table,
 )
-from pipeline.summary import objective_value, trial_metrics, write_summary
-from pipeline.train import Step, batch_key, first_line, train
+from pipeline.summary import write_summary
+from pipeline.train import Finished, Lanes, LaneTrial, Report, first_line, resolve_device
+from pipeline.train import trainer_key as lanes_key
 
 log = logging.getLogger(__name__)
 
 JOURNAL = "study.journal"
-LOCK = ".study.lock"
-STATES = {"complete": TrialState.COMPLETE, "pruned": TrialState.PRUNED}
+# Lanes per trainer when the config leaves it open: many for samplers that gain nothing from
+# waiting (grid, random), few for TPE, which learns from every trial finished before it asks.
+DEFAULT_LANES = {"grid": 64, "random": 64, "tpe": 8}
+# Finished trials are recorded in groups, so that result files do not grow one per trial; a
+# group is written once it is this large or its oldest trial has waited this long.
+RECORD_EVERY_TRIALS = 512
+RECORD_EVERY_SECONDS = 1.0
+# trials.parquet is rewritten at most this often while a study runs (and once at its end);
+# the steps files' footers hold every row meanwhile.
+TRIALS_TABLE_EVERY_SECONDS = 10.0
+# A trainer that has not answered this long after it was started is given up (its node may
+# have gone), and its trials placed elsewhere.
+TRAINER_START_SECONDS = 180.0
+# How long a trainer holds a call when it has nothing to tell yet.
+EXCHANGE_WAIT_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -78,47 +93,35 @@ class StudyOutcome:
 
 @dataclass(frozen=True)
 class PlannedTrial:
-    """A trial asked of Optuna, with everything its Ray task needs."""
+    """A trial asked of Optuna, with everything its trainer needs."""
 
     number: int
     config: Config
     """The study's config with the trial's parameters and its own seed in train.seed."""
-    columns: dict[str, Any]
-    """Its parameter columns in Parquet, by short name."""
+    param_values: dict[str, Any]
+    """Its parameter values by short name: the parameter columns of its Parquet rows."""
+    point: tuple
+    """Its searched values in search order: what identifies a grid point."""
 
 
-@dataclass(frozen=True)
-class TrialOutcome:
-    """What a Ray task returns for each of its trials."""
-
-    number: int
-    losses: np.ndarray
-    status: str
-    """complete, pruned, diverged or error."""
-    error: str | None
-    seconds: float
-
-
-def run_study(
-    config: Config, address: str | None = None, progress: bool | None = None
-) -> StudyOutcome:
+def run_study(config: Config, progress: bool | None = None) -> StudyOutcome:
     """Run (or resume) the study of `config` until it has `study.n_trials` finished trials.
 
-    `address` (else ray.address, else RAY_ADDRESS) names a Ray cluster to join; without one Ray
-    starts embedded, unless this process already runs Ray. `progress`: a bar (True), a line per
-    finished trial (False), or a bar on a terminal only (None). Bad input raises ConfigError
-    before anything is written.
+    Ray: the cluster at `ray_address(config)`, else Ray embedded in this process (unless it
+    already runs Ray). `progress`: a bar (True), a line per finished trial (False), or a bar on
+    a terminal only (None). Bad input raises ConfigError before anything is written.
     """
     started, started_cpu = time.perf_counter(), time.process_time()
     output = Output(config.output)
     _check_search(config)
     _check_output_location(config, output)
+    output.check_writable()
     check_output(output, config)
-    _check_not_running(output)
+    output.check_free()
     custom_storage = _open_storage(config.study.storage) if config.study.storage else None
-    embedded = _connect_ray(config, address or config.ray.address or os.environ.get("RAY_ADDRESS"))
+    embedded = connect_ray(config)
     try:
-        with _exclusive(output):
+        with output.lock(only_writer=config.study.only_writer):
             claim_output(output, config)
             storage = custom_storage or _open_storage(output.path(JOURNAL))
             study = optuna.create_study(
@@ -137,12 +140,16 @@ def run_study(
     finally:
         if embedded:
             ray.shutdown()
-    best = _best(study)
+    best = min(
+        (row for row in driver.rows.values() if row["state"] == "COMPLETE"),
+        key=lambda row: row["value"],
+        default=None,
+    )
     return StudyOutcome(
         counts=dict(Counter(row["state"] for row in driver.rows.values())),
         ran=ran,
-        best_value=best.value if best else None,
-        best_params=best.params if best else None,
+        best_value=best["value"] if best else None,
+        best_params={c: best[c] for c in driver.columns} if best else None,
         seconds=time.perf_counter() - started,
         driver_cpu_seconds=time.process_time() - started_cpu,
     )
@@ -154,373 +161,509 @@ def param_columns(config: Config) -> list[str]:
     return [*FIXED_COLUMNS, *searched]
 
 
+def grid_points(config: Config) -> list[tuple]:
+    """Every point of a grid study, costliest first (deep, wide, long trials), so that no
+    trainer is left with a long trial at the end; the order never changes a trial's losses."""
+    search = config.study.search
+    points = list(itertools.product(*(p.choices for p in search)))
+
+    def cost(point: tuple) -> float:
+        trial = config.with_params(dict(zip((p.key for p in search), point, strict=True)))
+        return trial.total_steps * trial.model.num_layers * (trial.model.state_size + 4) ** 2
+
+    return sorted(points, key=cost, reverse=True)
+
+
+@dataclass
+class _Trainer:
+    """The driver's view of one trainer actor."""
+
+    actor: Any
+    started: float
+    trials: dict[int, PlannedTrial] = field(default_factory=dict)
+    """Trials placed on it and not finished."""
+    inbox: list[PlannedTrial] = field(default_factory=list)
+    """Trials to admit with the next exchange."""
+    verdicts: dict[int, bool] = field(default_factory=dict)
+    """Pruner verdicts to send with the next exchange: trial → prune."""
+    call: Any = None
+    """The exchange in flight, if any."""
+    answered: bool = False
+
+    def architectures(self) -> set[tuple]:
+        return {lanes_key(t.config) for t in self.trials.values()}
+
+
 class _Driver:
-    """The study's one loop: ask trials, batch them onto Ray, relay pruning, record outcomes."""
+    """The study's one loop: ask trials when lanes can take them, place them on trainers,
+    relay pruning, record outcomes."""
 
     def __init__(self, config: Config, output: Output, study: optuna.Study, progress: bool | None):
         self.config = config
         self.output = output
         self.study = study
         self.columns = param_columns(config)
+        self.lanes = config.study.lanes_per_trainer or DEFAULT_LANES[config.study.sampler]
         self.rows: dict[int, dict[str, Any]] = {}
-        self.queue: list[PlannedTrial] = []
-        self.trials: dict[int, optuna.Trial] = {}
-        self.last_report: dict[int, float] = {}
-        self.last_step: dict[int, int] = {}
-        self.running: dict[ray.ObjectRef, list[PlannedTrial]] = {}
-        self.slots = max(1, int(ray.cluster_resources().get("CPU", 1) // config.ray.cpus_per_trial))
-        self.relay = _PruningRelay.remote() if config.study.pruner != "none" else None
-        self.progress = _Progress(config.study.n_trials, progress)
+        self.queue: deque[PlannedTrial] = deque()
+        self.asked: dict[int, optuna.Trial] = {}
+        self.attempts: Counter[int] = Counter()
+        self.last_report: dict[int, tuple[int, float]] = {}
+        self.unrecorded: list[TrialResult] = []
+        self.oldest_unrecorded = 0.0
+        self.trials_written = time.monotonic()
+        self.trainers: list[_Trainer] = []
+        self.progress = Progress(config.study.n_trials, progress)
+        self.pause_from = config.task.windows_per_epoch if config.study.pruner != "none" else None
+        self.points: Iterator[tuple] = iter(())
+        self.recorded_points: set[tuple] = set()
 
     def recover(self) -> None:
-        """Pick up what earlier runs left. A trial a dead driver left RUNNING is finished from
-        its steps file when that was written; else it is marked FAIL and its parameters are
-        queued again, so that a grid still ends complete."""
-        outcomes = read_steps_outcomes(self.output)
-        for frozen in self.study.get_trials(deepcopy=False):
-            outcome = outcomes.get(frozen.number)
-            if frozen.state == TrialState.RUNNING and outcome is not None:
-                self.study.tell(
-                    frozen.number, _told_value(outcome), state=TrialState[outcome["state"]]
-                )
-            elif frozen.state == TrialState.RUNNING:
+        """Pick up what earlier runs left. A trial a dead driver left running is told from its
+        recorded row when its steps were written; else it is marked FAIL (a grid point with no
+        recorded trial runs again). Each step can be repeated: a kill during recovery is
+        recovered from the same way."""
+        self.rows = read_steps_outcomes(self.output)
+        for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            row = self.rows.get(frozen.number)
+            if row is None:
+                log.warning("trial %d was left running by a stopped study", frozen.number)
                 self.study.tell(frozen.number, state=TrialState.FAIL)
-                self.study.enqueue_trial(frozen.params)
-                log.warning(
-                    "trial %d was left running by a stopped study; queued again", frozen.number
-                )
-                continue
-            if outcome is not None:
-                self.rows[frozen.number] = outcome
+            else:
+                self.study.tell(frozen.number, _told_value(row), state=TrialState[row["state"]])
+        self.recorded_points = {self._point_of(row) for row in self.rows.values()}
+        if self.config.study.sampler == "grid":
+            self.points = iter(grid_points(self.config))
         self.progress.start(self.rows.values())
-        self._write_trials()
+        self._write_trials_table()
 
     def run(self) -> int:
         """Run trials until the study has its count of finished trials; returns how many ran."""
         before = len(self.rows)
-        reports = self.relay.next_reports.remote() if self.relay else None
+        _check_gpus(self.config)
+        self.trainers = [self._new_trainer() for _ in range(self._slots())]
         try:
             while True:
-                self._submit()
-                if not self.running:
+                self._ask()
+                self._place()
+                self._exchange()
+                calls = [t.call for t in self.trainers if t.call is not None]
+                if not calls:
                     break
-                waiting = [*self.running, *([reports] if reports else [])]
-                ready, _ = ray.wait(waiting, num_returns=1, timeout=1.0)
+                ready, _ = ray.wait(calls, num_returns=len(calls), timeout=0.2)
+                for trainer in [t for t in self.trainers if t.call in ready]:
+                    self._collect(trainer)
+                self._give_up_on_silent_trainers()
+                self._record_if_due()
                 self.progress.tick()
-                for ref in ready:
-                    if ref is reports:
-                        self._judge(ray.get(ref))
-                        reports = self.relay.next_reports.remote()
-                    else:
-                        self._finish(ref)
+            self._record()
         finally:
             self.progress.close()
-            if self.relay:
-                ray.kill(self.relay)
+            for trainer in self.trainers:
+                ray.kill(trainer.actor)
+        self._write_trials_table()
         return len(self.rows) - before
 
-    def _remaining(self) -> int:
-        """Trials still to ask for. Finished trials are those with steps files: a trial that
-        was interrupted and queued again does not count."""
-        in_flight = len(self.queue) + sum(len(b) for b in self.running.values())
-        return self.config.study.n_trials - len(self.rows) - in_flight
+    def _slots(self) -> int:
+        cpus = ray.cluster_resources().get("CPU", 1)
+        return max(1, int(cpus // self.config.ray.cpus_per_trial))
 
-    def _submit(self) -> None:
-        while len(self.running) < self.slots:
-            self._ask(self._remaining())
-            batch = _take_batch(
-                self.queue, self.slots - len(self.running), self.config.study.trials_per_task
-            )
-            if not batch:
+    def _new_trainer(self) -> _Trainer:
+        actor = Trainer.options(
+            num_cpus=self.config.ray.cpus_per_trial,
+            num_gpus=_gpus_per_trainer(self.config),
+            max_restarts=0,
+            max_concurrency=2,  # one call waits for events while the trainer thread trains
+        ).remote(self.config.ray.cpus_per_trial, self.config.study.report_every, self.pause_from)
+        return _Trainer(actor, time.monotonic())
+
+    def _in_flight(self) -> int:
+        return len(self.queue) + sum(len(t.trials) for t in self.trainers)
+
+    def _ask(self) -> None:
+        """Ask Optuna for trials while lanes are free: never more than the trainers can take
+        now, so a sampler that learns sees every trial that finished before it asks."""
+        capacity = self.lanes * len(self.trainers)
+        while self._in_flight() < capacity and self._wanted() > 0:
+            planned = self._ask_one()
+            if planned is None:
                 return
-            task = run_batch.options(
-                num_cpus=self.config.ray.cpus_per_trial, max_retries=self.config.ray.max_retries
-            )
-            ref = task.remote(
-                [(t.number, t.config) for t in batch],
-                self.config.study.report_every,
-                self.config.ray.cpus_per_trial,
-                self.relay,
-            )
-            self.running[ref] = batch
-
-    def _ask(self, count: int) -> None:
-        """Ask Optuna for up to `count` more trials. A grid or random search gains nothing by
-        waiting, so all are asked at once (big batches); TPE only as many as free slots take."""
-        if self.config.study.sampler == "tpe":
-            free = self.slots - len(self.running)
-            count = min(count, free * self.config.study.trials_per_task - len(self.queue))
-        for _ in range(max(0, count)):
-            trial = self.study.ask()
-            params = {p.key: _suggest(trial, p) for p in self.config.study.search}
-            trial_config = self.config.with_params(params)
-            seed = derive_seed(self.config.study.seed, trial.number, trial_config.train.seed)
-            columns = {name: trial_config.value(key) for name, key in FIXED_COLUMNS.items()}
-            columns.update({short_name(k): v for k, v in params.items()})
-            planned = PlannedTrial(
-                trial.number, trial_config.with_params({"train.seed": seed}), columns
-            )
-            self.trials[trial.number] = trial
             self.queue.append(planned)
 
-    def _judge(self, tickets: list[tuple[int, list[tuple[int, int, float]]]]) -> None:
-        """Report running losses to Optuna and relay which trials its pruner stops."""
-        verdicts = {}
-        for ticket, reports in tickets:
-            pruned = []
-            for number, step, value in reports:
-                trial = self.trials[number]
-                # A task Ray reran after its worker died reports its first steps again.
-                if step > self.last_step.get(number, -1):
-                    trial.report(value, step)
-                    self.last_step[number], self.last_report[number] = step, value
-                if trial.should_prune():
-                    pruned.append(number)
-            verdicts[ticket] = pruned
-        self.relay.decide.remote(verdicts)
+    def _wanted(self) -> int:
+        """Trials still to ask for: finished trials are the recorded ones."""
+        done = len(self.rows) + len(self.unrecorded)
+        return self.config.study.n_trials - done - self._in_flight()
 
-    def _finish(self, ref: ray.ObjectRef) -> None:
-        batch = self.running.pop(ref)
-        try:
-            outcomes = ray.get(ref)
-        except (ray.exceptions.RayError, OSError) as error:
-            # The task's worker died more often than ray.max_retries allows.
-            text = f"{type(error).__name__}: {first_line(error)}"
-            outcomes = [
-                TrialOutcome(t.number, np.zeros(0, np.float32), "error", text, 0.0) for t in batch
-            ]
-        planned = {t.number: t for t in batch}
-        for outcome in outcomes:
-            self._record(planned[outcome.number], outcome)
-        self._write_trials()
-
-    def _record(self, trial: PlannedTrial, outcome: TrialOutcome) -> None:
-        """Write the trial's steps, then tell Optuna: a crash in between is recovered later."""
-        config = trial.config
-        metrics = trial_metrics(outcome.losses, config.task.windows_per_epoch, config.convergence)
-        state = STATES.get(outcome.status, TrialState.FAIL)
-        value = None
-        if state == TrialState.COMPLETE:
-            value = objective_value(metrics, config.study.objective)
-        elif state == TrialState.PRUNED:
-            # What Optuna records for a pruned trial: its last reported value.
-            value = self.last_report.pop(trial.number, None)
-        error = outcome.error
-        if outcome.status == "diverged":
-            error = f"diverged at step {len(outcome.losses) - 1}"
-        row = trial_row(
-            trial=trial.number,
-            status=outcome.status,
-            params=trial.columns,
-            value=value,
-            metrics=metrics,
-            steps=len(outcome.losses),
-            duration_s=outcome.seconds,
-            error=error,
-            trial_seed=config.train.seed,
+    def _ask_one(self) -> PlannedTrial | None:
+        search = self.config.study.search
+        distributions = {p.short_name: _distribution(p) for p in search}
+        if self.config.study.sampler == "grid":
+            point = self._next_grid_point()
+            if point is None:
+                return None
+            self.study.sampler.point = dict(zip(distributions, point, strict=True))
+        trial = self.study.ask(distributions)
+        params = {p.key: trial.params[p.short_name] for p in search}
+        trial_config = self.config.with_params(params)
+        seed = trial_seed(self.config.study.seed, {**params, "train.seed": trial_config.train.seed})
+        values = {name: trial_config.value(key) for name, key in FIXED_COLUMNS.items()}
+        values.update({short_name(k): v for k, v in params.items()})
+        self.asked[trial.number] = trial
+        return PlannedTrial(
+            trial.number,
+            trial_config.with_params({"train.seed": seed}),
+            values,
+            tuple(params[p.key] for p in search),
         )
-        windows = config.task.windows_per_epoch
-        table = steps_table(trial.number, outcome.losses, windows, trial.columns, row)
-        self.output.write_table(steps_file(trial.number), table)
-        optuna_trial = self.trials.pop(trial.number)
-        for key in ("final_loss", "steps_to_converge", "trial_seed", "error"):
-            if row[key] is not None and not (isinstance(row[key], float) and math.isnan(row[key])):
-                optuna_trial.set_user_attr(key, row[key])
-        self.study.tell(optuna_trial, _told_value(row), state=state)
-        self.rows[trial.number] = row
-        self.progress.record(row, self.columns)
 
-    def _write_trials(self) -> None:
+    def _next_grid_point(self) -> tuple | None:
+        running = {t.point for t in self._unfinished()}
+        for point in self.points:
+            if point not in self.recorded_points and point not in running:
+                return point
+        return None
+
+    def _unfinished(self) -> Iterator[PlannedTrial]:
+        yield from self.queue
+        for trainer in self.trainers:
+            yield from trainer.trials.values()
+
+    def _place(self) -> None:
+        """Place queued trials on trainers with room, preferring one that already trains
+        their architecture (fewer lanes sets to step), else the least loaded."""
+        while self.queue:
+            planned = self.queue[0]
+            roomy = [t for t in self.trainers if len(t.trials) < self.lanes]
+            if not roomy:
+                return
+            key = lanes_key(planned.config)
+            same = [t for t in roomy if key in t.architectures()]
+            trainer = min(same or roomy, key=lambda t: len(t.trials))
+            self.queue.popleft()
+            trainer.trials[planned.number] = planned
+            trainer.inbox.append(planned)
+
+    def _exchange(self) -> None:
+        """Start an exchange with every trainer that has something to do and none in flight."""
+        for trainer in self.trainers:
+            if trainer.call is None and (trainer.trials or trainer.inbox):
+                admit = [LaneTrial(t.number, t.config) for t in trainer.inbox]
+                trainer.call = trainer.actor.exchange.remote(
+                    admit, trainer.verdicts, EXCHANGE_WAIT_SECONDS
+                )
+                trainer.inbox, trainer.verdicts = [], {}
+
+    def _collect(self, trainer: _Trainer) -> None:
+        call, trainer.call = trainer.call, None
+        try:
+            events = ray.get(call)
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, OSError) as error:
+            self._lost(trainer, error)
+            return
+        trainer.answered = True
+        for report in events.reports:
+            trainer.verdicts[report.key] = self._judge(report)
+        for finished in events.finished:
+            self._finished(trainer.trials.pop(finished.key), finished)
+        for key, text in events.errors:
+            self._failed(trainer.trials.pop(key), text)
+
+    def _judge(self, report: Report) -> bool:
+        """Report a running loss to Optuna; True when its pruner stops the trial."""
+        trial = self.asked[report.key]
+        last_step, _ = self.last_report.get(report.key, (-1, math.nan))
+        # A trial run again after its trainer was lost reports its first steps again.
+        if report.step > last_step:
+            trial.report(report.value, report.step)
+            self.last_report[report.key] = (report.step, report.value)
+        return (
+            self.pause_from is not None
+            and report.step >= self.pause_from
+            and (trial.should_prune())
+        )
+
+    def _finished(self, planned: PlannedTrial, finished: Finished) -> None:
+        _, last_value = self.last_report.get(planned.number, (-1, None))
+        self._hold(
+            TrialResult(
+                planned.number,
+                planned.config,
+                planned.param_values,
+                finished.losses,
+                finished.status,
+                seconds=finished.seconds,
+                pruned_value=last_value,
+            )
+        )
+
+    def _failed(self, planned: PlannedTrial, text: str) -> None:
+        empty = np.zeros(0, np.float32)
+        self._hold(TrialResult(planned.number, planned.config, planned.param_values, empty,
+                               "error", error=text))  # fmt: skip
+
+    def _hold(self, result: TrialResult) -> None:
+        if not self.unrecorded:
+            self.oldest_unrecorded = time.monotonic()
+        self.unrecorded.append(result)
+
+    def _lost(self, trainer: _Trainer, error: BaseException) -> None:
+        """A trainer died with its worker or node: run its trials again elsewhere, up to
+        ray.max_retries times each, and start a trainer in its place if the cluster has room."""
+        text = f"{type(error).__name__}: {first_line(error)}"
+        log.warning("a trainer was lost (%s); its %d trials run again", text, len(trainer.trials))
+        self.trainers.remove(trainer)
+        for planned in trainer.trials.values():
+            self.attempts[planned.number] += 1
+            if self.attempts[planned.number] > self.config.ray.max_retries:
+                self._failed(planned, text)
+            else:
+                self.queue.appendleft(planned)
+        # Ray marks a lost node's CPUs gone within seconds; a trainer asked for too early
+        # waits for room and is given up after TRAINER_START_SECONDS.
+        time.sleep(0.5)
+        while len(self.trainers) < self._slots():
+            self.trainers.append(self._new_trainer())
+
+    def _give_up_on_silent_trainers(self) -> None:
+        """A trainer that never answered (placed on a node that went away, or waiting for room
+        that never comes) hands its trials back, while other trainers run."""
+        now = time.monotonic()
+        for trainer in list(self.trainers):
+            silent = not trainer.answered and now - trainer.started > TRAINER_START_SECONDS
+            if silent and len(self.trainers) > 1:
+                log.warning(
+                    "a trainer did not start in %.0f s; giving it up", now - trainer.started
+                )
+                ray.kill(trainer.actor)
+                self.trainers.remove(trainer)
+                self.queue.extendleft(trainer.trials.values())
+
+    def _record_if_due(self) -> None:
+        waited = time.monotonic() - self.oldest_unrecorded
+        adaptive = self.config.study.sampler == "tpe" or self.config.study.pruner != "none"
+        if self.unrecorded and (
+            adaptive
+            or len(self.unrecorded) >= RECORD_EVERY_TRIALS
+            or waited >= RECORD_EVERY_SECONDS
+        ):
+            self._record()
+        if time.monotonic() - self.trials_written > TRIALS_TABLE_EVERY_SECONDS:
+            self._write_trials_table()
+
+    def _record(self) -> None:
+        """Write the held trials' steps as one file, then tell Optuna: a crash in between is
+        recovered from the file."""
+        if not self.unrecorded:
+            return
+        results, self.unrecorded = self.unrecorded, []
+        for result, row in zip(results, record_trials(self.output, results), strict=True):
+            trial = self.asked.pop(result.number)
+            self.study.tell(trial, _told_value(row), state=TrialState[row["state"]])
+            self.rows[result.number] = row
+            self.recorded_points.add(self._point_of(row))
+            self.progress.record(row, self.columns)
+
+    def _write_trials_table(self) -> None:
         rows = [self.rows[n] for n in sorted(self.rows)]
         self.output.write_table(TRIALS, trials_table(rows, self.columns))
+        self.trials_written = time.monotonic()
+
+    def _point_of(self, row: dict[str, Any]) -> tuple:
+        return tuple(row[p.short_name] for p in self.config.study.search)
 
 
-def _take_batch(
-    queue: list[PlannedTrial], free_slots: int, trials_per_task: int
-) -> list[PlannedTrial]:
-    """Take the next batch off the queue: trials of one architecture, the costliest group first
-    (deep networks of many trials) so that no worker is left with a long task at the end, and
-    split so that every free slot gets work when there are fewer architectures than slots."""
-    if not queue or free_slots < 1:
-        return []
-    groups: dict[tuple, list[PlannedTrial]] = {}
-    for trial in queue:
-        groups.setdefault(batch_key(trial.config), []).append(trial)
-    costliest = max(groups.values(), key=lambda g: (len(g) * g[0].config.model.num_layers, len(g)))
-    share = math.ceil(len(costliest) / max(1, free_slots - len(groups) + 1))
-    batch = costliest[: min(share, trials_per_task)]
-    taken = {t.number for t in batch}
-    queue[:] = [t for t in queue if t.number not in taken]
-    return batch
+@dataclass(frozen=True)
+class TrainerEvents:
+    """What a trainer tells the driver in one exchange."""
+
+    finished: list[Finished]
+    reports: list[Report]
+    errors: list[tuple[int, str]]
+    """Trials that raised (trial, one-line error): they are FAIL, the trainer goes on."""
 
 
 @ray.remote
-def run_batch(
-    trials: list[tuple[int, Config]], report_every: int, cpus: int, relay: Any
-) -> list[TrialOutcome]:
-    """Train a batch of trials of one architecture in lockstep, on one Ray worker."""
-    # Ray sets OMP_NUM_THREADS per task, but torch read it when the worker started.
-    torch.set_num_threads(cpus)
-    numbers = [number for number, _ in trials]
-    total_steps = trials[0][1].total_steps
-    on_step = None
-    if relay is not None:
-        on_step = _pruning_callback(numbers, report_every, total_steps, relay)
-    try:
-        result = train([config for _, config in trials], on_step)
-    except Exception as error:  # a trial that raises is recorded FAIL; the study goes on
-        text = f"{type(error).__name__}: {first_line(error)}"
-        return [TrialOutcome(n, np.zeros(0, np.float32), "error", text, 0.0) for n in numbers]
-    seconds = result.seconds / len(trials)
-    return [
-        TrialOutcome(number, run.losses, run.status, None, seconds)
-        for number, run in zip(numbers, result.runs, strict=True)
-    ]
+class Trainer:
+    """A long-lived trainer: lanes for each architecture it is given, stepped in turn by a
+    thread of its own, so that it trains while the driver records and asks. The driver talks
+    to it through `exchange` alone, one call at a time."""
+
+    def __init__(self, cpus: int, report_every: int, pause_from: int | None) -> None:
+        # Ray sets OMP_NUM_THREADS per worker, but torch read it when the process started.
+        torch.set_num_threads(cpus)
+        self.report_every = report_every
+        self.pause_from = pause_from
+        self.lanes: dict[tuple, Lanes] = {}
+        self.changed = threading.Condition()
+        self.inbox: list[LaneTrial] = []
+        self.verdicts: dict[int, bool] = {}
+        self.events = TrainerEvents([], [], [])
+        threading.Thread(target=self._train, daemon=True).start()
+
+    def exchange(
+        self, admit: list[LaneTrial], verdicts: dict[int, bool], wait: float
+    ) -> TrainerEvents:
+        """Hand over trials to admit and pruner verdicts; return what happened since the last
+        exchange, waiting up to `wait` seconds for something to happen."""
+        with self.changed:
+            self.inbox += admit
+            self.verdicts.update(verdicts)
+            self.changed.notify_all()
+            self.changed.wait_for(self._has_events, timeout=wait)
+            events, self.events = self.events, TrainerEvents([], [], [])
+            return events
+
+    def where(self) -> dict[str, Any]:
+        """Where Ray placed this trainer: its node, and the GPUs it was given."""
+        return {
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        }
+
+    def _has_events(self) -> bool:
+        return bool(self.events.finished or self.events.reports or self.events.errors)
+
+    def _train(self) -> None:
+        try:
+            self._train_forever()
+        except BaseException as error:  # the driver must hear of it, never wait on a dead thread
+            text = f"{type(error).__name__}: {first_line(error)}"
+            keys = [t.key for lanes in self.lanes.values() for t in lanes.trials if t is not None]
+            self.lanes.clear()
+            self._publish([], [], [(key, text) for key in keys])
+            raise
+
+    def _train_forever(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self.changed:
+                    self.changed.wait_for(lambda: self.inbox or self.verdicts or self._busy())
+                    inbox, self.inbox = self.inbox, []
+                    verdicts, self.verdicts = self.verdicts, {}
+                self._apply(inbox, verdicts)
+                for key, lanes in list(self.lanes.items()):
+                    self._step(key, lanes)
+
+    def _busy(self) -> bool:
+        return any(
+            lanes.occupied.any() and not lanes.waiting.all() for lanes in self.lanes.values()
+        )
+
+    def _apply(self, inbox: list[LaneTrial], verdicts: dict[int, bool]) -> None:
+        for lanes in self.lanes.values():
+            pruned = [key for key, prune in verdicts.items() if prune]
+            self._publish(lanes.stop(pruned), [], [])
+            lanes.resume(key for key, prune in verdicts.items() if not prune)
+        for trial in inbox:
+            try:
+                self._lanes_for(trial.config).admit(trial)
+            except Exception as error:  # a trial that cannot start is FAIL; the rest go on
+                self._publish([], [], [(trial.key, f"{type(error).__name__}: {first_line(error)}")])
+
+    def _step(self, key: tuple, lanes: Lanes) -> None:
+        try:
+            finished, reports = lanes.step()
+        except Exception as error:  # these lanes' trials fail; other architectures go on
+            text = f"{type(error).__name__}: {first_line(error)}"
+            keys = [trial.key for trial in lanes.trials if trial is not None]
+            del self.lanes[key]
+            self._publish([], [], [(k, text) for k in keys])
+            return
+        if finished or reports:
+            self._publish(finished, reports, [])
+
+    def _publish(self, finished: list, reports: list, errors: list) -> None:
+        if not (finished or reports or errors):
+            return
+        with self.changed:
+            self.events.finished.extend(finished)
+            self.events.reports.extend(reports)
+            self.events.errors.extend(errors)
+            self.changed.notify_all()
+
+    def _lanes_for(self, config: Config) -> Lanes:
+        key = lanes_key(config)
+        if key not in self.lanes:
+            from pipeline.model import step_function
+
+            device = resolve_device(config.train.device)
+            step = step_function(config.train.compile, device)
+            self.lanes[key] = Lanes(config, step, device, self.report_every, self.pause_from)
+        return self.lanes[key]
 
 
-def _pruning_callback(numbers: list[int], report_every: int, total_steps: int, relay: Any):
-    """Every `report_every` steps, send each running trial's mean loss over those steps to the
-    driver and stop the trials its pruner rejects. A trial at its last step has finished, so
-    it is not judged any more."""
-    totals = np.zeros(len(numbers))
-    stopped: set[int] = set()
-
-    def on_step(step: Step) -> list[int]:
-        losses = step.losses
-        totals[:] += np.nan_to_num(losses, nan=0.0, posinf=1e30)
-        if (step.step + 1) % report_every or step.step + 1 == total_steps:
-            return []
-        reports = [
-            (numbers[k], step.step, float(totals[k] / report_every))
-            for k in range(len(numbers))
-            if k not in stopped and np.isfinite(losses[k])
-        ]
-        totals[:] = 0.0
-        pruned = set(ray.get(relay.report.remote(reports))) if reports else set()
-        stop = [k for k, number in enumerate(numbers) if number in pruned]
-        stopped.update(stop)
-        return stop
-
-    return on_step
+def _gpus_per_trainer(config: Config) -> float:
+    """ray.gpus_per_trainer, else 1 when the trials train on CUDA (asked for, or auto on a
+    cluster with GPUs), else 0: Ray then sets CUDA_VISIBLE_DEVICES, so torch's cuda:0 is the
+    GPU Ray gave the trainer, never one taken behind Ray's back."""
+    if config.ray.gpus_per_trainer is not None:
+        return config.ray.gpus_per_trainer
+    device = config.train.device
+    if device.startswith("cuda"):
+        return 1.0
+    if device == "auto" and ray.cluster_resources().get("GPU", 0) > 0:
+        return 1.0
+    return 0.0
 
 
-@ray.remote(num_cpus=0)
-class _PruningRelay:
-    """Carries running losses from trials to the driver, and its verdicts back; async, so a
-    task waiting for its verdict never blocks another task's report."""
-
-    def __init__(self) -> None:
-        self._pending: list[tuple[list, asyncio.Future]] = []
-        self._arrived = asyncio.Event()
-        self._waiting: dict[int, asyncio.Future] = {}
-        self._tickets = 0
-
-    async def report(self, reports: list[tuple[int, int, float]]) -> list[int]:
-        """Called by a task: (trial, step, value) triples; returns the trials to stop."""
-        verdict = asyncio.get_running_loop().create_future()
-        self._pending.append((reports, verdict))
-        self._arrived.set()
-        return await verdict
-
-    async def next_reports(self) -> list[tuple[int, list]]:
-        """Called by the driver: waits for reports, returns them with tickets to decide."""
-        await self._arrived.wait()
-        self._arrived.clear()
-        pending, self._pending = self._pending, []
-        tickets = []
-        for reports, verdict in pending:
-            self._tickets += 1
-            self._waiting[self._tickets] = verdict
-            tickets.append((self._tickets, reports))
-        return tickets
-
-    async def decide(self, verdicts: dict[int, list[int]]) -> None:
-        for ticket, pruned in verdicts.items():
-            self._waiting.pop(ticket).set_result(pruned)
-
-
-class _Progress:
-    """A bar on a terminal (done / pruned / failed, best value); otherwise a line per trial."""
-
-    def __init__(self, total: int, bar: bool | None) -> None:
-        self.total = total
-        self.counts: Counter[str] = Counter()
-        self.best: float | None = None
-        use_bar = sys.stderr.isatty() if bar is None else bar
-        self.bar = tqdm(total=total, unit="trial", disable=not use_bar, dynamic_ncols=True)
-
-    def start(self, rows) -> None:
-        for row in rows:
-            self._count(row)
-        self.bar.update(sum(self.counts.values()))
-        self._postfix()
-
-    def record(self, row: dict[str, Any], columns: list[str]) -> None:
-        self._count(row)
-        if self.bar.disable:
-            params = ", ".join(f"{c}={row[c]}" for c in columns)
-            value = "" if row["value"] is None else f" value={row['value']:.4g}"
-            error = f" ({row['error']})" if row["error"] else ""
-            print(
-                f"trial {row['trial']} {row['state']}{value} [{params}] "
-                f"{sum(self.counts.values())}/{self.total}{error}",
-                flush=True,
-            )
-        else:
-            self.bar.update()
-            self._postfix()
-
-    def tick(self) -> None:
-        self.bar.refresh()
-
-    def close(self) -> None:
-        self.bar.close()
-
-    def _count(self, row: dict[str, Any]) -> None:
-        self.counts[row["state"]] += 1
-        if row["state"] == "COMPLETE" and row["value"] is not None:
-            self.best = row["value"] if self.best is None else min(self.best, row["value"])
-
-    def _postfix(self) -> None:
-        best = "-" if self.best is None else f"{self.best:.4g}"
-        self.bar.set_postfix_str(
-            f"done {self.counts['COMPLETE']} pruned {self.counts['PRUNED']} "
-            f"failed {self.counts['FAIL']} best {best}"
+def _check_gpus(config: Config) -> None:
+    """Refuse at once a study whose trainers ask for GPUs that the cluster does not have:
+    they would wait for them forever."""
+    wanted, present = _gpus_per_trainer(config), ray.cluster_resources().get("GPU", 0)
+    if wanted > present:
+        raise ConfigError(
+            f"train.device = {config.train.device!r} asks {wanted:g} GPU per trainer of Ray, "
+            f"but the Ray cluster has {present:g}: use train.device=cpu (or auto), or set "
+            "ray.gpus_per_trainer"
         )
 
 
-def _told_value(outcome: dict[str, Any]) -> float | None:
-    """Optuna takes a value only with COMPLETE; a pruned trial gets its last reported one."""
-    return outcome["value"] if outcome["state"] == "COMPLETE" else None
+def _told_value(row: dict[str, Any]) -> float | None:
+    """Optuna takes a value only with COMPLETE."""
+    return row["value"] if row["state"] == "COMPLETE" else None
 
 
-def _suggest(trial: optuna.Trial, param: SearchParam) -> Any:
-    name = param.short_name
+def _distribution(param: SearchParam) -> optuna.distributions.BaseDistribution:
     if param.choices is not None:
-        return trial.suggest_categorical(name, list(param.choices))
+        return optuna.distributions.CategoricalDistribution(list(param.choices))
     if isinstance(param.low, int) and isinstance(param.high, int):
-        return trial.suggest_int(
-            name, param.low, param.high, step=int(param.step or 1), log=param.log
+        return optuna.distributions.IntDistribution(
+            param.low, param.high, step=int(param.step or 1), log=param.log
         )
-    return trial.suggest_float(name, param.low, param.high, step=param.step, log=param.log)
+    return optuna.distributions.FloatDistribution(
+        param.low, param.high, step=param.step, log=param.log
+    )
 
 
 def _sampler(config: Config) -> optuna.samplers.BaseSampler:
     study = config.study
     if study.sampler == "grid":
-        space = {p.short_name: list(p.choices) for p in study.search}
-        return _GridSampler(space, seed=study.seed)
+        return _GridPoint()
     if study.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=study.seed)
+        # Trials in flight are taken as scoring their worst (Optuna's advice for parallel TPE),
+        # so the sampler does not ask the same promising spot again while it trains.
+        return optuna.samplers.TPESampler(seed=study.seed, constant_liar=True)
     return optuna.samplers.RandomSampler(seed=study.seed)
 
 
-class _GridSampler(optuna.samplers.GridSampler):
-    """Optuna's grid, minus its habit of calling study.stop() once the grid is exhausted, which
-    only works inside study.optimize; the driver stops at study.trials by itself."""
+class _GridPoint(optuna.samplers.BaseSampler):
+    """The grid, as the driver walks it: Optuna's GridSampler picks points at random and scans
+    the whole grid and every trial on each ask; the driver instead walks the points in a fixed
+    order, skipping those recorded, and hands each one to Optuna through this sampler."""
 
-    def after_trial(self, study, trial, state, values) -> None:
-        pass
+    def __init__(self) -> None:
+        self.point: dict[str, Any] = {}
+
+    def infer_relative_search_space(self, study, trial) -> dict:
+        return {}
+
+    def sample_relative(self, study, trial, search_space) -> dict:
+        return {}
+
+    def sample_independent(self, study, trial, param_name, param_distribution) -> Any:
+        return self.point[param_name]
 
 
 def _pruner(config: Config) -> optuna.pruners.BasePruner:
@@ -571,9 +714,10 @@ def _open_storage(url: str) -> optuna.storages.BaseStorage:
         ) from None
 
 
-def _connect_ray(config: Config, address: str | None) -> bool:
-    """Join the cluster at `address`, or start Ray embedded; True when embedded. A Ray this
-    process already runs is used as it is."""
+def connect_ray(config: Config) -> bool:
+    """Join the cluster at `ray_address(config)`, or start Ray embedded; True when embedded.
+    A Ray this process already runs is used as it is."""
+    address = ray_address(config)
     if address is not None:
         _check_reachable(address)
     if ray.is_initialized():
@@ -626,45 +770,3 @@ def _no_cluster(address: str, reason: str) -> str:
         f"ray.address = {address!r}: no Ray cluster answers there ({reason}); start one with "
         "`ray start --head`, or leave ray.address unset to run Ray embedded"
     )
-
-
-def _check_not_running(output: Output) -> None:
-    """Refuse at once, before starting anything, an output another study is running into."""
-    if not output.is_local or not output.exists(LOCK):
-        return
-    with open(output.path(LOCK)) as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(_in_use(output)) from None
-        fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _in_use(output: Output) -> str:
-    return (
-        f"output {output.location} is in use by another running study; wait for it to finish "
-        "or choose another --output"
-    )
-
-
-@contextmanager
-def _exclusive(output: Output) -> Iterator[None]:
-    """Hold the output for this study alone: a second study into it is refused, not mixed in.
-    The lock dies with the process, so a killed driver never leaves it behind."""
-    if not output.is_local:
-        yield
-        return
-    os.makedirs(output.root, exist_ok=True)
-    with open(output.path(LOCK), "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(_in_use(output)) from None
-        yield
-
-
-def _best(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    try:
-        return study.best_trial
-    except ValueError:
-        return None

@@ -1,75 +1,294 @@
-"""The truncated-BPTT loop: K models of one architecture trained in lockstep (one run is K = 1).
+"""Truncated BPTT over lanes: one trainer trains many trials of one architecture side by side.
 
-Every epoch draws new data and resets the state to zeros; within an epoch the state is carried
-from window to window. After each window the trainer calls `on_step`, which sees every model's
-loss and may stop models (a pruner); a model whose loss stops being finite stops by itself. A
-stopped model keeps its steps so far and stops changing, while the rest of its batch goes on.
-This module never imports Ray: the study wraps it in Ray tasks.
+A trainer holds L lanes. Each lane trains one trial at the trial's own position (epoch,
+window), with its own weights, Adagrad accumulators, carried state and data stream: every
+epoch draws new data and resets that lane's state to zeros, and within an epoch the state is
+carried from window to window. A lane whose trial completes, is pruned or diverges takes the
+next trial at the next window, so trials flow through a trainer one by one (continuous
+batching, as LLM servers batch requests), while the window step itself runs every lane at once
+(the model axis is the last axis of every tensor, see model.py). No operation mixes two lanes,
+so a trial's losses do not depend on which lane it got or on what the others do.
+
+`train` is the lockstep special case (every trial starts at window 0) used by the `train`
+command. This module never imports Ray: the study runs `Lanes` inside Ray actors.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
 
-from pipeline.config import Config, ConfigError, TaskConfig
+from pipeline.config import SHARED, Config, ConfigError, keys_of_scope
 from pipeline.data import epoch_windows
 from pipeline.model import (
-    EAGER,
-    Kernels,
+    ADAGRAD_INITIAL_ACCUMULATOR,
+    State,
     Weights,
-    compiled_kernels,
-    init_adagrad,
-    init_state,
+    WindowStep,
     init_weights,
-    train_window,
+    step_function,
 )
 
 log = logging.getLogger(__name__)
 
-# Floats in the widest CPU vector (AVX-512) and a divisor of GPU warps: compiled batches are
-# padded to a multiple of it.
+# Floats in the widest CPU vector (AVX-512) and a divisor of GPU warps: lanes come in
+# multiples of it, so that compiled kernels always run whole vectors.
 LANES = 16
-# `compile: auto` compiles when the eager run would take longer than this: then even a cold
-# compile (about a minute per state size on two cores, cached on disk afterwards) pays off.
-COMPILE_PAYS_OFF_SECONDS = 120.0
-# Eager cost of one window per layer, measured on one core of our machines: a fixed overhead
-# of about 130 small operations, plus the arithmetic of each model in the batch.
-EAGER_SECONDS_PER_LAYER = 1.7e-3
-EAGER_SECONDS_PER_LAYER_AND_MODEL = 3.5e-5
 
 Status = Literal["complete", "pruned", "diverged"]
 
 
-class Step:
-    """What `on_step` sees after each window. `losses` is read from the device only when asked."""
+@dataclass(frozen=True)
+class LaneTrial:
+    """A trial as a lane trains it."""
 
-    def __init__(self, step: int, epoch: int, window: int, losses: torch.Tensor) -> None:
+    key: int
+    """The trial's number in its study (its index in `train`)."""
+    config: Config
+    """Its own config: its parameters, and in train.seed the seed it runs with."""
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A trial that left its lane."""
+
+    key: int
+    losses: np.ndarray
+    """float32 loss of every step it ran (a diverged trial's last one is not finite)."""
+    status: Status
+    seconds: float
+    """Wall time from entering its lane to leaving it."""
+
+
+@dataclass(frozen=True)
+class Report:
+    """A trial's mean loss over its last `report_every` steps, for a pruner."""
+
+    key: int
+    step: int
+    """The (0-based) step the report ends at."""
+    value: float
+
+
+class Step:
+    """What `train`'s `on_step` sees after each window."""
+
+    def __init__(self, step: int, epoch: int, window: int, losses: np.ndarray) -> None:
         self.step = step
         self.epoch = epoch
         self.window = window
-        self._losses = losses
-
-    @functools.cached_property
-    def losses(self) -> np.ndarray:
-        """Each model's loss on this window, NaN for models that had stopped; shape (K,)."""
-        return self._losses.cpu().numpy()
+        self.losses = losses
+        """Each model's loss on this window, NaN for models that had stopped; shape (K,), a
+        copy that later windows never overwrite."""
 
 
 OnStep = Callable[[Step], Iterable[int] | None]
 """Called after every window; returns the indices of models to stop (e.g. pruned), or None."""
 
 
+def trainer_key(config: Config) -> tuple:
+    """What the trials in one trainer's lanes must share: the keys that fix tensor shapes and
+    data layout (the SHARED scope of config fields), and the device and kernels they run on."""
+    shared = tuple(config.value(key) for key in keys_of_scope(SHARED))
+    return (*shared, config.train.device, config.train.compile)
+
+
+class Lanes:
+    """L lanes of one architecture on one device, each training its own trial (module docs).
+
+    `admit` puts a trial into a free lane (growing the lanes by LANES when none is free);
+    `step` trains every running lane on its next window and returns the trials that finished
+    and the reports that fell due. With `pause_from`, a lane that reports at or after that
+    step waits (trains no window) until `resume` or `stop` rules on it: a pruner's verdict.
+    """
+
+    def __init__(
+        self,
+        shared: Config,
+        step_fn: WindowStep,
+        device: torch.device,
+        report_every: int | None = None,
+        pause_from: int | None = None,
+    ) -> None:
+        self.shared = shared
+        self.step_fn = step_fn
+        self.device = device
+        self.report_every = report_every
+        self.pause_from = pause_from
+        self.windows = shared.task.windows_per_epoch
+        self.capacity = 0
+        self.weights: Weights = []
+        self.accum: Weights = []
+        self.state = State(torch.empty(0), torch.empty(0))
+        self.last_window: tuple[torch.Tensor, ...] = ()
+        self._grow(LANES)
+
+    def __len__(self) -> int:
+        """Lanes holding a trial."""
+        return int(self.occupied.sum())
+
+    def admit(self, trial: LaneTrial) -> None:
+        """Start `trial` in a free lane, from fresh weights and a zero state, at its window 0."""
+        if trial.key in self.lane_of:
+            raise ValueError(f"trial {trial.key} is already in a lane")
+        if trainer_key(trial.config) != trainer_key(self.shared):
+            raise ValueError(f"trial {trial.key} differs in architecture from this trainer's")
+        free = np.flatnonzero(~self.occupied)
+        if free.size == 0:
+            self._grow(self.capacity + LANES)
+            free = np.flatnonzero(~self.occupied)
+        lane = int(free[0])
+        config = trial.config
+        for weight, fresh in zip(
+            self.weights, init_weights(config.model, [config.train.seed], self.device), strict=True
+        ):
+            weight[..., lane] = fresh[..., 0]
+        for accum in self.accum:
+            accum[..., lane] = ADAGRAD_INITIAL_ACCUMULATOR
+        self.lr[lane] = config.train.lr
+        self.trials[lane] = trial
+        self.lane_of[trial.key] = lane
+        self.occupied[lane], self.waiting[lane] = True, False
+        self.position[lane], self.total[lane] = 0, config.total_steps
+        self.started[lane] = time.perf_counter()
+        if config.total_steps > self.trace.shape[1]:
+            grown = np.full((self.capacity, config.total_steps), np.nan, np.float32)
+            grown[:, : self.trace.shape[1]] = self.trace
+            self.trace = grown
+        self._start_epoch(lane, 0)
+
+    def step(self) -> tuple[list[Finished], list[Report]]:
+        """Train every running, non-waiting lane on its next window."""
+        running = self.occupied & ~self.waiting
+        if not running.any():
+            return [], []
+        lanes = torch.arange(self.capacity, device=self.device)
+        window = torch.from_numpy(self.position % self.windows).to(self.device)
+        x = self.data_x[lanes, window].permute(1, 2, 0).contiguous()  # (B, T, L)
+        y = self.data_y[lanes, window].permute(1, 2, 0).contiguous()  # (B, T, L)
+        if not self.shared.train.carry_state:
+            self.state.h.zero_()
+            self.state.c.zero_()
+        active = torch.from_numpy(running).to(self.device)
+        loss, margin, self.weights, self.accum, self.state, healthy = self.step_fn(
+            self.weights, self.accum, x, y, self.state, self.lr, active
+        )
+        self.last_window = (x, y, margin)
+        losses = loss.cpu().numpy()
+        still_healthy = healthy.cpu().numpy()
+        ran = np.flatnonzero(running)
+        self.trace[ran, self.position[ran]] = losses[ran]
+        self.last_losses = np.where(running, losses, np.nan).astype(np.float32)
+        self.position[ran] += 1
+        return self._after_window(ran, still_healthy)
+
+    def resume(self, keys: Iterable[int]) -> None:
+        """Let waiting trials go on (the pruner kept them)."""
+        for key in keys:
+            if key in self.lane_of:
+                self.waiting[self.lane_of[key]] = False
+
+    def stop(self, keys: Iterable[int]) -> list[Finished]:
+        """Stop trials (the pruner rejected them) after the steps they ran; frees their lanes."""
+        return [self._finish(self.lane_of[k], "pruned") for k in keys if k in self.lane_of]
+
+    def _after_window(
+        self, ran: np.ndarray, healthy: np.ndarray
+    ) -> tuple[list[Finished], list[Report]]:
+        finished, reports = [], []
+        for lane in ran:
+            position = int(self.position[lane])
+            if not healthy[lane]:
+                finished.append(self._finish(lane, "diverged"))
+            elif position == self.total[lane]:
+                finished.append(self._finish(lane, "complete"))
+            else:
+                if position % self.windows == 0:
+                    self._start_epoch(lane, position // self.windows)
+                if self.report_every and position % self.report_every == 0:
+                    reports.append(self._report(lane, position))
+        return finished, reports
+
+    def _report(self, lane: int, position: int) -> Report:
+        recent = self.trace[lane, position - self.report_every : position]
+        if self.pause_from is not None and position - 1 >= self.pause_from:
+            self.waiting[lane] = True
+        key = self.trials[lane].key
+        return Report(key, position - 1, float(recent.astype(np.float64).mean()))
+
+    def _finish(self, lane: int, status: Status) -> Finished:
+        trial = self.trials[lane]
+        losses = self.trace[lane, : self.position[lane]].copy()
+        self.occupied[lane], self.waiting[lane] = False, False
+        self.trials[lane] = None
+        del self.lane_of[trial.key]
+        return Finished(trial.key, losses, status, time.perf_counter() - self.started[lane])
+
+    def _start_epoch(self, lane: int, epoch: int) -> None:
+        """Draw the lane's data of `epoch` and reset its carried state to zeros."""
+        trial = self.trials[lane]
+        xs, ys = epoch_windows([trial.config.task], [trial.config.train.seed], epoch, self.device)
+        self.data_x[lane] = xs[..., 0]  # (W, B, T)
+        self.data_y[lane] = ys[..., 0]
+        self.state.h[..., lane] = 0.0
+        self.state.c[..., lane] = 0.0
+
+    def _grow(self, capacity: int) -> None:
+        """Make room for `capacity` lanes, keeping every running lane as it is."""
+        added = capacity - self.capacity
+        config, device = self.shared, self.device
+        task, model = config.task, config.model
+        if not self.weights:
+            template = init_weights(model, [0], device)
+            self.weights = [w.new_zeros(*w.shape[:-1], 0) for w in template]
+            self.accum = [w.new_zeros(*w.shape[:-1], 0) for w in template]
+            shape = (model.num_layers, task.batch_size, model.state_size, 0)
+            self.state = State(torch.zeros(shape, device=device), torch.zeros(shape, device=device))
+            data_shape = (0, self.windows, task.batch_size, task.truncation)
+            self.data_x = torch.zeros(data_shape, device=device)
+            self.data_y = torch.zeros(data_shape, device=device)
+            self.lr = torch.zeros(0, device=device)
+            self.trace = np.zeros((0, 0), np.float32)
+            self.occupied = np.zeros(0, bool)
+            self.waiting = np.zeros(0, bool)
+            self.position = np.zeros(0, np.int64)
+            self.total = np.zeros(0, np.int64)
+            self.started = np.zeros(0)
+            self.last_losses = np.zeros(0, np.float32)
+            self.trials: list[LaneTrial | None] = []
+            self.lane_of: dict[int, int] = {}
+
+        def wider(tensor: torch.Tensor, axis: int) -> torch.Tensor:
+            shape = list(tensor.shape)
+            shape[axis] = added
+            return torch.cat([tensor, tensor.new_zeros(shape)], dim=axis).contiguous()
+
+        self.weights = [wider(w, -1) for w in self.weights]
+        self.accum = [wider(a, -1) for a in self.accum]
+        self.state = State(wider(self.state.h, -1), wider(self.state.c, -1))
+        self.data_x, self.data_y = wider(self.data_x, 0), wider(self.data_y, 0)
+        self.lr = wider(self.lr, 0)
+        self.trace = np.concatenate([self.trace, np.full((added, self.trace.shape[1]), np.nan)])
+        self.trace = self.trace.astype(np.float32)
+        self.occupied = np.concatenate([self.occupied, np.zeros(added, bool)])
+        self.waiting = np.concatenate([self.waiting, np.zeros(added, bool)])
+        self.position = np.concatenate([self.position, np.zeros(added, np.int64)])
+        self.total = np.concatenate([self.total, np.zeros(added, np.int64)])
+        self.started = np.concatenate([self.started, np.zeros(added)])
+        self.last_losses = np.concatenate([self.last_losses, np.full(added, np.nan, np.float32)])
+        self.trials += [None] * added
+        self.capacity = capacity
+
+
 @dataclass(frozen=True)
 class ModelRun:
-    """One model's part of a training run."""
+    """One model's part of a `train` run."""
 
     losses: np.ndarray
     """float32 loss of every step the model ran (a diverged model's last one is not finite)."""
@@ -94,87 +313,41 @@ class TrainResult:
 
 
 def train(configs: Sequence[Config], on_step: OnStep | None = None) -> TrainResult:
-    """Train one model per config, all in lockstep, and return every model's per-step losses.
+    """Train one model per config, all starting together in one trainer's lanes, and return
+    every model's per-step losses.
 
-    The configs must share everything but the echo step, the learning rate and the seed (see
-    `batch_key`). Model k is initialized and fed from `configs[k].train.seed` alone, so it
-    follows the same trace whatever it is batched with.
+    The configs must share the keys of `trainer_key`. Model k is initialized and fed from
+    `configs[k].train.seed` alone, so it follows the same trace whatever it is trained with.
     """
     first = configs[0]
-    keys = {batch_key(c) for c in configs}
+    keys = {trainer_key(c) for c in configs}
     if len(keys) > 1:
-        raise ValueError(f"configs differ beyond echo_step, lr and seed: {sorted(keys)}")
+        raise ValueError(f"configs differ beyond echo_step, lr, epochs and seed: {sorted(keys)}")
     device = resolve_device(first.train.device)
+    lanes = Lanes(first, step_function(first.train.compile, device), device)
+    for k, config in enumerate(configs):
+        lanes.admit(LaneTrial(k, config))
     count = len(configs)
-    step_fn = _step_function(first, count, device)
-    # Compiled kernels run the model axis in vectors of LANES: idle copies of the first model
-    # fill the last vector, so every model runs the same full-vector code (and bits) in any
-    # batch, the slow masked code for a partial vector never runs, and few widths compile.
-    idle = -count % LANES if step_fn.compiled else 0
-    lanes = list(configs) + [first] * idle
-    tasks = [c.task for c in lanes]
-    seeds = [c.train.seed for c in lanes]
-
-    weights = init_weights(first.model, seeds, device)
-    accum = init_adagrad(weights)
-    lr = torch.tensor([c.train.lr for c in lanes], dtype=torch.float32, device=device)
-    active = torch.arange(len(lanes), device=device) < count
-    losses = torch.full((first.total_steps, len(lanes)), float("nan"), device=device)
-    nan = torch.tensor(float("nan"), device=device)
-    pruned_at: dict[int, int] = {}
+    runs: dict[int, ModelRun] = {}
     started = time.perf_counter()
+    step = 0
     with torch.no_grad():
-        for step, (epoch, window, x, y) in enumerate(_windows(first, tasks, seeds, device)):
-            if window == 0 or not first.train.carry_state:
-                state = init_state(weights, first.task.batch_size)
-            was_active = active
-            loss, margin, weights, accum, state, active = step_fn(
-                weights, accum, x, y, state, lr, active
-            )
-            losses[step] = torch.where(was_active, loss, nan)
+        while len(lanes):
+            finished, _ = lanes.step()
             if on_step is not None:
-                stop = set(on_step(Step(step, epoch, window, losses[step, :count])) or ())
-                stop -= pruned_at.keys()
-                if stop:
-                    pruned_at.update(dict.fromkeys(stop, step))
-                    active = active.clone()
-                    active[sorted(stop)] = False
-            # Checking reads the device, so only now and then: a batch whose models have all
-            # stopped ends early.
-            if step % 100 == 99 and not bool(active.any()):
-                break
+                epoch, window = divmod(step, first.task.windows_per_epoch)
+                stop = on_step(Step(step, epoch, window, lanes.last_losses[:count].copy()))
+                finished += lanes.stop(stop or ())
+            runs.update({f.key: ModelRun(f.losses, f.status) for f in finished})
+            step += 1
     seconds = time.perf_counter() - started
-    traces = losses[:, :count].T.cpu().numpy()
-    runs = [_model_run(trace, pruned_at.get(k)) for k, trace in enumerate(traces)]
-    last_window = tuple(t[..., :count].cpu().numpy() for t in (x, y, margin))
+    last_window = tuple(t[..., :count].cpu().numpy() for t in lanes.last_window)
     return TrainResult(
-        runs, [w[..., :count] for w in weights], last_window, seconds, step_fn.compiled
-    )
-
-
-def _windows(
-    config: Config, tasks: list[TaskConfig], seeds: list[int], device: torch.device
-) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
-    """(epoch, window, x, y) for every window of the run; each epoch draws new data."""
-    for epoch in range(config.train.epochs):
-        xs, ys = epoch_windows(tasks, seeds, epoch, device)
-        for window in range(config.task.windows_per_epoch):
-            yield epoch, window, xs[window], ys[window]
-
-
-def batch_key(config: Config) -> tuple:
-    """What models trained in one batch must share: everything but echo step, lr and seed."""
-    task, train = config.task, config.train
-    return (
-        task.series_length,
-        task.batch_size,
-        task.truncation,
-        config.model.num_layers,
-        config.model.state_size,
-        train.epochs,
-        train.carry_state,
-        train.device,
-        train.compile,
+        [runs[k] for k in range(count)],
+        [w[..., :count] for w in lanes.weights],
+        last_window,
+        seconds,
+        lanes.step_fn.compiled,
     )
 
 
@@ -189,59 +362,6 @@ def resolve_device(name: str) -> torch.device:
             "use auto or cpu"
         )
     return device
-
-
-def _model_run(trace: np.ndarray, pruned_at: int | None) -> ModelRun:
-    """Cut a model's trace where it stopped: its first non-finite loss, or where it was pruned."""
-    ran = trace if pruned_at is None else trace[: pruned_at + 1]
-    bad = np.flatnonzero(~np.isfinite(ran))
-    if bad.size:
-        return ModelRun(ran[: bad[0] + 1].copy(), "diverged")
-    return ModelRun(ran.copy(), "complete" if pruned_at is None else "pruned")
-
-
-def _step_function(config: Config, count: int, device: torch.device) -> _Step:
-    wanted = config.train.compile
-    if wanted == "auto":
-        wanted = device.type == "cuda" or _eager_seconds(config, count) > COMPILE_PAYS_OFF_SECONDS
-    return _compiled_step() if wanted else _Step(EAGER)
-
-
-def _eager_seconds(config: Config, count: int) -> float:
-    """About how long `count` models of this config take to train eagerly on one CPU core."""
-    per_window = config.model.num_layers * (
-        EAGER_SECONDS_PER_LAYER + EAGER_SECONDS_PER_LAYER_AND_MODEL * count
-    )
-    return config.total_steps * per_window
-
-
-class _Step:
-    """The training step on some kernels; compiled ones that fail to compile (say, with no C++
-    compiler installed) are replaced by the eager ones, once, with a warning."""
-
-    def __init__(self, kernels: Kernels) -> None:
-        self.kernels = kernels
-
-    @property
-    def compiled(self) -> bool:
-        return self.kernels is not EAGER
-
-    def __call__(self, *args: object) -> tuple:
-        try:
-            return train_window(*args, kernels=self.kernels)
-        except Exception as error:  # whatever broke the compile, the eager step works
-            if not self.compiled:
-                raise
-            log.warning("torch.compile failed (%s); training without it", first_line(error))
-            self.kernels = EAGER
-            return train_window(*args, kernels=self.kernels)
-
-
-@functools.cache
-def _compiled_step() -> _Step:
-    """One compiled step per process, so that a Ray worker compiles once for all its tasks,
-    and a compile that failed is not tried again."""
-    return _Step(compiled_kernels())
 
 
 def first_line(error: BaseException) -> str:

@@ -78,7 +78,7 @@ def test_study_median_pruner_stops_hopeless_trials_and_keeps_their_steps(tmp_pat
         search={"task.echo_step": [1, 20], "train.seed": [0, 1, 2, 3, 4, 5]},
         **{
             "study.pruner": "median",
-            "study.trials_per_task": 1,
+            "study.lanes_per_trainer": 1,
             "study.report_every": 50,
             "train.epochs": 3,
         },
@@ -101,9 +101,16 @@ def test_study_median_pruner_stops_hopeless_trials_and_keeps_their_steps(tmp_pat
     assert {t.number for t in study.trials if t.state.name == "PRUNED"} == set(pruned["trial"])
 
 
-def test_study_records_trials_that_raise_as_failed_and_goes_on(tmp_path, ray_session):
-    # On a machine without a GPU every trial of a CUDA study raises in its Ray task.
+def test_study_refuses_cuda_trainers_on_a_cluster_without_gpus(tmp_path, ray_session):
+    # Each trainer would ask Ray for a GPU that never comes.
     config = study_config(tmp_path, **{"train.device": "cuda"})
+    with pytest.raises(ConfigError, match="the Ray cluster has 0"):
+        run_study(config, progress=False)
+
+
+def test_study_records_trials_that_raise_as_failed_and_goes_on(tmp_path, ray_session):
+    # Told to ask Ray for no GPU, every trial of a CUDA study raises in its trainer here.
+    config = study_config(tmp_path, **{"train.device": "cuda", "ray.gpus_per_trainer": 0})
     outcome = run_study(config, progress=False)
     assert outcome.counts == {"FAIL": 4}
     trials = pd.read_parquet(config.output + "/trials.parquet")
@@ -128,22 +135,6 @@ def test_study_refuses_an_output_holding_another_config(tmp_path, ray_session):
     with pytest.raises(ConfigError, match="holds results of another config"):
         run_study(config.with_params({"train.lr": 0.1}), progress=False)
     assert sorted(p.name for p in (tmp_path / "study").rglob("*")) == before
-
-
-def test_study_batches_trials_of_one_architecture_into_one_task(tmp_path, ray_session):
-    from pipeline.study import PlannedTrial, _take_batch
-
-    config = study_config(tmp_path)
-    queue = [
-        PlannedTrial(n, config.with_params({"model.num_layers": layers}), {})
-        for n, layers in enumerate([1, 2, 1, 1, 2, 1])
-    ]
-    first = _take_batch(queue, free_slots=1, trials_per_task=3)
-    assert [t.number for t in first] == [0, 2, 3]
-    # With more free slots than architectures, the largest group is split to fill them.
-    rest = [PlannedTrial(n, config, {}) for n in range(8)]
-    assert len(_take_batch(rest, free_slots=2, trials_per_task=64)) == 4
-    assert len(np.unique([t.number for t in rest])) == 4
 
 
 def test_study_writes_to_a_pyarrow_filesystem_uri(tmp_path, ray_session):

@@ -3,7 +3,7 @@ import pytest
 
 from pipeline.config import config_from_dict
 from pipeline.summary import steps_to_converge
-from pipeline.train import Step, batch_key, train
+from pipeline.train import Step, train, trainer_key
 from tests.conftest import small_config
 
 
@@ -91,7 +91,7 @@ def test_train_records_a_diverged_model_and_keeps_its_batch_going():
 def test_train_refuses_models_of_different_architectures():
     with pytest.raises(ValueError, match="differ"):
         train([small_config(), small_config(**{"model.state_size": 8})])
-    assert batch_key(small_config(**{"task.echo_step": 9, "train.lr": 0.1})) == batch_key(
+    assert trainer_key(small_config(**{"task.echo_step": 9, "train.lr": 0.1})) == trainer_key(
         small_config()
     )
 
