@@ -1,107 +1,156 @@
-"""The study submitted as a Ray job to a real Ray head on 127.0.0.1, as users run it."""
+"""The study submitted as a Ray job to a real two-node Ray cluster on this machine, as users run
+it: a head and a worker node, each its own `ray start` with its own temp dir and ports and one
+CPU. Trials must run on both nodes, and losing the worker node mid-study must lose no trial."""
 
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
+import uuid
 from pathlib import Path
 
+import optuna
 import pandas as pd
 import pytest
 
 from pipeline.config import load_config
+from tests.ray_nodes import RayCluster, RayNode
 
 REPO = Path(__file__).parent.parent
-BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+QUICK = load_config(REPO / "configs" / "quick.yaml")
+GRID = QUICK.study.grid_size
+WINDOWS_PER_EPOCH = 666  # 50,000 values in 5 rows, windows of 15
+GRID_POINT = ["num_layers", "state_size", "echo_step", "seed"]
 
 
 @pytest.fixture(scope="module")
-def ray_head():
-    """A Ray head of our own: its own temp dir, ports and CPUs, bound to 127.0.0.1, stopped by
-    terminating the `ray start --block` process that owns it (never a machine-wide `ray stop`)."""
-    temp = tempfile.mkdtemp(prefix="rh-", dir="/tmp")  # short: Ray's socket paths have a limit
-    dashboard = _free_port()
-    env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # a single-node Ray: loopback only
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",  # the job's `python` is this venv's
-    }
-    env.pop("RAY_ADDRESS", None)
-    command = [
-        str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
-        f"--temp-dir={temp}", "--num-cpus=2", f"--port={_free_port()}",
-        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-        f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
-        f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
-    ]  # fmt: skip
-    log = open(Path(temp) / "head.log", "w")  # noqa: SIM115 - open for the head's lifetime
-    head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
-    address = f"http://127.0.0.1:{dashboard}"
+def cluster():
+    """A head of our own with one CPU, its dashboard on 127.0.0.1; tests join worker nodes."""
+    head = RayCluster.start(num_cpus=1)
     try:
-        _wait_for_jobs_api(address, env, head)
-        yield address, env
+        yield head
     finally:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)  # its own process group only
-            head.wait()
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
+        head.stop()
 
 
-def _wait_for_jobs_api(address: str, env: dict, head: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        assert head.poll() is None, "the Ray head exited while starting"
-        probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
-                               capture_output=True, check=False)  # fmt: skip
-        if probe.returncode == 0:
-            return
-        time.sleep(1)
-    raise TimeoutError("the Ray head's job API did not answer within 90 s")
+@pytest.fixture
+def worker_node(cluster):
+    """A worker node with one CPU, joined to the head for one test (which may kill it)."""
+    node = cluster.add_worker_node(num_cpus=1)
+    try:
+        yield node
+    finally:
+        node.stop()
 
 
-def _submit(address: str, env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
-         "--", "python", "-m", "pipeline", "study", "configs/quick.yaml", *args],
-        env=env, capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
+def _submit_quick(cluster: RayCluster, log: Path, *args: str):
+    submission_id = f"test-{uuid.uuid4().hex[:8]}"
+    entrypoint = ["python", "-m", "pipeline", "study", "configs/quick.yaml", *args]
+    with log.open("w") as out:
+        job = cluster.submit(submission_id, REPO, *entrypoint, stdout=out, stderr=out)
+    return submission_id, job
 
 
-def test_cluster_job_submit_writes_the_study_to_an_absolute_output(ray_head, tmp_path):
-    address, env = ray_head
-    output = tmp_path / "quick"
-    done = _submit(address, env, "--output", str(output), "--set", "train.epochs=1")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    grid = load_config(REPO / "configs" / "quick.yaml").study.grid_size
-    assert f"Study echo-quick: {grid} trials ran" in done.stdout
-    steps = pd.read_parquet(output / "steps")
+def _reap(job) -> None:
+    """End a `ray job submit` client that outlived its test (the job itself dies with the head)."""
+    if job.poll() is None:
+        job.kill()
+        job.wait()
+
+
+def _finish(job, log: Path, timeout: float = 240) -> str:
+    """Wait for the submitted job; return what it printed, or fail with its tail."""
+    try:
+        job.wait(timeout=timeout)
+    finally:
+        _reap(job)
+    text = log.read_text()
+    assert job.returncode == 0, text[-3000:]
+    return text
+
+
+def _finished_trials(output: Path) -> set[int]:
+    if not any((output / "steps").glob("*.parquet")):
+        return set()
+    return set(pd.read_parquet(output / "steps", columns=["trial"])["trial"])
+
+
+def _assert_every_grid_point_complete_once(output: Path, steps_per_trial: int) -> None:
     trials = pd.read_parquet(output / "trials.parquet")
-    assert len(trials) == grid and (trials["state"] == "COMPLETE").all()
-    assert steps.groupby("trial").size().eq(666).all() and len(steps) == grid * 666
+    steps = pd.read_parquet(output / "steps")
+    assert len(trials) == GRID and (trials["state"] == "COMPLETE").all(), trials
+    assert not trials.duplicated(GRID_POINT).any() and trials["trial"].is_unique
+    # Each trial's steps are whole: every global step once, none twice from a rerun.
+    assert set(steps["trial"]) == set(trials["trial"])
+    for trial, ran in steps.groupby("trial")["step"]:
+        assert sorted(ran) == list(range(steps_per_trial)), f"trial {trial}"
+    # The storage agrees: each grid point COMPLETE exactly once (a lost trial may have been
+    # marked FAIL there before it ran again).
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(output / "study.journal"))
+    )
+    stored = optuna.load_study(study_name=QUICK.study.name, storage=storage).trials
+    complete = [tuple(t.params[key] for key in GRID_POINT)
+                for t in stored if t.state.name == "COMPLETE"]  # fmt: skip
+    assert len(complete) == len(set(complete)) == GRID
+
+
+def test_cluster_job_runs_its_trials_on_both_nodes(cluster, worker_node, tmp_path):
+    output = tmp_path / "quick"
+    log = tmp_path / "job.log"
+    submission_id, job = _submit_quick(
+        cluster, log, "--output", str(output), "--set", "train.epochs=1"
+    )
+    printed = _finish(job, log)
+    assert f"Study echo-quick: {GRID} trials ran" in printed
+    record = cluster.job(submission_id)
+    assert record["status"] == "SUCCEEDED"
+    # Trials ran on the head and on the worker node: each held a CPU for this job.
+    placed = cluster.nodes_with_cpu_work(record["job_id"])
+    assert placed == {cluster.head.node_id, worker_node.node_id}
+    _assert_every_grid_point_complete_once(output, WINDOWS_PER_EPOCH)
     assert (output / "summary.md").exists()
     # Within reach of the gradient the echo starts to be learned, beyond it it is not.
-    final = trials.groupby("echo_step")["final_loss"].median()
+    final = pd.read_parquet(output / "trials.parquet").groupby("echo_step")["final_loss"].median()
     assert final[1] < 0.6 < final[20]
 
 
-def test_cluster_job_submit_refuses_a_relative_output(ray_head):
-    address, env = ray_head
-    done = _submit(address, env, "--output", "results/lost")
-    assert done.returncode != 0
-    assert "is relative, but this runs as a Ray job" in done.stdout + done.stderr
+def _wait_for_busy(node: RayNode, job, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not node.busy_workers():
+        assert job.poll() is None, (
+            "the job ended before the worker node ran trials:\n" + (log.read_text()[-3000:])
+        )
+        assert time.monotonic() < deadline, "no trial ran on the worker node within 120 s"
+        time.sleep(0.1)
+
+
+def test_cluster_lost_worker_node_mid_study_loses_no_trial(cluster, worker_node, tmp_path):
+    output = tmp_path / "quick"
+    log = tmp_path / "job.log"
+    # Two epochs: 1,332 windows a trial, so the study outlives the kill by many seconds.
+    submission_id, job = _submit_quick(cluster, log, "--output", str(output))
+    try:
+        _wait_for_busy(worker_node, job, log)
+        time.sleep(2)  # into its trials
+        worker_node.kill()
+        finished_at_kill = _finished_trials(output)
+        printed = _finish(job, log)
+    finally:
+        _reap(job)
+    # The kill landed mid-study, on a node that held trials of this job.
+    assert len(finished_at_kill) < GRID, printed[-3000:]
+    record = cluster.job(submission_id)
+    assert worker_node.node_id in cluster.nodes_with_cpu_work(record["job_id"])
+    cluster.wait_for_node_state(worker_node.node_id, "DEAD")
+    # The study went on without it: the job succeeded and every trial is recorded once.
+    assert record["status"] == "SUCCEEDED"
+    _assert_every_grid_point_complete_once(output, 2 * WINDOWS_PER_EPOCH)
+
+
+def test_cluster_job_submit_refuses_a_relative_output(cluster, tmp_path):
+    log = tmp_path / "job.log"
+    _, job = _submit_quick(cluster, log, "--output", "results/lost")
+    try:
+        job.wait(timeout=240)
+    finally:
+        _reap(job)
+    assert job.returncode != 0
+    assert "is relative, but this runs as a Ray job" in log.read_text()
