@@ -23,6 +23,7 @@ import itertools
 import logging
 import math
 import os
+import signal
 import socket
 import threading
 import time
@@ -74,6 +75,11 @@ TRIALS_TABLE_EVERY_SECONDS = 10.0
 TRAINER_START_SECONDS = 180.0
 # How long a trainer holds a call when it has nothing to tell yet.
 EXCHANGE_WAIT_SECONDS = 0.5
+# Fault injection for tests: "NAME:N" makes the driver SIGKILL itself the N-th time it passes
+# the failpoint NAME, a moment no outside timing can hit reliably (asked, written, told,
+# recovering).
+FAILPOINT = "ECHO_STUDY_FAILPOINT"
+_failpoint_passes: Counter[str] = Counter()
 
 
 @dataclass(frozen=True)
@@ -231,6 +237,7 @@ class _Driver:
                 self.study.tell(frozen.number, state=TrialState.FAIL)
             else:
                 self.study.tell(frozen.number, _told_value(row), state=TrialState[row["state"]])
+            _failpoint("recovering")
         self.recorded_points = {self._point_of(row) for row in self.rows.values()}
         if self.config.study.sampler == "grid":
             self.points = iter(grid_points(self.config))
@@ -248,9 +255,12 @@ class _Driver:
                 self._place()
                 self._exchange()
                 calls = [t.call for t in self.trainers if t.call is not None]
+                if not self._in_flight() and not self.unrecorded and self._wanted() <= 0:
+                    break
                 if not calls:
                     break
-                ready, _ = ray.wait(calls, num_returns=len(calls), timeout=0.2)
+                ray.wait(calls, num_returns=1, timeout=0.2)
+                ready, _ = ray.wait(calls, num_returns=len(calls), timeout=0)
                 for trainer in [t for t in self.trainers if t.call in ready]:
                     self._collect(trainer)
                 self._give_up_on_silent_trainers()
@@ -304,6 +314,7 @@ class _Driver:
                 return None
             self.study.sampler.point = dict(zip(distributions, point, strict=True))
         trial = self.study.ask(distributions)
+        _failpoint("asked")
         params = {p.key: trial.params[p.short_name] for p in search}
         trial_config = self.config.with_params(params)
         seed = trial_seed(self.config.study.seed, {**params, "train.seed": trial_config.train.seed})
@@ -337,6 +348,8 @@ class _Driver:
             roomy = [t for t in self.trainers if len(t.trials) < self.lanes]
             if not roomy:
                 return
+            # A trainer that has answered is known to run; a new one may wait for room.
+            roomy = [t for t in roomy if t.answered] or roomy
             key = lanes_key(planned.config)
             same = [t for t in roomy if key in t.architectures()]
             trainer = min(same or roomy, key=lambda t: len(t.trials))
@@ -347,7 +360,7 @@ class _Driver:
     def _exchange(self) -> None:
         """Start an exchange with every trainer that has something to do and none in flight."""
         for trainer in self.trainers:
-            if trainer.call is None and (trainer.trials or trainer.inbox):
+            if trainer.call is None and (trainer.trials or trainer.inbox or not trainer.answered):
                 admit = [LaneTrial(t.number, t.config) for t in trainer.inbox]
                 trainer.call = trainer.actor.exchange.remote(
                     admit, trainer.verdicts, EXCHANGE_WAIT_SECONDS
@@ -371,7 +384,9 @@ class _Driver:
 
     def _judge(self, report: Report) -> bool:
         """Report a running loss to Optuna; True when its pruner stops the trial."""
-        trial = self.asked[report.key]
+        trial = self.asked.get(report.key)
+        if trial is None:  # recorded meanwhile: nothing left to judge
+            return False
         last_step, _ = self.last_report.get(report.key, (-1, math.nan))
         # A trial run again after its trainer was lost reports its first steps again.
         if report.step > last_step:
@@ -457,9 +472,12 @@ class _Driver:
         if not self.unrecorded:
             return
         results, self.unrecorded = self.unrecorded, []
-        for result, row in zip(results, record_trials(self.output, results), strict=True):
+        rows = record_trials(self.output, results)
+        _failpoint("written")
+        for result, row in zip(results, rows, strict=True):
             trial = self.asked.pop(result.number)
             self.study.tell(trial, _told_value(row), state=TrialState[row["state"]])
+            _failpoint("told")
             self.rows[result.number] = row
             self.recorded_points.add(self._point_of(row))
             self.progress.record(row, self.columns)
@@ -592,6 +610,15 @@ class Trainer:
             step = step_function(config.train.compile, device)
             self.lanes[key] = Lanes(config, step, device, self.report_every, self.pause_from)
         return self.lanes[key]
+
+
+def _failpoint(name: str) -> None:
+    wanted, _, count = os.environ.get(FAILPOINT, "").partition(":")
+    if wanted != name:
+        return
+    _failpoint_passes[name] += 1
+    if _failpoint_passes[name] == int(count or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _gpus_per_trainer(config: Config) -> float:

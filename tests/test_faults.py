@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +19,9 @@ import pytest
 import yaml
 
 from pipeline.__main__ import main
-from pipeline.results import Output, claim_output, steps_file, steps_table, trial_row
-from pipeline.study import JOURNAL, run_study
-from pipeline.summary import trial_metrics
+from pipeline.record import TrialResult, record_trials
+from pipeline.results import Output, claim_output, read_steps_outcomes
+from pipeline.study import FAILPOINT, JOURNAL, run_study
 from tests.conftest import study_config
 
 # 666 windows per epoch: long enough to kill a task in the middle of its trials.
@@ -28,13 +29,13 @@ LONG = {"task.series_length": 50000, "train.epochs": 2}
 TWO_BY_TWO = {"task.echo_step": [1, 20], "train.seed": [0, 1]}
 
 
-def _kill_first_task_of(parent: psutil.Process, killed: list[int], delay: float = 0.5) -> None:
-    """Wait for a Ray worker of `parent` that runs a batch of trials, then SIGKILL it."""
+def _kill_first_trainer_of(parent: psutil.Process, killed: list[int], delay: float = 0.5) -> None:
+    """Wait for a Ray worker of `parent` that runs a trainer, then SIGKILL it."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         for process in parent.children(recursive=True):
             try:
-                running = process.cmdline()[:1] == ["ray::run_batch"]
+                running = process.cmdline()[0].startswith("ray::Trainer")
             except psutil.Error:
                 continue
             if running:
@@ -63,30 +64,30 @@ def _visible_and_hidden(steps: Path) -> tuple[list[str], list[str]]:
     return [n for n in names if not n.startswith(".")], [n for n in names if n.startswith(".")]
 
 
-def test_faults_killed_worker_is_retried_and_its_trials_recorded_once(tmp_path, ray_session):
-    config = study_config(tmp_path, search=TWO_BY_TWO, **LONG, **{"study.trials_per_task": 2})
+def test_faults_killed_trainer_has_its_trials_run_again_and_recorded_once(tmp_path, ray_session):
+    config = study_config(tmp_path, search=TWO_BY_TWO, **LONG, **{"study.lanes_per_trainer": 2})
     killed: list[int] = []
-    killer = _in_background(_kill_first_task_of, psutil.Process(), killed)
+    killer = _in_background(_kill_first_trainer_of, psutil.Process(), killed)
     outcome = run_study(config, progress=False)
     killer.join()
     assert len(killed) == 1
-    # Ray reran the killed task (ray.max_retries = 2), so every trial completed, once.
+    # The killed trainer's trials ran again elsewhere (ray.max_retries = 2): all completed, once.
     assert outcome.counts == {"COMPLETE": 4}
     steps = pd.read_parquet(config.output + "/steps")
     assert steps.groupby("trial").size().to_dict() == dict.fromkeys(range(4), 1332)
     visible, hidden = _visible_and_hidden(tmp_path / "study" / "steps")
-    assert len(visible) == 4 and hidden == []
+    assert visible and hidden == []
     assert [t.state.name for t in _optuna_trials(config)] == ["COMPLETE"] * 4
 
 
-def test_faults_killed_worker_past_its_retries_fails_its_trials_and_the_study_goes_on(
+def test_faults_killed_trainer_past_its_retries_fails_its_trials_and_the_study_goes_on(
     tmp_path, ray_session
 ):
     config = study_config(
-        tmp_path, search=TWO_BY_TWO, **LONG, **{"study.trials_per_task": 2, "ray.max_retries": 0}
+        tmp_path, search=TWO_BY_TWO, **LONG, **{"study.lanes_per_trainer": 2, "ray.max_retries": 0}
     )
     killed: list[int] = []
-    killer = _in_background(_kill_first_task_of, psutil.Process(), killed)
+    killer = _in_background(_kill_first_trainer_of, psutil.Process(), killed)
     outcome = run_study(config, progress=False)
     killer.join()
     assert len(killed) == 1
@@ -94,8 +95,9 @@ def test_faults_killed_worker_past_its_retries_fails_its_trials_and_the_study_go
     trials = pd.read_parquet(config.output + "/trials.parquet")
     failed = trials[trials["state"] == "FAIL"]
     assert failed["error"].str.contains("Worker|worker|died", regex=True).all()
-    assert (failed["steps"] == 0).all()
-    assert len(_visible_and_hidden(tmp_path / "study" / "steps")[0]) == 4
+    assert (failed["steps"] == 0).all() and (failed["status"] == "error").all()
+    recorded = read_steps_outcomes(Output(config.output))
+    assert sorted(recorded) == [0, 1, 2, 3]
 
 
 def test_faults_diverging_loss_fails_its_trial_while_its_batch_goes_on(tmp_path, ray_session):
@@ -108,18 +110,24 @@ def test_faults_diverging_loss_fails_its_trial_while_its_batch_goes_on(tmp_path,
     for trial, row in trials.iterrows():
         losses = steps.loc[steps["trial"] == trial, "loss"].to_numpy()
         if row["lr"] > 1:
-            assert row["state"] == "FAIL" and row["error"] == f"diverged at step {len(losses) - 1}"
+            assert row["state"] == "FAIL" and row["status"] == "diverged"
+            assert row["error"] == f"diverged at step {len(losses) - 1}"
             assert not np.isfinite(losses[-1]) and np.isfinite(losses[:-1]).all()
         else:
             assert row["state"] == "COMPLETE" and len(losses) == 200
             assert np.isfinite(losses).all()
 
 
-def _study_process(config_path: Path, output: Path, *args: str) -> subprocess.Popen:
+def _study_process(
+    config_path: Path, output: Path, *args: str, failpoint: str | None = None
+) -> subprocess.Popen:
     """`python -m pipeline study` in a session of its own, so that what its embedded Ray leaves
     after a SIGKILL can be stopped by process group, never by a machine-wide kill."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
+    env.pop(FAILPOINT, None)
+    if failpoint:
+        env[FAILPOINT] = failpoint
     command = [sys.executable, "-m", "pipeline", "study", str(config_path), "--output", str(output)]
     return subprocess.Popen(
         [*command, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -149,17 +157,17 @@ def _wait_for(condition, timeout: float = 120) -> None:
 def test_faults_killed_driver_resumes_to_a_complete_grid(tmp_path):
     search = {"task.echo_step": [1, 2, 20], "train.seed": [0, 1]}
     config = study_config(
-        tmp_path, search=search, **{**LONG, "train.epochs": 1, "study.trials_per_task": 1}
+        tmp_path, search=search, **{**LONG, "train.epochs": 1, "study.lanes_per_trainer": 1}
     )
     path, output = _write_config(tmp_path, config), tmp_path / "study"
     driver = _study_process(path, output)
     try:
-        _wait_for(lambda: len(list((output / "steps").glob("*.parquet"))) >= 2)
+        _wait_for(lambda: len(read_steps_outcomes(Output(str(output)))) >= 2)
         driver.send_signal(signal.SIGKILL)
         driver.wait()
     finally:
         _reap(driver)
-    done_before = len(list((output / "steps").glob("*.parquet")))
+    done_before = len(read_steps_outcomes(Output(str(output))))
     assert 2 <= done_before < 6
     again = _study_process(path, output)
     _, err = again.communicate(timeout=300)
@@ -173,9 +181,49 @@ def test_faults_killed_driver_resumes_to_a_complete_grid(tmp_path):
     assert steps.groupby("trial").size().to_dict() == dict.fromkeys(trials["trial"], 666)
     states = [t.state.name for t in _optuna_trials(config)]
     assert states.count("COMPLETE") == 6
-    # The trials the dead driver left running were marked FAIL and run again.
+    # The trials the dead driver left running were marked FAIL, and their points run again.
     assert states.count("FAIL") == len(states) - 6 >= 1
-    assert "queued again" in err
+    assert "left running by a stopped study" in err
+
+
+def _losses_by_point(output: Path, keys: list[str]) -> dict[tuple, np.ndarray]:
+    steps = pd.read_parquet(output / "steps").sort_values(["trial", "step"])
+    return {point: g["loss"].to_numpy() for point, g in steps.groupby(keys)}
+
+
+def test_faults_driver_killed_at_every_moment_ends_with_the_uninterrupted_results(tmp_path):
+    search = {"train.seed": [0, 1, 2], "train.lr": [0.1, 0.3, 1.0]}
+    # One trial per trainer at a time, so that trials are recorded in several groups.
+    tiny = {"task.series_length": 7500, "train.epochs": 2, "study.lanes_per_trainer": 1}
+    config = study_config(tmp_path, search=search, **tiny)
+    path = _write_config(tmp_path, config)
+    reference, output = tmp_path / "reference", tmp_path / "killed"
+    uninterrupted = _study_process(path, reference)
+    assert uninterrupted.wait(timeout=300) == 0
+    # Killed while asking for trials, during the recovery of those it left running, between
+    # writing trials' steps and telling Optuna, and between two tells; then run to the end.
+    for failpoint in ["asked:3", "recovering:1", "written:1", "told:2", None]:
+        driver = _study_process(path, output, failpoint=failpoint)
+        try:
+            code = driver.wait(timeout=300)
+        finally:
+            _reap(driver)
+        assert code == (-signal.SIGKILL if failpoint else 0), (failpoint, driver.stderr.read())
+    trials = pd.read_parquet(output / "trials.parquet")
+    # Every grid point exactly once, with the very losses of the uninterrupted run.
+    assert len(trials) == 9 and (trials["state"] == "COMPLETE").all()
+    assert not trials.duplicated(["seed", "lr"]).any()
+    killed, expected = (
+        _losses_by_point(output, ["seed", "lr"]),
+        _losses_by_point(reference, ["seed", "lr"]),
+    )
+    assert killed.keys() == expected.keys() and len(killed) == 9
+    for point, losses in expected.items():
+        assert np.array_equal(killed[point], losses), point
+    states = Counter(
+        t.state.name for t in _optuna_trials(config.with_params({"output": str(output)}))
+    )
+    assert states["COMPLETE"] == 9 and states["FAIL"] >= 1
 
 
 def test_faults_trial_written_but_not_told_is_completed_from_its_steps(tmp_path, ray_session):
@@ -191,11 +239,9 @@ def test_faults_trial_written_but_not_told_is_completed_from_its_steps(tmp_path,
     trial = study.ask()
     trial.suggest_categorical("echo_step", [1, 20])
     losses = np.full(200, 0.69, np.float32)
-    metrics = trial_metrics(losses, 100, config.convergence)
     columns = {"num_layers": 1, "state_size": 4, "echo_step": 20, "lr": 0.3}
-    row = trial_row(trial=0, state="COMPLETE", params=columns, value=0.69, metrics=metrics,
-                    steps=200, duration_s=1.0, error=None, trial_seed=7)  # fmt: skip
-    output.write_table(steps_file(0), steps_table(0, losses, 100, columns, row))
+    trial_config = config.with_params({"task.echo_step": 20})
+    record_trials(output, [TrialResult(0, trial_config, columns, losses, "complete")])
 
     outcome = run_study(config, progress=False)
     assert outcome.ran == 1 and outcome.counts == {"COMPLETE": 2}

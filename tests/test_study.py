@@ -1,4 +1,3 @@
-import numpy as np
 import optuna
 import pandas as pd
 import pytest
