@@ -8,6 +8,7 @@ the model's seed and the epoch, so a model sees the same data whether it trains 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,6 +16,8 @@ import torch
 
 from pipeline.config import TaskConfig
 
+# The loss of a model that has learned nothing: the target is a fair coin.
+LN2 = math.log(2)
 # Independent random streams under one seed: the initial weights, and each epoch's data.
 INIT_STREAM = 0
 DATA_STREAM = 1
