@@ -395,7 +395,7 @@ def _converged_cell(row: dict | pd.Series) -> str:
 
 
 def _median_with_interval(row: dict | pd.Series) -> str:
-    """`250 (200–300)`, `> 1331 (400–> 1331)` or `> 1331`; – when no trial trained."""
+    """`250 [200, 300]`, `> 1331 [400, > 1331]` or `> 1331`; – when no trial trained."""
     if pd.isna(row["horizon_step"]):
         return "–"
     beyond = f"> {row['horizon_step']:.0f}"
@@ -404,7 +404,7 @@ def _median_with_interval(row: dict | pd.Series) -> str:
     text = beyond if pd.isna(median) else f"{median:.0f}"
     if pd.isna(low):
         return text
-    return f"{text} ({low:.0f}–{beyond if pd.isna(high) else f'{high:.0f}'})"
+    return f"{text} [{low:.0f}, {beyond if pd.isna(high) else f'{high:.0f}'}]"
 
 
 def _quartiles(row: dict) -> str:
