@@ -154,7 +154,7 @@ def test_summarize_median_of_a_group_where_fewer_than_half_converged_prints_beyo
     # 1 of 3 converged: no median, and the horizon is the last step, 199.
     assert pd.isna(row["median_steps_to_converge"]) and row["horizon_step"] == 199
     markdown = render_markdown(summary)
-    assert "| > 199 |" in markdown or "| > 199 (" in markdown
+    assert "| > 199 |" in markdown or "| > 199 [" in markdown
 
 
 def test_summarize_pruned_trial_is_censored_where_it_stopped(tmp_path):
