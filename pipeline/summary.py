@@ -229,10 +229,11 @@ class Survival:
         return _first_step_at(self.steps, self.high, 0.5), _first_step_at(self.steps, self.low, 0.5)
 
 
-def kaplan_meier(steps: np.ndarray, converged: np.ndarray) -> Survival:
+def kaplan_meier(steps: np.ndarray, converged: np.ndarray, horizon: int | None = None) -> Survival:
     """The Kaplan–Meier fraction converged of trials that converged at `steps` where
     `converged`, and were censored there otherwise. At a tied step, convergences count first:
-    a trial censored at step s was at risk of converging at s."""
+    a trial censored at step s was at risk of converging at s. `horizon`: the last step the
+    trials ran to (default: the largest of `steps`)."""
     steps = np.asarray(steps, np.int64)
     converged = np.asarray(converged, bool)
     trials = len(steps)
@@ -260,7 +261,7 @@ def kaplan_meier(steps: np.ndarray, converged: np.ndarray) -> Survival:
         low=np.asarray(low, float),
         high=np.asarray(high, float),
         censored=steps[~converged],
-        horizon=int(steps.max()) if trials else -1,
+        horizon=(int(steps.max()) if horizon is None else int(horizon)) if trials else -1,
         trials=trials,
     )
 
@@ -322,7 +323,8 @@ class Summary:
     trials: pd.DataFrame
     """One row per finished trial, as in trials.parquet, plus the columns of the counting
     rule: `diverged`, `trained`, `reached` (converged), `event_step` (where it converged or
-    was censored) and `reachable` (echo step below its truncation)."""
+    was censored), `last_step` (the last step it ran, or for a diverged trial was to run) and
+    `reachable` (echo step below its truncation)."""
     table: pd.DataFrame
     """summary.parquet: one row per group of `factors`."""
     by_factor: pd.DataFrame
@@ -597,6 +599,7 @@ def _with_counting_rule(config: Config, trials: pd.DataFrame) -> pd.DataFrame:
     event_step = trials["steps_to_converge"].astype(float).where(reached, last)
     truncation = _column_or(config, trials, TRUNCATION, "task.truncation")
     trials = trials.assign(
+        last_step=last,
         diverged=diverged,
         trained=trained,
         reached=reached,
@@ -623,7 +626,9 @@ def _column_or(config: Config, trials: pd.DataFrame, column: str, key: str) -> p
 
 def _survival(trials: pd.DataFrame) -> Survival:
     trained = trials[trials["trained"]]
-    return kaplan_meier(trained["event_step"].to_numpy(), trained["reached"].to_numpy())
+    # Trials run on after they converge: the horizon is the last step any of them ran.
+    horizon = int(trained["last_step"].max()) if len(trained) else None
+    return kaplan_meier(trained["event_step"].to_numpy(), trained["reached"].to_numpy(), horizon)
 
 
 def _statistics(trials: pd.DataFrame) -> dict[str, float | int]:
