@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,6 +19,8 @@ import torch
 
 from pipeline.config import TaskConfig
 
+# The loss of a model that has learned nothing: the target is a fair coin.
+LN2 = math.log(2)
 # Independent random streams under one seed: the initial weights, and each epoch's data.
 INIT_STREAM = 0
 DATA_STREAM = 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -15,6 +16,11 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+from pipeline.data import LN2
+
+if TYPE_CHECKING:
+    from pipeline.summary import Survival
 
 
 def png_bytes(figure: Figure) -> bytes:
@@ -56,8 +62,9 @@ def training_figure(
     return figure
 
 
-LN2 = math.log(2)
 _LINE_STYLES = ("-", "--", ":", "-.")
+# Lines of more levels than this get a colour scale instead of a legend.
+_MAX_LEGEND = 8
 _MARKERS = ("o", "s", "^", "D", "v", "P")
 _NEVER = {"facecolor": "0.88", "edgecolor": "0.55", "hatch": "///", "linewidth": 0.0}
 
@@ -71,11 +78,14 @@ def loss_curves_figure(
     title: str,
 ) -> Figure:
     """Small multiples, one panel per echo step: the median moving-average loss of each
-    architecture (colour: layers, line style: state size) with its inter-quartile band, on a
-    log scale. `curves` as summary.loss_curves makes it."""
+    architecture (colour: layers, or truncation when `curves` has it; line style: state size)
+    with its inter-quartile band, on a log scale. `curves` as summary.loss_curves makes it."""
+    colour_key = "truncation" if "truncation" in curves else "num_layers"
+    colour_word = "truncation" if colour_key == "truncation" else "layer"
     echo_steps = sorted(curves["echo_step"].unique()) or [None]
-    layers = sorted(curves["num_layers"].unique())
+    layers = sorted(curves[colour_key].unique())
     sizes = sorted(curves["state_size"].unique())
+    line_keys = [k for k in curves.columns if k in ("num_layers", "state_size", "truncation")]
     figure, axes = _panels(len(echo_steps), width=3.8, height=3.0, sharey=True)
     figure.suptitle(
         f"{title}: median loss per architecture\n"
@@ -84,8 +94,10 @@ def loss_curves_figure(
     colours = colormaps["tab10"]
     for ax, echo in zip(axes, echo_steps, strict=False):
         panel = curves[curves["echo_step"] == echo]
-        for (num_layers, state_size), rows in panel.groupby(["num_layers", "state_size"]):
-            colour = colours(layers.index(num_layers) % 10)
+        for key, rows in panel.groupby(line_keys):
+            line = dict(zip(line_keys, key, strict=True))
+            state_size = line["state_size"]
+            colour = colours(layers.index(line[colour_key]) % 10)
             ax.fill_between(rows["step"], rows["q25"], rows["q75"], color=colour, alpha=0.18, lw=0)
             ax.plot(
                 rows["step"],
@@ -105,7 +117,7 @@ def loss_curves_figure(
             ax.text(0.5, 0.5, "no trained trials", ha="center", va="center", transform=ax.transAxes)
     _label_outer(axes, xlabel="step (window)", ylabel="cross-entropy loss")
     handles = [
-        Line2D([], [], color=colours(layers.index(n) % 10), label=f"{_plural(n, 'layer')}")
+        Line2D([], [], color=colours(layers.index(n) % 10), label=_legend(n, colour_word))
         for n in layers
     ]
     if len(sizes) > 1:
@@ -141,7 +153,7 @@ def steps_to_converge_figure(table: pd.DataFrame, truncation: int | None, title:
     )
     figure.suptitle(
         f"{title}: median steps to converge\n"
-        "cell: median and converged/trained trials; grey, hatched: never converged"
+        "cell: median and converged/trained trials; grey, hatched: fewer than half converged"
     )
     medians = table["median_steps_to_converge"].dropna()
     low, high = (medians.min(), medians.max()) if len(medians) else (0.0, 1.0)
@@ -167,7 +179,7 @@ def steps_to_converge_figure(table: pd.DataFrame, truncation: int | None, title:
         )
         bar.locator = MaxNLocator(integer=True)
     figure.legend(
-        handles=[Patch(**_NEVER, label="never converged")],
+        handles=[Patch(**_NEVER, label="fewer than half converged")],
         loc="outside lower center",
         fontsize="small",
     )
@@ -176,16 +188,18 @@ def steps_to_converge_figure(table: pd.DataFrame, truncation: int | None, title:
 
 def converged_fraction_figure(table: pd.DataFrame, truncation: int | None, title: str) -> Figure:
     """Converged fraction versus echo step, one line per layer count (pooled over state sizes
-    and seeds), with the truncation length marked. `table` has num_layers, echo_step, trained,
-    converged_fraction."""
+    and seeds) with the truncation length marked; or, when the truncation varies (`truncation`
+    None and a `truncation` column), one line per truncation, each marked in its colour.
+    `table` has that line column, echo_step, trained, converged_fraction and its interval."""
     table = table[table["trained"] > 0]
+    key = "num_layers" if truncation is not None else "truncation"
     figure = Figure(figsize=(7.5, 4.6), layout="constrained")
     ax = figure.subplots()
     echo_steps = sorted(table["echo_step"].unique())
-    layers = sorted(table["num_layers"].unique())
+    layers = sorted(table[key].unique())
     colours = colormaps["tab10"]
     for i, num_layers in enumerate(layers):
-        rows = table[table["num_layers"] == num_layers].sort_values("echo_step")
+        rows = table[table[key] == num_layers].sort_values("echo_step")
         # Lines that coincide stay visible: earlier ones are drawn wider, with larger markers.
         ax.plot(
             rows["echo_step"],
@@ -194,11 +208,15 @@ def converged_fraction_figure(table: pd.DataFrame, truncation: int | None, title
             marker=_MARKERS[i % len(_MARKERS)],
             markersize=9 - 5 * i / max(1, len(layers) - 1) if len(layers) > 1 else 7,
             linewidth=3.0 - 2.0 * i / max(1, len(layers) - 1) if len(layers) > 1 else 1.5,
-            label=_plural(num_layers, "layer"),
+            label=_legend(num_layers, "layer" if key == "num_layers" else "truncation"),
         )
+        if key == "truncation":
+            ax.axvline(num_layers, color=colours(i % 10), linestyle="--", linewidth=1)
     margin = max(1.0, 0.05 * (max(echo_steps, default=1) - min(echo_steps, default=0)))
     left = min(echo_steps, default=0) - margin
     right = max([*echo_steps, truncation or 0]) + margin
+    if key == "truncation":
+        ax.plot([], [], color="0.3", linestyle="--", linewidth=1, label="echo step = truncation")
     if truncation is not None:
         ax.axvspan(
             truncation,
@@ -259,7 +277,8 @@ def _heat_cell(ax, i: int, j: int, row: pd.Series | None, norm: Normalize, cmap)
     if np.isnan(median):
         ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, **_NEVER))
         box = {"facecolor": _NEVER["facecolor"], "edgecolor": "none", "pad": 1.5}
-        ax.text(j, i, f"never\n{counts}", color="0.15", bbox=box, **centre)
+        words = "never" if row["converged"] == 0 else f"> {row['horizon_step']:.0f}"
+        ax.text(j, i, f"{words}\n{counts}", color="0.15", bbox=box, **centre)
         return
     red, green, blue, _ = cmap(norm(median))
     dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
@@ -275,3 +294,112 @@ def _echo_title(echo: float | None, truncation: int | None) -> str:
 
 def _plural(count: float, word: str) -> str:
     return f"{count:g} {word}" + ("" if count == 1 else "s")
+
+
+def _legend(value: float, word: str) -> str:
+    return f"truncation {value:g}" if word == "truncation" else _plural(value, word)
+
+
+def time_to_converge_figure(survival: dict[str, dict[int, Survival]], title: str) -> Figure:
+    """Fraction converged against step (Kaplan–Meier), one panel per factor and one line per
+    level, pooled over the other factors; a band is the pointwise 95 % interval, a tick on a
+    line a trial censored there (it stopped, or the run ended, before it converged)."""
+    factors = [f for f, levels in survival.items() if len(levels) > 1] or list(survival)[:1]
+    figure, axes = _panels(len(factors), width=4.6, height=3.4, sharey=True)
+    figure.suptitle(
+        f"{title}: fraction converged by step (Kaplan–Meier)\n"
+        "band: pointwise 95 % interval; |: censored trials (not converged when they stopped)"
+    )
+    for ax, factor in zip(axes, factors, strict=False):
+        word = {"num_layers": "layer", "state_size": "unit"}.get(factor)
+        levels = sorted(survival[factor])
+        # Many levels (echo steps, say) read better as a colour scale than as a legend.
+        scale = Normalize(min(levels), max(levels)) if len(levels) > _MAX_LEGEND else None
+        for i, level in enumerate(levels):
+            curve = survival[factor][level]
+            colour = colormaps["viridis"](scale(level)) if scale else colormaps["tab10"](i % 10)
+            steps = np.concatenate([[0], curve.steps, [max(curve.horizon, 0)]])
+            fraction = np.concatenate([[0.0], curve.fraction, [curve.final if curve.trials else 0]])
+            low = np.concatenate([[0.0], curve.low, [curve.low[-1] if curve.low.size else 0]])
+            high = np.concatenate([[0.0], curve.high, [curve.high[-1] if curve.high.size else 0]])
+            name = _plural(level, word) if word else f"{factor.replace('_', ' ')} {level:g}"
+            ax.step(steps, fraction, where="post", color=colour, linewidth=1.4,
+                    label=f"{name} ({curve.trials})")  # fmt: skip
+            ax.fill_between(steps, low, high, step="post", color=colour, alpha=0.12, lw=0)
+            censored = np.unique(curve.censored)
+            ax.plot(censored, [curve.fraction_by(s) for s in censored], linestyle="none",
+                    marker="|", markersize=9, color=colour)  # fmt: skip
+        ax.set_title(factor.replace("_", " "))
+        ax.set_ylim(-0.03, 1.03)
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.grid(color="0.92")
+        if scale:
+            figure.colorbar(ScalarMappable(scale, colormaps["viridis"]), ax=ax,
+                            label=factor.replace("_", " "))  # fmt: skip
+        else:
+            ax.legend(fontsize="x-small", title="level (trained trials)", title_fontsize="x-small")
+    _label_outer(axes, xlabel="step (window)", ylabel="fraction converged")
+    return figure
+
+
+def truncation_frontier_figure(frontier: pd.DataFrame, title: str) -> Figure:
+    """Two maps over (echo step, truncation): the fraction converged and the median steps to
+    converge, with the line echo step = truncation drawn; a grey, hatched cell had fewer than
+    half of its trials converged (its median is beyond the run). `frontier` as
+    summary.Summary.frontier (truncation, echo_step and the statistics)."""
+    echo_steps = sorted(int(e) for e in frontier["echo_step"].unique())
+    truncations = sorted(int(t) for t in frontier["truncation"].unique())
+    cells = frontier.set_index(["truncation", "echo_step"])
+    shape = (len(truncations), len(echo_steps))
+    fraction, median = np.full(shape, np.nan), np.full(shape, np.nan)
+    for i, truncation in enumerate(truncations):
+        for j, echo in enumerate(echo_steps):
+            if (truncation, echo) in cells.index:
+                fraction[i, j] = cells.loc[(truncation, echo), "converged_fraction"]
+                median[i, j] = cells.loc[(truncation, echo), "median_steps_to_converge"]
+    figure = Figure(figsize=(max(7.0, 0.42 * len(echo_steps) + 2.5), 2.0 * len(truncations) + 2.4),
+                    layout="constrained")  # fmt: skip
+    figure.suptitle(
+        f"{title}: the truncation frontier\n"
+        "dashed: echo step = truncation (at and right of it no gradient links input to target)"
+    )
+    top, bottom = figure.subplots(2, 1, sharex=True)
+    maps = [
+        (top, fraction, colormaps["viridis"], Normalize(0, 1), "fraction converged"),
+        (bottom, median, colormaps["viridis_r"], _median_norm(median), "median steps to converge"),
+    ]
+    for ax, values, cmap, norm, label in maps:
+        ax.imshow(np.ma.masked_invalid(values), cmap=cmap, norm=norm, origin="lower",
+                  aspect="auto")  # fmt: skip
+        for i, j in zip(*np.nonzero(np.isnan(values)), strict=True):
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, **_NEVER))
+        for i, truncation in enumerate(truncations):
+            # The boundary sits between echo steps truncation - 1 and truncation.
+            x = np.searchsorted(echo_steps, truncation) - 0.5
+            ax.plot([x, x], [i - 0.5, i + 0.5], color="crimson", linestyle="--", linewidth=2)
+        ax.set_yticks(range(len(truncations)), [str(t) for t in truncations])
+        ax.set_ylabel("truncation")
+        ax.set_title(label)
+        bar = figure.colorbar(ScalarMappable(norm, cmap), ax=ax, label=label)
+        if label.startswith("fraction"):
+            bar.formatter = PercentFormatter(1.0)
+    bottom.set_xticks(range(len(echo_steps)), [str(e) for e in echo_steps])
+    bottom.set_xlabel("echo step")
+    figure.legend(
+        handles=[
+            Line2D([], [], color="crimson", linestyle="--", label="echo step = truncation"),
+            Patch(**_NEVER, label="fewer than half converged"),
+        ],
+        loc="outside lower center",
+        ncols=2,
+        fontsize="small",
+    )
+    return figure
+
+
+def _median_norm(values: np.ndarray) -> Normalize:
+    finite = values[np.isfinite(values)]
+    if not finite.size:
+        return Normalize(0, 1)
+    low, high = float(finite.min()), float(finite.max())
+    return Normalize(low - 1, high + 1) if low == high else Normalize(low, high)

@@ -1,27 +1,42 @@
-"""Convergence: per-trial metrics from the per-step losses, and the study's summary.
+"""Convergence: per-trial metrics from the per-step losses, and the numbers of the study's summary.
 
-The summary groups a study's finished trials by (num_layers, state_size, echo_step), pooling
-whatever else varies (seeds, learning rates), and writes into the output folder:
+The summary groups a study's finished trials by its factors (num_layers, state_size,
+echo_step, and truncation when the study searches it), pooling whatever else varies (seeds,
+learning rates), and writes into the output folder:
 
     summary.parquet            one row per group
-    summary_by_factor.parquet  the same statistics over each factor alone: `factor` names it
-                               (num_layers, state_size or echo_step), `value` is its value
-    summary.md                 what was run, the findings in sentences, the tables
-    plots/loss_curves.png, plots/steps_to_converge.png, plots/converged_fraction.png
+    summary_by_factor.parquet  the same statistics over each factor alone: `factor` names it,
+                               `value` is its value
+    summary.md                 what was run, the findings in sentences, the tables (report.py)
+    plots/*.png                see PLOTS
+
+This module computes the numbers; `pipeline.report` words them.
 
 Which trials count: every finished trial is in `trials` and in the counts by state. A trial
-that trained to an outcome (COMPLETE, PRUNED, or FAIL because its loss diverged) is in
-`trained`, the denominator of `converged_fraction`; a trial that raised an error or lost its
-worker says nothing about convergence and is left out. A diverged trial never converged, even
-if its moving average had dipped below the threshold first; a pruned trial counts as converged
-only if it got there before it was stopped. Steps to converge are summarized over the
-converged trials (null when none converged); the final loss over COMPLETE and PRUNED trials.
+that trained to an outcome (status complete, pruned or diverged) is in `trained`; a trial that
+raised an error or lost its worker says nothing about convergence and is left out.
+
+Time to converge is censored data, so the statistics are survival statistics. A trained trial
+either converged at its `steps_to_converge` (an event) or is censored: a complete trial that
+never converged at its last step, a pruned one at the step where it was stopped (it might have
+converged later), a diverged one at the end of the planned run (its fate is known: it never
+converges, so it stays among the trials at risk to the end). A diverged trial never counts as
+converged, even if its moving average had dipped below the threshold first. From these:
+
+- the fraction converged by step s is the Kaplan–Meier estimate (with every trial followed to
+  the end it is the plain fraction converged/trained; a pruned trial counts until it stopped);
+- `converged_fraction` is that estimate at the group's last step, with a 95 % Wilson interval
+  (for a Kaplan–Meier estimate, Wilson's interval at the effective sample size that Greenwood's
+  variance implies, which is the number of trials when none was censored early);
+- `median_steps_to_converge` (and the quartiles) are the steps at which that fraction reaches
+  one half (a quarter, three quarters): null when it never does, which reads "more than
+  `horizon_step` steps". Its 95 % interval comes from the same pointwise band (see
+  `Survival.median_interval`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,25 +44,29 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 
-from pipeline.config import Config, ConfigError, ConvergenceConfig, config_from_dict
+from pipeline.config import Config, ConfigError, ConvergenceConfig
 from pipeline.plots import (
     converged_fraction_figure,
     loss_curves_figure,
     png_bytes,
     steps_to_converge_figure,
+    time_to_converge_figure,
+    truncation_frontier_figure,
 )
+from pipeline.report import findings, render_markdown, title
 from pipeline.results import (
-    CONFIG,
     PARAM_TYPES,
     TRIALS,
     Output,
     load_steps,
+    read_config,
     read_steps_outcomes,
 )
 
 GROUP = ["num_layers", "state_size", "echo_step"]
+# A factor the summary knows only when the study searches it.
+TRUNCATION = "truncation"
 SUMMARY = "summary.parquet"
 SUMMARY_BY_FACTOR = "summary_by_factor.parquet"
 SUMMARY_MD = "summary.md"
@@ -55,11 +74,13 @@ PLOTS = {
     "loss_curves": "plots/loss_curves.png",
     "steps_to_converge": "plots/steps_to_converge.png",
     "converged_fraction": "plots/converged_fraction.png",
+    "time_to_converge": "plots/time_to_converge.png",
+    "truncation_frontier": "plots/truncation_frontier.png",
 }
-LN2 = math.log(2)
-# Medians of steps to converge this close (relative) say nothing about a factor's effect.
-SAME_WITHIN = 0.1
-STATES = ("COMPLETE", "PRUNED", "FAIL")
+# The normal quantile of a two-sided 95 % interval.
+Z95 = 1.959963984540054
+# Fractions this close are equal: Kaplan–Meier products of ratios are not exact.
+_TOLERANCE = 1e-9
 # Statistics of a set of trials, in the order of the Parquet columns.
 STATISTICS = {
     "trials": pa.int32(),
@@ -70,13 +91,16 @@ STATISTICS = {
     "trained": pa.int32(),
     "converged": pa.int32(),
     "converged_fraction": pa.float64(),
+    "converged_fraction_low": pa.float64(),
+    "converged_fraction_high": pa.float64(),
     "median_steps_to_converge": pa.float64(),
+    "median_steps_to_converge_low": pa.float64(),
+    "median_steps_to_converge_high": pa.float64(),
     "steps_to_converge_q25": pa.float64(),
     "steps_to_converge_q75": pa.float64(),
+    "horizon_step": pa.int32(),
     "median_final_loss": pa.float64(),
 }
-_HEADERS = {"num_layers": "layers", "state_size": "state size", "echo_step": "echo step"}
-_FACTOR_WORDS = {"num_layers": ("layer", "layers"), "state_size": ("unit", "units")}
 
 
 @dataclass(frozen=True)
@@ -132,26 +156,216 @@ def objective_value(metrics: TrialMetrics, objective: str) -> float:
     return getattr(metrics, objective)
 
 
+def wilson_interval(fraction: float, n: float, z: float = Z95) -> tuple[float, float]:
+    """Wilson's score interval of a binomial fraction observed in `n` trials (n may be an
+    effective, fractional size); NaN for n = 0. It always contains `fraction`."""
+    if not n > 0 or np.isnan(fraction):
+        return float("nan"), float("nan")
+    scale = 1 + z * z / n
+    centre = (fraction + z * z / (2 * n)) / scale
+    half = z * np.sqrt(fraction * (1 - fraction) / n + z * z / (4 * n * n)) / scale
+    # Rounding must not push an end past the estimate (at 0 and 1 they coincide).
+    return float(min(max(centre - half, 0.0), fraction)), float(
+        max(min(centre + half, 1.0), fraction)
+    )
+
+
+@dataclass(frozen=True)
+class Survival:
+    """The Kaplan–Meier fraction converged of a set of trials, a step function of the step.
+
+    Arrays are over the distinct steps at which some trial converged, ascending.
+    """
+
+    steps: np.ndarray
+    """Steps at which at least one trial converged."""
+    fraction: np.ndarray
+    """Estimated fraction converged by each of those steps."""
+    low: np.ndarray
+    """Pointwise 95 % Wilson interval of `fraction`, at Greenwood's effective sample size."""
+    high: np.ndarray
+    censored: np.ndarray
+    """Steps at which trials were censored (never seen to converge), one per trial."""
+    horizon: int
+    """The last step any trial was followed to; -1 for no trial."""
+    trials: int
+
+    def fraction_by(self, step: float) -> float:
+        """Estimated fraction converged by `step`."""
+        index = np.searchsorted(self.steps, step, side="right")
+        return float(self.fraction[index - 1]) if index else 0.0
+
+    @property
+    def final(self) -> float:
+        """The fraction converged by the horizon; NaN for no trial."""
+        return self.fraction_by(self.horizon) if self.trials else float("nan")
+
+    @property
+    def final_interval(self) -> tuple[float, float]:
+        if not self.trials:
+            return float("nan"), float("nan")
+        if not self.steps.size:
+            return wilson_interval(0.0, self.trials)
+        return float(self.low[-1]), float(self.high[-1])
+
+    def quantile(self, p: float) -> float:
+        """The first step by which a fraction p converged; NaN if it never did. Where the
+        fraction equals p exactly up to the next convergence, the midpoint of the two steps,
+        so that with no censoring the median is the ordinary sample median."""
+        reached = np.flatnonzero(self.fraction >= p - _TOLERANCE)
+        if not reached.size:
+            return float("nan")
+        k = reached[0]
+        if abs(self.fraction[k] - p) < _TOLERANCE and k + 1 < len(self.steps):
+            return float(self.steps[k] + self.steps[k + 1]) / 2
+        return float(self.steps[k])
+
+    def median_interval(self) -> tuple[float, float]:
+        """95 % interval of the median steps to converge, read off the pointwise band: from
+        the first step where the band's upper end reaches one half to the first where its
+        lower end does (Brookmeyer and Crowley's construction); an end never reached is NaN
+        (read: beyond the horizon). Chosen over a bootstrap because it uses the censored
+        trials as the estimate does, is deterministic and costs one pass."""
+        return _first_step_at(self.steps, self.high, 0.5), _first_step_at(self.steps, self.low, 0.5)
+
+
+def kaplan_meier(steps: np.ndarray, converged: np.ndarray, horizon: int | None = None) -> Survival:
+    """The Kaplan–Meier fraction converged of trials that converged at `steps` where
+    `converged`, and were censored there otherwise. At a tied step, convergences count first:
+    a trial censored at step s was at risk of converging at s. `horizon`: the last step the
+    trials ran to (default: the largest of `steps`)."""
+    steps = np.asarray(steps, np.int64)
+    converged = np.asarray(converged, bool)
+    trials = len(steps)
+    order = np.lexsort((~converged, steps))
+    steps, converged = steps[order], converged[order]
+    distinct, first = np.unique(steps, return_index=True)
+    at_risk = trials - first
+    events = np.add.reduceat(converged.astype(np.int64), first) if trials else first
+    keep = events > 0
+    distinct, at_risk, events = distinct[keep], at_risk[keep], events[keep]
+    survival = np.cumprod(1.0 - events / at_risk)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        greenwood = survival**2 * np.cumsum(events / (at_risk * (at_risk - events)))
+        effective = np.where(
+            (greenwood > 0) & np.isfinite(greenwood),
+            survival * (1 - survival) / greenwood,
+            float(trials),
+        )
+    fraction = 1.0 - survival
+    bands = [wilson_interval(f, min(n, trials)) for f, n in zip(fraction, effective, strict=True)]
+    low, high = (np.array(end, float) for end in zip(*bands, strict=True)) if bands else ([], [])
+    return Survival(
+        steps=distinct,
+        fraction=fraction,
+        low=np.asarray(low, float),
+        high=np.asarray(high, float),
+        censored=steps[~converged],
+        horizon=(int(steps.max()) if horizon is None else int(horizon)) if trials else -1,
+        trials=trials,
+    )
+
+
+def _first_step_at(steps: np.ndarray, fractions: np.ndarray, p: float) -> float:
+    reached = np.flatnonzero(fractions >= p - _TOLERANCE)
+    return float(steps[reached[0]]) if reached.size else float("nan")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A factor's smallest and largest levels compared within one stratum: one echo step (and
+    one truncation when it varies), pooled over everything else."""
+
+    factor: str
+    stratum: dict[str, int]
+    levels: pd.DataFrame
+    """group_table rows of the stratum's trials by the factor, ascending."""
+    verdict: str
+    """"more" (the largest level took more steps, the 95 % intervals of the medians apart),
+    "fewer", "unclear" (they overlap), or "none converged" (neither extreme reached half)."""
+
+
+@dataclass(frozen=True)
+class Fastest:
+    """The group with the fewest median steps to converge among those where most converged."""
+
+    row: pd.Series
+    overlapping: int
+    """Other such groups whose median interval overlaps this one's: not clearly slower."""
+    candidates: int
+    """Groups where a majority of the trained trials converged."""
+
+
+@dataclass(frozen=True)
+class Slowdown:
+    """At one truncation, the smallest echo step against the largest one where most trials
+    converged: how much longer convergence took as the echo step neared the truncation."""
+
+    truncation: int
+    first: pd.Series
+    """The frontier row of the smallest echo step."""
+    last: pd.Series
+    """The frontier row of the largest echo step below the truncation where a majority
+    converged; the same row when there is only one."""
+    stalled: tuple[int, ...]
+    """Echo steps below the truncation where fewer than half converged."""
+    verdict: str
+    """"more" when the 95 % intervals of the two medians are apart, else "unclear"."""
+
+
 @dataclass(frozen=True)
 class Summary:
     """What `write_summary` computed and wrote."""
 
     config: Config
+    factors: tuple[str, ...]
+    """The factors the trials are grouped by: GROUP, and truncation when searched."""
     trials: pd.DataFrame
-    """One row per finished trial, as in trials.parquet, plus `diverged`, `trained` and
-    `reached` (converged by the counting rule of this module)."""
+    """One row per finished trial, as in trials.parquet, plus the columns of the counting
+    rule: `diverged`, `trained`, `reached` (converged), `event_step` (where it converged or
+    was censored), `last_step` (the last step it ran, or for a diverged trial was to run) and
+    `reachable` (echo step below its truncation)."""
     table: pd.DataFrame
-    """summary.parquet: one row per (num_layers, state_size, echo_step)."""
+    """summary.parquet: one row per group of `factors`."""
     by_factor: pd.DataFrame
     """summary_by_factor.parquet: one row per value of each factor alone."""
-    findings: tuple[str, ...]
-    """The headline findings, in sentences derived from the numbers."""
     never_converged_echo_steps: tuple[int, ...]
     """Echo steps with trained trials of which none converged."""
     unreachable_echo_steps: tuple[int, ...]
-    """Echo steps run that are at or beyond the truncation length."""
-    files: tuple[str, ...]
+    """Echo steps run that are at or beyond the (fixed) truncation length."""
+    comparisons: tuple[Comparison, ...]
+    """Depth and width, each compared within every reachable echo step."""
+    fastest: Fastest | None
+    by_reach: pd.DataFrame
+    """Statistics by `reachable` (echo step below its truncation or not)."""
+    frontier: pd.DataFrame | None
+    """When truncation varies: statistics by (truncation, echo_step), pooled over the rest."""
+    slowdowns: tuple[Slowdown, ...]
+    """When truncation varies: one per truncation."""
+    survival: dict[str, dict[int, Survival]]
+    """Fraction converged against step for each level of each factor."""
+    findings: tuple[str, ...] = ()
+    """The headline findings, in sentences derived from the numbers (report.findings)."""
+    files: tuple[str, ...] = ()
     """What was written, relative to the output folder."""
+
+    @property
+    def truncation(self) -> int | None:
+        """The truncation length of every trial; None when the study searches it."""
+        return None if TRUNCATION in self.factors else self.config.task.truncation
+
+    @property
+    def is_single_run(self) -> bool:
+        # A study always searches something; `train` writes a config with an empty search.
+        return not self.config.study.search
+
+    @property
+    def plots(self) -> tuple[str, ...]:
+        """The plots of this summary: the frontier only when truncation varies; then the heat
+        map over layers × state size per echo step would mix truncations, and is left out."""
+        names = ["loss_curves", "converged_fraction", "time_to_converge"]
+        names.insert(1, "truncation_frontier" if self.truncation is None else "steps_to_converge")
+        return tuple(PLOTS[name] for name in names)
 
 
 def write_summary(output: str) -> Summary:
@@ -165,10 +379,13 @@ def write_summary(output: str) -> Summary:
     if trials.empty:
         raise ConfigError(f"{output}: no finished trials yet, nothing to summarize")
     summary = summarize(config, trials)
-    curves = loss_curves(_steps(location), summary.trials, config.convergence.window)
+    curves = loss_curves(
+        _steps(location), summary.trials, config.convergence.window, summary.factors
+    )
     # Everything is computed before the first write, so bad data leaves the folder untouched.
+    keys = list(summary.factors)
     tables = {
-        SUMMARY: _arrow_table(summary.table, _schema(GROUP)),
+        SUMMARY: _arrow_table(summary.table, _schema(keys)),
         SUMMARY_BY_FACTOR: _arrow_table(
             summary.by_factor, pa.schema([("factor", pa.string()), ("value", pa.int32())])
         ),
@@ -179,7 +396,7 @@ def write_summary(output: str) -> Summary:
         location.write_table(name, table)
     for name, data in blobs.items():
         location.write_bytes(name, data)
-    return dataclasses.replace(summary, files=(*tables, SUMMARY_MD, *PLOTS.values()))
+    return dataclasses.replace(summary, files=(*tables, SUMMARY_MD, *summary.plots))
 
 
 def finished_trials(output: Output) -> pd.DataFrame:
@@ -200,30 +417,55 @@ def finished_trials(output: Output) -> pd.DataFrame:
 
 
 def summarize(config: Config, trials: pd.DataFrame) -> Summary:
-    """The tables and findings of a study's finished trials (rows as in trials.parquet)."""
-    trials = _with_counting_rule(trials)
-    table = group_table(trials, GROUP)
+    """The numbers of a study's finished trials (rows as in trials.parquet, with `status`),
+    and the findings that report.py words from them."""
+    factors = _factors(config)
+    trials = _with_counting_rule(config, trials)
+    table = group_table(trials, factors)
     by_factor = pd.concat(
         [
             group_table(trials, [factor]).rename(columns={factor: "value"}).assign(factor=factor)
-            for factor in GROUP
+            for factor in factors
         ],
         ignore_index=True,
     )
     by_factor = by_factor[["factor", "value", *STATISTICS]]
     by_echo = by_factor[(by_factor["factor"] == "echo_step") & (by_factor["trained"] > 0)]
     never = tuple(int(e) for e in by_echo.loc[by_echo["converged"] == 0, "value"])
-    truncation = _fixed_truncation(config)
-    unreachable = tuple(
-        int(e) for e in by_echo["value"] if truncation is not None and e >= truncation
+    fixed = TRUNCATION not in factors
+    frontier = None if fixed else group_table(trials, [TRUNCATION, "echo_step"])
+    unreachable = tuple(int(e) for e in by_echo["value"] if fixed and e >= config.task.truncation)
+    summary = Summary(
+        config=config,
+        factors=tuple(factors),
+        trials=trials,
+        table=table,
+        by_factor=by_factor,
+        never_converged_echo_steps=never,
+        unreachable_echo_steps=unreachable,
+        comparisons=tuple(
+            comparison
+            for factor in ("num_layers", "state_size")
+            for comparison in compare_within_echo_steps(trials, factor, factors)
+        ),
+        fastest=fastest_group(table),
+        by_reach=group_table(trials, ["reachable"]),
+        frontier=frontier,
+        slowdowns=() if frontier is None else tuple(slowdowns(frontier)),
+        survival={
+            factor: {
+                int(level): _survival(group)
+                for level, group in trials[trials["trained"]].groupby(factor, sort=True)
+            }
+            for factor in factors
+        },
     )
-    summary = Summary(config, trials, table, by_factor, (), never, unreachable, ())
-    return dataclasses.replace(summary, findings=tuple(_findings(summary)))
+    return dataclasses.replace(summary, findings=findings(summary))
 
 
 def group_table(trials: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
-    """The statistics of STATISTICS for the trials of each value of `by` (the rule is in the
-    module docstring); `trials` needs the columns that `summarize` adds."""
+    """The statistics of STATISTICS for the trials of each value of `by` (the rules are in
+    the module docstring); `trials` needs the columns that `summarize` adds."""
     rows = [
         {**dict(zip(by, key, strict=True)), **_statistics(group)}
         for key, group in trials.groupby(list(by), sort=True)
@@ -231,24 +473,93 @@ def group_table(trials: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=[*by, *STATISTICS])
 
 
-def loss_curves(steps: pd.DataFrame, trials: pd.DataFrame, window: int) -> pd.DataFrame:
-    """Per group and step, the quartiles over the group's trained trials of each trial's
-    trailing mean loss over up to `window` steps (non-finite losses left out).
+def compare_within_echo_steps(
+    trials: pd.DataFrame, factor: str, factors: Sequence[str]
+) -> list[Comparison]:
+    """`factor`'s smallest and largest levels compared within each echo step below the
+    truncation (and each truncation, when it varies), so that a different mix of echo steps
+    between levels cannot pass for an effect. A direction is claimed only when the two 95 %
+    intervals of the median steps to converge are apart, a conservative test."""
+    strata = [f for f in factors if f in ("echo_step", TRUNCATION)]
+    trained = trials[trials["trained"] & trials["reachable"]]
+    if trained[factor].nunique() < 2:
+        return []
+    comparisons = []
+    for key, group in trained.groupby(strata, sort=True):
+        levels = group_table(group, [factor])
+        if len(levels) < 2:
+            continue
+        smallest, largest = levels.iloc[0], levels.iloc[-1]
+        comparisons.append(
+            Comparison(
+                factor=factor,
+                stratum={name: int(value) for name, value in zip(strata, key, strict=True)},
+                levels=levels,
+                verdict=_verdict(smallest, largest),
+            )
+        )
+    return comparisons
 
-    Columns: the group's factors, `step`, `q25`, `median`, `q75`, `trials` (how many reached
-    that step)."""
-    trained = trials.loc[trials["trained"], ["trial", *GROUP]]
+
+def fastest_group(table: pd.DataFrame) -> Fastest | None:
+    """The group with the fewest median steps to converge among those where a majority of
+    the trained trials converged (one of four converging fast is luck, not speed); None when
+    no such group, or only one group, exists."""
+    majority = table[(2 * table["converged"] > table["trained"])].dropna(
+        subset=["median_steps_to_converge"]
+    )
+    if majority.empty or len(table) < 2:
+        return None
+    ranked = majority.sort_values(
+        ["median_steps_to_converge", "converged_fraction"], ascending=[True, False]
+    )
+    best = ranked.iloc[0]
+    _, best_high = _median_bounds(best)
+    overlapping = sum(_median_bounds(row)[0] <= best_high for _, row in ranked.iloc[1:].iterrows())
+    return Fastest(best, int(overlapping), len(majority))
+
+
+def slowdowns(frontier: pd.DataFrame) -> list[Slowdown]:
+    """For each truncation, how convergence slows from the smallest echo step to the largest
+    one below the truncation where a majority converged (see Slowdown)."""
+    result = []
+    for truncation, rows in frontier.groupby(TRUNCATION, sort=True):
+        below = rows[(rows["echo_step"] < truncation) & (rows["trained"] > 0)]
+        if below.empty:
+            continue
+        below = below.sort_values("echo_step")
+        majority = below[2 * below["converged"] > below["trained"]]
+        first = below.iloc[0]
+        last = majority.iloc[-1] if len(majority) else first
+        stalled = tuple(
+            int(e) for e in below.loc[2 * below["converged"] <= below["trained"], "echo_step"]
+        )
+        same = last["echo_step"] == first["echo_step"]
+        verdict = "unclear" if same else _verdict(first, last)
+        result.append(Slowdown(int(truncation), first, last, stalled, verdict))
+    return result
+
+
+def loss_curves(
+    steps: pd.DataFrame, trials: pd.DataFrame, window: int, keys: Sequence[str] = tuple(GROUP)
+) -> pd.DataFrame:
+    """Per group of `keys` and step, the quartiles over the group's trained trials of each
+    trial's trailing mean loss over up to `window` steps (non-finite losses left out).
+
+    Columns: `keys`, `step`, `q25`, `median`, `q75`, `trials` (how many reached that step)."""
+    keys = list(keys)
+    trained = trials.loc[trials["trained"], ["trial", *keys]]
     steps = steps.merge(trained, on="trial").sort_values(["trial", "step"])
     loss = steps["loss"].astype(float).where(np.isfinite(steps["loss"]))
     steps = steps.assign(smooth=loss.groupby(steps["trial"]).transform(_trailing_mean(window)))
     frames = []
-    for key, group in steps.groupby(GROUP, sort=True):
+    for key, group in steps.groupby(keys, sort=True):
         by_step = group.pivot(index="step", columns="trial", values="smooth")
         quartiles = by_step.quantile([0.25, 0.5, 0.75], axis=1).T
         frames.append(
             pd.DataFrame(
                 {
-                    **dict(zip(GROUP, key, strict=True)),
+                    **dict(zip(keys, key, strict=True)),
                     "step": by_step.index.to_numpy(),
                     "q25": quartiles[0.25].to_numpy(),
                     "median": quartiles[0.5].to_numpy(),
@@ -257,81 +568,117 @@ def loss_curves(steps: pd.DataFrame, trials: pd.DataFrame, window: int) -> pd.Da
                 }
             )
         )
-    columns = [*GROUP, "step", "q25", "median", "q75", "trials"]
+    columns = [*keys, "step", "q25", "median", "q75", "trials"]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 
-def render_markdown(summary: Summary) -> str:
-    """summary.md: what was run, the findings, the tables and the plots."""
-    lines = [f"# Convergence summary: {_title(summary.config)}", ""]
-    lines += ["## What was run", "", *_what_was_run(summary), ""]
-    lines += ["## Findings", "", *(f"- {sentence}" for sentence in summary.findings), ""]
-    lines += ["## By layers, state size and echo step", ""]
-    lines += _markdown_table(summary.table, GROUP)
-    lines += ["", "## By each factor alone", ""]
-    lines += [
-        "Pooled over the other two factors; the same numbers are in `summary_by_factor.parquet`"
-        " (`factor`, `value`).",
-        "",
-    ]
-    for factor in GROUP:
-        rows = summary.by_factor[summary.by_factor["factor"] == factor]
-        rows = rows.rename(columns={"value": factor})
-        lines += [f"### {factor}", "", *_markdown_table(rows, [factor])]
-        lines.append("")
-    lines += ["## Plots", ""]
-    captions = {
-        "loss_curves": "Median loss per group (moving average), inter-quartile band",
-        "steps_to_converge": "Median steps to converge over layers × state size",
-        "converged_fraction": "Converged fraction versus echo step",
-    }
-    for name, path in PLOTS.items():
-        lines += [f"![{captions[name]}]({path})", ""]
-    return "\n".join(lines)
+def _factors(config: Config) -> list[str]:
+    searched = any(p.key == "task.truncation" for p in config.study.search)
+    return [*GROUP, *([TRUNCATION] if searched else [])]
 
 
 def _read_config(output: Output) -> Config:
     if not output.exists():
         raise ConfigError(f"{output.location}: no such folder")
-    if not output.exists(CONFIG):
-        raise ConfigError(f"{output.location}: not an echo-study output (no {CONFIG} in it)")
-    try:
-        return config_from_dict(yaml.safe_load(output.read_text(CONFIG)), output.path(CONFIG))
-    except (ConfigError, yaml.YAMLError, UnicodeDecodeError) as error:
-        message = str(error).splitlines()[0]
-        raise ConfigError(f"{output.path(CONFIG)}: unreadable ({message})") from None
+    config = read_config(output)
+    if config is None:
+        raise ConfigError(f"{output.location}: not an echo-study output (no config.yaml in it)")
+    return config
 
 
-def _with_counting_rule(trials: pd.DataFrame) -> pd.DataFrame:
-    """Add `diverged`, `trained` and `reached`: see the module docstring."""
-    error = trials["error"] if "error" in trials else pd.Series(None, index=trials.index)
-    diverged = (trials["state"] == "FAIL") & error.fillna("").str.startswith("diverged")
-    trained = trials["state"].isin(["COMPLETE", "PRUNED"]) | diverged
+def _with_counting_rule(config: Config, trials: pd.DataFrame) -> pd.DataFrame:
+    """Add `diverged`, `trained`, `reached`, `event_step` and `reachable`: see the module
+    docstring."""
+    status = trials["status"]
+    diverged = status == "diverged"
+    trained = status.isin(["complete", "pruned", "diverged"])
     reached = trained & ~diverged & trials["converged"] & trials["steps_to_converge"].notna()
-    return trials.assign(diverged=diverged, trained=trained, reached=reached)
+    planned = _planned_steps(config, trials)
+    ran = trials["steps"].astype(float) if "steps" in trials else planned
+    last = ran.where(ran.notna() & ~diverged, planned) - 1
+    event_step = trials["steps_to_converge"].astype(float).where(reached, last)
+    truncation = _column_or(config, trials, TRUNCATION, "task.truncation")
+    trials = trials.assign(
+        last_step=last,
+        diverged=diverged,
+        trained=trained,
+        reached=reached,
+        event_step=event_step,
+        reachable=trials["echo_step"] < truncation,
+    )
+    return trials
+
+
+def _planned_steps(config: Config, trials: pd.DataFrame) -> pd.Series:
+    """Steps each trial was to run: epochs × windows per epoch, from its own parameters."""
+    length = _column_or(config, trials, "series_length", "task.series_length")
+    batch = _column_or(config, trials, "batch_size", "task.batch_size")
+    truncation = _column_or(config, trials, TRUNCATION, "task.truncation")
+    epochs = _column_or(config, trials, "epochs", "train.epochs")
+    return (epochs * (length // batch // truncation)).astype(float)
+
+
+def _column_or(config: Config, trials: pd.DataFrame, column: str, key: str) -> pd.Series:
+    if column in trials:
+        return trials[column].astype("int64")
+    return pd.Series(config.value(key), index=trials.index, dtype="int64")
+
+
+def _survival(trials: pd.DataFrame) -> Survival:
+    trained = trials[trials["trained"]]
+    # Trials run on after they converge: the horizon is the last step any of them ran.
+    horizon = int(trained["last_step"].max()) if len(trained) else None
+    return kaplan_meier(trained["event_step"].to_numpy(), trained["reached"].to_numpy(), horizon)
 
 
 def _statistics(trials: pd.DataFrame) -> dict[str, float | int]:
     state = trials["state"]
-    trained = int(trials["trained"].sum())
-    steps = trials.loc[trials["reached"], "steps_to_converge"].to_numpy(float)
+    survival = _survival(trials)
+    low, high = survival.final_interval
+    median_low, median_high = survival.median_interval()
     finished = trials.loc[state.isin(["COMPLETE", "PRUNED"]), "final_loss"].to_numpy(float)
     finished = finished[np.isfinite(finished)]
-    q25, median, q75 = np.quantile(steps, [0.25, 0.5, 0.75]) if steps.size else [np.nan] * 3
     return {
         "trials": len(trials),
         "complete": int((state == "COMPLETE").sum()),
         "pruned": int((state == "PRUNED").sum()),
         "failed": int((state == "FAIL").sum()),
         "diverged": int(trials["diverged"].sum()),
-        "trained": trained,
-        "converged": len(steps),
-        "converged_fraction": len(steps) / trained if trained else np.nan,
-        "median_steps_to_converge": median,
-        "steps_to_converge_q25": q25,
-        "steps_to_converge_q75": q75,
+        "trained": survival.trials,
+        "converged": int(trials["reached"].sum()),
+        "converged_fraction": survival.final,
+        "converged_fraction_low": low,
+        "converged_fraction_high": high,
+        "median_steps_to_converge": survival.quantile(0.5),
+        "median_steps_to_converge_low": median_low,
+        "median_steps_to_converge_high": median_high,
+        "steps_to_converge_q25": survival.quantile(0.25),
+        "steps_to_converge_q75": survival.quantile(0.75),
+        "horizon_step": survival.horizon if survival.trials else None,
         "median_final_loss": float(np.median(finished)) if finished.size else np.nan,
     }
+
+
+def _median_bounds(row: pd.Series) -> tuple[float, float]:
+    """A group's 95 % interval of the median as numbers: an end never reached lies beyond
+    the horizon (a lower end) or at infinity (an upper end)."""
+    low, high = row["median_steps_to_converge_low"], row["median_steps_to_converge_high"]
+    beyond = row["horizon_step"] + 1 if pd.notna(row["horizon_step"]) else np.inf
+    return (beyond if pd.isna(low) else low), (np.inf if pd.isna(high) else high)
+
+
+def _verdict(smallest: pd.Series, largest: pd.Series) -> str:
+    if pd.isna(smallest["median_steps_to_converge_low"]) and pd.isna(
+        largest["median_steps_to_converge_low"]
+    ):
+        return "none converged"
+    small_low, small_high = _median_bounds(smallest)
+    large_low, large_high = _median_bounds(largest)
+    if small_high < large_low:
+        return "more"
+    if large_high < small_low:
+        return "fewer"
+    return "unclear"
 
 
 def _schema(keys: Sequence[str]) -> pa.Schema:
@@ -346,37 +693,36 @@ def _arrow_table(frame: pd.DataFrame, keys: pa.Schema) -> pa.Table:
 
 def _figures(summary: Summary, curves: pd.DataFrame) -> dict[str, object]:
     config = summary.config
-    title = _title(config)
-    truncation = _fixed_truncation(config)
-    by_layers = group_table(summary.trials, ["num_layers", "echo_step"])
-    return {
+    heading = title(summary)
+    truncation = summary.truncation
+    figures = {
         PLOTS["loss_curves"]: loss_curves_figure(
             curves,
             threshold=config.convergence.threshold,
             window=config.convergence.window,
             truncation=truncation,
-            epoch_steps=config.task.windows_per_epoch,
-            title=title,
-        ),
-        PLOTS["steps_to_converge"]: steps_to_converge_figure(
-            summary.table, truncation=truncation, title=title
+            epoch_steps=config.task.windows_per_epoch if truncation is not None else None,
+            title=heading,
         ),
         PLOTS["converged_fraction"]: converged_fraction_figure(
-            by_layers, truncation=truncation, title=title
+            group_table(
+                summary.trials,
+                ["num_layers" if truncation is not None else TRUNCATION, "echo_step"],
+            ),
+            truncation=truncation,
+            title=heading,
         ),
+        PLOTS["time_to_converge"]: time_to_converge_figure(summary.survival, title=heading),
     }
-
-
-def _title(config: Config) -> str:
-    if _is_single_run(config):
-        return f"train run ({config.model.num_layers} layers × {config.model.state_size} units)"
-    return f"study {config.study.name}"
-
-
-def _fixed_truncation(config: Config) -> int | None:
-    """The truncation length of every trial; None when the study searches it."""
-    searched = any(p.key == "task.truncation" for p in config.study.search)
-    return None if searched else config.task.truncation
+    if truncation is None:
+        figures[PLOTS["truncation_frontier"]] = truncation_frontier_figure(
+            summary.frontier, title=heading
+        )
+    else:
+        figures[PLOTS["steps_to_converge"]] = steps_to_converge_figure(
+            summary.table, truncation=truncation, title=heading
+        )
+    return figures
 
 
 def _steps(output: Output) -> pd.DataFrame:
@@ -385,312 +731,6 @@ def _steps(output: Output) -> pd.DataFrame:
         return load_steps(output.location, columns=["trial", "step", "loss"])
     except FileNotFoundError:
         return pd.DataFrame({"trial": [], "step": [], "loss": []})
-
-
-def _is_single_run(config: Config) -> bool:
-    # A study always searches something; `train` writes a config with an empty search.
-    return not config.study.search
-
-
-def _findings(summary: Summary) -> list[str]:
-    findings = [
-        _progress_finding(summary),
-        *_echo_findings(summary),
-        _factor_finding(summary, "num_layers"),
-        _factor_finding(summary, "state_size"),
-        _fastest_finding(summary),
-        _failure_finding(summary),
-    ]
-    return [sentence for sentence in findings if sentence]
-
-
-def _progress_finding(summary: Summary) -> str:
-    config, trials = summary.config, summary.trials
-    counts = _state_counts(trials)
-    if _is_single_run(config):
-        run = trials.iloc[0]
-        reached = (
-            f"converged at step {run['steps_to_converge']}" if run["reached"] else "never converged"
-        )
-        return (
-            f"A single `train` run (trial 0), {run['state']}: it {reached}; "
-            f"final loss {_number(run['final_loss'])}."
-        )
-    planned = config.study.n_trials
-    if len(trials) < planned:
-        return (
-            f"Only {len(trials)} of the study's {planned} trials have finished ({counts}): the "
-            "study is still running or was interrupted, and this summary covers those."
-        )
-    return f"{len(trials)} trials finished ({counts})."
-
-
-def _echo_findings(summary: Summary) -> list[str]:
-    config, trials = summary.config, summary.trials
-    truncation = _fixed_truncation(config)
-    by_echo = summary.by_factor[
-        (summary.by_factor["factor"] == "echo_step") & (summary.by_factor["trained"] > 0)
-    ]
-    if by_echo.empty:
-        return ["No trial trained to an outcome, so nothing can be said about convergence."]
-    never, unreachable = (
-        set(summary.never_converged_echo_steps),
-        set(summary.unreachable_echo_steps),
-    )
-    reason = "no gradient links an input to its target there"
-    sentences = []
-    if never and never == unreachable:
-        sentences.append(
-            f"{_echo_steps(never)} never converged: exactly the echo steps at or beyond the "
-            f"truncation length ({truncation}); {reason} ({_final_loss(trials, never)})."
-        )
-    else:
-        if never & unreachable:
-            sentences.append(
-                f"{_echo_steps(never & unreachable)}, at or beyond the truncation length "
-                f"({truncation}), never converged, as expected: {reason} "
-                f"({_final_loss(trials, never & unreachable)})."
-            )
-        if unreachable - never:
-            learned = unreachable - never
-            sentences.append(
-                f"{_echo_steps(learned)}, at or beyond the truncation length ({truncation}), "
-                f"converged in {_converged_count(by_echo, learned)} trials, although {reason}."
-            )
-        if never - unreachable:
-            below = ", below the truncation length," if truncation is not None else ""
-            sentences.append(
-                f"{_echo_steps(never - unreachable)}{below} never converged within "
-                f"{config.train.epochs} epochs ({_final_loss(trials, never - unreachable)})."
-            )
-    reached = sorted(set(by_echo["value"].astype(int)) - never - unreachable)
-    if reached:
-        counts = [_converged_count(by_echo, {echo}) for echo in reached]
-        respectively = " respectively" if len(reached) > 1 else ""
-        sentences.append(
-            f"{_echo_steps(reached)} converged in {_and(counts)} trials{respectively}."
-        )
-    return sentences
-
-
-def _factor_finding(summary: Summary, factor: str) -> str | None:
-    """How the median steps to converge (over converged trials) and the converged count change
-    with `factor`, pooled over the other factors and over the echo steps within reach."""
-    trials = summary.trials[summary.trials["trained"]]
-    scope = "pooled over the other factors"
-    reachable = ~trials["echo_step"].isin(summary.unreachable_echo_steps)
-    if summary.unreachable_echo_steps and reachable.any():
-        trials = trials[reachable]
-        scope = "echo steps below the truncation length, pooled over the other factors"
-    rows = group_table(trials, [factor])
-    if len(rows) < 2:
-        return None
-    name = "Depth" if factor == "num_layers" else "Width"
-    parts = [
-        f"{_median_steps(row['median_steps_to_converge'])} with "
-        f"{_factor_value(factor, row[factor])} ({row['converged']} of {row['trained']} "
-        "converged)"
-        for row in rows.to_dict("records")
-    ]
-    medians = rows["median_steps_to_converge"].dropna().to_numpy()
-    more = "more layers" if factor == "num_layers" else "more units"
-    if len(medians) < 2:
-        trend = "too few converged groups to compare"
-    elif medians.max() < (1 + SAME_WITHIN) * medians.min():
-        trend = f"{more} changed it by less than {SAME_WITHIN:.0%}"
-    elif np.all(np.diff(medians) > 0):
-        trend = f"with {more}, convergence took more steps"
-    elif np.all(np.diff(medians) < 0):
-        trend = f"with {more}, convergence took fewer steps"
-    else:
-        trend = f"no steady trend with {more}"
-    return f"{name} ({scope}): median steps to converge {_and(parts)}; {trend}."
-
-
-def _fastest_finding(summary: Summary) -> str | None:
-    table = summary.table.dropna(subset=["median_steps_to_converge"])
-    if table.empty or len(summary.table) < 2:
-        return None
-    best = table.loc[table["median_steps_to_converge"].idxmin()]
-    return (
-        f"Fastest group: {_architecture(best['num_layers'], best['state_size'])} at echo step "
-        f"{best['echo_step']:g}, median {best['median_steps_to_converge']:.0f} steps to "
-        f"converge ({best['converged']:.0f}/{best['trained']:.0f} converged)."
-    )
-
-
-def _failure_finding(summary: Summary) -> str:
-    trials = summary.trials
-    pruned = int((trials["state"] == "PRUNED").sum())
-    diverged = int(trials["diverged"].sum())
-    crashed = trials[(trials["state"] == "FAIL") & ~trials["diverged"]]
-    parts = []
-    if diverged:
-        parts.append(f"{diverged} diverged (the loss became non-finite; counted as not converged)")
-    if len(crashed):
-        first = crashed["error"].dropna()
-        example = f": {first.iloc[0]}" if len(first) else ""
-        parts.append(f"{len(crashed)} raised an error and are left out{example}")
-    if pruned:
-        parts.append(f"{pruned} were pruned (counted as converged only if they got there before)")
-    if not parts:
-        return "No trial failed, diverged or was pruned."
-    return f"Of {len(trials)} trials, " + "; ".join(parts) + "."
-
-
-def _what_was_run(summary: Summary) -> list[str]:
-    config, trials = summary.config, summary.trials
-    study = config.study
-    lines = []
-    if _is_single_run(config):
-        lines.append(f"- A single `python -m pipeline train` run, seed {config.train.seed}.")
-    else:
-        pruner = "no pruner" if study.pruner == "none" else f"the {study.pruner} pruner"
-        lines.append(
-            f"- Study `{study.name}`: {study.sampler} sampler, {pruner}, objective "
-            f"`{study.objective}`, study seed {study.seed}; {len(trials)} of {study.n_trials} "
-            f"trials finished."
-        )
-        lines.append("- Search space:")
-        lines += [f"  - `{p.key}`: {_search_values(p.to_yaml())}" for p in study.search]
-        pooled = [f"`{p.key}`" for p in study.search if p.short_name not in GROUP]
-        if pooled:
-            lines.append(f"- Each group pools its trials over {_and(pooled)}.")
-    searched = {p.key for p in study.search}
-    fixed = [
-        "task.series_length",
-        "task.batch_size",
-        "task.truncation",
-        "task.echo_step",
-        "model.num_layers",
-        "model.state_size",
-        "train.epochs",
-        "train.lr",
-        "train.carry_state",
-    ]
-    values = ", ".join(
-        f"`{key}` = {_yaml_value(config.value(key))}" for key in fixed if key not in searched
-    )
-    lines.append(f"- {'Config' if _is_single_run(config) else 'Every trial'}: {values}.")
-    lines.append(
-        f"- {config.train.epochs} epochs of {config.task.windows_per_epoch} windows of "
-        f"{config.task.truncation} steps: {config.total_steps} steps (updates) per trial."
-    )
-    lines.append(f"- Trials by state: {_state_counts(trials)}.")
-    lines.append(
-        f"- Converged: the first step s at which the mean loss over steps (s − "
-        f"{config.convergence.window}, s] is below {config.convergence.threshold:g} "
-        f"(`convergence.window`, `convergence.threshold`)."
-    )
-    lines.append(
-        "- Counted: COMPLETE and PRUNED trials, and FAIL trials whose loss diverged (never "
-        "converged); trials that raised an error are left out. `converged` is out of those "
-        "trained trials; steps to converge (median and inter-quartile range) are over the "
-        "converged ones, the final loss (mean over the last epoch reached) over COMPLETE and "
-        "PRUNED ones."
-    )
-    return lines
-
-
-def _markdown_table(frame: pd.DataFrame, keys: Sequence[str]) -> list[str]:
-    headers = [
-        *(_HEADERS[key] for key in keys),
-        "trials",
-        "converged",
-        "median steps to converge",
-        "IQR of steps",
-        "median final loss",
-    ]
-    lines = [
-        "| " + " | ".join(headers) + " |",
-        "|" + "---:|" * len(headers),
-    ]
-    for row in frame.to_dict("records"):
-        cells = [f"{row[key]:g}" for key in keys]
-        cells += [
-            _trial_counts(row),
-            f"{row['converged']}/{row['trained']}" + _percent(row["converged_fraction"]),
-            _median_steps(row["median_steps_to_converge"], plain=True),
-            _interval(row["steps_to_converge_q25"], row["steps_to_converge_q75"]),
-            _number(row["median_final_loss"]),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
-def _trial_counts(row: dict) -> str:
-    extra = [f"{row[k]} {k}" for k in ("pruned", "failed") if row[k]]
-    return f"{row['trials']}" + (f" ({', '.join(extra)})" if extra else "")
-
-
-def _percent(fraction: float) -> str:
-    return "" if pd.isna(fraction) else f" ({fraction:.0%})"
-
-
-def _median_steps(value: float, plain: bool = False) -> str:
-    if pd.isna(value):
-        return "–" if plain else "never converged"
-    return f"{value:.0f}"
-
-
-def _interval(low: float, high: float) -> str:
-    return "–" if pd.isna(low) else f"{low:.0f}–{high:.0f}"
-
-
-def _number(value: float) -> str:
-    return "–" if pd.isna(value) else f"{value:.3g}"
-
-
-def _and(parts: Sequence[str]) -> str:
-    return parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
-
-
-def _state_counts(trials: pd.DataFrame) -> str:
-    counts = trials["state"].value_counts()
-    return ", ".join(f"{int(counts.get(state, 0))} {state}" for state in STATES)
-
-
-def _echo_steps(values: set[int] | Sequence[int]) -> str:
-    values = sorted(int(v) for v in values)
-    if len(values) == 1:
-        return f"Echo step {values[0]}"
-    return f"Echo steps {', '.join(map(str, values[:-1]))} and {values[-1]}"
-
-
-def _converged_count(by_echo: pd.DataFrame, echo_steps: set[int]) -> str:
-    rows = by_echo[by_echo["value"].isin(echo_steps)]
-    return f"{int(rows['converged'].sum())} of {int(rows['trained'].sum())}"
-
-
-def _final_loss(trials: pd.DataFrame, echo_steps: set[int]) -> str:
-    chosen = trials[trials["echo_step"].isin(echo_steps) & trials["state"].isin(STATES[:2])]
-    finals = chosen["final_loss"].to_numpy(float)
-    finals = finals[np.isfinite(finals)]
-    if not finals.size:
-        return "no final loss"
-    return f"median final loss {_number(np.median(finals))}; ln 2 = {LN2:.3g} is chance"
-
-
-def _factor_value(factor: str, value: float) -> str:
-    one, many = _FACTOR_WORDS[factor]
-    return f"{value:g} {one if value == 1 else many}"
-
-
-def _architecture(num_layers: float, state_size: float) -> str:
-    return f"{_factor_value('num_layers', num_layers)} × {state_size:g} units"
-
-
-def _search_values(spec: object) -> str:
-    if isinstance(spec, list):
-        return ", ".join(str(v) for v in spec)
-    scale = " (log scale)" if spec.get("log") else ""
-    step = f" in steps of {spec['step']}" if spec.get("step") else ""
-    return f"{spec['low']} to {spec['high']}{step}{scale}"
-
-
-def _yaml_value(value: object) -> str:
-    """A value as YAML writes it: true, null, 0.3."""
-    return yaml.safe_dump(value, default_flow_style=True).removesuffix("...\n").strip()
 
 
 def _trailing_mean(window: int):

@@ -1,10 +1,12 @@
 """Convergence metrics and the study summary, on real Parquet files and a real small study."""
 
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -12,18 +14,26 @@ from PIL import Image
 
 from pipeline.__main__ import main
 from pipeline.config import ConvergenceConfig
-from pipeline.results import load_steps
+from pipeline.report import render_markdown
+from pipeline.results import STATE_OF_STATUS, TRIALS_METADATA_KEY, load_steps
 from pipeline.study import run_study
 from pipeline.summary import (
-    PLOTS,
+    kaplan_meier,
     steps_to_converge,
     summarize,
     trial_metrics,
+    wilson_interval,
     write_summary,
 )
 from tests.conftest import SMALL, study_config
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PLOTS_OF_A_RUN = [
+    "plots/loss_curves.png",
+    "plots/steps_to_converge.png",
+    "plots/converged_fraction.png",
+    "plots/time_to_converge.png",
+]
 
 
 @pytest.fixture(scope="module")
@@ -84,40 +94,41 @@ def test_trial_metrics_final_loss_is_the_mean_over_the_last_epoch_reached():
     assert metrics.steps_to_converge == 209 and metrics.converged
 
 
-def _hand_made_trials(rows: list[tuple]) -> pd.DataFrame:
-    columns = ["state", "echo_step", "final_loss", "steps_to_converge", "error"]
-    trials = pd.DataFrame(rows, columns=columns)
+def _hand_made_trials(rows: list[tuple], **columns: object) -> pd.DataFrame:
+    """Trials of 1 layer × 4 units, each (status, echo_step, final_loss, steps_to_converge,
+    steps run); the study_config run is 2 epochs of 100 windows (200 steps)."""
+    names = ["status", "echo_step", "final_loss", "steps_to_converge", "steps"]
+    trials = pd.DataFrame(rows, columns=names)
     return trials.assign(
         trial=range(len(trials)),
+        state=trials["status"].map(STATE_OF_STATUS),
         num_layers=1,
         state_size=4,
+        error=None,
         converged=trials["steps_to_converge"].notna(),
         steps_to_converge=trials["steps_to_converge"].astype("Int64"),
+        **columns,
     )
 
 
 def test_summarize_counts_a_diverged_trial_as_trained_but_never_converged(tmp_path):
     trials = _hand_made_trials(
         [
-            ("COMPLETE", 3, 0.01, 400, None),
+            ("complete", 3, 0.01, 40, 200),
             # Its moving average fell below the threshold before the loss became infinite.
-            ("FAIL", 3, np.nan, 300, "diverged at step 900"),
+            ("diverged", 3, np.nan, 30, 90),
         ]
     )
     row = summarize(study_config(tmp_path), trials).table.iloc[0]
     assert (row["trials"], row["failed"], row["diverged"], row["trained"]) == (2, 1, 1, 2)
     assert row["converged"] == 1 and row["converged_fraction"] == 0.5
-    assert row["median_steps_to_converge"] == 400
+    # Half converged by step 40, and the diverged one never will: the median is step 40.
+    assert row["median_steps_to_converge"] == 40
     assert row["median_final_loss"] == pytest.approx(0.01)
 
 
 def test_summarize_leaves_trials_that_raised_out_of_the_converged_fraction(tmp_path):
-    trials = _hand_made_trials(
-        [
-            ("COMPLETE", 3, 0.01, 400, None),
-            ("FAIL", 3, np.nan, None, "RuntimeError: torch sees 0 CUDA devices"),
-        ]
-    )
+    trials = _hand_made_trials([("complete", 3, 0.01, 40, 200), ("error", 3, np.nan, None, 0)])
     summary = summarize(study_config(tmp_path), trials)
     row = summary.table.iloc[0]
     assert (row["trials"], row["failed"], row["diverged"], row["trained"]) == (2, 1, 0, 1)
@@ -125,26 +136,153 @@ def test_summarize_leaves_trials_that_raised_out_of_the_converged_fraction(tmp_p
     assert any("1 raised an error" in sentence for sentence in summary.findings)
 
 
-def test_summarize_quartiles_of_steps_are_over_converged_trials_only(tmp_path):
+def test_summarize_median_without_censoring_is_the_ordinary_median(tmp_path):
+    steps = [100, 20, 30, 50, 40]
+    trials = _hand_made_trials([("complete", 3, 0.01, s, 200) for s in steps])
+    row = summarize(study_config(tmp_path), trials).table.iloc[0]
+    assert row["median_steps_to_converge"] == np.median(steps)
+    trials = _hand_made_trials([("complete", 3, 0.01, s, 200) for s in steps[:4]])
+    # An even count: the midpoint of the two middle steps, as numpy's median.
+    row = summarize(study_config(tmp_path), trials).table.iloc[0]
+    assert row["median_steps_to_converge"] == np.median(steps[:4]) == 40
+
+
+def test_summarize_median_of_a_group_where_fewer_than_half_converged_prints_beyond(tmp_path):
+    trials = _hand_made_trials(
+        [("complete", 3, 0.01, 50, 200)] + [("complete", 3, 0.6, None, 200)] * 2
+    )
+    summary = summarize(study_config(tmp_path), trials)
+    row = summary.table.iloc[0]
+    # 1 of 3 converged: no median, and the horizon is the last step, 199.
+    assert pd.isna(row["median_steps_to_converge"]) and row["horizon_step"] == 199
+    markdown = render_markdown(summary)
+    assert "| > 199 |" in markdown or "| > 199 [" in markdown
+
+
+def test_summarize_pruned_trial_is_censored_where_it_stopped(tmp_path):
+    # Two converged, one pruned at step 59 before it converged, one never converged.
     trials = _hand_made_trials(
         [
-            ("COMPLETE", 3, 0.01, 100, None),
-            ("COMPLETE", 3, 0.01, 200, None),
-            ("PRUNED", 3, 0.02, 300, None),
-            ("COMPLETE", 3, 0.01, 500, None),
-            ("PRUNED", 3, 0.6, None, None),
-            ("COMPLETE", 20, 0.69, None, None),
+            ("complete", 3, 0.01, 40, 200),
+            ("complete", 3, 0.01, 100, 200),
+            ("pruned", 3, 0.5, None, 60),
+            ("complete", 3, 0.6, None, 200),
         ]
     )
-    table = summarize(study_config(tmp_path), trials).table.set_index("echo_step")
-    assert table.loc[3, "converged_fraction"] == 0.8
-    assert table.loc[3, "median_steps_to_converge"] == 250
-    assert (table.loc[3, "steps_to_converge_q25"], table.loc[3, "steps_to_converge_q75"]) == (
-        175,
-        350,
-    )
-    # With no converged trial, the steps to converge are null, not zero.
-    assert table.loc[20, ["median_steps_to_converge", "steps_to_converge_q25"]].isna().all()
+    row = summarize(study_config(tmp_path), trials).table.iloc[0]
+    # Kaplan–Meier: 1/4 by step 40; the pruned trial leaves the risk set at 59; then 1 of the 2
+    # still at risk converges at 100: 1 - (3/4)(1/2) = 5/8, more than the plain 2 of 4.
+    assert row["converged"] == 2 and row["converged_fraction"] == pytest.approx(5 / 8)
+    assert row["median_steps_to_converge"] == 100
+
+
+def test_summarize_intervals_contain_their_estimates(tmp_path):
+    rows = [("complete", 3, 0.01, 20 + 7 * k, 200) for k in range(12)]
+    rows += [("complete", 3, 0.6, None, 200)] * 4 + [("pruned", 3, 0.5, None, 80)] * 2
+    rows += [("complete", 9, 0.6, None, 200)] * 3 + [("complete", 1, 0.01, 30, 200)] * 5
+    table = summarize(study_config(tmp_path), _hand_made_trials(rows)).table
+    assert (table["converged_fraction_low"] <= table["converged_fraction"]).all()
+    assert (table["converged_fraction"] <= table["converged_fraction_high"]).all()
+    # A fraction of 0 or 1 still has an interval of positive width.
+    assert (table["converged_fraction_high"] > table["converged_fraction_low"]).all()
+    medians = table.dropna(subset=["median_steps_to_converge_high"])
+    assert len(medians) >= 1
+    assert (medians["median_steps_to_converge_low"] <= medians["median_steps_to_converge"]).all()
+    assert (medians["median_steps_to_converge"] <= medians["median_steps_to_converge_high"]).all()
+
+
+def test_wilson_interval_matches_the_textbook_value():
+    # Wilson's interval of 8/10 at 95 %: (0.4902, 0.9433), as in Agresti and Coull (1998).
+    low, high = wilson_interval(0.8, 10)
+    assert (round(low, 4), round(high, 4)) == (0.4902, 0.9433)
+
+
+def test_kaplan_meier_without_censoring_is_the_empirical_fraction():
+    steps = np.array([5, 3, 9, 9, 12])
+    curve = kaplan_meier(steps, np.array([True, True, True, False, False]))
+    assert curve.fraction_by(4) == pytest.approx(0.2)
+    # At a tied step a convergence counts before a censoring: 3 of 5 by step 9.
+    assert curve.fraction_by(9) == pytest.approx(0.6) and curve.final == pytest.approx(0.6)
+    assert curve.horizon == 12 and sorted(curve.censored) == [9, 12]
+
+
+def test_fastest_group_needs_a_majority_of_its_trials_converged(tmp_path):
+    # Echo 1: one lucky trial of four at step 10; echo 3: three of four, around step 60.
+    rows = [("complete", 1, 0.01, 10, 200)] + [("complete", 1, 0.6, None, 200)] * 3
+    rows += [("complete", 3, 0.01, s, 200) for s in (50, 60, 70)]
+    rows += [("complete", 3, 0.6, None, 200)]
+    summary = summarize(study_config(tmp_path), _hand_made_trials(rows))
+    assert summary.fastest.row["echo_step"] == 3
+    assert summary.fastest.candidates == 1
+    assert "Fastest group, among the 1 where a majority converged" in " ".join(summary.findings)
+
+
+def test_fastest_group_is_none_when_no_group_has_a_majority(tmp_path):
+    rows = [("complete", 1, 0.01, 10, 200)] + [("complete", 1, 0.6, None, 200)] * 3
+    rows += [("complete", 3, 0.6, None, 200)] * 2
+    summary = summarize(study_config(tmp_path), _hand_made_trials(rows))
+    assert summary.fastest is None
+    assert "No group had a majority of its trials converged" in " ".join(summary.findings)
+
+
+def _depth_trials(deep_steps: list[int], shallow_steps: list[int], echo: int = 3) -> list:
+    return [("complete", echo, 0.01, s, 200, 1) for s in shallow_steps] + [
+        ("complete", echo, 0.01, s, 200, 3) for s in deep_steps
+    ]
+
+
+def _with_layers(rows: list) -> pd.DataFrame:
+    trials = _hand_made_trials([row[:5] for row in rows])
+    return trials.assign(num_layers=[row[5] for row in rows])
+
+
+def test_depth_finding_claims_a_trend_only_where_the_intervals_are_apart(tmp_path):
+    # Echo 1: eight trials per depth, 3 layers clearly slower; echo 3: the two depths mixed.
+    rows = _depth_trials([150 + k for k in range(8)], [20 + k for k in range(8)], echo=1)
+    rows += _depth_trials([40, 60, 80, 100], [50, 70, 90, 110], echo=3)
+    summary = summarize(study_config(tmp_path), _with_layers(rows))
+    verdicts = {c.stratum["echo_step"]: c.verdict for c in summary.comparisons}
+    assert verdicts == {1: "more", 3: "unclear"}
+    depth = next(s for s in summary.findings if s.startswith("Depth"))
+    assert "3 layers took more steps than 1 layer at echo step 1" in depth
+    assert "no clear difference at echo step 3" in depth
+
+
+def test_depth_is_compared_within_each_echo_step_not_pooled_over_them(tmp_path):
+    # Pooled, 3 layers look slower only because they ran the harder echo step; within each
+    # echo step the depths are the same.
+    rows = _depth_trials([], [20 + k for k in range(8)], echo=1)
+    rows += _depth_trials([150 + k for k in range(8)], [], echo=9)
+    rows += _depth_trials([30, 31, 32, 33], [30, 31, 32, 33], echo=3)
+    summary = summarize(study_config(tmp_path), _with_layers(rows))
+    assert [(c.stratum, c.verdict) for c in summary.comparisons] == [({"echo_step": 3}, "unclear")]
+
+
+def test_summarize_knows_truncation_as_a_factor_when_it_is_searched(tmp_path):
+    config = study_config(tmp_path, search={"task.echo_step": [2, 6], "task.truncation": [5, 10]})
+    # At truncation 5, echo 6 is beyond reach; at 10 it is learned, more slowly than echo 2.
+    rows = [("complete", 2, 0.01, 30 + k, 200, 5) for k in range(4)]
+    rows += [("complete", 6, 0.69, None, 200, 5)] * 4
+    rows += [("complete", 2, 0.01, 20 + k, 100, 10) for k in range(4)]
+    rows += [("complete", 6, 0.01, 80 + k, 100, 10) for k in range(4)]
+    trials = _hand_made_trials([row[:5] for row in rows], truncation=[row[5] for row in rows])
+    summary = summarize(config, trials)
+    assert "truncation" in summary.table.columns and len(summary.table) == 4
+    assert set(summary.by_factor["factor"]) == {
+        "num_layers",
+        "state_size",
+        "echo_step",
+        "truncation",
+    }
+    assert summary.frontier[["truncation", "echo_step"]].values.tolist() == [
+        [5, 2], [5, 6], [10, 2], [10, 6]
+    ]  # fmt: skip
+    assert "plots/truncation_frontier.png" in summary.plots
+    text = " ".join(summary.findings)
+    assert "Learning stops at the truncation: none of the 4 trials" in text
+    assert "6 at truncation 10" in text and "2 at truncation 5" in text
+    slow = {s.truncation: s.verdict for s in summary.slowdowns}
+    assert slow == {5: "unclear", 10: "more"}
 
 
 def test_write_summary_of_a_study_has_one_row_per_group_with_its_counts(study, summary):
@@ -187,7 +325,8 @@ def test_write_summary_markdown_says_what_ran_and_holds_the_findings(study, summ
 
 
 def test_write_summary_plots_are_readable_pngs(study, summary):
-    for name in PLOTS.values():
+    assert summary.files[-4:] == summary.plots and len(summary.plots) == 4
+    for name in summary.plots:
         path = f"{study.output}/{name}"
         with open(path, "rb") as file:
             assert file.read(8) == PNG_SIGNATURE
@@ -196,13 +335,23 @@ def test_write_summary_plots_are_readable_pngs(study, summary):
             assert image.width >= 400 and image.height >= 250
 
 
+def _forget_trial(output: Path, trial: int) -> None:
+    """Rewrite the steps files without `trial`: its rows and its row in their footers."""
+    for path in (output / "steps").glob("*.parquet"):
+        table = pq.read_table(path)
+        rows = json.loads(table.schema.metadata[TRIALS_METADATA_KEY])
+        kept = [row for row in rows if row["trial"] != trial]
+        table = table.filter(pc.field("trial") != trial)
+        pq.write_table(table.replace_schema_metadata({TRIALS_METADATA_KEY: json.dumps(kept)}), path)
+
+
 def test_write_summary_counts_trials_whose_steps_are_newer_than_trials_parquet(study, tmp_path):
     # An interrupted study: trials.parquet was last written when only two trials had finished.
     output = tmp_path / "interrupted"
     shutil.copytree(study.output, output)
     trials = pq.read_table(output / "trials.parquet")
     pq.write_table(trials.slice(0, 2), output / "trials.parquet")
-    (output / "steps" / "trial-000007.parquet").unlink()
+    _forget_trial(output, 7)  # and trial 7 never finished
     summary = write_summary(str(output))
     assert summary.table["trials"].sum() == 7
     assert summary.findings[0].startswith("Only 7 of the study's 8 trials have finished")
@@ -242,7 +391,7 @@ def test_cli_summarize_a_train_output_writes_one_group(tmp_path, capsys):
     assert table[["num_layers", "state_size", "echo_step", "trials"]].values.tolist() == [
         [2, 4, 3, 1]
     ]
-    assert all((out / name).read_bytes()[:8] == PNG_SIGNATURE for name in PLOTS.values())
+    assert all((out / name).read_bytes()[:8] == PNG_SIGNATURE for name in PLOTS_OF_A_RUN)
 
 
 BAD_OUTPUTS = {
