@@ -25,10 +25,12 @@ from pipeline.model import (
     EAGER,
     Kernels,
     Weights,
+    WindowStep,
     compiled_kernels,
     init_adagrad,
     init_state,
     init_weights,
+    step_function,
     train_window,
 )
 
@@ -200,11 +202,8 @@ def _model_run(trace: np.ndarray, pruned_at: int | None) -> ModelRun:
     return ModelRun(ran.copy(), "complete" if pruned_at is None else "pruned")
 
 
-def _step_function(config: Config, count: int, device: torch.device) -> _Step:
-    wanted = config.train.compile
-    if wanted == "auto":
-        wanted = device.type == "cuda" or _eager_seconds(config, count) > COMPILE_PAYS_OFF_SECONDS
-    return _compiled_step() if wanted else _Step(EAGER)
+def _step_function(config: Config, count: int, device: torch.device) -> WindowStep:
+    return step_function(config.train.compile, device)
 
 
 def _eager_seconds(config: Config, count: int) -> float:
