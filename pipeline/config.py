@@ -128,7 +128,10 @@ class TrainConfig:
     device: str = _field("auto", RUN)
     """auto (a GPU when there is one), cpu, cuda or cuda:N."""
     compile: bool | str = _field("auto", RUN)
-    """torch.compile the training step: true, false, or auto (only when it pays for itself)."""
+    """Compiled training step: true or auto (the default) compile it, numba kernels on the CPU
+    (compiled once per machine, cached under NUMBA_CACHE_DIR or ~/.cache/echo-study/numba),
+    torch.compile on a GPU; false trains with eager torch. A compiler that fails warns once and
+    the run goes on eagerly."""
     log_every: int = _field(100, RUN)
     """The `train` command prints a loss line every this many windows, as the tutorial does."""
 

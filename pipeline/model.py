@@ -25,6 +25,7 @@ import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
+from types import ModuleType
 from typing import NamedTuple
 
 import numpy as np
@@ -317,6 +318,169 @@ def _adagrad(
 
 EAGER = Kernels(_layer_forward, _head_update, _layer_backward_update)
 
+WindowResult = tuple[torch.Tensor, torch.Tensor, Weights, Weights, State, torch.Tensor]
+
+
+class WindowStep:
+    """`train_window` on one backend: call it as `(weights, accum, x, y, state, lr, active) ->
+    (losses, margin, weights, accum, state, active_after)`, with train_window's meaning.
+
+    It may update weights, accum and state in place and return them: callers never reuse what
+    they passed in. A model inactive on input keeps its weights, accumulators and state.
+    `backend` is "numba", "inductor" or "eager"; a torch.compile that fails on its first call
+    (no C++ compiler, say) warns once and the step goes on eagerly.
+    """
+
+    def __init__(self, backend: str, window: Callable[..., WindowResult]) -> None:
+        self.backend = backend
+        self._window = window
+
+    @property
+    def compiled(self) -> bool:
+        return self.backend != "eager"
+
+    def __call__(self, *args: object) -> WindowResult:
+        try:
+            return self._window(*args)
+        except Exception as error:  # whatever broke the compile, the eager step works
+            if self.backend != "inductor":
+                raise
+            _warn_fallback("torch.compile", error)
+            self.backend, self._window = "eager", _eager_window
+            return self._window(*args)
+
+
+def step_function(mode: bool | str, device: torch.device) -> WindowStep:
+    """The training step for `train.compile` = mode (True, False or "auto") on this device.
+
+    On the CPU, True and "auto" give the numba kernels (pipeline/kernels.py: compiled once per
+    machine for every shape, then loaded from disk in a fraction of a second); on CUDA they
+    give torch.compile's kernels. False, or a compiler that fails, gives eager torch; a failure
+    warns once per process.
+    """
+    if mode is False:
+        return WindowStep("eager", _eager_window)
+    if device.type == "cpu":
+        kernels = numba_kernels()
+        return WindowStep("eager", _eager_window) if kernels is None else _numba_step(kernels)
+    return _inductor_step()
+
+
+@functools.cache
+def numba_kernels() -> ModuleType | None:
+    """pipeline.kernels, compiled or loaded from its cache; None (after one warning) where
+    numba is missing, disabled or cannot compile. Once per process: a failure is not retried."""
+    try:
+        from pipeline import kernels
+    except Exception as error:
+        _warn_fallback("numba", error)
+        return None
+    return kernels
+
+
+def _warn_fallback(compiler: str, error: BaseException) -> None:
+    text = str(error).strip()
+    reason = text.splitlines()[0] if text else type(error).__name__
+    log.warning("%s failed (%s); training without it", compiler, reason)
+
+
+@functools.cache
+def _inductor_step() -> WindowStep:
+    """One torch.compile step per process, so that a Ray worker compiles once for all its
+    tasks, and a compile that failed is not tried again."""
+    return WindowStep("inductor", functools.partial(_torch_window, kernels=compiled_kernels()))
+
+
+def _eager_window(*args: object) -> WindowResult:
+    return _torch_window(*args, kernels=EAGER)
+
+
+def _torch_window(
+    weights: Weights,
+    accum: Weights,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    state: State,
+    lr: torch.Tensor,
+    active: torch.Tensor,
+    kernels: Kernels,
+) -> WindowResult:
+    """train_window, and a model inactive on input keeps its state too."""
+    losses, margin, weights, accum, new_state, still = train_window(
+        weights, accum, x, y, state, lr, active, kernels
+    )
+    kept = State(
+        *(torch.where(active, new, old) for new, old in zip(new_state, state, strict=True))
+    )
+    return losses, margin, weights, accum, kept, still
+
+
+def _numba_step(kernels: ModuleType) -> WindowStep:
+    return WindowStep("numba", functools.partial(_numba_window, kernels))
+
+
+def _numba_window(
+    kernels: ModuleType,
+    weights: Weights,
+    accum: Weights,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    state: State,
+    lr: torch.Tensor,
+    active: torch.Tensor,
+) -> WindowResult:
+    """train_window by the numba kernels, which update weights, accumulators and state in
+    place (on contiguous copies where the caller's tensors are views)."""
+    weights = [w.detach().contiguous() for w in weights]
+    accum = [a.detach().contiguous() for a in accum]
+    state = State(state.h.detach().contiguous(), state.c.detach().contiguous())
+    w, a = [t.numpy() for t in weights], [t.numpy() for t in accum]
+    h, c = state.h.numpy(), state.c.numpy()
+    batch, steps, models = x.shape
+    units = h.shape[2]
+    lr_np = np.ascontiguousarray(lr.detach().numpy(), np.float32)
+    active_np = np.ascontiguousarray(active.numpy(), np.bool_)
+    # Every layer reads its inputs at [:, t + 1] of a (B, T + 1, I, K) sequence: the layer
+    # below's h_seq, or for the first layer the window's x behind one unused step.
+    inputs = np.zeros((batch, steps + 1, 1, models), np.float32)
+    inputs[:, 1:, 0] = x.numpy()
+    tapes = []
+    for layer in range(num_layers(weights)):
+        h_seq, c_seq = (np.empty((batch, steps + 1, units, models), np.float32) for _ in "hc")
+        gates = np.empty((batch, steps, 4 * units, models), np.float32)
+        tanh_c = np.empty((batch, steps, units, models), np.float32)
+        tape = (inputs, h_seq, c_seq, gates, tanh_c)
+        kernels.layer_forward(*_layer(w, layer), inputs, h[layer], c[layer], *tape[1:])
+        tapes.append(tape)
+        inputs = h_seq
+    losses = np.empty(models, np.float32)
+    margin = np.empty((batch, steps, models), np.float32)
+    d_outputs = np.empty((batch, steps, units, models), np.float32)
+    still = np.empty(models, np.bool_)
+    y_np = np.ascontiguousarray(y.numpy(), np.float32)
+    kernels.head_update(
+        *w[-2:], *a[-2:], inputs, y_np, lr_np, active_np, losses, margin, d_outputs, still
+    )
+    for layer in reversed(range(len(tapes))):
+        # The first layer's inputs are data: no gradient for them.
+        d_inputs = np.empty((batch, steps, units if layer else 0, models), np.float32)
+        kernels.layer_backward_update(
+            *_layer(w, layer), *_layer(a, layer), *tapes[layer], d_outputs, d_inputs, lr_np,
+            still,
+        )  # fmt: skip
+        d_outputs = d_inputs
+    for layer, tape in enumerate(tapes):
+        h[layer] = np.where(active_np, tape[1][:, steps], h[layer])  # (B, H, K)
+        c[layer] = np.where(active_np, tape[2][:, steps], c[layer])
+    return (
+        torch.from_numpy(losses),
+        torch.from_numpy(margin),
+        weights,
+        accum,
+        state,
+        torch.from_numpy(still),
+    )
+
 
 @functools.cache
 def compiled_kernels() -> Kernels:
@@ -351,49 +515,3 @@ def _outer_sum(v: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """Per-model Σ over batch and time of v ⊗ d: v (B, T, I, K), d (B, T, J, K) → (I, J, K)."""
     return (v.unsqueeze(-2) * d.unsqueeze(-3)).sum(dim=(0, 1))
 
-
-class WindowStep:
-    """The training step on some kernels; compiled ones that fail to compile (say, with no C++
-    compiler installed) are replaced by the eager ones, once, with a warning."""
-
-    def __init__(self, kernels: Kernels, backend: str) -> None:
-        self.kernels = kernels
-        self.backend = backend
-
-    @property
-    def compiled(self) -> bool:
-        return self.kernels is not EAGER
-
-    def __call__(self, *args: object) -> tuple:
-        try:
-            return _masked_window(*args, kernels=self.kernels)
-        except Exception as error:  # whatever broke the compile, the eager step works
-            if not self.compiled:
-                raise
-            log.warning("torch.compile failed (%s); training without it", error)
-            self.kernels, self.backend = EAGER, "eager"
-            return _masked_window(*args, kernels=self.kernels)
-
-
-def _masked_window(weights, accum, x, y, state, lr, active, kernels):
-    losses, margin, weights, accum, new_state, after = train_window(
-        weights, accum, x, y, state, lr, active, kernels=kernels
-    )
-    # A model that sat this window out keeps its carried state too.
-    kept = State(
-        torch.where(active, new_state.h, state.h), torch.where(active, new_state.c, state.c)
-    )
-    return losses, margin, weights, accum, kept, after
-
-
-def step_function(mode: bool | str, device: torch.device) -> WindowStep:
-    """The window step for `train.compile` = mode on `device`."""
-    wanted = mode is True or (mode == "auto" and device.type == "cuda")
-    return _compiled_step() if wanted else WindowStep(EAGER, "eager")
-
-
-@functools.cache
-def _compiled_step() -> WindowStep:
-    """One compiled step per process, so that a worker compiles once for all its trials, and a
-    compile that failed is not tried again."""
-    return WindowStep(compiled_kernels(), "inductor")

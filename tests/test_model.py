@@ -1,4 +1,9 @@
 import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +18,8 @@ from pipeline.model import (
     init_adagrad,
     init_state,
     init_weights,
+    numba_kernels,
+    step_function,
     train_window,
 )
 
@@ -121,3 +128,187 @@ def test_forward_gives_two_logits_per_step_and_model():
     assert logits.shape == (5, 15, 2, 4)
     assert state.h.shape == state.c.shape == (2, 5, 3, 4)
     assert np.isfinite(logits.numpy()).all()
+
+
+def _numba_step():
+    step = step_function(True, CPU)
+    assert step.backend == "numba" and step.compiled
+    return step
+
+
+def _models(count: int, layers: int = 2, units: int = 4, seed: int = 0):
+    """Weights, accumulators, a random state, lr and an all-active mask for `count` models."""
+    seeds = list(range(seed, seed + count))
+    weights = init_weights(ModelConfig(num_layers=layers, state_size=units), seeds, CPU)
+    lr = torch.tensor([0.05 + 0.1 * (s % 7) for s in seeds])
+    active = torch.ones(count, dtype=torch.bool)
+    return weights, init_adagrad(weights), _random_state(layers, units, count), lr, active
+
+
+def _copy(tensors):
+    return [t.clone() for t in tensors]
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_numba_step_update_matches_autograd_and_adagrad(layers):
+    weights, accum, state, lr, active = _models(3, layers=layers, units=5, seed=1)
+    x, y = _window(3)
+    step = _numba_step()
+    losses, _, updated, _, _, _ = step(_copy(weights), _copy(accum), x, y, State(*_copy(state)),
+                                       lr, active)  # fmt: skip
+
+    leaves = [w.clone().requires_grad_(True) for w in weights]
+    logits, _ = forward(leaves, x, state)
+    log_p = torch.log_softmax(logits, dim=2)
+    reference = -(log_p[:, :, 1] * y + log_p[:, :, 0] * (1 - y)).mean(dim=(0, 1))
+    grads = torch.autograd.grad(reference.sum(), leaves)
+    # The gates' tanh is a rational approximation within a few ulp: float32 tolerances.
+    torch.testing.assert_close(losses, reference.detach(), rtol=1e-6, atol=1e-6)
+    for w, g, new in zip(weights, grads, updated, strict=True):
+        expected = w - lr * g / torch.sqrt(ADAGRAD_INITIAL_ACCUMULATOR + g * g)
+        torch.testing.assert_close(new, expected, rtol=1e-5, atol=2e-6)
+
+
+def test_numba_step_follows_the_eager_step_over_the_first_windows():
+    numba_run = _models(6, layers=3, units=16)
+    eager_run = tuple(State(*_copy(p)) if isinstance(p, State) else p.clone() if
+                      isinstance(p, torch.Tensor) else _copy(p) for p in numba_run)  # fmt: skip
+    numba_step, eager_step = _numba_step(), step_function(False, CPU)
+    assert eager_step.backend == "eager" and not eager_step.compiled
+    for window in range(8):
+        x, y = _window(6, seed=window)
+        results = []
+        for step, run in ((numba_step, numba_run), (eager_step, eager_run)):
+            weights, accum, state, lr, active = run
+            losses, margin, weights, accum, state, active = step(
+                weights, accum, x, y, state, lr, active
+            )
+            results.append((losses, margin, weights, state))
+            run_next = (weights, accum, state, lr, active)
+            if step is numba_step:
+                numba_run = run_next
+            else:
+                eager_run = run_next
+        (loss_n, margin_n, weights_n, state_n), (loss_e, margin_e, weights_e, state_e) = results
+        # Chaotic training amplifies float32 rounding slowly: tight for a few windows.
+        torch.testing.assert_close(loss_n, loss_e, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(margin_n, margin_e, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(state_n.h, state_e.h, rtol=1e-4, atol=1e-5)
+        for a, b in zip(weights_n, weights_e, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _train_numba(seeds: list[int], echo: list[int], lr: list[float], active: list[bool],
+                 windows: int = 6) -> torch.Tensor:  # fmt: skip
+    """Losses (windows, K) of numba-trained models, each fed its own echo data."""
+    count = len(seeds)
+    weights = init_weights(ModelConfig(num_layers=2, state_size=5), seeds, CPU)
+    accum = init_adagrad(weights)
+    state = init_state(weights, batch_size=5)
+    rates, mask = torch.tensor(lr), torch.tensor(active)
+    step = _numba_step()
+    losses = []
+    for window in range(windows):
+        x = torch.stack([_window(1, seed=100 * s + window)[0][..., 0] for s in seeds], dim=-1)
+        y = torch.stack([torch.roll(x[..., k], e, dims=1) for k, e in enumerate(echo)], dim=-1)
+        assert x.shape == (5, 15, count)
+        loss, _, weights, accum, state, mask = step(weights, accum, x, y, state, rates, mask)
+        losses.append(loss.clone())
+    return torch.stack(losses)
+
+
+@pytest.mark.parametrize("count", [1, 5, 16, 37])
+def test_numba_step_gives_a_model_the_same_bits_in_any_batch(count):
+    # Model (seed 42, echo 3, lr 0.3) alone, then at index k of batches of other models with
+    # other seeds, echo steps and rates, some of them inactive.
+    alone = _train_numba([42], [3], [0.3], [True])[:, 0]
+    for k in sorted({0, count // 2, count - 1}):
+        seeds = [1000 + i for i in range(count)]
+        echo = [1 + i % 9 for i in range(count)]
+        lr = [0.05 + 0.07 * (i % 11) for i in range(count)]
+        active = [i % 3 != 1 for i in range(count)]
+        seeds[k], echo[k], lr[k], active[k] = 42, 3, 0.3, True
+        batched = _train_numba(seeds, echo, lr, active)
+        assert torch.equal(batched[:, k], alone), (count, k)
+
+
+@pytest.mark.parametrize("backend", [True, False])
+def test_step_keeps_an_inactive_models_weights_accumulators_and_state(backend):
+    weights, accum, state, lr, _ = _models(4, layers=2, units=4)
+    active = torch.tensor([True, False, True, False])
+    step = step_function(backend, CPU)
+    before = (_copy(weights), _copy(accum), State(*_copy(state)))
+    x, y = _window(4)
+    _, _, weights, accum, state, still = step(weights, accum, x, y, state, lr, active)
+    assert still.tolist() == [True, False, True, False]
+    for old, new in zip([*before[0], *before[1], *before[2]], [*weights, *accum, *state],
+                        strict=True):  # fmt: skip
+        assert torch.equal(new[..., 1], old[..., 1]) and torch.equal(new[..., 3], old[..., 3])
+    # The active ones moved on.
+    assert not torch.equal(state.h[..., 0], before[2].h[..., 0])
+    assert not torch.equal(weights[0][..., 2], before[0][0][..., 2])
+
+
+def test_numba_step_freezes_a_model_whose_loss_is_not_finite():
+    weights, accum, state, lr, active = _models(2)
+    x, y = _window(2)
+    x[0, 0, 1] = float("nan")  # poisons model 1 only
+    before = _copy(weights)
+    losses, _, weights, _, _, still = _numba_step()(weights, accum, x, y, state, lr, active)
+    assert torch.isfinite(losses[0]) and not torch.isfinite(losses[1])
+    assert still.tolist() == [True, False]
+    for old, new in zip(before, weights, strict=True):
+        assert torch.equal(new[..., 1], old[..., 1]) and torch.all(torch.isfinite(new))
+
+
+def test_numba_tanh_and_sigmoid_are_within_a_few_ulp_of_torch():
+    kernels = numba_kernels()
+    x = np.concatenate([np.linspace(-12, 12, 4001), 10.0 ** np.linspace(-8, 1, 401)])
+    x = np.concatenate([x, -x]).astype(np.float32)
+    tanh = np.array([kernels._tanh(v) for v in x], np.float32)
+    sigmoid = np.array([kernels._sigmoid(v) for v in x], np.float32)
+    exact = np.tanh(x.astype(np.float64)).astype(np.float32)
+    ulps = np.abs(tanh.view(np.int32).astype(np.int64) - exact.view(np.int32).astype(np.int64))
+    assert ulps.max() <= 5  # same sign throughout, so the int32 views order like the floats
+    np.testing.assert_allclose(tanh, torch.tanh(torch.from_numpy(x)).numpy(), rtol=0, atol=3e-7)
+    np.testing.assert_allclose(sigmoid, torch.sigmoid(torch.from_numpy(x)).numpy(), atol=3e-7)
+    assert np.isnan(kernels._tanh(np.float32("nan")))
+
+
+def test_step_function_falls_back_to_eager_once_when_numba_is_disabled(tmp_path):
+    # NUMBA_DISABLE_JIT is numba's own switch: the kernels refuse to run interpreted, and the
+    # step warns once and trains eagerly (a subprocess: numba reads it at import).
+    script = (
+        "import logging, torch\n"
+        "logging.basicConfig()\n"
+        "from pipeline.model import step_function\n"
+        "steps = [step_function('auto', torch.device('cpu')) for _ in range(2)]\n"
+        "print([s.backend for s in steps])\n"
+    )
+    env = {**os.environ, "NUMBA_DISABLE_JIT": "1", "NUMBA_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "['eager', 'eager']"
+    assert done.stderr.count("numba failed") == 1 and "training without it" in done.stderr
+
+
+def test_numba_kernels_cache_by_content_not_path(tmp_path):
+    # A copy of the package elsewhere (as `ray job submit` makes) loads the kernels that the
+    # first process compiled into the cache instead of compiling them again.
+    cache = tmp_path / "cache"
+    script = "import pipeline.kernels as k; print(k.layer_forward.stats.cache_hits)"
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache)}
+    runs = []
+    for name in ("first", "copy"):
+        root = tmp_path / name
+        shutil.copytree(Path(__file__).parents[1] / "pipeline", root / "pipeline")
+        done = subprocess.run(
+            [sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs.append(done.stdout.strip())
+    assert runs[0] == "Counter()"  # compiled
+    assert runs[1] != "Counter()"  # loaded
+    assert len(list(cache.iterdir())) == 1

@@ -1,0 +1,422 @@
+"""The CPU training step of K stacked LSTMs as numba kernels, compiled once per machine.
+
+The same update as `model.train_window` (forward, the backward written out by hand, Adagrad),
+written as plain loops with the model axis K innermost: every tensor is laid out (..., K) as in
+model.py, so the loop over K reads consecutive floats and LLVM turns it into vector code. Each
+kernel is compiled for one signature (float32 C-contiguous arrays of a fixed rank), so one
+compile serves every number of layers, state size, batch, truncation and K; numba caches the
+machine code on disk (see `cache_dir`), so a machine compiles once and every later process,
+Ray worker or job only loads it.
+
+Same bits in any batch: no operation mixes two models, every sum runs over one model's values
+in a fixed order, and nothing is compiled with fastmath, so the vector body and the scalar tail
+of a loop over K round alike (IEEE +, ×, ÷ and √, no fused multiply-adds). Hence a model's
+losses do not depend on K, on its index k, or on what the other models hold. The few library
+calls (exp, log1p in the loss) run in loops over one model's window positions, never over K,
+so even a vectorized math library would treat every model alike.
+
+Transcendentals: a call to math.tanh or math.exp in a loop stops LLVM from vectorizing it, so
+the gates use `_tanh`, the rational approximation that Eigen (hence TensorFlow's own CPU LSTM)
+and XLA use, which is pure arithmetic; sigmoid(x) = 0.5 + 0.5 tanh(x / 2).
+
+The kernels are promised (LLVM's noalias) that no two arrays they are given overlap: callers
+pass separate arrays, as `model.step_function`'s step does.
+
+Importing this module compiles (or loads) the kernels; it raises when numba is missing or
+cannot compile, and the caller falls back to torch (`model.step_function`).
+`NUMBA_DISABLE_JIT=1` counts as missing: interpreted, these loops would be about a thousand
+times slower than eager torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numba
+import numpy as np
+from numba.core import caching
+
+if numba.config.DISABLE_JIT:
+    raise ImportError("numba's JIT is disabled (NUMBA_DISABLE_JIT is set)")
+
+F32 = np.float32
+ZERO, HALF, ONE = F32(0.0), F32(0.5), F32(1.0)
+# Eigen's generic_fast_tanh_float (without FMA): a 13/6-degree rational interpolant, the input
+# clamped to where it reaches exactly ±1, and tanh(x) = x near 0 where the ratio loses bits.
+TANH_CLAMP = F32(7.90531110763549805)
+TANH_TINY = F32(0.0004)
+# The numerator's odd coefficients, x^13 down to x^1, and the denominator's even ones.
+A13, A11, A9 = F32(-2.76076847742355e-16), F32(2.00018790482477e-13), F32(-8.60467152213735e-11)
+A7, A5 = F32(5.12229709037114e-08), F32(1.48572235717979e-05)
+A3, A1 = F32(6.37261928875436e-04), F32(4.89352455891786e-03)
+B6, B4 = F32(1.19825839466702e-06), F32(1.18534705686654e-04)
+B2, B0 = F32(2.26843463243900e-03), F32(4.89352518554385e-03)
+
+
+def cache_dir() -> Path:
+    """Where the compiled kernels live: NUMBA_CACHE_DIR when the user set one, else
+    ~/.cache/echo-study/numba (under XDG_CACHE_HOME when set).
+
+    Not numba's default (a __pycache__ beside this file, keyed by the file's absolute path):
+    `ray job submit` runs the driver from a fresh copy of the working directory, at a new path
+    every job, so a path-keyed cache would compile again in every job, and the copy may not be
+    writable. This cache is keyed by this file's contents instead (`_ContentCacheLocator`), so
+    every copy of one version of the code, and every process on the machine, shares it; numba
+    itself keys each entry by CPU model and features, so nodes of a mixed cluster do not mix.
+    """
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return Path(os.environ["NUMBA_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "echo-study" / "numba"
+
+
+class _ContentCacheLocator(caching.UserProvidedCacheLocator):
+    """Numba's cache locator for this module only, keyed by the source's contents (not path)."""
+
+    def __init__(self, py_func, py_file):
+        self._py_file = py_file
+        self._lineno = py_func.__code__.co_firstlineno
+        self._source_hash = hashlib.sha256(Path(py_file).read_bytes()).hexdigest()
+        self._cache_path = str(cache_dir() / f"kernels-{self._source_hash[:16]}")
+
+    def get_source_stamp(self) -> str:
+        return self._source_hash
+
+    @classmethod
+    def from_function(cls, py_func, py_file):
+        if os.path.realpath(py_file) != os.path.realpath(__file__):
+            return None
+        self = cls(py_func, py_file)
+        try:
+            self.ensure_cache_path()
+        except OSError:
+            return None  # an unwritable cache: numba tries its other locators
+        return self
+
+
+def _use_content_locator() -> None:
+    # numba has no public hook for locators (CacheImpl was _CacheImpl before 0.61); where the
+    # list is missing (another numba version), numba's own locators still cache, per path.
+    impl = getattr(caching, "CacheImpl", None) or getattr(caching, "_CacheImpl", None)
+    locators = getattr(impl, "_locator_classes", None)
+    if isinstance(locators, list) and _ContentCacheLocator not in locators:
+        locators.insert(0, _ContentCacheLocator)
+
+
+_use_content_locator()
+
+# Models per chunk: each kernel runs a whole layer for a chunk of models at a time, so that a
+# chunk's weights and running sums stay in the core's caches. Long enough that the vector loops
+# over it amortize their set-up (measured: chunks of 16 or 32 ran at half the speed of 128).
+CHUNK = 128
+
+_A2 = numba.types.Array(numba.float32, 2, "C")
+_A3 = numba.types.Array(numba.float32, 3, "C")
+_A4 = numba.types.Array(numba.float32, 4, "C")
+_V = numba.types.Array(numba.float32, 1, "C")
+_MASK = numba.types.Array(numba.boolean, 1, "C")
+# error_model="numpy": a division by zero gives inf like IEEE, instead of a check that raises
+# ZeroDivisionError and keeps the loop from vectorizing.
+_JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
+
+
+def _kernel(signature: numba.core.typing.Signature):
+    """njit for one signature, compiled now, with the arrays it is given promised not to overlap
+    (LLVM's noalias): without that promise LLVM checks for overlap before each inner loop, and
+    those checks cost more than the short loops over K they guard."""
+
+    def compile_kernel(py_func):
+        dispatcher = numba.njit(**_JIT)(py_func)
+        _promise_no_alias(dispatcher)
+        dispatcher.compile(signature)
+        dispatcher.disable_compile()
+        return dispatcher
+
+    return compile_kernel
+
+
+def _promise_no_alias(dispatcher) -> None:
+    # numba has the flag (parfors set it) but no option for it; where this private hook is
+    # missing (another numba version) the kernels still work, only slower.
+    compiler = getattr(dispatcher, "_compiler", None)
+    if compiler is not None and hasattr(compiler, "_customize_flags"):
+        customize = compiler._customize_flags
+
+        def with_noalias(flags):
+            flags = customize(flags)
+            flags.noalias = True
+            return flags
+
+        compiler._customize_flags = with_noalias
+
+
+@numba.njit(numba.float32(numba.float32), inline="always", **_JIT)
+def _tanh(x):
+    """tanh by Eigen's rational approximation, pure arithmetic so that loops over it vectorize.
+
+    Measured on 840,000 points in [-12, 12] and ±[1e-8, 10] (tests/test_model.py checks it):
+    at most 5 ulp from the correctly rounded tanh (torch's own: 1 ulp), the largest errors
+    where tanh is within 3e-7 of ±1, which it returns from ±7.9 on. A NaN stays NaN: the clamps
+    compare so that it passes through, and the trainer watches for NaN losses.
+    """
+    clamped = TANH_CLAMP if x > TANH_CLAMP else x
+    clamped = -TANH_CLAMP if clamped < -TANH_CLAMP else clamped
+    x2 = clamped * clamped
+    p = A13 * x2 + A11
+    p = p * x2 + A9
+    p = p * x2 + A7
+    p = p * x2 + A5
+    p = p * x2 + A3
+    p = p * x2 + A1
+    p = p * clamped
+    q = B6 * x2 + B4
+    q = q * x2 + B2
+    q = q * x2 + B0
+    tiny = x < TANH_TINY and x > -TANH_TINY
+    return x if tiny else p / q
+
+
+@numba.njit(numba.float32(numba.float32), inline="always", **_JIT)
+def _sigmoid(x):
+    """sigmoid(x) = 0.5 + 0.5 tanh(x / 2), exact algebra on the approximate tanh: an absolute
+    error of at most 2.4e-7 (torch's: 6e-8), which is what a gate multiplying values of order
+    one sees; relative to a tiny sigmoid (x < -5) the error is large, and harmless there.
+    """
+    return HALF + HALF * _tanh(HALF * x)
+
+
+@numba.njit(inline="always", **_JIT)
+def _unsigned_range(k0, n):
+    """Bounds for `range` over models k0 to k0 + n with unsigned indices: numba checks a signed
+    index for a negative (wrap-around) value, which keeps LLVM from vectorizing the loop."""
+    return numba.uint64(k0), numba.uint64(k0 + n)
+
+
+@numba.njit(inline="always", **_JIT)
+def _forward_chunk(w_input, w_hidden, bias, inputs, h0, c0, h_seq, c_seq, gates, tanh_c, k0, n):
+    """layer_forward for models k0 to k0 + n."""
+    batch, steps1, width, _ = inputs.shape
+    units = w_hidden.shape[0]
+    lo, hi = _unsigned_range(k0, n)
+    for b in range(batch):
+        for j in range(units):
+            for k in range(lo, hi):
+                h_seq[b, 0, j, k] = h0[b, j, k]
+                c_seq[b, 0, j, k] = c0[b, j, k]
+    for t in range(steps1 - 1):
+        # The pre-activations, in place in `gates` until activated: bias, then each input
+        # unit's and each hidden unit's share. Rows of weights are read once for every b.
+        for b in range(batch):
+            for g in range(4 * units):
+                for k in range(lo, hi):
+                    gates[b, t, g, k] = bias[g, k]
+        for i in range(width):
+            for g in range(4 * units):
+                for b in range(batch):
+                    for k in range(lo, hi):
+                        gates[b, t, g, k] += w_input[i, g, k] * inputs[b, t + 1, i, k]
+        for j in range(units):
+            for g in range(4 * units):
+                for b in range(batch):
+                    for k in range(lo, hi):
+                        gates[b, t, g, k] += w_hidden[j, g, k] * h_seq[b, t, j, k]
+        for b in range(batch):
+            pre = gates[b, t]  # (4H, K)
+            for j in range(units):
+                for k in range(lo, hi):
+                    i = _sigmoid(pre[j, k])
+                    f = _sigmoid(pre[units + j, k])
+                    o = _sigmoid(pre[2 * units + j, k])
+                    g = _tanh(pre[3 * units + j, k])
+                    c = f * c_seq[b, t, j, k] + i * g
+                    tc = _tanh(c)
+                    pre[j, k], pre[units + j, k] = i, f
+                    pre[2 * units + j, k], pre[3 * units + j, k] = o, g
+                    c_seq[b, t + 1, j, k] = c
+                    tanh_c[b, t, j, k] = tc
+                    h_seq[b, t + 1, j, k] = o * tc
+
+
+@numba.njit(inline="always", **_JIT)
+def _backward_chunk(
+    w_input, w_hidden, bias, acc_input, acc_hidden, acc_bias,
+    inputs, h_seq, c_seq, gates, tanh_c, d_outputs, d_inputs, lr, active, k0, n,
+):  # fmt: skip
+    """layer_backward_update for models k0 to k0 + n."""
+    batch, steps, units, _ = d_outputs.shape
+    width = w_input.shape[0]
+    lo, hi = _unsigned_range(k0, n)
+    # Running sums and this step's gradients, for the chunk's models only (dense, so they stay
+    # in the cache): the weight gradients accumulate step by step, t descending, b ascending.
+    d_pre = np.empty((batch, 4 * units, n), np.float32)
+    d_h = np.zeros((batch, units, n), np.float32)
+    d_c = np.zeros((batch, units, n), np.float32)
+    grad_input = np.zeros((width, 4 * units, n), np.float32)
+    grad_hidden = np.zeros((units, 4 * units, n), np.float32)
+    grad_bias = np.zeros((4 * units, n), np.float32)
+    for t in range(steps - 1, -1, -1):
+        for b in range(batch):
+            for j in range(units):
+                for k in range(lo, hi):
+                    i, f = gates[b, t, j, k], gates[b, t, units + j, k]
+                    o, g = gates[b, t, 2 * units + j, k], gates[b, t, 3 * units + j, k]
+                    tc = tanh_c[b, t, j, k]
+                    dh = d_outputs[b, t, j, k] + d_h[b, j, k - lo]
+                    dc = d_c[b, j, k - lo] + dh * o * (ONE - tc * tc)
+                    d_pre[b, j, k - lo] = dc * g * i * (ONE - i)
+                    d_pre[b, units + j, k - lo] = dc * c_seq[b, t, j, k] * f * (ONE - f)
+                    d_pre[b, 2 * units + j, k - lo] = dh * tc * o * (ONE - o)
+                    d_pre[b, 3 * units + j, k - lo] = dc * i * (ONE - g * g)
+                    d_c[b, j, k - lo] = dc * f
+        # The gradient reaching h from the step before; none flows past the window's start.
+        if t > 0:
+            d_h[:] = ZERO
+            for j in range(units):
+                for g in range(4 * units):
+                    for b in range(batch):
+                        for k in range(lo, hi):
+                            d_h[b, j, k - lo] += w_hidden[j, g, k] * d_pre[b, g, k - lo]
+        for i in range(d_inputs.shape[2]):
+            for b in range(batch):
+                for k in range(lo, hi):
+                    d_inputs[b, t, i, k] = ZERO
+            for g in range(4 * units):
+                for b in range(batch):
+                    for k in range(lo, hi):
+                        d_inputs[b, t, i, k] += w_input[i, g, k] * d_pre[b, g, k - lo]
+        for b in range(batch):
+            for g in range(4 * units):
+                for k in range(lo, hi):
+                    grad_bias[g, k - lo] += d_pre[b, g, k - lo]
+            for i in range(width):
+                for g in range(4 * units):
+                    for k in range(lo, hi):
+                        grad_input[i, g, k - lo] += inputs[b, t + 1, i, k] * d_pre[b, g, k - lo]
+            for j in range(units):
+                for g in range(4 * units):
+                    for k in range(lo, hi):
+                        grad_hidden[j, g, k - lo] += h_seq[b, t, j, k] * d_pre[b, g, k - lo]
+    for i in range(width):
+        _adagrad_rows(w_input[i], acc_input[i], grad_input[i], lr, active, k0, n)
+    for j in range(units):
+        _adagrad_rows(w_hidden[j], acc_hidden[j], grad_hidden[j], lr, active, k0, n)
+    _adagrad_rows(bias, acc_bias, grad_bias, lr, active, k0, n)
+
+
+@numba.njit(inline="always", **_JIT)
+def _adagrad_rows(weight, accum, grad, lr, active, k0, n):
+    """TensorFlow's Adagrad (accum += g², w -= lr g / √accum) on rows (J, K) of models k0 to
+    k0 + n, active ones only; grad (J, n) holds the chunk's gradients."""
+    lo, hi = _unsigned_range(k0, n)
+    for g in range(weight.shape[0]):
+        for k in range(lo, hi):
+            d = grad[g, k - lo]
+            a = accum[g, k] + d * d
+            w = weight[g, k] - lr[k] * d * (ONE / np.sqrt(a))
+            accum[g, k] = a if active[k] else accum[g, k]
+            weight[g, k] = w if active[k] else weight[g, k]
+
+
+@numba.njit(inline="always", **_JIT)
+def _loss_and_gradient(margin, y, losses):
+    """Two-class cross-entropy as softplus(sign · margin), sign = +1 for target 0 and -1 for
+    target 1: writes each model's mean into losses and returns d(mean)/d(margin) (B, T, K).
+    In float64 with library exp and log1p, looping over one model's window positions (see the
+    module docstring); softplus(z) = max(z, 0) + log1p(e) and sigmoid(z) = 1 / (1 + e) or
+    e / (1 + e) share e = exp(-|z|)."""
+    batch, steps, models = y.shape
+    count = batch * steps
+    d_margin = np.empty((batch, steps, models), np.float32)
+    for k in range(models):
+        total = 0.0
+        for b in range(batch):
+            for t in range(steps):
+                sign = 1.0 - 2.0 * np.float64(y[b, t, k])
+                z = sign * np.float64(margin[b, t, k])
+                e = np.exp(-abs(z))
+                total += max(z, 0.0) + np.log1p(e)
+                sigmoid = 1.0 / (1.0 + e) if z >= 0.0 else e / (1.0 + e)
+                d_margin[b, t, k] = np.float32(sign * sigmoid / count)
+        losses[k] = np.float32(total / count)
+    return d_margin
+
+
+@_kernel(numba.void(_A3, _A3, _A2, _A4, _A3, _A3, _A4, _A4, _A4, _A4))
+def layer_forward(w_input, w_hidden, bias, inputs, h0, c0, h_seq, c_seq, gates, tanh_c):
+    """One LSTM layer over a window, K models at once, recording what its backward needs.
+
+    w_input (I, 4H, K), w_hidden (H, 4H, K), bias (4H, K); inputs (B, T + 1, I, K), step t's
+    input at [:, t + 1] (the layer below's h_seq, or the window's x); h0, c0 (B, H, K).
+    Writes h_seq, c_seq (B, T + 1, H, K), the state entering each step then the final one at
+    [:, T]; gates (B, T, 4H, K), i, f, o after the sigmoid and g after the tanh; tanh_c
+    (B, T, H, K), tanh of the cell after each step.
+    """
+    models = inputs.shape[3]
+    for k0 in range(0, models, CHUNK):
+        n = min(CHUNK, models - k0)
+        _forward_chunk(w_input, w_hidden, bias, inputs, h0, c0, h_seq, c_seq, gates, tanh_c, k0, n)
+
+
+@_kernel(numba.void(_A3, _A3, _A2, _A3, _A3, _A2, _A4, _A4, _A4, _A4, _A4, _A4, _A4, _V, _MASK))
+def layer_backward_update(
+    w_input, w_hidden, bias, acc_input, acc_hidden, acc_bias,
+    inputs, h_seq, c_seq, gates, tanh_c, d_outputs, d_inputs, lr, active,
+):  # fmt: skip
+    """Backpropagate through one layer's window and update its weights with Adagrad.
+
+    The tape is layer_forward's; d_outputs (B, T, H, K) is the loss's gradient on this layer's
+    outputs. Writes d_inputs (B, T, I, K), the gradient on its inputs computed with the weights
+    before the update (pass a (B, T, 0, K) array to skip it, as the first layer does). The
+    gradient through time starts at zero at the window's end and stops at its start: nothing
+    flows into the initial state, which is what makes the truncation structural.
+    """
+    models = d_outputs.shape[3]
+    for k0 in range(0, models, CHUNK):
+        n = min(CHUNK, models - k0)
+        _backward_chunk(w_input, w_hidden, bias, acc_input, acc_hidden, acc_bias, inputs,
+                        h_seq, c_seq, gates, tanh_c, d_outputs, d_inputs, lr, active,
+                        k0, n)  # fmt: skip
+
+
+@_kernel(numba.void(_A3, _A2, _A3, _A2, _A4, _A3, _V, _MASK, _V, _A3, _A4, _MASK))
+def head_update(w_out, b_out, acc_w, acc_b, top, y, lr, active, losses, margin, d_top, still):
+    """Loss, the output layer's Adagrad update, and the gradient into the top layer's outputs.
+
+    w_out (H, 2, K), b_out (2, K); top (B, T + 1, H, K), the top layer's h_seq; y (B, T, K).
+    Writes losses (K,), each model's mean cross-entropy over the window before the update;
+    margin (B, T, K), logit 1 minus logit 0; d_top (B, T, H, K); and `still`, `active` less the
+    models whose loss is not finite, which are the ones updated.
+    """
+    batch, steps, models = y.shape
+    units = w_out.shape[0]
+    logits = np.empty((2, models), np.float32)
+    for b in range(batch):
+        for t in range(steps):
+            logits[:] = b_out
+            for j in range(units):
+                for k in range(models):
+                    logits[0, k] += top[b, t + 1, j, k] * w_out[j, 0, k]
+                    logits[1, k] += top[b, t + 1, j, k] * w_out[j, 1, k]
+            for k in range(models):
+                margin[b, t, k] = logits[1, k] - logits[0, k]
+    d_margin = _loss_and_gradient(margin, y, losses)  # (B, T, K)
+    for k in range(models):
+        still[k] = active[k] and np.isfinite(losses[k])
+    grad_w = np.zeros((units, 2, models), np.float32)
+    grad_b = np.zeros((2, models), np.float32)
+    for b in range(batch):
+        for t in range(steps):
+            for k in range(models):
+                grad_b[0, k] -= d_margin[b, t, k]
+                grad_b[1, k] += d_margin[b, t, k]
+            for j in range(units):
+                for k in range(models):
+                    dm = d_margin[b, t, k]
+                    d_top[b, t, j, k] = dm * w_out[j, 1, k] - dm * w_out[j, 0, k]
+                    grad_w[j, 0, k] -= top[b, t + 1, j, k] * dm
+                    grad_w[j, 1, k] += top[b, t + 1, j, k] * dm
+    for j in range(units):
+        _adagrad_rows(w_out[j], acc_w[j], grad_w[j], lr, still, 0, models)
+    _adagrad_rows(b_out, acc_b, grad_b, lr, still, 0, models)
