@@ -19,6 +19,7 @@ This is the only module that imports Ray or Optuna.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -95,6 +96,10 @@ class StudyOutcome:
     seconds: float
     driver_cpu_seconds: float
     """CPU time this process (the driver) spent, Ray's own processes not included."""
+    windows_stepped: int
+    """Window steps the trainers ran in this run (each trains every running lane at once)."""
+    lane_windows: int
+    """Windows trained summed over lanes: the trials' steps, counting those run again."""
 
 
 @dataclass(frozen=True)
@@ -158,6 +163,8 @@ def run_study(config: Config, progress: bool | None = None) -> StudyOutcome:
         best_params={c: best[c] for c in driver.columns} if best else None,
         seconds=time.perf_counter() - started,
         driver_cpu_seconds=time.process_time() - started_cpu,
+        windows_stepped=driver.windows_stepped,
+        lane_windows=driver.lane_windows,
     )
 
 
@@ -223,6 +230,8 @@ class _Driver:
         self.pause_from = config.task.windows_per_epoch if config.study.pruner != "none" else None
         self.points: Iterator[tuple] = iter(())
         self.recorded_points: set[tuple] = set()
+        self.windows_stepped = 0
+        self.lane_windows = 0
 
     def recover(self) -> None:
         """Pick up what earlier runs left. A trial a dead driver left running is told from its
@@ -375,6 +384,8 @@ class _Driver:
             self._lost(trainer, error)
             return
         trainer.answered = True
+        self.windows_stepped += events.windows_stepped
+        self.lane_windows += events.lane_windows
         for report in events.reports:
             trainer.verdicts[report.key] = self._judge(report)
         for finished in events.finished:
@@ -499,6 +510,8 @@ class TrainerEvents:
     reports: list[Report]
     errors: list[tuple[int, str]]
     """Trials that raised (trial, one-line error): they are FAIL, the trainer goes on."""
+    windows_stepped: int = 0
+    lane_windows: int = 0
 
 
 @ray.remote
@@ -517,6 +530,7 @@ class Trainer:
         self.inbox: list[LaneTrial] = []
         self.verdicts: dict[int, bool] = {}
         self.events = TrainerEvents([], [], [])
+        self.stepped = self.trained = 0
         threading.Thread(target=self._train, daemon=True).start()
 
     def exchange(
@@ -529,7 +543,10 @@ class Trainer:
             self.verdicts.update(verdicts)
             self.changed.notify_all()
             self.changed.wait_for(self._has_events, timeout=wait)
-            events, self.events = self.events, TrainerEvents([], [], [])
+            events = dataclasses.replace(
+                self.events, windows_stepped=self.stepped, lane_windows=self.trained
+            )
+            self.events, self.stepped, self.trained = TrainerEvents([], [], []), 0, 0
             return events
 
     def where(self) -> dict[str, Any]:
@@ -581,6 +598,7 @@ class Trainer:
                 self._publish([], [], [(trial.key, f"{type(error).__name__}: {first_line(error)}")])
 
     def _step(self, key: tuple, lanes: Lanes) -> None:
+        running = int((lanes.occupied & ~lanes.waiting).sum())
         try:
             finished, reports = lanes.step()
         except Exception as error:  # these lanes' trials fail; other architectures go on
@@ -589,6 +607,9 @@ class Trainer:
             del self.lanes[key]
             self._publish([], [], [(k, text) for k in keys])
             return
+        with self.changed:
+            self.stepped += running > 0
+            self.trained += running
         if finished or reports:
             self._publish(finished, reports, [])
 

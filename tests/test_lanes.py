@@ -1,0 +1,121 @@
+"""Trials flowing through lanes: joining busy trainers, freeing lanes, and a sampler that learns."""
+
+import numpy as np
+import optuna
+import pandas as pd
+import torch
+
+from pipeline.model import step_function
+from pipeline.results import Output
+from pipeline.study import JOURNAL, run_study
+from pipeline.train import Lanes, LaneTrial
+from tests.conftest import small_config, study_config
+
+CPU = torch.device("cpu")
+
+
+def _config(**params: object):
+    """A small config on the numba kernels, which compute each lane alone."""
+    return small_config(**{"train.compile": True, **params})
+
+
+def _run_lanes(arrivals: list[tuple[int, object]]) -> dict[int, np.ndarray]:
+    """Train trials that join one trainer at the given windows; their losses by arrival index."""
+    first = arrivals[0][1]
+    lanes = Lanes(first, step_function(first.train.compile, CPU), CPU)
+    waiting = sorted(enumerate(arrivals), key=lambda item: item[1][0])
+    losses, window = {}, 0
+    with torch.inference_mode():
+        while waiting or len(lanes):
+            while waiting and waiting[0][1][0] <= window:
+                key, (_, config) = waiting.pop(0)
+                lanes.admit(LaneTrial(key, config))
+            finished, _ = lanes.step()
+            losses.update({f.key: f.losses for f in finished})
+            window += 1
+    return losses
+
+
+def test_lanes_trial_joining_a_busy_trainer_midway_gives_its_losses_alone():
+    target = _config(**{"train.seed": 7, "task.echo_step": 2, "train.lr": 0.5})
+    assert step_function(target.train.compile, CPU).backend == "numba"
+    alone = _run_lanes([(0, target)])[0]
+    # Twenty others of other seeds, echo steps and rates, some leaving before it ends: it
+    # joins at window 13, in the middle of their first epoch, at their own positions.
+    others = [
+        (3 * k % 7, _config(**{"train.seed": k, "task.echo_step": 1 + k % 5, "train.lr": 0.1}))
+        for k in range(20)
+    ]
+    busy = _run_lanes([*others, (13, target)])[len(others)]
+    assert len(alone) == target.total_steps
+    assert np.array_equal(busy, alone)
+
+
+def test_lanes_free_lane_takes_the_next_trial_at_the_next_window():
+    configs = [_config(**{"train.seed": s, "train.epochs": e}) for s, e in [(1, 1), (2, 2)]]
+    lanes = Lanes(configs[0], step_function(True, CPU), CPU)
+    lanes.admit(LaneTrial(0, configs[0]))
+    for _ in range(configs[0].total_steps - 1):
+        assert lanes.step() == ([], [])
+    (done,), _ = lanes.step()
+    assert done.key == 0 and done.status == "complete" and len(lanes) == 0
+    # The lane it left is the one the next trial gets: nothing grew.
+    lanes.admit(LaneTrial(1, configs[1]))
+    assert lanes.capacity == 16 and lanes.occupied[0]
+
+
+def test_lanes_waiting_lane_trains_no_window_until_ruled_on():
+    config = _config()
+    lanes = Lanes(config, step_function(True, CPU), CPU, report_every=5, pause_from=0)
+    lanes.admit(LaneTrial(0, config))
+    reports = []
+    for _ in range(5):
+        reports += lanes.step()[1]
+    assert [(r.key, r.step) for r in reports] == [(0, 4)]
+    assert lanes.step() == ([], []) and lanes.position[0] == 5
+    (pruned,) = lanes.stop([0])
+    assert pruned.status == "pruned" and len(pruned.losses) == 5
+
+
+def test_study_pruned_trials_lanes_run_other_trials(tmp_path, ray_session):
+    config = study_config(
+        tmp_path,
+        search={"task.echo_step": [1, 20], "train.seed": [0, 1, 2, 3, 4, 5]},
+        **{
+            "study.pruner": "median",
+            "study.lanes_per_trainer": 1,
+            "study.report_every": 50,
+            "train.epochs": 3,
+        },
+    )
+    outcome = run_study(config, progress=False)
+    trials = pd.read_parquet(config.output + "/trials.parquet")
+    assert outcome.counts.get("PRUNED", 0) >= 1
+    # With one lane per trainer, every window a trainer stepped trained exactly one trial's
+    # step: a pruned trial's lane went straight on to the next trial instead of idling.
+    assert outcome.windows_stepped == outcome.lane_windows == trials["steps"].sum()
+    assert trials["steps"].sum() < len(trials) * config.total_steps
+
+
+def test_study_tpe_asks_each_trial_after_the_earlier_ones_were_told(tmp_path, ray_session):
+    search = {"train.lr": {"low": 0.05, "high": 1.0, "log": True}, "task.echo_step": [1, 2]}
+    config = study_config(
+        tmp_path,
+        **{
+            "study.sampler": "tpe",
+            "study.search": search,
+            "study.trials": 8,
+            "study.lanes_per_trainer": 1,
+        },
+    )
+    run_study(config, progress=False)
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(Output(config.output).path(JOURNAL))
+    )
+    trials = optuna.load_study(study_name=config.study.name, storage=storage).trials
+    assert len(trials) == 8
+    # Two trainers of one lane each: at most two trials run at once, so when trial n is
+    # asked, all but at most one of the trials before it have been told.
+    for trial in trials[2:]:
+        told = sum(t.datetime_complete <= trial.datetime_start for t in trials[: trial.number])
+        assert told >= trial.number - 1, (trial.number, told)
