@@ -514,4 +514,3 @@ def _matmul_t(d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def _outer_sum(v: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """Per-model Σ over batch and time of v ⊗ d: v (B, T, I, K), d (B, T, J, K) → (I, J, K)."""
     return (v.unsqueeze(-2) * d.unsqueeze(-3)).sum(dim=(0, 1))
-

@@ -288,13 +288,7 @@ class _Driver:
         return max(1, int(cpus // self.config.ray.cpus_per_trial))
 
     def _new_trainer(self) -> _Trainer:
-        actor = Trainer.options(
-            num_cpus=self.config.ray.cpus_per_trial,
-            num_gpus=_gpus_per_trainer(self.config),
-            max_restarts=0,
-            max_concurrency=2,  # one call waits for events while the trainer thread trains
-        ).remote(self.config.ray.cpus_per_trial, self.config.study.report_every, self.pause_from)
-        return _Trainer(actor, time.monotonic())
+        return _Trainer(start_trainer(self.config, self.pause_from), time.monotonic())
 
     def _in_flight(self) -> int:
         return len(self.queue) + sum(len(t.trials) for t in self.trainers)
@@ -633,6 +627,16 @@ class Trainer:
         return self.lanes[key]
 
 
+def start_trainer(config: Config, pause_from: int | None = None) -> Any:
+    """A Trainer actor with the CPUs and GPUs the config asks of Ray for each trainer."""
+    return Trainer.options(
+        num_cpus=config.ray.cpus_per_trial,
+        num_gpus=gpus_per_trainer(config),
+        max_restarts=0,
+        max_concurrency=2,  # one call waits for events while the trainer thread trains
+    ).remote(config.ray.cpus_per_trial, config.study.report_every, pause_from)
+
+
 def _failpoint(name: str) -> None:
     wanted, _, count = os.environ.get(FAILPOINT, "").partition(":")
     if wanted != name:
@@ -642,7 +646,7 @@ def _failpoint(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _gpus_per_trainer(config: Config) -> float:
+def gpus_per_trainer(config: Config) -> float:
     """ray.gpus_per_trainer, else 1 when the trials train on CUDA (asked for, or auto on a
     cluster with GPUs), else 0: Ray then sets CUDA_VISIBLE_DEVICES, so torch's cuda:0 is the
     GPU Ray gave the trainer, never one taken behind Ray's back."""
@@ -659,7 +663,7 @@ def _gpus_per_trainer(config: Config) -> float:
 def _check_gpus(config: Config) -> None:
     """Refuse at once a study whose trainers ask for GPUs that the cluster does not have:
     they would wait for them forever."""
-    wanted, present = _gpus_per_trainer(config), ray.cluster_resources().get("GPU", 0)
+    wanted, present = gpus_per_trainer(config), ray.cluster_resources().get("GPU", 0)
     if wanted > present:
         raise ConfigError(
             f"train.device = {config.train.device!r} asks {wanted:g} GPU per trainer of Ray, "
