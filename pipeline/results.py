@@ -179,8 +179,12 @@ class Output:
                 )
             yield
             return
-        os.makedirs(self.root, exist_ok=True)
-        with open(self.path(LOCK), "a+") as lock:
+        try:
+            os.makedirs(self.root, exist_ok=True)
+            lock = open(self.path(LOCK), "a+")  # noqa: SIM115 (closed below, after the study)
+        except OSError as error:
+            raise ConfigError(_cannot_create(self, error)) from None
+        with lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -227,7 +231,15 @@ def claim_output(output: Output, config: Config) -> None:
     """Make `output` this config's: check it (see check_output), then write config.yaml."""
     check_output(output, config)
     text = yaml.safe_dump(config.to_dict(), sort_keys=False)
-    output.write_bytes(CONFIG, text.encode())
+    try:
+        output.write_bytes(CONFIG, text.encode())
+    except OSError as error:
+        raise ConfigError(_cannot_create(output, error)) from None
+
+
+def _cannot_create(output: Output, error: OSError) -> str:
+    reason = error.strerror or str(error).splitlines()[0]
+    return f"output {output.location} cannot be created here ({reason}); choose another --output"
 
 
 def _has_entries(output: Output) -> bool:

@@ -187,3 +187,47 @@ def test_cli_train_falls_back_to_eager_when_compiling_fails(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "numba failed" in done.stderr and "training without it" in done.stderr
     assert len(pd.read_parquet(tmp_path / "o" / "steps")) == 40
+
+
+@pytest.mark.parametrize("command", ["train", "study"])
+def test_cli_output_that_is_a_file_is_one_line_exit_2(tmp_path, capsys, monkeypatch, command):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    config = _small_config_file(tmp_path, study={"search": {"task.echo_step": [1, 2]}})
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    assert main([command, str(config), "--output", str(notes)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a file, not a folder" in err, err
+    assert notes.read_text() == "mine"
+
+
+def test_cli_output_that_cannot_be_created_is_one_line_exit_2(tmp_path, capsys):
+    # Not even root can make a folder in /proc.
+    config = _small_config_file(tmp_path)
+    assert main(["train", str(config), "--output", "/proc/echo-study/out"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot be created here" in err, err
+
+
+def test_cli_summarize_refuses_a_corrupt_steps_file_in_one_line(tmp_path, capsys):
+    config = _small_config_file(tmp_path)
+    out = tmp_path / "out"
+    assert main(["train", str(config), "--output", str(out)]) == 0
+    broken = out / "steps" / "trials-0000001-1.parquet"
+    broken.write_bytes(b"PAR1 not really parquet")
+    capsys.readouterr()
+    before = sorted(p.name for p in out.rglob("*"))
+    assert main(["summarize", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a readable Parquet file" in err and broken.name in err
+    assert sorted(p.name for p in out.rglob("*")) == before
+
+
+def test_cli_train_with_a_study_config_records_one_run_not_a_study(tmp_path, capsys):
+    config = _small_config_file(tmp_path, study={"search": {"task.echo_step": [1, 2, 3]}})
+    out = tmp_path / "out"
+    assert main(["train", str(config), "--output", str(out)]) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["study"]["search"] == {}
+    capsys.readouterr()
+    assert main(["summarize", str(out)]) == 0
+    assert "of the study's" not in capsys.readouterr().out

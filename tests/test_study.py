@@ -146,3 +146,14 @@ def test_study_writes_to_a_pyarrow_filesystem_uri(tmp_path, ray_session):
     assert len(pd.read_parquet(tmp_path / "uri-study" / "steps")) == 2 * 200
     assert (tmp_path / "uri-study" / "study.journal").exists()
     assert (tmp_path / "uri-study" / "summary.md").exists()
+
+
+def test_study_refuses_a_remote_output_it_cannot_lock(tmp_path, ray_session):
+    # pyarrow's in-memory filesystem stands for s3:// or gs://: no lock can be taken there.
+    storage = f"sqlite:///{tmp_path}/study.db"
+    config = study_config(tmp_path, **{"study.storage": storage}).with_params(
+        {"output": "mock:///echo"}
+    )
+    with pytest.raises(ConfigError, match="cannot be locked"):
+        run_study(config, progress=False)
+    assert not (tmp_path / "study.db").exists() or optuna.get_all_study_names(storage) == []
