@@ -22,8 +22,8 @@ from typing import Any
 
 import yaml
 from report import say
+from this_checkout import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 # A run that takes longer than this has hung (the longest, 100,000 tiny trials, takes minutes).
 RUN_TIMEOUT_S = 4 * 3600
 

@@ -38,6 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
+import this_checkout  # noqa: F401  (first on the path: this checkout's pipeline)
 import torch
 from baseline import TrialSpec, train_trial
 from report import say, times
