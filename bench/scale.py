@@ -51,6 +51,7 @@ import optuna
 import pandas as pd
 from harness import (
     ChildFailed,
+    last_json_line,
     load_journal_trials,
     run_child,
     run_study_cli,
@@ -166,7 +167,7 @@ def _measure(
     sets = [arg for override in args.set for arg in ("--set", override)]
     argv = [sys.executable, "bench/scale.py", "--child", str(config), str(output), *sets]
     run = run_child(argv, log)
-    outcome = json.loads(run.stdout.strip().splitlines()[-1])
+    outcome = last_json_line(run.stdout)
 
     started = time.perf_counter()
     steps = pd.read_parquet(output / "steps")

@@ -89,7 +89,9 @@ class StudyRun:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     trials = args.trials or (QUICK["trials"] if args.quick else TRIALS)
-    startup = args.startup if args.startup is not None else (8 if args.quick else STARTUP)
+    startup = QUICK["startup"] if args.quick else STARTUP
+    if args.startup is not None:
+        startup = args.startup
     series_length = QUICK["series_length"] if args.quick else TASK["series_length"]
     folder = Path(tempfile.mkdtemp(prefix="echo-tpe-"))
     load = machine()
