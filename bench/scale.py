@@ -27,8 +27,8 @@ in ≤ 3 s, steps files not one per trial.
     python bench/scale.py --full     # and 100,000: add about 5 minutes per sampler at the goal
                                      # rate; hours with today's driver (its grid sampler costs
                                      # grow with the study)
-    python bench/scale.py --quick    # 100 and 400 trials, resume timed at 400 only: about 1.5
-                                     # minutes on a quiet machine; checks the script
+    python bench/scale.py --quick    # 100 and 400 trials, resume timed at 400 only: about a
+                                     # minute on a quiet machine; checks the script
     python bench/scale.py --sizes 1000 --samplers random --set train.compile=false
 """
 
