@@ -9,15 +9,33 @@ the target, both cut into `batch_size` contiguous rows and walked in windows of 
 columns, the state reset to zeros at each epoch. It imports nothing from the pipeline, so that
 it stays the plain loop; the only concession to our model is Adagrad's initial accumulator of
 0.1 (TensorFlow's), which costs nothing.
+
+Run as a script, it is the whole study a newcomer would write: a grid of trials in a
+`multiprocessing.Pool` of one-thread processes, each trial writing its losses to its own Parquet
+file (`bench/first_run.py` times it against the pipeline):
+
+    python bench/baseline.py GRID.json --processes 2 --output DIR
+
+GRID.json: {"fixed": {TrialSpec field: value}, "axes": {TrialSpec field: [values]}}; the trials
+are every combination of the axes. DIR/steps/trial-NNNNNN.parquet then holds each trial's
+`trial, epoch, window, step, loss` and its parameters, as the pipeline's steps/ does.
 """
 
 from __future__ import annotations
 
+import argparse
+import itertools
+import json
+import multiprocessing
+import os
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from multiprocessing.synchronize import Barrier
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -120,3 +138,68 @@ def train_trial(spec: TrialSpec) -> BaselineResult:
             losses.append(loss.item())
     seconds = time.perf_counter() - started
     return BaselineResult(np.asarray(losses, dtype=np.float32), seconds)
+
+
+def grid_specs(grid: Mapping[str, Any]) -> list[TrialSpec]:
+    """Every combination of `grid["axes"]` (field → values), the other fields from
+    `grid["fixed"]`, in the order of itertools.product."""
+    axes = grid["axes"]
+    return [
+        TrialSpec(**grid["fixed"], **dict(zip(axes, values, strict=True)))
+        for values in itertools.product(*axes.values())
+    ]
+
+
+def steps_frame(number: int, spec: TrialSpec, losses: np.ndarray) -> pd.DataFrame:
+    """A trial's losses as rows, with its parameters as columns, like the pipeline's steps/."""
+    step = np.arange(len(losses), dtype=np.int32)
+    frame = pd.DataFrame(
+        {
+            "trial": np.int32(number),
+            "epoch": (step // spec.windows_per_epoch).astype(np.int16),
+            "window": step % spec.windows_per_epoch,
+            "step": step,
+            "loss": losses,
+        }
+    )
+    for name, value in asdict(spec).items():
+        frame[name] = value
+    return frame
+
+
+def train_and_write(job: tuple[int, TrialSpec, str]) -> float:
+    """Train trial `number` and write its steps to its own Parquet file in `folder`; returns
+    the seconds its training loop took."""
+    number, spec, folder = job
+    result = train_trial(spec)
+    path = os.path.join(folder, f"trial-{number:06d}.parquet")
+    steps_frame(number, spec, result.losses).to_parquet(path, index=False)
+    return result.seconds
+
+
+def run_pool(specs: list[TrialSpec], processes: int, output: str) -> float:
+    """Train every trial in a Pool of `processes` one-thread processes, longest first (so that
+    they run out of work together); returns the seconds of training, summed over processes."""
+    folder = os.path.join(output, "steps")
+    os.makedirs(folder, exist_ok=True)
+    jobs = [(number, spec, folder) for number, spec in enumerate(specs)]
+    jobs.sort(key=lambda job: job[1].windows * job[1].num_layers, reverse=True)
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(processes, initializer=init_worker) as pool:
+        return sum(pool.imap_unordered(train_and_write, jobs, chunksize=1))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="A grid of trials of the plain loop in a Pool.")
+    parser.add_argument("grid", help='JSON file: {"fixed": {...}, "axes": {...}}')
+    parser.add_argument("--processes", type=int, default=2, help="Pool size (default 2)")
+    parser.add_argument("--output", required=True, help="folder for steps/*.parquet")
+    args = parser.parse_args(argv)
+    with open(args.grid) as file:
+        specs = grid_specs(json.load(file))
+    busy = run_pool(specs, args.processes, args.output)
+    print(json.dumps({"trials": len(specs), "training_s": busy}))
+
+
+if __name__ == "__main__":
+    main()

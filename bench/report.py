@@ -1,8 +1,10 @@
-"""Formatting shared by the benchmark scripts: ratios, and progress kept off stdout."""
+"""Formatting shared by the benchmark scripts: ratios, tables, and progress kept off stdout."""
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Sequence
 
 
 def times(ratio: float) -> str:
@@ -15,3 +17,14 @@ def times(ratio: float) -> str:
 def say(message: str) -> None:
     """Progress goes to stderr, so that stdout holds only the result."""
     print(message, file=sys.stderr, flush=True)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]], left: int = 1) -> list[str]:
+    """A Markdown table, its first `left` columns aligned left and the rest (numbers) right."""
+    rule = ["---" if i < left else "---:" for i in range(len(header))]
+    return [f"| {' | '.join(str(cell) for cell in line)} |" for line in [header, rule, *rows]]
+
+
+def machine() -> str:
+    """The cores and how busy they were at the start: other work skews every number."""
+    return f"{os.cpu_count()} CPUs, 1-minute load average {os.getloadavg()[0]:.1f} at the start"

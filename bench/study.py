@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 import ray
+import this_checkout  # noqa: F401  (first on the path: this checkout's pipeline)
 from baseline import TrialSpec, init_worker, train_trial
 from report import say, times
 

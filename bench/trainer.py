@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import this_checkout  # noqa: F401  (first on the path: this checkout's pipeline)
 import torch
 from baseline import TrialSpec, train_trial
 from report import say, times
