@@ -64,8 +64,9 @@ JOURNAL = "study.journal"
 # Lanes per trainer when the config leaves it open: many for samplers that gain nothing from
 # waiting (grid, random), few for TPE, which learns from every trial finished before it asks.
 DEFAULT_LANES = {"grid": 64, "random": 64, "tpe": 8}
-# Finished trials are recorded in groups, so that result files do not grow one per trial; a
-# group is written once it is this large or its oldest trial has waited this long.
+# Finished trials are recorded in groups, so that result files do not grow one per trial: at
+# most one group a second (the first trial to finish is recorded at once), or sooner once
+# this many wait.
 RECORD_EVERY_TRIALS = 512
 RECORD_EVERY_SECONDS = 1.0
 # trials.parquet is rewritten at most this often while a study runs (and once at its end);
@@ -223,7 +224,7 @@ class _Driver:
         self.attempts: Counter[int] = Counter()
         self.last_report: dict[int, tuple[int, float]] = {}
         self.unrecorded: list[TrialResult] = []
-        self.oldest_unrecorded = 0.0
+        self.last_recorded = -math.inf
         self.trials_written = time.monotonic()
         self.trainers: list[_Trainer] = []
         self.progress = Progress(config.study.n_trials, progress)
@@ -423,8 +424,6 @@ class _Driver:
                                "error", error=text))  # fmt: skip
 
     def _hold(self, result: TrialResult) -> None:
-        if not self.unrecorded:
-            self.oldest_unrecorded = time.monotonic()
         self.unrecorded.append(result)
 
     def _lost(self, trainer: _Trainer, error: BaseException) -> None:
@@ -460,13 +459,11 @@ class _Driver:
                 self.queue.extendleft(trainer.trials.values())
 
     def _record_if_due(self) -> None:
-        waited = time.monotonic() - self.oldest_unrecorded
-        adaptive = self.config.study.sampler == "tpe" or self.config.study.pruner != "none"
-        if self.unrecorded and (
-            adaptive
-            or len(self.unrecorded) >= RECORD_EVERY_TRIALS
-            or waited >= RECORD_EVERY_SECONDS
-        ):
+        since = time.monotonic() - self.last_recorded
+        # A sampler or pruner that learns from finished trials hears of each one at once.
+        learns = self.config.study.sampler == "tpe" or self.config.study.pruner != "none"
+        full = len(self.unrecorded) >= RECORD_EVERY_TRIALS
+        if self.unrecorded and (learns or full or since >= RECORD_EVERY_SECONDS):
             self._record()
         if time.monotonic() - self.trials_written > TRIALS_TABLE_EVERY_SECONDS:
             self._write_trials_table()
@@ -477,6 +474,7 @@ class _Driver:
         if not self.unrecorded:
             return
         results, self.unrecorded = self.unrecorded, []
+        self.last_recorded = time.monotonic()
         rows = record_trials(self.output, results)
         _failpoint("written")
         for result, row in zip(results, rows, strict=True):

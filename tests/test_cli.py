@@ -191,6 +191,7 @@ def test_cli_train_falls_back_to_eager_when_compiling_fails(tmp_path):
 
 @pytest.mark.parametrize("command", ["train", "study"])
 def test_cli_output_that_is_a_file_is_one_line_exit_2(tmp_path, capsys, monkeypatch, command):
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # what the CLI sets; restored
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     config = _small_config_file(tmp_path, study={"search": {"task.echo_step": [1, 2]}})
     notes = tmp_path / "notes.txt"

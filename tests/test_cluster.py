@@ -125,11 +125,14 @@ def _wait_for_busy(node: RayNode, job, log: Path, timeout: float = 120) -> None:
 def test_cluster_lost_worker_node_mid_study_loses_no_trial(cluster, worker_node, tmp_path):
     output = tmp_path / "quick"
     log = tmp_path / "job.log"
-    # Two epochs: 1,332 windows a trial, so the study outlives the kill by many seconds.
-    submission_id, job = _submit_quick(cluster, log, "--output", str(output))
+    # Twelve epochs: 7,992 windows a trial, so the study outlives the kill by many seconds.
+    epochs = 12
+    submission_id, job = _submit_quick(
+        cluster, log, "--output", str(output), "--set", f"train.epochs={epochs}"
+    )
     try:
         _wait_for_busy(worker_node, job, log)
-        time.sleep(2)  # into its trials
+        time.sleep(1)  # into its trials
         worker_node.kill()
         finished_at_kill = _finished_trials(output)
         printed = _finish(job, log)
@@ -142,7 +145,7 @@ def test_cluster_lost_worker_node_mid_study_loses_no_trial(cluster, worker_node,
     cluster.wait_for_node_state(worker_node.node_id, "DEAD")
     # The study went on without it: the job succeeded and every trial is recorded once.
     assert record["status"] == "SUCCEEDED"
-    _assert_every_grid_point_complete_once(output, 2 * WINDOWS_PER_EPOCH)
+    _assert_every_grid_point_complete_once(output, epochs * WINDOWS_PER_EPOCH)
 
 
 def test_cluster_job_submit_refuses_a_relative_output(cluster, tmp_path):
