@@ -156,8 +156,8 @@ def _wait_for(condition, timeout: float = 120) -> None:
 
 def test_faults_killed_driver_resumes_to_a_complete_grid(tmp_path):
     search = {"task.echo_step": [1, 2, 20], "train.seed": [0, 1]}
-    # Wide, long trials (6,660 windows of state 16), so that the kill lands while they train.
-    slow = {"train.epochs": 10, "model.state_size": 16, "study.lanes_per_trainer": 1}
+    # Wide, long trials (1,998 windows of state 16), so that the kill lands while they train.
+    slow = {"train.epochs": 3, "model.state_size": 16, "study.lanes_per_trainer": 1}
     config = study_config(tmp_path, search=search, **{**LONG, **slow})
     path, output = _write_config(tmp_path, config), tmp_path / "study"
     driver = _study_process(path, output)
@@ -178,7 +178,7 @@ def test_faults_killed_driver_resumes_to_a_complete_grid(tmp_path):
     # Every grid point finished exactly once, in the storage and in steps/.
     assert len(trials) == 6 and (trials["state"] == "COMPLETE").all()
     assert not trials.duplicated(["echo_step", "seed"]).any()
-    assert steps.groupby("trial").size().to_dict() == dict.fromkeys(trials["trial"], 6660)
+    assert steps.groupby("trial").size().to_dict() == dict.fromkeys(trials["trial"], 1998)
     states = [t.state.name for t in _optuna_trials(config)]
     assert states.count("COMPLETE") == 6
     # The trials the dead driver left running were marked FAIL, and their points run again.
