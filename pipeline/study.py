@@ -583,9 +583,12 @@ class Trainer:
             pruned = [key for key, prune in verdicts.items() if prune]
             self._publish(lanes.stop(pruned), [], [])
             lanes.resume(key for key, prune in verdicts.items() if not prune)
+        arriving = Counter(lanes_key(trial.config) for trial in inbox)
         for trial in inbox:
             try:
-                self._lanes_for(trial.config).admit(trial)
+                lanes = self._lanes_for(trial.config)
+                lanes.reserve(arriving.pop(lanes_key(trial.config), 1))
+                lanes.admit(trial)
             except Exception as error:  # a trial that cannot start is FAIL; the rest go on
                 self._publish([], [], [(trial.key, f"{type(error).__name__}: {first_line(error)}")])
 

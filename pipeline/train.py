@@ -102,7 +102,8 @@ def trainer_key(config: Config) -> tuple:
 class Lanes:
     """L lanes of one architecture on one device, each training its own trial (module docs).
 
-    `admit` puts a trial into a free lane (growing the lanes by LANES when none is free);
+    `admit` puts a trial into a free lane (growing the lanes when none is free, and packing
+    them when more than half stand empty, so that empty lanes cost little compute);
     `step` trains every running lane on its next window and returns the trials that finished
     and the reports that fell due. With `pause_from`, a lane that reports at or after that
     step waits (trains no window) until `resume` or `stop` rules on it: a pruner's verdict.
@@ -127,7 +128,10 @@ class Lanes:
         self.accum: Weights = []
         self.state = State(torch.empty(0), torch.empty(0))
         self.last_window: tuple[torch.Tensor, ...] = ()
-        self._grow(LANES)
+        # numba computes each lane alone at any width; torch's kernels only in whole vectors.
+        self.granule = 1 if step_fn.backend == "numba" else LANES
+        self.capacity = 0
+        self._resize(self.granule)
 
     def __len__(self) -> int:
         """Lanes holding a trial."""
@@ -141,7 +145,7 @@ class Lanes:
             raise ValueError(f"trial {trial.key} differs in architecture from this trainer's")
         free = np.flatnonzero(~self.occupied)
         if free.size == 0:
-            self._grow(self.capacity + LANES)
+            self.reserve(1)
             free = np.flatnonzero(~self.occupied)
         lane = int(free[0])
         config = trial.config
@@ -163,8 +167,17 @@ class Lanes:
             self.trace = grown
         self._start_epoch(lane, 0)
 
+    def reserve(self, count: int) -> None:
+        """Make sure `count` trials find a free lane, growing by whole granules."""
+        missing = count - int((~self.occupied).sum())
+        if missing > 0:
+            self._resize(_round_up(self.capacity + missing, self.granule))
+
     def step(self) -> tuple[list[Finished], list[Report]]:
         """Train every running, non-waiting lane on its next window."""
+        packed = _round_up(len(self), self.granule)
+        if len(self) and 2 * len(self) <= self.capacity and packed < self.capacity:
+            self._resize(packed)
         running = self.occupied & ~self.waiting
         if not running.any():
             return [], []
@@ -239,51 +252,67 @@ class Lanes:
         self.state.h[..., lane] = 0.0
         self.state.c[..., lane] = 0.0
 
-    def _grow(self, capacity: int) -> None:
-        """Make room for `capacity` lanes, keeping every running lane as it is."""
-        added = capacity - self.capacity
-        config, device = self.shared, self.device
-        task, model = config.task, config.model
-        if not self.weights:
-            template = init_weights(model, [0], device)
-            self.weights = [w.new_zeros(*w.shape[:-1], 0) for w in template]
-            self.accum = [w.new_zeros(*w.shape[:-1], 0) for w in template]
-            shape = (model.num_layers, task.batch_size, model.state_size, 0)
-            self.state = State(torch.zeros(shape, device=device), torch.zeros(shape, device=device))
-            data_shape = (0, self.windows, task.batch_size, task.truncation)
-            self.data_x = torch.zeros(data_shape, device=device)
-            self.data_y = torch.zeros(data_shape, device=device)
-            self.lr = torch.zeros(0, device=device)
-            self.trace = np.zeros((0, 0), np.float32)
-            self.occupied = np.zeros(0, bool)
-            self.waiting = np.zeros(0, bool)
-            self.position = np.zeros(0, np.int64)
-            self.total = np.zeros(0, np.int64)
-            self.started = np.zeros(0)
-            self.last_losses = np.zeros(0, np.float32)
-            self.trials: list[LaneTrial | None] = []
-            self.lane_of: dict[int, int] = {}
+    def _resize(self, capacity: int) -> None:
+        """Hold `capacity` lanes: the running ones first, in their order, then empty ones.
 
-        def wider(tensor: torch.Tensor, axis: int) -> torch.Tensor:
+        Moving a lane changes nothing it computes (no kernel mixes lanes, and the padded ones
+        always run whole vectors), so lanes may be packed when many stand empty."""
+        keep = np.flatnonzero(self.occupied) if self.capacity else np.zeros(0, np.int64)
+        if not self.capacity:
+            self._allocate_empty()
+        else:
+            keep = np.arange(self.capacity) if capacity >= self.capacity else keep
+        added = capacity - len(keep)
+        index = torch.from_numpy(keep).to(self.device)
+
+        def resized(tensor: torch.Tensor, axis: int) -> torch.Tensor:
+            kept = tensor.index_select(axis, index)
             shape = list(tensor.shape)
             shape[axis] = added
-            return torch.cat([tensor, tensor.new_zeros(shape)], dim=axis).contiguous()
+            return torch.cat([kept, tensor.new_zeros(shape)], dim=axis).contiguous()
 
-        self.weights = [wider(w, -1) for w in self.weights]
-        self.accum = [wider(a, -1) for a in self.accum]
-        self.state = State(wider(self.state.h, -1), wider(self.state.c, -1))
-        self.data_x, self.data_y = wider(self.data_x, 0), wider(self.data_y, 0)
-        self.lr = wider(self.lr, 0)
-        self.trace = np.concatenate([self.trace, np.full((added, self.trace.shape[1]), np.nan)])
-        self.trace = self.trace.astype(np.float32)
-        self.occupied = np.concatenate([self.occupied, np.zeros(added, bool)])
-        self.waiting = np.concatenate([self.waiting, np.zeros(added, bool)])
-        self.position = np.concatenate([self.position, np.zeros(added, np.int64)])
-        self.total = np.concatenate([self.total, np.zeros(added, np.int64)])
-        self.started = np.concatenate([self.started, np.zeros(added)])
-        self.last_losses = np.concatenate([self.last_losses, np.full(added, np.nan, np.float32)])
-        self.trials += [None] * added
+        def resized_array(array: np.ndarray, fill: object) -> np.ndarray:
+            return np.concatenate([array[keep], np.full((added, *array.shape[1:]), fill)]).astype(
+                array.dtype
+            )
+
+        self.weights = [resized(w, -1) for w in self.weights]
+        self.accum = [resized(a, -1) for a in self.accum]
+        self.state = State(resized(self.state.h, -1), resized(self.state.c, -1))
+        self.data_x, self.data_y = resized(self.data_x, 0), resized(self.data_y, 0)
+        self.lr = resized(self.lr, 0)
+        self.trace = resized_array(self.trace, np.nan)
+        self.occupied = resized_array(self.occupied, False)
+        self.waiting = resized_array(self.waiting, False)
+        self.position = resized_array(self.position, 0)
+        self.total = resized_array(self.total, 0)
+        self.started = resized_array(self.started, 0.0)
+        self.last_losses = resized_array(self.last_losses, np.nan)
+        self.trials = [self.trials[k] for k in keep] + [None] * added
+        self.lane_of = {trial.key: lane for lane, trial in enumerate(self.trials) if trial}
         self.capacity = capacity
+
+    def _allocate_empty(self) -> None:
+        config, device = self.shared, self.device
+        task, model = config.task, config.model
+        template = init_weights(model, [0], device)
+        self.weights = [w.new_zeros(*w.shape[:-1], 0) for w in template]
+        self.accum = [w.new_zeros(*w.shape[:-1], 0) for w in template]
+        shape = (model.num_layers, task.batch_size, model.state_size, 0)
+        self.state = State(torch.zeros(shape, device=device), torch.zeros(shape, device=device))
+        data_shape = (0, self.windows, task.batch_size, task.truncation)
+        self.data_x = torch.zeros(data_shape, device=device)
+        self.data_y = torch.zeros(data_shape, device=device)
+        self.lr = torch.zeros(0, device=device)
+        self.trace = np.zeros((0, 0), np.float32)
+        self.occupied = np.zeros(0, bool)
+        self.waiting = np.zeros(0, bool)
+        self.position = np.zeros(0, np.int64)
+        self.total = np.zeros(0, np.int64)
+        self.started = np.zeros(0)
+        self.last_losses = np.zeros(0, np.float32)
+        self.trials: list[LaneTrial | None] = []
+        self.lane_of: dict[int, int] = {}
 
 
 @dataclass(frozen=True)
@@ -349,6 +378,10 @@ def train(configs: Sequence[Config], on_step: OnStep | None = None) -> TrainResu
         seconds,
         lanes.step_fn.compiled,
     )
+
+
+def _round_up(count: int, granule: int) -> int:
+    return max(granule, -(-count // granule) * granule)
 
 
 def resolve_device(name: str) -> torch.device:

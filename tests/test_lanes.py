@@ -19,8 +19,11 @@ def _config(**params: object):
     return small_config(**{"train.compile": True, **params})
 
 
-def _run_lanes(arrivals: list[tuple[int, object]]) -> dict[int, np.ndarray]:
-    """Train trials that join one trainer at the given windows; their losses by arrival index."""
+def _run_lanes(
+    arrivals: list[tuple[int, object]], capacities: list[int] | None = None
+) -> dict[int, np.ndarray]:
+    """Train trials that join one trainer at the given windows; their losses by arrival index
+    (and the trainer's lanes after each window in `capacities`)."""
     first = arrivals[0][1]
     lanes = Lanes(first, step_function(first.train.compile, CPU), CPU)
     waiting = sorted(enumerate(arrivals), key=lambda item: item[1][0])
@@ -33,6 +36,8 @@ def _run_lanes(arrivals: list[tuple[int, object]]) -> dict[int, np.ndarray]:
             finished, _ = lanes.step()
             losses.update({f.key: f.losses for f in finished})
             window += 1
+            if capacities is not None:
+                capacities.append(lanes.capacity)
     return losses
 
 
@@ -60,8 +65,9 @@ def test_lanes_free_lane_takes_the_next_trial_at_the_next_window():
     (done,), _ = lanes.step()
     assert done.key == 0 and done.status == "complete" and len(lanes) == 0
     # The lane it left is the one the next trial gets: nothing grew.
+    capacity = lanes.capacity
     lanes.admit(LaneTrial(1, configs[1]))
-    assert lanes.capacity == 16 and lanes.occupied[0]
+    assert lanes.capacity == capacity and lanes.occupied[0]
 
 
 def test_lanes_waiting_lane_trains_no_window_until_ruled_on():
@@ -119,3 +125,17 @@ def test_study_tpe_asks_each_trial_after_the_earlier_ones_were_told(tmp_path, ra
     for trial in trials[2:]:
         told = sum(t.datetime_complete <= trial.datetime_start for t in trials[: trial.number])
         assert told >= trial.number - 1, (trial.number, told)
+
+
+def test_lanes_packing_empty_lanes_keeps_every_running_trials_losses():
+    # Eight trials join; six leave early (one epoch), so the lanes are packed to two while
+    # the two long ones run on: their losses are those they have alone.
+    short = [_config(**{"train.seed": s, "train.epochs": 1}) for s in range(6)]
+    long = [_config(**{"train.seed": 10 + s, "task.echo_step": 2 + s}) for s in range(2)]
+    arrivals = [(0, c) for c in short[:3]] + [(0, long[0])] + [(0, c) for c in short[3:]]
+    arrivals.append((5, long[1]))
+    capacities: list[int] = []
+    together = _run_lanes(arrivals, capacities)
+    assert max(capacities) == 8 and capacities[-1] == 1
+    for index, config in [(3, long[0]), (7, long[1])]:
+        assert np.array_equal(together[index], _run_lanes([(0, config)])[0])
