@@ -21,10 +21,14 @@ for predictions and for checking those hand-written gradients against autograd.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import logging
 import math
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from types import ModuleType
 from typing import NamedTuple
 
@@ -366,16 +370,52 @@ def step_function(mode: bool | str, device: torch.device) -> WindowStep:
     return _inductor_step()
 
 
+def numba_cache_dir() -> Path:
+    """Where the compiled kernels live: NUMBA_CACHE_DIR when the user set one, else
+    ~/.cache/echo-study/numba (under XDG_CACHE_HOME when set).
+
+    Not numba's default (a __pycache__ beside this file, keyed by the file's absolute path):
+    `ray job submit` runs the driver from a fresh copy of the working directory, at a new path
+    every job, so a path-keyed cache would compile again in every job, and the copy may not be
+    writable. This cache is keyed by this file's contents instead (`_ContentCacheLocator`), so
+    every copy of one version of the code, and every process on the machine, shares it; numba
+    itself keys each entry by CPU model and features, so nodes of a mixed cluster do not mix.
+    """
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return Path(os.environ["NUMBA_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "echo-study" / "numba"
+
+
 @functools.cache
 def numba_kernels() -> ModuleType | None:
     """pipeline.kernels, compiled or loaded from its cache; None (after one warning) where
-    numba is missing, disabled or cannot compile. Once per process: a failure is not retried."""
+    numba is missing, disabled or cannot compile. Once per process: a failure is not retried.
+
+    Processes that start together on a cold machine (a study's trainers, and its driver that
+    compiles ahead while Ray starts) take turns through a file lock beside the cache: one
+    compiles, the others then load what it cached instead of compiling it again."""
     try:
-        from pipeline import kernels
+        with _compile_lock():
+            from pipeline import kernels
     except Exception as error:
         _warn_fallback("numba", error)
         return None
     return kernels
+
+
+@contextlib.contextmanager
+def _compile_lock() -> Iterator[None]:
+    try:
+        folder = numba_cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / "compile.lock", "a+")  # noqa: SIM115 (closed below)
+    except OSError:  # no writable cache: nothing to share, compile alone
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _warn_fallback(compiler: str, error: BaseException) -> None:

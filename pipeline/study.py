@@ -131,6 +131,7 @@ def run_study(config: Config, progress: bool | None = None) -> StudyOutcome:
     check_output(output, config)
     output.check_free()
     custom_storage = _open_storage(config.study.storage) if config.study.storage else None
+    _compile_ahead(config)
     embedded = connect_ray(config)
     try:
         with output.lock(only_writer=config.study.only_writer):
@@ -147,8 +148,12 @@ def run_study(config: Config, progress: bool | None = None) -> StudyOutcome:
             driver = _Driver(config, output, study, progress)
             driver.recover()
             ran = driver.run()
+            # An embedded Ray takes a second or two to stop: let it while the summary is drawn.
+            stopping = _stop_in_background(embedded)
+            embedded = False
             if driver.rows:
                 write_summary(config.output)
+            stopping.join()
     finally:
         if embedded:
             ray.shutdown()
@@ -626,6 +631,25 @@ class Trainer:
             step = step_function(config.train.compile, device)
             self.lanes[key] = Lanes(config, step, device, self.report_every, self.pause_from)
         return self.lanes[key]
+
+
+def _compile_ahead(config: Config) -> None:
+    """With Ray embedded, compile (or load) the CPU kernels in this process while Ray starts:
+    the trainers, starting a few seconds later on this machine, then load them from the cache
+    rather than each compile them (they wait for it through the kernels' compile lock)."""
+    if ray_address(config) is not None or config.train.compile is False:
+        return
+    if config.train.device == "cuda" or torch.cuda.is_available():
+        return
+    from pipeline.model import numba_kernels
+
+    threading.Thread(target=numba_kernels, daemon=True).start()
+
+
+def _stop_in_background(embedded: bool) -> threading.Thread:
+    thread = threading.Thread(target=ray.shutdown if embedded else lambda: None, daemon=True)
+    thread.start()
+    return thread
 
 
 def start_trainer(config: Config, pause_from: int | None = None) -> Any:
