@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import os
 import types
@@ -346,8 +347,14 @@ class Config:
     def __post_init__(self) -> None:
         if not isinstance(self.output, str) or not self.output.strip():
             _fail("output", self.output, "must be a folder path or a URI")
+
+    def check_search(self) -> Config:
+        """This config, once every searched value is valid in it (each section is valid with
+        that value in it); raises ConfigError otherwise. Done when a config is loaded or its
+        study changes, not for each trial's config, which would check the whole grid again."""
         for param in self.study.search:
             self._check_search_param(param)
+        return self
 
     @property
     def total_steps(self) -> int:
@@ -365,7 +372,8 @@ class Config:
             section: dataclasses.replace(getattr(self, section), **_coerced(section, values))
             for section, values in changes.items()
         }
-        return dataclasses.replace(self, **sections, output=output)
+        config = dataclasses.replace(self, **sections, output=output)
+        return config.check_search() if "study" in changes else config
 
     def value(self, key: str) -> Any:
         """The value of a dotted key, e.g. `config.value("model.num_layers")`."""
@@ -473,7 +481,7 @@ def config_from_dict(raw: Any, source: str = "config") -> Config:
             raise ConfigError(_unknown_key(str(name), known))
     sections = {s.SECTION: _build_section(s, raw.get(s.SECTION)) for s in SECTIONS}
     output = raw.get("output", Config.output)
-    return Config(**sections, output=output)
+    return Config(**sections, output=output).check_search()
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
@@ -724,6 +732,7 @@ def _fields(cls: type) -> tuple[dataclasses.Field, ...]:
     return dataclasses.fields(cls)
 
 
+@functools.cache
 def _field_type(key: str) -> Any:
     section, name = key.split(".", 1)
     cls = next(s for s in SECTIONS if s.SECTION == section)

@@ -105,8 +105,9 @@ class Lanes:
     `admit` puts a trial into a free lane (growing the lanes when none is free, and packing
     them when more than half stand empty, so that empty lanes cost little compute);
     `step` trains every running lane on its next window and returns the trials that finished
-    and the reports that fell due. With `pause_from`, a lane that reports at or after that
-    step waits (trains no window) until `resume` or `stop` rules on it: a pruner's verdict.
+    and the reports that fell due: with `report_every`, each trial reports its mean loss every
+    that many steps from step `judge_from` on, and waits (trains no window) until `resume` or
+    `stop` rules on it: a pruner's verdict.
     """
 
     def __init__(
@@ -115,13 +116,13 @@ class Lanes:
         step_fn: WindowStep,
         device: torch.device,
         report_every: int | None = None,
-        pause_from: int | None = None,
+        judge_from: int = 0,
     ) -> None:
         self.shared = shared
         self.step_fn = step_fn
         self.device = device
         self.report_every = report_every
-        self.pause_from = pause_from
+        self.judge_from = judge_from
         self.windows = shared.task.windows_per_epoch
         self.capacity = 0
         self.weights: Weights = []
@@ -224,14 +225,17 @@ class Lanes:
             else:
                 if position % self.windows == 0:
                     self._start_epoch(lane, position // self.windows)
-                if self.report_every and position % self.report_every == 0:
+                if self._reports_at(position):
                     reports.append(self._report(lane, position))
         return finished, reports
 
+    def _reports_at(self, position: int) -> bool:
+        every = self.report_every
+        return bool(every) and position % every == 0 and position - 1 >= self.judge_from
+
     def _report(self, lane: int, position: int) -> Report:
         recent = self.trace[lane, position - self.report_every : position]
-        if self.pause_from is not None and position - 1 >= self.pause_from:
-            self.waiting[lane] = True
+        self.waiting[lane] = True
         key = self.trials[lane].key
         return Report(key, position - 1, float(recent.astype(np.float64).mean()))
 

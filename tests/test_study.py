@@ -82,7 +82,7 @@ def test_study_median_pruner_stops_hopeless_trials_and_keeps_their_steps(tmp_pat
             "train.epochs": 3,
         },
     )
-    run_study(config, progress=False)
+    outcome = run_study(config, progress=False)
     trials = pd.read_parquet(config.output + "/trials.parquet")
     steps = pd.read_parquet(config.output + "/steps")
     pruned = trials[trials["state"] == "PRUNED"]
@@ -98,6 +98,9 @@ def test_study_median_pruner_stops_hopeless_trials_and_keeps_their_steps(tmp_pat
         assert counts[row.trial] == row.steps
     study = _load_optuna(config)
     assert {t.number for t in study.trials if t.state.name == "PRUNED"} == set(pruned["trial"])
+    # With one lane per trainer, every window a trainer stepped trained exactly one trial's
+    # step: a pruned trial's lane went straight on to the next trial instead of idling.
+    assert outcome.windows_stepped == outcome.lane_windows == trials["steps"].sum()
 
 
 def test_study_refuses_cuda_trainers_on_a_cluster_without_gpus(tmp_path, ray_session):
