@@ -40,6 +40,7 @@ CONFIG = "config.yaml"
 LOCK = ".study.lock"
 # Where each steps file keeps its trials' rows, so that steps/ alone can rebuild trials.
 TRIALS_METADATA_KEY = b"echo_study.trials"
+OLD_TRIAL_METADATA_KEY = b"echo_study.trial"  # one trial per file, before trials had a status
 
 STEP_COLUMNS = {
     "trial": pa.int32(),
@@ -335,6 +336,11 @@ def read_steps_outcomes(output: Output) -> dict[int, dict[str, Any]]:
             raise ConfigError(
                 f"{info.path}: not a readable Parquet file ({message}); move it away"
             ) from None
+        if TRIALS_METADATA_KEY not in metadata and OLD_TRIAL_METADATA_KEY in metadata:
+            raise ConfigError(
+                f"{info.path}: written by an older echo-study (one file per trial, no trial "
+                "status); summarize or resume it with that version, or run into a new --output"
+            )
         for row in json.loads(metadata.get(TRIALS_METADATA_KEY, b"[]")):
             outcomes[row["trial"]] = row
     return outcomes

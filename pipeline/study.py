@@ -239,6 +239,11 @@ class _Driver:
         self.columns = param_columns(config)
         grid = config.study.sampler == "grid"
         self.distributions = {p.short_name: _distribution(p, grid) for p in config.study.search}
+        # Optuna refuses another kind of distribution for a parameter its trials already have.
+        for trial in study.get_trials(deepcopy=False)[:1]:
+            self.distributions.update(
+                {k: d for k, d in trial.distributions.items() if k in self.distributions}
+            )
         self.lanes = config.study.lanes_per_trainer or DEFAULT_LANES[config.study.sampler]
         self.rows: dict[int, dict[str, Any]] = {}
         self.queue: deque[PlannedTrial] = deque()

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -232,3 +234,18 @@ def test_cli_train_with_a_study_config_records_one_run_not_a_study(tmp_path, cap
     capsys.readouterr()
     assert main(["summarize", str(out)]) == 0
     assert "of the study's" not in capsys.readouterr().out
+
+
+def test_cli_summarize_refuses_steps_of_an_older_layout_in_one_line(tmp_path, capsys):
+    config = _small_config_file(tmp_path)
+    out = tmp_path / "out"
+    assert main(["train", str(config), "--output", str(out)]) == 0
+    # One file per trial, its one row in the footer without a status: the layout before.
+    old = pa.table({"trial": [0], "loss": [0.7]}).replace_schema_metadata(
+        {b"echo_study.trial": b'{"trial": 0, "state": "COMPLETE"}'}
+    )
+    pq.write_table(old, out / "steps" / "trial-000000.parquet")
+    capsys.readouterr()
+    assert main(["summarize", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "written by an older echo-study" in err
