@@ -812,11 +812,24 @@ def _check_output_location(config: Config, output: Output) -> None:
         )
 
 
+class _Journal(JournalStorage):
+    """Optuna's journal storage, minus a scan of every trial on each ask.
+
+    `Study.ask` first looks for enqueued (WAITING) trials, and the journal answers by going over
+    all of the study's trials: at 10^5 trials, asks alone grew quadratic. This driver never
+    enqueues a trial, so none is ever waiting."""
+
+    def get_all_trials(self, study_id, deepcopy=True, states=None):
+        if states is not None and tuple(states) == (TrialState.WAITING,):
+            return []
+        return super().get_all_trials(study_id, deepcopy, states)
+
+
 def _open_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna storage: a database URL, or a path to a journal file."""
     try:
         if "://" not in url:
-            return JournalStorage(JournalFileBackend(url))
+            return _Journal(JournalFileBackend(url))
         return optuna.storages.get_storage(url)
     except Exception as error:  # whatever the backend raises, the URL is what the user fixes
         raise ConfigError(
