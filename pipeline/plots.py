@@ -336,7 +336,7 @@ def time_to_converge_figure(survival: dict[str, dict[int, Survival]], title: str
         if scale:
             figure.colorbar(ScalarMappable(scale, colormaps["viridis"]), ax=ax,
                             label=factor.replace("_", " "))  # fmt: skip
-        else:
+        elif ax.get_legend_handles_labels()[0]:  # a factor with no trained trial draws none
             ax.legend(fontsize="x-small", title="level (trained trials)", title_fontsize="x-small")
     _label_outer(axes, xlabel="step (window)", ylabel="fraction converged")
     return figure
