@@ -805,6 +805,9 @@ def _check_output_location(config: Config, output: Output) -> None:
             "copy of the working directory that is deleted afterwards: give an absolute path "
             "(--output /data/echo-grid) or a URI (s3://bucket/echo-grid)"
         )
+    if not output.is_local and not config.study.only_writer:
+        with output.lock():  # refuses at once, before Ray starts
+            pass
     if not output.is_local and config.study.storage is None:
         raise ConfigError(
             f"output {config.output!r} is not a local folder, where the default journal file "
