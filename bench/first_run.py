@@ -31,21 +31,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from harness import (
     ROOT,
-    ChildFailed,
     child_env,
     fresh_caches,
     run_child,
     run_study_cli,
     steps_rows,
+    work_folder,
     write_config,
 )
 from report import machine, say, table, times
@@ -90,20 +88,13 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     grid = QUICK_GRID if args.quick else GRID
     task = {**TASK, "series_length": QUICK_SERIES_LENGTH} if args.quick else TASK
-    folder = Path(tempfile.mkdtemp(prefix="echo-first-run-"))
     trials = _count(grid)
     expected = trials * TRAIN["epochs"] * _windows_per_epoch(task)
-    say(f"{trials} trials, {expected:,} windows in all, on {args.cores} cores; work in {folder}")
-    load = machine()
-    try:
+    with work_folder("echo-first-run-", args.keep) as folder:
+        say(f"{trials} trials, {expected:,} windows in all, on {args.cores} cores; in {folder}")
+        load = machine()
         ways = _measure(args, grid, task, folder)
-    except ChildFailed as error:
-        sys.exit(f"error: {error}\n(outputs kept in {folder})")
-    print(_report(args, grid, task, trials, expected, load, ways))
-    if args.keep:
-        say(f"outputs kept in {folder}")
-    else:
-        shutil.rmtree(folder, ignore_errors=True)
+        print(_report(args, grid, task, trials, expected, load, ways))
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,3 +139,18 @@ def load_journal_trials(output: Path, study_name: str) -> list:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = JournalStorage(JournalFileBackend(str(output / "study.journal")))
     return optuna.load_study(study_name=study_name, storage=storage).get_trials(deepcopy=False)
+
+
+@contextmanager
+def work_folder(prefix: str, keep: bool) -> Iterator[Path]:
+    """A fresh folder for a benchmark's runs: removed at the end unless `keep`; a child run
+    that fails ends the script with its error, and the folder stays for a look."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield folder
+    except ChildFailed as error:
+        sys.exit(f"error: {error}\n(outputs kept in {folder})")
+    if keep:
+        say(f"outputs kept in {folder}")
+    else:
+        shutil.rmtree(folder, ignore_errors=True)

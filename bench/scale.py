@@ -40,7 +40,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from contextlib import redirect_stdout
 from dataclasses import dataclass
@@ -50,12 +49,12 @@ import numpy as np
 import optuna
 import pandas as pd
 from harness import (
-    ChildFailed,
     last_json_line,
     load_journal_trials,
     run_child,
     run_study_cli,
     visible_files,
+    work_folder,
     write_config,
 )
 from report import machine, say, table
@@ -100,22 +99,15 @@ def main(argv: list[str] | None = None) -> None:
         _child(*args.child, args.set)
         return
     sizes = args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES if args.full else SIZES)
-    folder = Path(tempfile.mkdtemp(prefix="echo-scale-"))
     load = machine()
     runs = []
-    try:
+    with work_folder("echo-scale-", args.keep) as folder:
         for sampler in args.samplers:
             for size in sorted(sizes):
                 # A rerun costs a whole study's fixed costs: a smoke run does the largest only.
                 resume = not args.quick or size == max(sizes)
                 runs.append(_measure(sampler, size, args, folder, resume))
-    except ChildFailed as error:
-        sys.exit(f"error: {error}\n(outputs kept in {folder})")
-    print(_report(args, load, runs))
-    if args.keep:
-        say(f"outputs kept in {folder}")
-    else:
-        shutil.rmtree(folder, ignore_errors=True)
+        print(_report(args, load, runs))
 
 
 def _parser() -> argparse.ArgumentParser:

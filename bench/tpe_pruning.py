@@ -38,15 +38,18 @@ that no timed run pays for compiling kernels the others then reuse.
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
-import sys
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import ChildFailed, load_journal_trials, run_study_cli, steps_rows, write_config
+from harness import (
+    load_journal_trials,
+    run_study_cli,
+    steps_rows,
+    work_folder,
+    write_config,
+)
 from report import machine, say, table
 
 SEARCH = {
@@ -93,20 +96,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.startup is not None:
         startup = args.startup
     series_length = QUICK["series_length"] if args.quick else TASK["series_length"]
-    folder = Path(tempfile.mkdtemp(prefix="echo-tpe-"))
     load = machine()
     names = [name for name in RUNS if not (args.no_random and name.startswith("random"))]
-    try:
+    with work_folder("echo-tpe-", args.keep) as folder:
         if not args.no_warmup:
             _warm_up(args, folder)
         runs = [_run(name, args, trials, startup, series_length, folder) for name in names]
-    except ChildFailed as error:
-        sys.exit(f"error: {error}\n(outputs kept in {folder})")
-    print(_report(args, trials, startup, series_length, load, runs))
-    if args.keep:
-        say(f"outputs kept in {folder}")
-    else:
-        shutil.rmtree(folder, ignore_errors=True)
+        print(_report(args, trials, startup, series_length, load, runs))
 
 
 def _parser() -> argparse.ArgumentParser:
