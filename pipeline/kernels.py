@@ -122,6 +122,15 @@ def _kernel(signature: numba.core.typing.Signature):
     return compile_kernel
 
 
+def _row_helper(py_func):
+    """njit for a helper over rows of one model, compiled as a function of its own so that its
+    arrays, views into the caller's, are promised not to overlap (inlined, LLVM cannot tell
+    and checks before every short loop)."""
+    dispatcher = numba.njit(**_JIT)(py_func)
+    _promise_no_alias(dispatcher)
+    return dispatcher
+
+
 def _promise_no_alias(dispatcher) -> None:
     # numba has the flag (parfors set it) but no option for it; where this private hook is
     # missing (another numba version) the kernels still work, only slower.
@@ -312,20 +321,27 @@ def _loss_and_gradient(margin, y, losses):
     module docstring); softplus(z) = max(z, 0) + log1p(e) and sigmoid(z) = 1 / (1 + e) or
     e / (1 + e) share e = exp(-|z|)."""
     batch, steps, models = y.shape
-    count = batch * steps
     d_margin = np.empty((batch, steps, models), np.float32)
     for k in range(models):
-        total = 0.0
-        for b in range(batch):
-            for t in range(steps):
-                sign = 1.0 - 2.0 * np.float64(y[b, t, k])
-                z = sign * np.float64(margin[b, t, k])
-                e = np.exp(-abs(z))
-                total += max(z, 0.0) + np.log1p(e)
-                sigmoid = 1.0 / (1.0 + e) if z >= 0.0 else e / (1.0 + e)
-                d_margin[b, t, k] = np.float32(sign * sigmoid / count)
-        losses[k] = np.float32(total / count)
+        losses[k] = _model_loss_and_gradient(margin, y, k, d_margin)
     return d_margin
+
+
+@numba.njit(inline="always", **_JIT)
+def _model_loss_and_gradient(margin, y, k, d_margin):
+    """_loss_and_gradient of model k alone: returns its loss, writes its d_margin[:, :, k]."""
+    batch, steps, _ = y.shape
+    count = batch * steps
+    total = 0.0
+    for b in range(batch):
+        for t in range(steps):
+            sign = 1.0 - 2.0 * np.float64(y[b, t, k])
+            z = sign * np.float64(margin[b, t, k])
+            e = np.exp(-abs(z))
+            total += max(z, 0.0) + np.log1p(e)
+            sigmoid = 1.0 / (1.0 + e) if z >= 0.0 else e / (1.0 + e)
+            d_margin[b, t, k] = np.float32(sign * sigmoid / count)
+    return np.float32(total / count)
 
 
 @_kernel(numba.void(_A3, _A3, _A2, _A4, _A3, _A3, _A4, _A4, _A4, _A4))
@@ -405,3 +421,262 @@ def head_update(w_out, b_out, acc_w, acc_b, top, y, lr, active, losses, margin, 
     for j in range(units):
         _adagrad_rows(w_out[j], acc_w[j], grad_w[j], lr, still, 0, models)
     _adagrad_rows(b_out, acc_b, grad_b, lr, still, 0, models)
+
+
+# One model at a time. The kernels above vectorize over the model axis, which needs many
+# models: with a few (a first study's handful of trials per architecture) their vector loops run
+# a short scalar tail. The kernels below take the same weights, accumulators and state, (..., K)
+# as above, but loop over the models outermost and vectorize over the gates (4H) and units (H)
+# of one model, from a contiguous copy of its weights (a transposed one for the backward, so its
+# sums over the gates also run over contiguous rows). Their tape is laid out model first:
+# inputs and h_seq, c_seq (K, B, T + 1, ·), gates (K, B, T, 4H), tanh_c and d_outputs
+# (K, B, T, H). Every value is summed in the order the kernels above sum it, so both give a
+# model the same bits (tested): a trainer may switch between them as its count of models changes.
+# Models that sit the window out are skipped, their losses NaN.
+
+
+@numba.njit(inline="always", **_JIT)
+def _gather_rows(weight, k, rows):
+    """rows (R, C) = weight[:, :, k] of a (R, C, K) weight."""
+    for r in range(rows.shape[0]):
+        for col in range(rows.shape[1]):
+            rows[r, col] = weight[r, col, k]
+
+
+@numba.njit(inline="always", **_JIT)
+def _gather_columns(weight, k, columns):
+    """columns (C, R) = weight[:, :, k].T of a (R, C, K) weight."""
+    for r in range(columns.shape[1]):
+        for col in range(columns.shape[0]):
+            columns[col, r] = weight[r, col, k]
+
+
+@_row_helper
+def _gates_forward(w_in, w_h, b_in, x, h, c, pre, tanh_c, h_next, c_next):
+    """One step of one batch row: the pre-activations in place in `pre` (bias, each input's
+    share, each hidden unit's share, as _forward_chunk sums them), then the cell."""
+    units = h.shape[0]
+    gate_rows = pre.shape[0]
+    for g in range(gate_rows):
+        pre[g] = b_in[g]
+    for i in range(x.shape[0]):
+        xi = x[i]
+        for g in range(gate_rows):
+            pre[g] += w_in[i, g] * xi
+    for j in range(units):
+        hj = h[j]
+        for g in range(gate_rows):
+            pre[g] += w_h[j, g] * hj
+    for j in range(units):
+        i = _sigmoid(pre[j])
+        f = _sigmoid(pre[units + j])
+        o = _sigmoid(pre[2 * units + j])
+        g = _tanh(pre[3 * units + j])
+        cell = f * c[j] + i * g
+        tc = _tanh(cell)
+        pre[j], pre[units + j], pre[2 * units + j], pre[3 * units + j] = i, f, o, g
+        c_next[j] = cell
+        tanh_c[j] = tc
+        h_next[j] = o * tc
+
+
+@numba.njit(inline="always", **_JIT)
+def _gates_backward(gates, tanh_c, c, d_out, d_h, d_c, d_pre):
+    """One step of one batch row back through the cell: d_pre (4H,) from the gates and the
+    gradients on h and c, then d_c for the step before (as _backward_chunk computes them)."""
+    units = d_h.shape[0]
+    for j in range(units):
+        i, f = gates[j], gates[units + j]
+        o, g = gates[2 * units + j], gates[3 * units + j]
+        tc = tanh_c[j]
+        dh = d_out[j] + d_h[j]
+        dc = d_c[j] + dh * o * (ONE - tc * tc)
+        d_pre[j] = dc * g * i * (ONE - i)
+        d_pre[units + j] = dc * c[j] * f * (ONE - f)
+        d_pre[2 * units + j] = dh * tc * o * (ONE - o)
+        d_pre[3 * units + j] = dc * i * (ONE - g * g)
+        d_c[j] = dc * f
+
+
+@numba.njit(inline="always", **_JIT)
+def _sum_over_gates(weight_t, d_pre, out):
+    """out (R,) = Σ_g weight_t[g] d_pre[g], the gates in ascending order, from zero."""
+    for r in range(out.shape[0]):
+        out[r] = ZERO
+    for g in range(d_pre.shape[0]):
+        dp = d_pre[g]
+        for r in range(out.shape[0]):
+            out[r] += weight_t[g, r] * dp
+
+
+@numba.njit(inline="always", **_JIT)
+def _add_outer(v, d_pre, grad):
+    """grad (R, 4H) += the outer product of v (R,) and d_pre (4H,)."""
+    for r in range(v.shape[0]):
+        vr = v[r]
+        for g in range(d_pre.shape[0]):
+            grad[r, g] += vr * d_pre[g]
+
+
+@numba.njit(inline="always", **_JIT)
+def _forward_model(w_in, w_h, b_in, inputs, h_seq, c_seq, gates, tanh_c):
+    """One model's layer over the window, from h_seq[:, 0] and c_seq[:, 0]: inputs (B, T + 1,
+    I), h_seq, c_seq (B, T + 1, H), gates (B, T, 4H), tanh_c (B, T, H)."""
+    batch, steps1 = inputs.shape[0], inputs.shape[1]
+    for t in range(steps1 - 1):
+        for b in range(batch):
+            _gates_forward(
+                w_in, w_h, b_in, inputs[b, t + 1], h_seq[b, t], c_seq[b, t], gates[b, t],
+                tanh_c[b, t], h_seq[b, t + 1], c_seq[b, t + 1],
+            )  # fmt: skip
+
+
+@_row_helper
+def _backward_model(
+    w_in_t, w_h_t, inputs, h_seq, c_seq, gates, tanh_c, d_outputs, d_inputs,
+    d_pre, d_h, d_c, grad_input, grad_hidden, grad_bias,
+):  # fmt: skip
+    """One model's layer back over the window (as _backward_chunk): its weight gradients into
+    grad_input, grad_hidden and grad_bias, its input gradients into d_inputs (B, T, I); d_pre
+    (B, 4H), d_h and d_c (B, H) are scratch."""
+    batch, steps = d_outputs.shape[0], d_outputs.shape[1]
+    d_h[:], d_c[:] = ZERO, ZERO
+    grad_input[:], grad_hidden[:], grad_bias[:] = ZERO, ZERO, ZERO
+    for t in range(steps - 1, -1, -1):
+        for b in range(batch):
+            _gates_backward(
+                gates[b, t], tanh_c[b, t], c_seq[b, t], d_outputs[b, t], d_h[b], d_c[b],
+                d_pre[b],
+            )  # fmt: skip
+        # The gradient reaching h from the step before; none flows past the window's start.
+        if t > 0:
+            for b in range(batch):
+                _sum_over_gates(w_h_t, d_pre[b], d_h[b])
+        if d_inputs.shape[2]:
+            for b in range(batch):
+                _sum_over_gates(w_in_t, d_pre[b], d_inputs[b, t])
+        for b in range(batch):
+            for g in range(d_pre.shape[1]):
+                grad_bias[g] += d_pre[b, g]
+            _add_outer(inputs[b, t + 1], d_pre[b], grad_input)
+            _add_outer(h_seq[b, t], d_pre[b], grad_hidden)
+
+
+@numba.njit(inline="always", **_JIT)
+def _adagrad_model(weight, accum, grad, lr, k):
+    """_adagrad_rows for model k alone: weight and accum rows (J, K), grad (J,) its gradients."""
+    for g in range(grad.shape[0]):
+        d = grad[g]
+        a = accum[g, k] + d * d
+        weight[g, k] = weight[g, k] - lr * d * (ONE / np.sqrt(a))
+        accum[g, k] = a
+
+
+@_kernel(numba.void(_A3, _A3, _A2, _A4, _A3, _A3, _A4, _A4, _A4, _A4, _MASK))
+def layer_forward_by_model(
+    w_input, w_hidden, bias, inputs, h0, c0, h_seq, c_seq, gates, tanh_c, active
+):  # fmt: skip
+    """layer_forward of the active models, one at a time, on a model-first tape: inputs (K, B,
+    T + 1, I); writes h_seq, c_seq (K, B, T + 1, H), gates (K, B, T, 4H) and tanh_c (K, B, T,
+    H), and the window's final state into h0 and c0 (B, H, K), which the backward never reads.
+    """
+    width, gate_rows, models = w_input.shape
+    units = w_hidden.shape[0]
+    batch, steps1 = inputs.shape[1], inputs.shape[2]
+    w_in = np.empty((width, gate_rows), np.float32)
+    w_h = np.empty((units, gate_rows), np.float32)
+    b_in = np.empty(gate_rows, np.float32)
+    for k in range(models):
+        if not active[k]:
+            continue
+        _gather_rows(w_input, k, w_in)
+        _gather_rows(w_hidden, k, w_h)
+        for g in range(gate_rows):
+            b_in[g] = bias[g, k]
+        for b in range(batch):
+            for j in range(units):
+                h_seq[k, b, 0, j] = h0[b, j, k]
+                c_seq[k, b, 0, j] = c0[b, j, k]
+        _forward_model(w_in, w_h, b_in, inputs[k], h_seq[k], c_seq[k], gates[k], tanh_c[k])
+        for b in range(batch):
+            for j in range(units):
+                h0[b, j, k] = h_seq[k, b, steps1 - 1, j]
+                c0[b, j, k] = c_seq[k, b, steps1 - 1, j]
+
+
+@_kernel(numba.void(_A3, _A2, _A3, _A2, _A4, _A3, _V, _MASK, _V, _A3, _A4, _MASK))
+def head_update_by_model(
+    w_out, b_out, acc_w, acc_b, top, y, lr, active, losses, margin, d_top, still
+):  # fmt: skip
+    """head_update of the active models, one at a time: top (K, B, T + 1, H) and d_top (K, B,
+    T, H) are model first; y and margin (B, T, K) as in head_update. An inactive model's loss
+    and margin are NaN."""
+    batch, steps, models = y.shape
+    units = w_out.shape[0]
+    d_margin = np.empty((batch, steps, models), np.float32)
+    grad_w = np.empty((units, 2), np.float32)
+    grad_b = np.empty(2, np.float32)
+    for k in range(models):
+        if not active[k]:
+            losses[k], still[k] = np.nan, False
+            margin[:, :, k] = np.nan
+            continue
+        for b in range(batch):
+            for t in range(steps):
+                logit0, logit1 = b_out[0, k], b_out[1, k]
+                for j in range(units):
+                    logit0 += top[k, b, t + 1, j] * w_out[j, 0, k]
+                    logit1 += top[k, b, t + 1, j] * w_out[j, 1, k]
+                margin[b, t, k] = logit1 - logit0
+        losses[k] = _model_loss_and_gradient(margin, y, k, d_margin)
+        still[k] = np.isfinite(losses[k])
+        if not still[k]:
+            continue
+        grad_w[:] = ZERO
+        grad_b[:] = ZERO
+        for b in range(batch):
+            for t in range(steps):
+                dm = d_margin[b, t, k]
+                grad_b[0] -= dm
+                grad_b[1] += dm
+                for j in range(units):
+                    d_top[k, b, t, j] = dm * w_out[j, 1, k] - dm * w_out[j, 0, k]
+                    grad_w[j, 0] -= top[k, b, t + 1, j] * dm
+                    grad_w[j, 1] += top[k, b, t + 1, j] * dm
+        for j in range(units):
+            _adagrad_model(w_out[j], acc_w[j], grad_w[j], lr[k], k)
+        _adagrad_model(b_out, acc_b, grad_b, lr[k], k)
+
+
+@_kernel(numba.void(_A3, _A3, _A2, _A3, _A3, _A2, _A4, _A4, _A4, _A4, _A4, _A4, _A4, _V, _MASK))
+def layer_backward_update_by_model(
+    w_input, w_hidden, bias, acc_input, acc_hidden, acc_bias,
+    inputs, h_seq, c_seq, gates, tanh_c, d_outputs, d_inputs, lr, active,
+):  # fmt: skip
+    """layer_backward_update of the active models, one at a time, on layer_forward_by_model's
+    tape; d_outputs (K, B, T, H) and d_inputs (K, B, T, I) are model first."""
+    width, gate_rows, models = w_input.shape
+    units = w_hidden.shape[0]
+    batch = d_outputs.shape[1]
+    w_in_t = np.empty((gate_rows, width), np.float32)
+    w_h_t = np.empty((gate_rows, units), np.float32)
+    d_pre = np.empty((batch, gate_rows), np.float32)
+    d_h = np.empty((batch, units), np.float32)
+    d_c = np.empty((batch, units), np.float32)
+    grad_input = np.empty((width, gate_rows), np.float32)
+    grad_hidden = np.empty((units, gate_rows), np.float32)
+    grad_bias = np.empty(gate_rows, np.float32)
+    for k in range(models):
+        if not active[k]:
+            continue
+        _gather_columns(w_input, k, w_in_t)
+        _gather_columns(w_hidden, k, w_h_t)
+        _backward_model(
+            w_in_t, w_h_t, inputs[k], h_seq[k], c_seq[k], gates[k], tanh_c[k], d_outputs[k],
+            d_inputs[k], d_pre, d_h, d_c, grad_input, grad_hidden, grad_bias,
+        )  # fmt: skip
+        for i in range(width):
+            _adagrad_model(w_input[i], acc_input[i], grad_input[i], lr[k], k)
+        for j in range(units):
+            _adagrad_model(w_hidden[j], acc_hidden[j], grad_hidden[j], lr[k], k)
+        _adagrad_model(bias, acc_bias, grad_bias, lr[k], k)

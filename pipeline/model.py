@@ -455,8 +455,10 @@ def _torch_window(
     return losses, margin, weights, accum, kept, still
 
 
-def _numba_step(kernels: ModuleType) -> WindowStep:
-    return WindowStep("numba", functools.partial(_numba_window, kernels))
+def _numba_step(kernels: ModuleType, by_model: bool | None = None) -> WindowStep:
+    """The numba step; `by_model` picks the kernels (both give the same bits), else the
+    faster ones for each window's shape."""
+    return WindowStep("numba", functools.partial(_numba_window, kernels, by_model=by_model))
 
 
 def _numba_window(
@@ -468,50 +470,28 @@ def _numba_window(
     state: State,
     lr: torch.Tensor,
     active: torch.Tensor,
+    by_model: bool | None = None,
 ) -> WindowResult:
     """train_window by the numba kernels, which update weights, accumulators and state in
     place (on contiguous copies where the caller's tensors are views)."""
     weights = [w.detach().contiguous() for w in weights]
     accum = [a.detach().contiguous() for a in accum]
     state = State(state.h.detach().contiguous(), state.c.detach().contiguous())
-    w, a = [t.numpy() for t in weights], [t.numpy() for t in accum]
-    h, c = state.h.numpy(), state.c.numpy()
-    batch, steps, models = x.shape
-    units = h.shape[2]
-    lr_np = np.ascontiguousarray(lr.detach().numpy(), np.float32)
-    active_np = np.ascontiguousarray(active.numpy(), np.bool_)
-    # Every layer reads its inputs at [:, t + 1] of a (B, T + 1, I, K) sequence: the layer
-    # below's h_seq, or for the first layer the window's x behind one unused step.
-    inputs = np.zeros((batch, steps + 1, 1, models), np.float32)
-    inputs[:, 1:, 0] = x.numpy()
-    tapes = []
-    for layer in range(num_layers(weights)):
-        h_seq, c_seq = (np.empty((batch, steps + 1, units, models), np.float32) for _ in "hc")
-        gates = np.empty((batch, steps, 4 * units, models), np.float32)
-        tanh_c = np.empty((batch, steps, units, models), np.float32)
-        tape = (inputs, h_seq, c_seq, gates, tanh_c)
-        kernels.layer_forward(*_layer(w, layer), inputs, h[layer], c[layer], *tape[1:])
-        tapes.append(tape)
-        inputs = h_seq
-    losses = np.empty(models, np.float32)
-    margin = np.empty((batch, steps, models), np.float32)
-    d_outputs = np.empty((batch, steps, units, models), np.float32)
-    still = np.empty(models, np.bool_)
-    y_np = np.ascontiguousarray(y.numpy(), np.float32)
-    kernels.head_update(
-        *w[-2:], *a[-2:], inputs, y_np, lr_np, active_np, losses, margin, d_outputs, still
+    arrays = _NumbaWindow(
+        weights=[t.numpy() for t in weights],
+        accum=[t.numpy() for t in accum],
+        x=np.ascontiguousarray(x.numpy(), np.float32),
+        y=np.ascontiguousarray(y.numpy(), np.float32),
+        h=state.h.numpy(),
+        c=state.c.numpy(),
+        lr=np.ascontiguousarray(lr.detach().numpy(), np.float32),
+        active=np.ascontiguousarray(active.numpy(), np.bool_),
     )
-    for layer in reversed(range(len(tapes))):
-        # The first layer's inputs are data: no gradient for them.
-        d_inputs = np.empty((batch, steps, units if layer else 0, models), np.float32)
-        kernels.layer_backward_update(
-            *_layer(w, layer), *_layer(a, layer), *tapes[layer], d_outputs, d_inputs, lr_np,
-            still,
-        )  # fmt: skip
-        d_outputs = d_inputs
-    for layer, tape in enumerate(tapes):
-        h[layer] = np.where(active_np, tape[1][:, steps], h[layer])  # (B, H, K)
-        c[layer] = np.where(active_np, tape[2][:, steps], c[layer])
+    units, models = arrays.h.shape[2], arrays.x.shape[2]
+    if by_model is None:
+        by_model = _by_model(units, models)
+    window = _window_by_model if by_model else _window_by_lane
+    losses, margin, still = window(kernels, arrays)
     return (
         torch.from_numpy(losses),
         torch.from_numpy(margin),
@@ -520,6 +500,105 @@ def _numba_window(
         state,
         torch.from_numpy(still),
     )
+
+
+def _by_model(units: int, models: int) -> bool:
+    """Whether the kernels that run one model at a time are the faster ones here. Vectorized
+    over one model's gates, their speed per model hardly depends on K; vectorized over the
+    models, the others' grows with K. Measured on one core (3 layers), the two break even near
+    K = 2 at state 4, 6 at state 8, 32 at state 16 and over 32 at state 32: K ≈ H² / 8."""
+    return 8 * models < units * units
+
+
+class _NumbaWindow(NamedTuple):
+    """A window's arrays as the numba kernels take them, (..., K); updated in place."""
+
+    weights: list[np.ndarray]
+    accum: list[np.ndarray]
+    x: np.ndarray  # (B, T, K)
+    y: np.ndarray  # (B, T, K)
+    h: np.ndarray  # (L, B, H, K)
+    c: np.ndarray  # (L, B, H, K)
+    lr: np.ndarray  # (K,)
+    active: np.ndarray  # (K,)
+
+
+def _window_by_lane(
+    kernels: ModuleType, a: _NumbaWindow
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The window by the kernels that vectorize over the models, on a (..., K) tape."""
+    batch, steps, models = a.x.shape
+    units = a.h.shape[2]
+    # Every layer reads its inputs at [:, t + 1] of a (B, T + 1, I, K) sequence: the layer
+    # below's h_seq, or for the first layer the window's x behind one unused step.
+    inputs = np.zeros((batch, steps + 1, 1, models), np.float32)
+    inputs[:, 1:, 0] = a.x
+    tapes = []
+    for layer in range(len(a.h)):
+        h_seq, c_seq = (np.empty((batch, steps + 1, units, models), np.float32) for _ in "hc")
+        gates = np.empty((batch, steps, 4 * units, models), np.float32)
+        tanh_c = np.empty((batch, steps, units, models), np.float32)
+        tape = (inputs, h_seq, c_seq, gates, tanh_c)
+        kernels.layer_forward(*_layer(a.weights, layer), inputs, a.h[layer], a.c[layer], *tape[1:])
+        tapes.append(tape)
+        inputs = h_seq
+    losses = np.empty(models, np.float32)
+    margin = np.empty((batch, steps, models), np.float32)
+    d_outputs = np.empty((batch, steps, units, models), np.float32)
+    still = np.empty(models, np.bool_)
+    kernels.head_update(
+        *a.weights[-2:], *a.accum[-2:], inputs, a.y, a.lr, a.active, losses, margin, d_outputs,
+        still,
+    )  # fmt: skip
+    for layer in reversed(range(len(tapes))):
+        # The first layer's inputs are data: no gradient for them.
+        d_inputs = np.empty((batch, steps, units if layer else 0, models), np.float32)
+        kernels.layer_backward_update(
+            *_layer(a.weights, layer), *_layer(a.accum, layer), *tapes[layer], d_outputs,
+            d_inputs, a.lr, still,
+        )  # fmt: skip
+        d_outputs = d_inputs
+    for layer, tape in enumerate(tapes):
+        a.h[layer] = np.where(a.active, tape[1][:, steps], a.h[layer])  # (B, H, K)
+        a.c[layer] = np.where(a.active, tape[2][:, steps], a.c[layer])
+    return losses, margin, still
+
+
+def _window_by_model(
+    kernels: ModuleType, a: _NumbaWindow
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The window by the kernels that run one model at a time, on a model-first tape."""
+    batch, steps, models = a.x.shape
+    units = a.h.shape[2]
+    inputs = np.zeros((models, batch, steps + 1, 1), np.float32)
+    inputs[:, :, 1:, 0] = a.x.transpose(2, 0, 1)
+    tapes = []
+    for layer in range(len(a.h)):
+        h_seq, c_seq = (np.empty((models, batch, steps + 1, units), np.float32) for _ in "hc")
+        gates = np.empty((models, batch, steps, 4 * units), np.float32)
+        tanh_c = np.empty((models, batch, steps, units), np.float32)
+        tape = (inputs, h_seq, c_seq, gates, tanh_c)
+        kernels.layer_forward_by_model(
+            *_layer(a.weights, layer), inputs, a.h[layer], a.c[layer], *tape[1:], a.active
+        )
+        tapes.append(tape)
+        inputs = h_seq
+    losses = np.empty(models, np.float32)
+    margin = np.empty((batch, steps, models), np.float32)
+    d_outputs = np.empty((models, batch, steps, units), np.float32)
+    still = np.empty(models, np.bool_)
+    kernels.head_update_by_model(
+        *a.weights[-2:], *a.accum[-2:], inputs, a.y, a.lr, a.active, losses, margin, d_outputs,
+        still,
+    )  # fmt: skip
+    for layer in reversed(range(len(tapes))):
+        d_inputs = np.empty((models, batch, steps, units if layer else 0), np.float32)
+        kernels.layer_backward_update_by_model(
+            *_layer(a.weights, layer), *_layer(a.accum, layer), *tapes[layer], d_outputs,
+            d_inputs, a.lr, still,
+        )  # fmt: skip
+        d_outputs = d_inputs
+    return losses, margin, still
 
 
 @functools.cache

@@ -312,3 +312,26 @@ def test_numba_kernels_cache_by_content_not_path(tmp_path):
     assert runs[0] == "Counter()"  # compiled
     assert runs[1] != "Counter()"  # loaded
     assert len(list(cache.iterdir())) == 1
+
+
+@pytest.mark.parametrize(("units", "count"), [(4, 3), (5, 1), (16, 6)])
+def test_numba_kernels_by_model_and_by_lane_give_the_same_bits(units, count):
+    # The step picks between the two sets of kernels by the window's shape, so a trial that
+    # moves between shapes (lanes joining or leaving) must not see the switch. The last model
+    # sits out (when there are several): it keeps its weights and state either way.
+    from pipeline.model import _numba_step
+
+    active = torch.tensor([k < max(1, count - 1) for k in range(count)])
+    runs = {}
+    for by_model in (True, False):
+        weights, accum, state, lr, _ = _models(count, layers=3, units=units)
+        step = _numba_step(numba_kernels(), by_model=by_model)
+        losses = []
+        for window in range(4):
+            x, y = _window(count, seed=window)
+            loss, _, weights, accum, state, _ = step(weights, accum, x, y, state, lr, active)
+            losses.append(loss[active])
+        runs[by_model] = [torch.stack(losses), *weights, *accum, *state]
+    assert torch.isfinite(runs[True][0]).all()
+    for by_model, by_lane in zip(runs[True], runs[False], strict=True):
+        assert torch.equal(by_model, by_lane)
