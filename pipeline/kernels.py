@@ -395,7 +395,9 @@ def head_update(w_out, b_out, acc_w, acc_b, top, y, lr, active, losses, margin, 
     logits = np.empty((2, models), np.float32)
     for b in range(batch):
         for t in range(steps):
-            logits[:] = b_out
+            for k in range(models):  # a loop, not logits[:] = b_out: the shape check's
+                logits[0, k] = b_out[0, k]  # error message alone takes seconds to compile
+                logits[1, k] = b_out[1, k]
             for j in range(units):
                 for k in range(models):
                     logits[0, k] += top[b, t + 1, j, k] * w_out[j, 0, k]
