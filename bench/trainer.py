@@ -18,7 +18,8 @@ How: each measurement is a warm-up run, then runs of whole short epochs long eno
 about `--seconds`, repeated `--repeats` times round-robin; the best rate of each is reported.
 Our trainer's time is its `TrainResult.seconds` (its training loop, excluding set-up). Modes:
 `eager` (train.compile=false: torch operations) and `numba` (the CPU default: the kernels of
-pipeline/kernels.py; the trainer pads the model axis to a multiple of 16, so K = 1 pays for 16).
+pipeline/kernels.py, those that run one model at a time below K = H² / 8, those vectorized over
+the models above).
 The numba kernels compile once per machine into a disk cache: the report gives that cold
 compile and a later process's load, each timed in a fresh process (cold: an empty
 NUMBA_CACHE_DIR); neither is in the rates. Where numba is unavailable, the trainer falls back
@@ -151,9 +152,10 @@ def _fill_defaults(args: argparse.Namespace) -> None:
 
 def _compile_times() -> str:
     """The numba kernels' cold compile (an empty cache) and a later process's load of them, each
-    in a fresh process: the import of pipeline.kernels compiles or loads every kernel."""
+    in a fresh process: `numba_kernels()` compiles or loads every kernel."""
     script = (
-        "import time; started = time.perf_counter(); import pipeline.kernels; "
+        "import time; started = time.perf_counter(); "
+        "from pipeline.model import numba_kernels; numba_kernels(); "
         "print(time.perf_counter() - started)"
     )
     root = Path(__file__).resolve().parents[1]

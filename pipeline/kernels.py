@@ -22,8 +22,9 @@ and XLA use, which is pure arithmetic; sigmoid(x) = 0.5 + 0.5 tanh(x / 2).
 The kernels are promised (LLVM's noalias) that no two arrays they are given overlap: callers
 pass separate arrays, as `model.step_function`'s step does.
 
-Importing this module compiles (or loads) the kernels; it raises when numba is missing or
-cannot compile, and the caller falls back to torch (`model.step_function`).
+Importing this module compiles nothing; `compile_family` compiles (or loads) a family of
+kernels, and raises when numba cannot compile, where the caller falls back to torch
+(`model.numba_kernels`).
 `NUMBA_DISABLE_JIT=1` counts as missing: interpreted, these loops would be about a thousand
 times slower than eager torch.
 """
@@ -102,24 +103,39 @@ _A3 = numba.types.Array(numba.float32, 3, "C")
 _A4 = numba.types.Array(numba.float32, 4, "C")
 _V = numba.types.Array(numba.float32, 1, "C")
 _MASK = numba.types.Array(numba.boolean, 1, "C")
+# The backward's and the head's signatures, the same in both families.
+_BACKWARD = numba.void(_A3, _A3, _A2, _A3, _A3, _A2, _A4, _A4, _A4, _A4, _A4, _A4, _A4, _V, _MASK)
+_HEAD = numba.void(_A3, _A2, _A3, _A2, _A4, _A3, _V, _MASK, _V, _A3, _A4, _MASK)
 # error_model="numpy": a division by zero gives inf like IEEE, instead of a check that raises
 # ZeroDivisionError and keeps the loop from vectorizing.
 _JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
 
 
-def _kernel(signature: numba.core.typing.Signature):
-    """njit for one signature, compiled now, with the arrays it is given promised not to overlap
+# The kernels of each family, registered by `_kernel`, compiled (or loaded from the cache) by
+# `compile_family`: nothing compiles at import, so that processes starting together on a cold
+# machine can each compile a different family at the same time (see model.numba_kernels).
+FAMILIES: dict[str, list] = {"by_lane": [], "by_model": []}
+
+
+def _kernel(family: str, signature: numba.core.typing.Signature):
+    """njit for one signature, in `family`, with the arrays it is given promised not to overlap
     (LLVM's noalias): without that promise LLVM checks for overlap before each inner loop, and
     those checks cost more than the short loops over K they guard."""
 
-    def compile_kernel(py_func):
+    def register(py_func):
         dispatcher = numba.njit(**_JIT)(py_func)
         _promise_no_alias(dispatcher)
-        dispatcher.compile(signature)
-        dispatcher.disable_compile()
+        FAMILIES[family].append((dispatcher, signature))
         return dispatcher
 
-    return compile_kernel
+    return register
+
+
+def compile_family(family: str) -> None:
+    """Compile, or load from the cache, every kernel of `family`, for its one signature only."""
+    for dispatcher, signature in FAMILIES[family]:
+        dispatcher.compile(signature)
+        dispatcher.disable_compile()
 
 
 def _row_helper(py_func):
@@ -344,7 +360,7 @@ def _model_loss_and_gradient(margin, y, k, d_margin):
     return np.float32(total / count)
 
 
-@_kernel(numba.void(_A3, _A3, _A2, _A4, _A3, _A3, _A4, _A4, _A4, _A4))
+@_kernel("by_lane", numba.void(_A3, _A3, _A2, _A4, _A3, _A3, _A4, _A4, _A4, _A4))
 def layer_forward(w_input, w_hidden, bias, inputs, h0, c0, h_seq, c_seq, gates, tanh_c):
     """One LSTM layer over a window, K models at once, recording what its backward needs.
 
@@ -360,7 +376,7 @@ def layer_forward(w_input, w_hidden, bias, inputs, h0, c0, h_seq, c_seq, gates, 
         _forward_chunk(w_input, w_hidden, bias, inputs, h0, c0, h_seq, c_seq, gates, tanh_c, k0, n)
 
 
-@_kernel(numba.void(_A3, _A3, _A2, _A3, _A3, _A2, _A4, _A4, _A4, _A4, _A4, _A4, _A4, _V, _MASK))
+@_kernel("by_lane", _BACKWARD)
 def layer_backward_update(
     w_input, w_hidden, bias, acc_input, acc_hidden, acc_bias,
     inputs, h_seq, c_seq, gates, tanh_c, d_outputs, d_inputs, lr, active,
@@ -381,7 +397,7 @@ def layer_backward_update(
                         k0, n)  # fmt: skip
 
 
-@_kernel(numba.void(_A3, _A2, _A3, _A2, _A4, _A3, _V, _MASK, _V, _A3, _A4, _MASK))
+@_kernel("by_lane", _HEAD)
 def head_update(w_out, b_out, acc_w, acc_b, top, y, lr, active, losses, margin, d_top, still):
     """Loss, the output layer's Adagrad update, and the gradient into the top layer's outputs.
 
@@ -574,7 +590,7 @@ def _adagrad_model(weight, accum, grad, lr, k):
         accum[g, k] = a
 
 
-@_kernel(numba.void(_A3, _A3, _A2, _A4, _A3, _A3, _A4, _A4, _A4, _A4, _MASK))
+@_kernel("by_model", numba.void(_A3, _A3, _A2, _A4, _A3, _A3, _A4, _A4, _A4, _A4, _MASK))
 def layer_forward_by_model(
     w_input, w_hidden, bias, inputs, h0, c0, h_seq, c_seq, gates, tanh_c, active
 ):  # fmt: skip
@@ -606,7 +622,7 @@ def layer_forward_by_model(
                 c0[b, j, k] = c_seq[k, b, steps1 - 1, j]
 
 
-@_kernel(numba.void(_A3, _A2, _A3, _A2, _A4, _A3, _V, _MASK, _V, _A3, _A4, _MASK))
+@_kernel("by_model", _HEAD)
 def head_update_by_model(
     w_out, b_out, acc_w, acc_b, top, y, lr, active, losses, margin, d_top, still
 ):  # fmt: skip
@@ -650,7 +666,7 @@ def head_update_by_model(
         _adagrad_model(b_out, acc_b, grad_b, lr[k], k)
 
 
-@_kernel(numba.void(_A3, _A3, _A2, _A3, _A3, _A2, _A4, _A4, _A4, _A4, _A4, _A4, _A4, _V, _MASK))
+@_kernel("by_model", _BACKWARD)
 def layer_backward_update_by_model(
     w_input, w_hidden, bias, acc_input, acc_hidden, acc_bias,
     inputs, h_seq, c_seq, gates, tanh_c, d_outputs, d_inputs, lr, active,

@@ -393,29 +393,47 @@ def numba_kernels() -> ModuleType | None:
     numba is missing, disabled or cannot compile. Once per process: a failure is not retried.
 
     Processes that start together on a cold machine (a study's trainers, and its driver that
-    compiles ahead while Ray starts) take turns through a file lock beside the cache: one
-    compiles, the others then load what it cached instead of compiling it again."""
+    compiles ahead while Ray starts) share the work through a file lock per family of kernels
+    beside the cache: each first compiles the families no other process is compiling, then
+    waits for the others' and loads what they cached instead of compiling it again."""
     try:
-        with _compile_lock():
-            from pipeline import kernels
+        from pipeline import kernels
+
+        _compile_families(kernels)
     except Exception as error:
         _warn_fallback("numba", error)
         return None
     return kernels
 
 
+def _compile_families(kernels: ModuleType) -> None:
+    pending = list(kernels.FAMILIES)
+    for wait in (False, True):
+        for family in list(pending):
+            with _compile_lock(family, wait) as held:
+                if held:
+                    kernels.compile_family(family)
+                    pending.remove(family)
+
+
 @contextlib.contextmanager
-def _compile_lock() -> Iterator[None]:
+def _compile_lock(family: str, wait: bool) -> Iterator[bool]:
+    """Hold the lock of `family`'s compile, waiting for it or not; yields whether it is held
+    (always, where the cache is not writable: there is nothing to share, so compile alone)."""
     try:
         folder = numba_cache_dir()
         folder.mkdir(parents=True, exist_ok=True)
-        lock = open(folder / "compile.lock", "a+")  # noqa: SIM115 (closed below)
-    except OSError:  # no writable cache: nothing to share, compile alone
-        yield
+        lock = open(folder / f"compile-{family}.lock", "a+")  # noqa: SIM115 (closed below)
+    except OSError:
+        yield True
         return
     with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
 
 
 def _warn_fallback(compiler: str, error: BaseException) -> None:
