@@ -288,8 +288,8 @@ def _report(
         f"(CPU time / wall time of the timed runs: at most {cpu_ratio:.2f})",
         f"- model-windows per second, best of {args.repeats} timed run(s) of about "
         f"{args.seconds:g} s; (×) is the ratio to the straightforward per-trial loop timed in "
-        "the same run (one trial at a time: its rate does not depend on K); numba pads K to a "
-        "multiple of 16",
+        "the same run (one trial at a time: its rate does not depend on K); numba runs one "
+        "model at a time below K = H² / 8, vectorized over the models above",
         f"- numba kernels, not in the rates: {compile_note}",
         f"- 1-minute load average at the start: {load:.1f} on {os.cpu_count()} CPUs (a busy "
         "machine skews the numbers, the ratios less so)",
