@@ -31,15 +31,16 @@ times slower than eager torch.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numba
 import numpy as np
 from numba.core import caching
-
-from pipeline.model import numba_cache_dir
 
 if numba.config.DISABLE_JIT:
     raise ImportError("numba's JIT is disabled (NUMBA_DISABLE_JIT is set)")
@@ -58,6 +59,23 @@ B6, B4 = F32(1.19825839466702e-06), F32(1.18534705686654e-04)
 B2, B0 = F32(2.26843463243900e-03), F32(4.89352518554385e-03)
 
 
+def cache_dir() -> Path:
+    """Where the compiled kernels live: NUMBA_CACHE_DIR when the user set one, else
+    ~/.cache/echo-study/numba (under XDG_CACHE_HOME when set).
+
+    Not numba's default (a __pycache__ beside this file, keyed by the file's absolute path):
+    `ray job submit` runs the driver from a fresh copy of the working directory, at a new path
+    every job, so a path-keyed cache would compile again in every job, and the copy may not be
+    writable. This cache is keyed by this file's contents instead (`_ContentCacheLocator`), so
+    every copy of one version of the code, and every process on the machine, shares it; numba
+    itself keys each entry by CPU model and features, so nodes of a mixed cluster do not mix.
+    """
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return Path(os.environ["NUMBA_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "echo-study" / "numba"
+
+
 class _ContentCacheLocator(caching.UserProvidedCacheLocator):
     """Numba's cache locator for this module only, keyed by the source's contents (not path)."""
 
@@ -65,7 +83,7 @@ class _ContentCacheLocator(caching.UserProvidedCacheLocator):
         self._py_file = py_file
         self._lineno = py_func.__code__.co_firstlineno
         self._source_hash = hashlib.sha256(Path(py_file).read_bytes()).hexdigest()
-        self._cache_path = str(numba_cache_dir() / f"kernels-{self._source_hash[:16]}")
+        self._cache_path = str(cache_dir() / f"kernels-{self._source_hash[:16]}")
 
     def get_source_stamp(self) -> str:
         return self._source_hash
@@ -136,6 +154,42 @@ def compile_family(family: str) -> None:
     for dispatcher, signature in FAMILIES[family]:
         dispatcher.compile(signature)
         dispatcher.disable_compile()
+
+
+def compile_all() -> None:
+    """Compile, or load from the cache, every family of kernels.
+
+    Processes that start together on a cold machine (a study's trainers, and its driver that
+    compiles ahead while Ray starts) share the work through a file lock per family beside the
+    cache: each first compiles the families no other process is compiling, then waits for the
+    others' and loads what they cached instead of compiling them again."""
+    pending = list(FAMILIES)
+    for wait in (False, True):
+        for family in list(pending):
+            with _compile_lock(family, wait) as held:
+                if held:
+                    compile_family(family)
+                    pending.remove(family)
+
+
+@contextlib.contextmanager
+def _compile_lock(family: str, wait: bool) -> Iterator[bool]:
+    """Hold the lock of `family`'s compile, waiting for it or not; yields whether it is held
+    (always, where the cache is not writable: there is nothing to share, so compile alone)."""
+    try:
+        folder = cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / f"compile-{family}.lock", "a+")  # noqa: SIM115 (closed below)
+    except OSError:
+        yield True
+        return
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
 
 
 def _row_helper(py_func):

@@ -21,14 +21,10 @@ for predictions and for checking those hand-written gradients against autograd.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
 import logging
 import math
-import os
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import NamedTuple
 
@@ -370,70 +366,21 @@ def step_function(mode: bool | str, device: torch.device) -> WindowStep:
     return _inductor_step()
 
 
-def numba_cache_dir() -> Path:
-    """Where the compiled kernels live: NUMBA_CACHE_DIR when the user set one, else
-    ~/.cache/echo-study/numba (under XDG_CACHE_HOME when set).
-
-    Not numba's default (a __pycache__ beside this file, keyed by the file's absolute path):
-    `ray job submit` runs the driver from a fresh copy of the working directory, at a new path
-    every job, so a path-keyed cache would compile again in every job, and the copy may not be
-    writable. This cache is keyed by this file's contents instead (`_ContentCacheLocator`), so
-    every copy of one version of the code, and every process on the machine, shares it; numba
-    itself keys each entry by CPU model and features, so nodes of a mixed cluster do not mix.
-    """
-    if os.environ.get("NUMBA_CACHE_DIR"):
-        return Path(os.environ["NUMBA_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "echo-study" / "numba"
-
-
 @functools.cache
 def numba_kernels() -> ModuleType | None:
     """pipeline.kernels, compiled or loaded from its cache; None (after one warning) where
     numba is missing, disabled or cannot compile. Once per process: a failure is not retried.
 
-    Processes that start together on a cold machine (a study's trainers, and its driver that
-    compiles ahead while Ray starts) share the work through a file lock per family of kernels
-    beside the cache: each first compiles the families no other process is compiling, then
-    waits for the others' and loads what they cached instead of compiling it again."""
+    Processes that start together on a cold machine share the compile (see
+    `kernels.compile_all`)."""
     try:
         from pipeline import kernels
 
-        _compile_families(kernels)
+        kernels.compile_all()
     except Exception as error:
         _warn_fallback("numba", error)
         return None
     return kernels
-
-
-def _compile_families(kernels: ModuleType) -> None:
-    pending = list(kernels.FAMILIES)
-    for wait in (False, True):
-        for family in list(pending):
-            with _compile_lock(family, wait) as held:
-                if held:
-                    kernels.compile_family(family)
-                    pending.remove(family)
-
-
-@contextlib.contextmanager
-def _compile_lock(family: str, wait: bool) -> Iterator[bool]:
-    """Hold the lock of `family`'s compile, waiting for it or not; yields whether it is held
-    (always, where the cache is not writable: there is nothing to share, so compile alone)."""
-    try:
-        folder = numba_cache_dir()
-        folder.mkdir(parents=True, exist_ok=True)
-        lock = open(folder / f"compile-{family}.lock", "a+")  # noqa: SIM115 (closed below)
-    except OSError:
-        yield True
-        return
-    with lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
 
 
 def _warn_fallback(compiler: str, error: BaseException) -> None:
