@@ -195,7 +195,9 @@ def _compile_lock(family: str, wait: bool) -> Iterator[bool]:
 def _row_helper(py_func):
     """njit for a helper over rows of one model, compiled as a function of its own so that its
     arrays, views into the caller's, are promised not to overlap (inlined, LLVM cannot tell
-    and checks before every short loop)."""
+    and checks before every short loop). Where the call costs more than the checks (a whole
+    window's forward in one function ran slower than a call per row), helpers stay inlined:
+    which is which was measured, per helper."""
     dispatcher = numba.njit(**_JIT)(py_func)
     _promise_no_alias(dispatcher)
     return dispatcher
