@@ -30,9 +30,9 @@ import socket
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import optuna
@@ -56,13 +56,21 @@ from pipeline.results import (
     trials_table,
 )
 from pipeline.summary import write_summary
-from pipeline.train import Finished, Lanes, LaneTrial, Report, first_line, resolve_device
+from pipeline.train import (
+    LANES,
+    Finished,
+    Lanes,
+    LaneTrial,
+    Report,
+    first_line,
+    resolve_device,
+)
 from pipeline.train import trainer_key as lanes_key
 
 log = logging.getLogger(__name__)
 
 JOURNAL = "study.journal"
-# The keys a trial's cost depends on (its windows, depth and width).
+# The keys a trial's cost depends on (its windows, depth and width: see `window_cost`).
 COST_KEYS = frozenset(
     {
         "task.series_length",
@@ -73,6 +81,10 @@ COST_KEYS = frozenset(
         "model.state_size",
     }
 )
+# A trainer that already trains a trial's architecture takes it unless another would then have
+# more than this fraction less work left: new lanes cost a whole vector per window, and the
+# cost estimate is rough.
+PLACE_TOLERANCE = 0.05
 # Lanes per trainer when the config leaves it open: many for samplers that gain nothing from
 # waiting (grid, random), few for TPE, which learns from every trial finished before it asks.
 DEFAULT_LANES = {"grid": 64, "random": 64, "tpe": 8}
@@ -192,6 +204,13 @@ def param_columns(config: Config) -> list[str]:
     return [*FIXED_COLUMNS, *searched]
 
 
+def window_cost(config: Config) -> float:
+    """What one window of a trial costs, relative to other architectures: its layers' matrix
+    products, which grow with the square of their width. The one cost model, of the grid's
+    order and of the trials' placement on trainers."""
+    return config.model.num_layers * (config.model.state_size + 4) ** 2
+
+
 def grid_points(config: Config) -> list[tuple]:
     """Every point of a grid study, costliest first (deep, wide, long trials), so that no
     trainer is left with a long trial at the end; the order never changes a trial's losses."""
@@ -203,9 +222,99 @@ def grid_points(config: Config) -> list[tuple]:
     @functools.cache
     def cost_of(values: tuple) -> float:
         trial = config.with_params({search[i].key: v for i, v in zip(shaping, values, strict=True)})
-        return trial.total_steps * trial.model.num_layers * (trial.model.state_size + 4) ** 2
+        return trial.total_steps * window_cost(trial)
 
     return sorted(points, key=lambda point: cost_of(tuple(point[i] for i in shaping)), reverse=True)
+
+
+class TrialWork(NamedTuple):
+    """A trial as placement sees it."""
+
+    architecture: tuple
+    """Its `trainer_key`: the trials that share it share one set of lanes in a trainer."""
+    window_cost: float
+    windows: int
+    """Windows it has left to train."""
+
+
+@dataclass
+class _Group:
+    """One architecture's lanes on a trainer, as placement estimates them."""
+
+    window_cost: float
+    trials: int
+    windows: int
+    """Windows its lanes still step: its longest trial's windows left, as far as known."""
+
+    def cost(self) -> float:
+        # The kernels train lanes as the elements of a vector: lanes up to a vector's width
+        # (LANES) cost about what one costs. A coarse step: with the numba kernels, 16 lanes
+        # took 1.1× the time of 6, and 64 lanes 2× that of 16.
+        return self.window_cost * math.ceil(self.trials / LANES) * self.windows
+
+
+class Workload:
+    """A trainer's work left, as the driver estimates it to place trials: for each architecture
+    it trains, the window cost × the vectors its lanes fill × the windows its longest trial has
+    left. A trial's windows count down as its trainer reports windows stepped; a trial that
+    leaves early (pruned) leaves its group's estimate as it was until the group empties."""
+
+    def __init__(self) -> None:
+        self.groups: dict[tuple, _Group] = {}
+
+    @property
+    def trials(self) -> int:
+        return sum(group.trials for group in self.groups.values())
+
+    def load(self, adding: TrialWork | None = None) -> float:
+        """Work left, after adding the trial `adding` if given."""
+        total = sum(group.cost() for group in self.groups.values())
+        if adding is None:
+            return total
+        group = self.groups.get(adding.architecture)
+        if group is None:
+            return total + _Group(adding.window_cost, 1, adding.windows).cost()
+        grown = _Group(group.window_cost, group.trials + 1, max(group.windows, adding.windows))
+        return total - group.cost() + grown.cost()
+
+    def add(self, trial: TrialWork) -> None:
+        group = self.groups.setdefault(trial.architecture, _Group(trial.window_cost, 0, 0))
+        group.trials += 1
+        group.windows = max(group.windows, trial.windows)
+
+    def remove(self, architecture: tuple) -> None:
+        group = self.groups[architecture]
+        group.trials -= 1
+        if group.trials == 0:
+            del self.groups[architecture]
+
+    def stepped(self, windows: dict[tuple, int]) -> None:
+        """Count down the windows each architecture's lanes stepped."""
+        for architecture, count in windows.items():
+            if architecture in self.groups:
+                group = self.groups[architecture]
+                group.windows = max(0, group.windows - count)
+
+
+def place(workloads: Sequence[Workload], trial: TrialWork) -> int:
+    """The index of the trainer (by its workload) to place `trial` on.
+
+    The trainer with the least work left after taking it, so that trainers end together: asked
+    costliest first, a grid then splits like a greedy partition. A trainer that already trains
+    the trial's architecture adds lanes to a set it steps anyway (often for free), and is
+    preferred when it would have at most PLACE_TOLERANCE more than the least; so an
+    architecture is split across trainers only when that evens out their work. Remaining ties
+    go to the trainer with the fewest trials.
+    """
+    after = [workload.load(trial) for workload in workloads]
+    least = min(after)
+
+    def rank(i: int) -> tuple:
+        near = after[i] <= least * (1 + PLACE_TOLERANCE)
+        new_lanes = trial.architecture not in workloads[i].groups
+        return (not near, new_lanes, after[i], workloads[i].trials)
+
+    return min(range(len(workloads)), key=rank)
 
 
 @dataclass
@@ -223,9 +332,18 @@ class _Trainer:
     call: Any = None
     """The exchange in flight, if any."""
     answered: bool = False
+    work: Workload = field(default_factory=Workload)
+    """The estimated work left in its trials."""
 
-    def architectures(self) -> set[tuple]:
-        return {lanes_key(t.config) for t in self.trials.values()}
+    def take(self, planned: PlannedTrial, work: TrialWork) -> None:
+        self.trials[planned.number] = planned
+        self.inbox.append(planned)
+        self.work.add(work)
+
+    def release(self, number: int) -> PlannedTrial:
+        planned = self.trials.pop(number)
+        self.work.remove(lanes_key(planned.config))
+        return planned
 
 
 class _Driver:
@@ -375,8 +493,7 @@ class _Driver:
             yield from trainer.trials.values()
 
     def _place(self) -> None:
-        """Place queued trials on trainers with room, preferring one that already trains
-        their architecture (fewer lanes sets to step), else the least loaded."""
+        """Place queued trials on trainers with room, by their estimated work left (`place`)."""
         while self.queue:
             planned = self.queue[0]
             roomy = [t for t in self.trainers if len(t.trials) < self.lanes]
@@ -384,12 +501,11 @@ class _Driver:
                 return
             # A trainer that has answered is known to run; a new one may wait for room.
             roomy = [t for t in roomy if t.answered] or roomy
-            key = lanes_key(planned.config)
-            same = [t for t in roomy if key in t.architectures()]
-            trainer = min(same or roomy, key=lambda t: len(t.trials))
+            config = planned.config
+            work = TrialWork(lanes_key(config), window_cost(config), config.total_steps)
+            trainer = roomy[place([t.work for t in roomy], work)]
             self.queue.popleft()
-            trainer.trials[planned.number] = planned
-            trainer.inbox.append(planned)
+            trainer.take(planned, work)
 
     def _exchange(self) -> None:
         """Start an exchange with every trainer that has something to do and none in flight."""
@@ -409,14 +525,15 @@ class _Driver:
             self._lost(trainer, error)
             return
         trainer.answered = True
-        self.windows_stepped += events.windows_stepped
+        self.windows_stepped += sum(events.windows.values())
         self.lane_windows += events.lane_windows
+        trainer.work.stepped(events.windows)
         for report in events.reports:
             trainer.verdicts[report.key] = self._judge(report)
         for finished in events.finished:
-            self._finished(trainer.trials.pop(finished.key), finished)
+            self._finished(trainer.release(finished.key), finished)
         for key, text in events.errors:
-            self._failed(trainer.trials.pop(key), text)
+            self._failed(trainer.release(key), text)
 
     def _judge(self, report: Report) -> bool:
         """Report a running loss to Optuna; True when its pruner stops the trial."""
@@ -528,7 +645,8 @@ class TrainerEvents:
     reports: list[Report]
     errors: list[tuple[int, str]]
     """Trials that raised (trial, one-line error): they are FAIL, the trainer goes on."""
-    windows_stepped: int = 0
+    windows: dict[tuple, int] = field(default_factory=dict)
+    """Windows each architecture's lanes stepped (training every running lane at once)."""
     lane_windows: int = 0
 
 
@@ -548,7 +666,8 @@ class Trainer:
         self.inbox: list[LaneTrial] = []
         self.verdicts: dict[int, bool] = {}
         self.events = TrainerEvents([], [], [])
-        self.stepped = self.trained = 0
+        self.stepped: Counter[tuple] = Counter()
+        self.trained = 0
         threading.Thread(target=self._train, daemon=True).start()
 
     def exchange(
@@ -562,9 +681,9 @@ class Trainer:
             self.changed.notify_all()
             self.changed.wait_for(self._has_events, timeout=wait)
             events = dataclasses.replace(
-                self.events, windows_stepped=self.stepped, lane_windows=self.trained
+                self.events, windows=dict(self.stepped), lane_windows=self.trained
             )
-            self.events, self.stepped, self.trained = TrainerEvents([], [], []), 0, 0
+            self.events, self.stepped, self.trained = TrainerEvents([], [], []), Counter(), 0
             return events
 
     def where(self) -> dict[str, Any]:
@@ -629,7 +748,8 @@ class Trainer:
             self._publish([], [], [(k, text) for k in keys])
             return
         with self.changed:
-            self.stepped += running > 0
+            if running:
+                self.stepped[key] += 1
             self.trained += running
         if finished or reports:
             self._publish(finished, reports, [])
