@@ -14,12 +14,12 @@ parameters and its seed derives from them, so it gets the same losses however of
 was interrupted. A trainer lost with its worker or node has its unfinished trials run again
 elsewhere, up to `ray.max_retries` times.
 
-This is the only module that imports Ray or Optuna.
+The trainer actor lives in trainer.py, which every Ray worker running one imports: this module
+is the driver's, the only one that imports Optuna.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import logging
@@ -30,9 +30,9 @@ import socket
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import optuna
@@ -56,13 +56,14 @@ from pipeline.results import (
     trials_table,
 )
 from pipeline.summary import write_summary
-from pipeline.train import Finished, Lanes, LaneTrial, Report, first_line, resolve_device
+from pipeline.train import LANES, Finished, LaneTrial, Report, first_line
 from pipeline.train import trainer_key as lanes_key
+from pipeline.trainer import gpus_per_trainer, start_trainer
 
 log = logging.getLogger(__name__)
 
 JOURNAL = "study.journal"
-# The keys a trial's cost depends on (its windows, depth and width).
+# The keys a trial's cost depends on (its windows, depth and width: see `window_cost`).
 COST_KEYS = frozenset(
     {
         "task.series_length",
@@ -73,6 +74,10 @@ COST_KEYS = frozenset(
         "model.state_size",
     }
 )
+# A trainer that already trains a trial's architecture takes it unless another would then have
+# more than this fraction less work left: new lanes cost a whole vector per window, and the
+# cost estimate is rough.
+PLACE_TOLERANCE = 0.05
 # Lanes per trainer when the config leaves it open: many for samplers that gain nothing from
 # waiting (grid, random), few for TPE, which learns from every trial finished before it asks.
 DEFAULT_LANES = {"grid": 64, "random": 64, "tpe": 8}
@@ -192,6 +197,13 @@ def param_columns(config: Config) -> list[str]:
     return [*FIXED_COLUMNS, *searched]
 
 
+def window_cost(config: Config) -> float:
+    """What one window of a trial costs, relative to other architectures: its layers' matrix
+    products, which grow with the square of their width. The one cost model, of the grid's
+    order and of the trials' placement on trainers."""
+    return config.model.num_layers * (config.model.state_size + 4) ** 2
+
+
 def grid_points(config: Config) -> list[tuple]:
     """Every point of a grid study, costliest first (deep, wide, long trials), so that no
     trainer is left with a long trial at the end; the order never changes a trial's losses."""
@@ -203,9 +215,99 @@ def grid_points(config: Config) -> list[tuple]:
     @functools.cache
     def cost_of(values: tuple) -> float:
         trial = config.with_params({search[i].key: v for i, v in zip(shaping, values, strict=True)})
-        return trial.total_steps * trial.model.num_layers * (trial.model.state_size + 4) ** 2
+        return trial.total_steps * window_cost(trial)
 
     return sorted(points, key=lambda point: cost_of(tuple(point[i] for i in shaping)), reverse=True)
+
+
+class TrialWork(NamedTuple):
+    """A trial as placement sees it."""
+
+    architecture: tuple
+    """Its `trainer_key`: the trials that share it share one set of lanes in a trainer."""
+    window_cost: float
+    windows: int
+    """Windows it has left to train."""
+
+
+@dataclass
+class _Group:
+    """One architecture's lanes on a trainer, as placement estimates them."""
+
+    window_cost: float
+    trials: int
+    windows: int
+    """Windows its lanes still step: its longest trial's windows left, as far as known."""
+
+    def cost(self) -> float:
+        # The kernels train lanes as the elements of a vector: lanes up to a vector's width
+        # (LANES) cost about what one costs. A coarse step: with the numba kernels, 16 lanes
+        # took 1.1× the time of 6, and 64 lanes 2× that of 16.
+        return self.window_cost * math.ceil(self.trials / LANES) * self.windows
+
+
+class Workload:
+    """A trainer's work left, as the driver estimates it to place trials: for each architecture
+    it trains, the window cost × the vectors its lanes fill × the windows its longest trial has
+    left. A trial's windows count down as its trainer reports windows stepped; a trial that
+    leaves early (pruned) leaves its group's estimate as it was until the group empties."""
+
+    def __init__(self) -> None:
+        self.groups: dict[tuple, _Group] = {}
+
+    @property
+    def trials(self) -> int:
+        return sum(group.trials for group in self.groups.values())
+
+    def load(self, adding: TrialWork | None = None) -> float:
+        """Work left, after adding the trial `adding` if given."""
+        total = sum(group.cost() for group in self.groups.values())
+        if adding is None:
+            return total
+        group = self.groups.get(adding.architecture)
+        if group is None:
+            return total + _Group(adding.window_cost, 1, adding.windows).cost()
+        grown = _Group(group.window_cost, group.trials + 1, max(group.windows, adding.windows))
+        return total - group.cost() + grown.cost()
+
+    def add(self, trial: TrialWork) -> None:
+        group = self.groups.setdefault(trial.architecture, _Group(trial.window_cost, 0, 0))
+        group.trials += 1
+        group.windows = max(group.windows, trial.windows)
+
+    def remove(self, architecture: tuple) -> None:
+        group = self.groups[architecture]
+        group.trials -= 1
+        if group.trials == 0:
+            del self.groups[architecture]
+
+    def stepped(self, windows: dict[tuple, int]) -> None:
+        """Count down the windows each architecture's lanes stepped."""
+        for architecture, count in windows.items():
+            if architecture in self.groups:
+                group = self.groups[architecture]
+                group.windows = max(0, group.windows - count)
+
+
+def place(workloads: Sequence[Workload], trial: TrialWork) -> int:
+    """The index of the trainer (by its workload) to place `trial` on.
+
+    The trainer with the least work left after taking it, so that trainers end together: asked
+    costliest first, a grid then splits like a greedy partition. A trainer that already trains
+    the trial's architecture adds lanes to a set it steps anyway (often for free), and is
+    preferred when it would have at most PLACE_TOLERANCE more than the least; so an
+    architecture is split across trainers only when that evens out their work. Remaining ties
+    go to the trainer with the fewest trials.
+    """
+    after = [workload.load(trial) for workload in workloads]
+    least = min(after)
+
+    def rank(i: int) -> tuple:
+        near = after[i] <= least * (1 + PLACE_TOLERANCE)
+        new_lanes = trial.architecture not in workloads[i].groups
+        return (not near, new_lanes, after[i], workloads[i].trials)
+
+    return min(range(len(workloads)), key=rank)
 
 
 @dataclass
@@ -223,9 +325,18 @@ class _Trainer:
     call: Any = None
     """The exchange in flight, if any."""
     answered: bool = False
+    work: Workload = field(default_factory=Workload)
+    """The estimated work left in its trials."""
 
-    def architectures(self) -> set[tuple]:
-        return {lanes_key(t.config) for t in self.trials.values()}
+    def take(self, planned: PlannedTrial, work: TrialWork) -> None:
+        self.trials[planned.number] = planned
+        self.inbox.append(planned)
+        self.work.add(work)
+
+    def release(self, number: int) -> PlannedTrial:
+        planned = self.trials.pop(number)
+        self.work.remove(lanes_key(planned.config))
+        return planned
 
 
 class _Driver:
@@ -375,8 +486,7 @@ class _Driver:
             yield from trainer.trials.values()
 
     def _place(self) -> None:
-        """Place queued trials on trainers with room, preferring one that already trains
-        their architecture (fewer lanes sets to step), else the least loaded."""
+        """Place queued trials on trainers with room, by their estimated work left (`place`)."""
         while self.queue:
             planned = self.queue[0]
             roomy = [t for t in self.trainers if len(t.trials) < self.lanes]
@@ -384,12 +494,11 @@ class _Driver:
                 return
             # A trainer that has answered is known to run; a new one may wait for room.
             roomy = [t for t in roomy if t.answered] or roomy
-            key = lanes_key(planned.config)
-            same = [t for t in roomy if key in t.architectures()]
-            trainer = min(same or roomy, key=lambda t: len(t.trials))
+            config = planned.config
+            work = TrialWork(lanes_key(config), window_cost(config), config.total_steps)
+            trainer = roomy[place([t.work for t in roomy], work)]
             self.queue.popleft()
-            trainer.trials[planned.number] = planned
-            trainer.inbox.append(planned)
+            trainer.take(planned, work)
 
     def _exchange(self) -> None:
         """Start an exchange with every trainer that has something to do and none in flight."""
@@ -409,14 +518,15 @@ class _Driver:
             self._lost(trainer, error)
             return
         trainer.answered = True
-        self.windows_stepped += events.windows_stepped
+        self.windows_stepped += sum(events.windows.values())
         self.lane_windows += events.lane_windows
+        trainer.work.stepped(events.windows)
         for report in events.reports:
             trainer.verdicts[report.key] = self._judge(report)
         for finished in events.finished:
-            self._finished(trainer.trials.pop(finished.key), finished)
+            self._finished(trainer.release(finished.key), finished)
         for key, text in events.errors:
-            self._failed(trainer.trials.pop(key), text)
+            self._failed(trainer.release(key), text)
 
     def _judge(self, report: Report) -> bool:
         """Report a running loss to Optuna; True when its pruner stops the trial."""
@@ -520,140 +630,6 @@ class _Driver:
         return tuple(row[p.short_name] for p in self.config.study.search)
 
 
-@dataclass(frozen=True)
-class TrainerEvents:
-    """What a trainer tells the driver in one exchange."""
-
-    finished: list[Finished]
-    reports: list[Report]
-    errors: list[tuple[int, str]]
-    """Trials that raised (trial, one-line error): they are FAIL, the trainer goes on."""
-    windows_stepped: int = 0
-    lane_windows: int = 0
-
-
-@ray.remote
-class Trainer:
-    """A long-lived trainer: lanes for each architecture it is given, stepped in turn by a
-    thread of its own, so that it trains while the driver records and asks. The driver talks
-    to it through `exchange` alone, one call at a time."""
-
-    def __init__(self, cpus: int, report_every: int | None, judge_from: int) -> None:
-        # Ray sets OMP_NUM_THREADS per worker, but torch read it when the process started.
-        torch.set_num_threads(cpus)
-        self.report_every = report_every
-        self.judge_from = judge_from
-        self.lanes: dict[tuple, Lanes] = {}
-        self.changed = threading.Condition()
-        self.inbox: list[LaneTrial] = []
-        self.verdicts: dict[int, bool] = {}
-        self.events = TrainerEvents([], [], [])
-        self.stepped = self.trained = 0
-        threading.Thread(target=self._train, daemon=True).start()
-
-    def exchange(
-        self, admit: list[LaneTrial], verdicts: dict[int, bool], wait: float
-    ) -> TrainerEvents:
-        """Hand over trials to admit and pruner verdicts; return what happened since the last
-        exchange, waiting up to `wait` seconds for something to happen."""
-        with self.changed:
-            self.inbox += admit
-            self.verdicts.update(verdicts)
-            self.changed.notify_all()
-            self.changed.wait_for(self._has_events, timeout=wait)
-            events = dataclasses.replace(
-                self.events, windows_stepped=self.stepped, lane_windows=self.trained
-            )
-            self.events, self.stepped, self.trained = TrainerEvents([], [], []), 0, 0
-            return events
-
-    def where(self) -> dict[str, Any]:
-        """Where Ray placed this trainer: its node, and the GPUs it was given."""
-        return {
-            "node_id": ray.get_runtime_context().get_node_id(),
-            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-        }
-
-    def _has_events(self) -> bool:
-        return bool(self.events.finished or self.events.reports or self.events.errors)
-
-    def _train(self) -> None:
-        try:
-            self._train_forever()
-        except BaseException as error:  # the driver must hear of it, never wait on a dead thread
-            text = f"{type(error).__name__}: {first_line(error)}"
-            keys = [t.key for lanes in self.lanes.values() for t in lanes.trials if t is not None]
-            self.lanes.clear()
-            self._publish([], [], [(key, text) for key in keys])
-            raise
-
-    def _train_forever(self) -> None:
-        with torch.inference_mode():
-            while True:
-                with self.changed:
-                    self.changed.wait_for(lambda: self.inbox or self.verdicts or self._busy())
-                    inbox, self.inbox = self.inbox, []
-                    verdicts, self.verdicts = self.verdicts, {}
-                self._apply(inbox, verdicts)
-                for key, lanes in list(self.lanes.items()):
-                    self._step(key, lanes)
-
-    def _busy(self) -> bool:
-        return any(
-            lanes.occupied.any() and not lanes.waiting.all() for lanes in self.lanes.values()
-        )
-
-    def _apply(self, inbox: list[LaneTrial], verdicts: dict[int, bool]) -> None:
-        for lanes in self.lanes.values():
-            pruned = [key for key, prune in verdicts.items() if prune]
-            self._publish(lanes.stop(pruned), [], [])
-            lanes.resume(key for key, prune in verdicts.items() if not prune)
-        arriving = Counter(lanes_key(trial.config) for trial in inbox)
-        for trial in inbox:
-            try:
-                lanes = self._lanes_for(trial.config)
-                lanes.reserve(arriving.pop(lanes_key(trial.config), 1))
-                lanes.admit(trial)
-            except Exception as error:  # a trial that cannot start is FAIL; the rest go on
-                self._publish([], [], [(trial.key, f"{type(error).__name__}: {first_line(error)}")])
-
-    def _step(self, key: tuple, lanes: Lanes) -> None:
-        running = int((lanes.occupied & ~lanes.waiting).sum())
-        try:
-            finished, reports = lanes.step()
-        except Exception as error:  # these lanes' trials fail; other architectures go on
-            text = f"{type(error).__name__}: {first_line(error)}"
-            keys = [trial.key for trial in lanes.trials if trial is not None]
-            del self.lanes[key]
-            self._publish([], [], [(k, text) for k in keys])
-            return
-        with self.changed:
-            self.stepped += running > 0
-            self.trained += running
-        if finished or reports:
-            self._publish(finished, reports, [])
-
-    def _publish(self, finished: list, reports: list, errors: list) -> None:
-        if not (finished or reports or errors):
-            return
-        with self.changed:
-            self.events.finished.extend(finished)
-            self.events.reports.extend(reports)
-            self.events.errors.extend(errors)
-            self.changed.notify_all()
-
-    def _lanes_for(self, config: Config) -> Lanes:
-        key = lanes_key(config)
-        if key not in self.lanes:
-            from pipeline.model import step_function
-
-            device = resolve_device(config.train.device)
-            step = step_function(config.train.compile, device)
-            self.lanes[key] = Lanes(config, step, device, self.report_every, self.judge_from)
-        return self.lanes[key]
-
-
 def _compile_ahead(config: Config) -> None:
     """With Ray embedded, compile (or load) the CPU kernels in this process while Ray starts:
     the trainers, starting a few seconds later on this machine, then load them from the cache
@@ -673,16 +649,6 @@ def _stop_in_background(embedded: bool) -> threading.Thread:
     return thread
 
 
-def start_trainer(config: Config, report_every: int | None = None, judge_from: int = 0) -> Any:
-    """A Trainer actor with the CPUs and GPUs the config asks of Ray for each trainer."""
-    return Trainer.options(
-        num_cpus=config.ray.cpus_per_trial,
-        num_gpus=gpus_per_trainer(config),
-        max_restarts=0,
-        max_concurrency=2,  # one call waits for events while the trainer thread trains
-    ).remote(config.ray.cpus_per_trial, report_every, judge_from)
-
-
 def _failpoint(name: str) -> None:
     wanted, _, count = os.environ.get(FAILPOINT, "").partition(":")
     if wanted != name:
@@ -690,20 +656,6 @@ def _failpoint(name: str) -> None:
     _failpoint_passes[name] += 1
     if _failpoint_passes[name] == int(count or 1):
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def gpus_per_trainer(config: Config) -> float:
-    """ray.gpus_per_trainer, else 1 when the trials train on CUDA (asked for, or auto on a
-    cluster with GPUs), else 0: Ray then sets CUDA_VISIBLE_DEVICES, so torch's cuda:0 is the
-    GPU Ray gave the trainer, never one taken behind Ray's back."""
-    if config.ray.gpus_per_trainer is not None:
-        return config.ray.gpus_per_trainer
-    device = config.train.device
-    if device.startswith("cuda"):
-        return 1.0
-    if device == "auto" and ray.cluster_resources().get("GPU", 0) > 0:
-        return 1.0
-    return 0.0
 
 
 def _check_gpus(config: Config) -> None:

@@ -9,7 +9,8 @@ import sys
 SCRIPT = """
 import json, sys
 import ray
-from pipeline.study import gpus_per_trainer, run_study, start_trainer
+from pipeline.study import run_study
+from pipeline.trainer import gpus_per_trainer, start_trainer
 from tests.conftest import study_config
 
 ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="error")

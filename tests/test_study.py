@@ -4,7 +4,17 @@ import pytest
 
 from pipeline.config import ConfigError
 from pipeline.results import Output
-from pipeline.study import JOURNAL, param_columns, run_study
+from pipeline.study import (
+    JOURNAL,
+    TrialWork,
+    Workload,
+    grid_points,
+    param_columns,
+    place,
+    run_study,
+    window_cost,
+)
+from pipeline.train import trainer_key
 from tests.conftest import study_config
 
 
@@ -13,6 +23,43 @@ def _load_optuna(config):
         optuna.storages.journal.JournalFileBackend(str(Output(config.output).path(JOURNAL)))
     )
     return optuna.load_study(study_name=config.study.name, storage=storage)
+
+
+def _placed(config, trainers: int) -> list[Workload]:
+    """The workloads of `trainers` trainers after placing every grid point of `config`."""
+    workloads = [Workload() for _ in range(trainers)]
+    keys = [p.key for p in config.study.search]
+    for point in grid_points(config):
+        trial = config.with_params(dict(zip(keys, point, strict=True)))
+        work = TrialWork(trainer_key(trial), window_cost(trial), trial.total_steps)
+        workloads[place(workloads, work)].add(work)
+    return workloads
+
+
+def test_place_splits_a_grid_of_architectures_so_that_trainers_end_together(tmp_path):
+    grid = {
+        "model.num_layers": [1, 2, 3, 4],
+        "model.state_size": [4, 16],
+        "task.echo_step": [3, 9, 15],
+        "train.seed": [0, 1],
+    }
+    first, second = _placed(study_config(tmp_path, search=grid), trainers=2)
+    # Each architecture's six trials share one trainer's lanes...
+    assert {g.trials for w in (first, second) for g in w.groups.values()} == {6}
+    assert len(first.groups) == len(second.groups) == 4
+    # ...and both trainers have the same work (by placing by count, one had 60 % of it).
+    assert first.load() == pytest.approx(second.load(), rel=0.05)
+
+
+def test_place_splits_one_architecture_only_past_a_vector_of_lanes(tmp_path):
+    def lanes(seeds: int) -> list[int]:
+        config = study_config(tmp_path, search={"train.seed": list(range(seeds))})
+        return sorted(w.trials for w in _placed(config, trainers=2))
+
+    # Up to a vector's width (16), lanes cost about one lane's time: they stay together.
+    assert lanes(6) == [0, 6]
+    assert lanes(16) == [0, 16]
+    assert lanes(48) == [24, 24]
 
 
 def test_study_writes_steps_and_trials_that_agree_with_optuna(tmp_path, ray_session):

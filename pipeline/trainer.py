@@ -1,0 +1,214 @@
+"""The trainer: a long-lived Ray actor that trains the trials the driver (study.py) places on
+it, in lanes (train.py), and tells it what happened.
+
+Ray imports this module in every worker process that runs a trainer, so it imports only what
+training needs: no pandas, pyarrow, Optuna or matplotlib, which the driver alone uses (their
+import took a trainer's worker about 1.8 s of a core, while the driver and the other trainers
+start on the same cores).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import torch
+
+from pipeline.config import Config
+from pipeline.model import numba_kernels, step_function
+from pipeline.train import Finished, Lanes, LaneTrial, Report, first_line, resolve_device
+from pipeline.train import trainer_key as lanes_key
+
+
+@dataclass(frozen=True)
+class TrainerEvents:
+    """What a trainer tells the driver in one exchange."""
+
+    finished: list[Finished]
+    reports: list[Report]
+    errors: list[tuple[int, str]]
+    """Trials that raised (trial, one-line error): they are FAIL, the trainer goes on."""
+    windows: dict[tuple, int] = field(default_factory=dict)
+    """Windows each architecture's lanes stepped (training every running lane at once)."""
+    lane_windows: int = 0
+
+
+@ray.remote
+class Trainer:
+    """A long-lived trainer: lanes for each architecture it is given, stepped in turn by a
+    thread of its own, so that it trains while the driver records and asks. The driver talks
+    to it through `exchange` alone, one call at a time.
+
+    `compile_mode` and `device` are the study's train.compile and train.device: on the CPU the
+    thread loads the numba kernels as soon as it starts, while the first trials are on their
+    way."""
+
+    def __init__(
+        self,
+        cpus: int,
+        report_every: int | None,
+        judge_from: int,
+        compile_mode: bool | str,
+        device: str,
+    ) -> None:
+        # Ray sets OMP_NUM_THREADS per worker, but torch read it when the process started.
+        torch.set_num_threads(cpus)
+        self.compile_mode = compile_mode
+        self.device = device
+        self.report_every = report_every
+        self.judge_from = judge_from
+        self.lanes: dict[tuple, Lanes] = {}
+        self.changed = threading.Condition()
+        self.inbox: list[LaneTrial] = []
+        self.verdicts: dict[int, bool] = {}
+        self.events = TrainerEvents([], [], [])
+        self.stepped: Counter[tuple] = Counter()
+        self.trained = 0
+        threading.Thread(target=self._train, daemon=True).start()
+
+    def exchange(
+        self, admit: list[LaneTrial], verdicts: dict[int, bool], wait: float
+    ) -> TrainerEvents:
+        """Hand over trials to admit and pruner verdicts; return what happened since the last
+        exchange, waiting up to `wait` seconds for something to happen."""
+        with self.changed:
+            self.inbox += admit
+            self.verdicts.update(verdicts)
+            self.changed.notify_all()
+            self.changed.wait_for(self._has_events, timeout=wait)
+            events = dataclasses.replace(
+                self.events, windows=dict(self.stepped), lane_windows=self.trained
+            )
+            self.events, self.stepped, self.trained = TrainerEvents([], [], []), Counter(), 0
+            return events
+
+    def where(self) -> dict[str, Any]:
+        """Where Ray placed this trainer: its node, and the GPUs it was given."""
+        return {
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        }
+
+    def _has_events(self) -> bool:
+        return bool(self.events.finished or self.events.reports or self.events.errors)
+
+    def _train(self) -> None:
+        try:
+            _load_cpu_kernels(self.compile_mode, self.device)
+            self._train_forever()
+        except BaseException as error:  # the driver must hear of it, never wait on a dead thread
+            text = f"{type(error).__name__}: {first_line(error)}"
+            keys = [t.key for lanes in self.lanes.values() for t in lanes.trials if t is not None]
+            self.lanes.clear()
+            self._publish([], [], [(key, text) for key in keys])
+            raise
+
+    def _train_forever(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self.changed:
+                    self.changed.wait_for(lambda: self.inbox or self.verdicts or self._busy())
+                    inbox, self.inbox = self.inbox, []
+                    verdicts, self.verdicts = self.verdicts, {}
+                self._apply(inbox, verdicts)
+                for key, lanes in list(self.lanes.items()):
+                    self._step(key, lanes)
+
+    def _busy(self) -> bool:
+        return any(
+            lanes.occupied.any() and not lanes.waiting.all() for lanes in self.lanes.values()
+        )
+
+    def _apply(self, inbox: list[LaneTrial], verdicts: dict[int, bool]) -> None:
+        for lanes in self.lanes.values():
+            pruned = [key for key, prune in verdicts.items() if prune]
+            self._publish(lanes.stop(pruned), [], [])
+            lanes.resume(key for key, prune in verdicts.items() if not prune)
+        arriving = Counter(lanes_key(trial.config) for trial in inbox)
+        for trial in inbox:
+            try:
+                lanes = self._lanes_for(trial.config)
+                lanes.reserve(arriving.pop(lanes_key(trial.config), 1))
+                lanes.admit(trial)
+            except Exception as error:  # a trial that cannot start is FAIL; the rest go on
+                self._publish([], [], [(trial.key, f"{type(error).__name__}: {first_line(error)}")])
+
+    def _step(self, key: tuple, lanes: Lanes) -> None:
+        running = int((lanes.occupied & ~lanes.waiting).sum())
+        try:
+            finished, reports = lanes.step()
+        except Exception as error:  # these lanes' trials fail; other architectures go on
+            text = f"{type(error).__name__}: {first_line(error)}"
+            keys = [trial.key for trial in lanes.trials if trial is not None]
+            del self.lanes[key]
+            self._publish([], [], [(k, text) for k in keys])
+            return
+        with self.changed:
+            if running:
+                self.stepped[key] += 1
+            self.trained += running
+        if finished or reports:
+            self._publish(finished, reports, [])
+
+    def _publish(self, finished: list, reports: list, errors: list) -> None:
+        if not (finished or reports or errors):
+            return
+        with self.changed:
+            self.events.finished.extend(finished)
+            self.events.reports.extend(reports)
+            self.events.errors.extend(errors)
+            self.changed.notify_all()
+
+    def _lanes_for(self, config: Config) -> Lanes:
+        key = lanes_key(config)
+        if key not in self.lanes:
+            device = resolve_device(config.train.device)
+            step = step_function(config.train.compile, device)
+            self.lanes[key] = Lanes(config, step, device, self.report_every, self.judge_from)
+        return self.lanes[key]
+
+
+def start_trainer(config: Config, report_every: int | None = None, judge_from: int = 0) -> Any:
+    """A Trainer actor with the CPUs and GPUs the config asks of Ray for each trainer."""
+    return Trainer.options(
+        num_cpus=config.ray.cpus_per_trial,
+        num_gpus=gpus_per_trainer(config),
+        max_restarts=0,
+        max_concurrency=2,  # one call waits for events while the trainer thread trains
+    ).remote(
+        config.ray.cpus_per_trial,
+        report_every,
+        judge_from,
+        config.train.compile,
+        config.train.device,
+    )
+
+
+def gpus_per_trainer(config: Config) -> float:
+    """ray.gpus_per_trainer, else 1 when the trials train on CUDA (asked for, or auto on a
+    cluster with GPUs), else 0: Ray then sets CUDA_VISIBLE_DEVICES, so torch's cuda:0 is the
+    GPU Ray gave the trainer, never one taken behind Ray's back."""
+    if config.ray.gpus_per_trainer is not None:
+        return config.ray.gpus_per_trainer
+    device = config.train.device
+    if device.startswith("cuda"):
+        return 1.0
+    if device == "auto" and ray.cluster_resources().get("GPU", 0) > 0:
+        return 1.0
+    return 0.0
+
+
+def _load_cpu_kernels(compile_mode: bool | str, device: str) -> None:
+    """Load (or compile) the numba kernels of a trainer that trains on the CPU before its first
+    trial arrives: once per process (`numba_kernels` is cached), so the trials' `step_function`
+    finds them loaded."""
+    if compile_mode is False or device not in ("cpu", "auto"):
+        return
+    if resolve_device(device).type == "cpu":
+        numba_kernels()
