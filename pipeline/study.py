@@ -42,8 +42,16 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from pipeline.config import Config, ConfigError, SearchParam, ray_address, short_name
+from pipeline.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    SearchParam,
+    ray_address,
+    short_name,
+)
 from pipeline.data import trial_seed
+from pipeline.model import lanes_window_cost
 from pipeline.progress import Progress
 from pipeline.record import TrialResult, record_trials
 from pipeline.results import (
@@ -56,14 +64,14 @@ from pipeline.results import (
     trials_table,
 )
 from pipeline.summary import write_summary
-from pipeline.train import LANES, Finished, LaneTrial, Report, first_line
+from pipeline.train import Finished, LaneTrial, Report, first_line
 from pipeline.train import trainer_key as lanes_key
 from pipeline.trainer import gpus_per_trainer, start_trainer
 
 log = logging.getLogger(__name__)
 
 JOURNAL = "study.journal"
-# The keys a trial's cost depends on (its windows, depth and width: see `window_cost`).
+# The keys a trial's cost depends on (its windows, depth and width: see `lanes_window_cost`).
 COST_KEYS = frozenset(
     {
         "task.series_length",
@@ -75,8 +83,8 @@ COST_KEYS = frozenset(
     }
 )
 # A trainer that already trains a trial's architecture takes it unless another would then have
-# more than this fraction less work left: new lanes cost a whole vector per window, and the
-# cost estimate is rough.
+# more than this fraction less work left: the cost estimate is rough, and a set of lanes it
+# steps anyway saves a step of its own.
 PLACE_TOLERANCE = 0.05
 # Lanes per trainer when the config leaves it open: many for samplers that gain nothing from
 # waiting (grid, random), few for TPE, which learns from every trial finished before it asks.
@@ -197,13 +205,6 @@ def param_columns(config: Config) -> list[str]:
     return [*FIXED_COLUMNS, *searched]
 
 
-def window_cost(config: Config) -> float:
-    """What one window of a trial costs, relative to other architectures: its layers' matrix
-    products, which grow with the square of their width. The one cost model, of the grid's
-    order and of the trials' placement on trainers."""
-    return config.model.num_layers * (config.model.state_size + 4) ** 2
-
-
 def grid_points(config: Config) -> list[tuple]:
     """Every point of a grid study, costliest first (deep, wide, long trials), so that no
     trainer is left with a long trial at the end; the order never changes a trial's losses."""
@@ -215,7 +216,7 @@ def grid_points(config: Config) -> list[tuple]:
     @functools.cache
     def cost_of(values: tuple) -> float:
         trial = config.with_params({search[i].key: v for i, v in zip(shaping, values, strict=True)})
-        return trial.total_steps * window_cost(trial)
+        return trial.total_steps * lanes_window_cost(trial.model, 1)
 
     return sorted(points, key=lambda point: cost_of(tuple(point[i] for i in shaping)), reverse=True)
 
@@ -225,7 +226,7 @@ class TrialWork(NamedTuple):
 
     architecture: tuple
     """Its `trainer_key`: the trials that share it share one set of lanes in a trainer."""
-    window_cost: float
+    model: ModelConfig
     windows: int
     """Windows it has left to train."""
 
@@ -234,23 +235,21 @@ class TrialWork(NamedTuple):
 class _Group:
     """One architecture's lanes on a trainer, as placement estimates them."""
 
-    window_cost: float
+    model: ModelConfig
     trials: int
     windows: int
     """Windows its lanes still step: its longest trial's windows left, as far as known."""
 
     def cost(self) -> float:
-        # The kernels train lanes as the elements of a vector: lanes up to a vector's width
-        # (LANES) cost about what one costs. A coarse step: with the numba kernels, 16 lanes
-        # took 1.1× the time of 6, and 64 lanes 2× that of 16.
-        return self.window_cost * math.ceil(self.trials / LANES) * self.windows
+        return lanes_window_cost(self.model, self.trials) * self.windows
 
 
 class Workload:
     """A trainer's work left, as the driver estimates it to place trials: for each architecture
-    it trains, the window cost × the vectors its lanes fill × the windows its longest trial has
-    left. A trial's windows count down as its trainer reports windows stepped; a trial that
-    leaves early (pruned) leaves its group's estimate as it was until the group empties."""
+    it trains, the cost of a window of its lanes (`model.lanes_window_cost`) × the windows its
+    longest trial has left. A trial's windows count down as its trainer reports windows
+    stepped; a trial that leaves early (pruned) leaves its group's estimate as it was until the
+    group empties."""
 
     def __init__(self) -> None:
         self.groups: dict[tuple, _Group] = {}
@@ -266,12 +265,12 @@ class Workload:
             return total
         group = self.groups.get(adding.architecture)
         if group is None:
-            return total + _Group(adding.window_cost, 1, adding.windows).cost()
-        grown = _Group(group.window_cost, group.trials + 1, max(group.windows, adding.windows))
+            return total + _Group(adding.model, 1, adding.windows).cost()
+        grown = _Group(group.model, group.trials + 1, max(group.windows, adding.windows))
         return total - group.cost() + grown.cost()
 
     def add(self, trial: TrialWork) -> None:
-        group = self.groups.setdefault(trial.architecture, _Group(trial.window_cost, 0, 0))
+        group = self.groups.setdefault(trial.architecture, _Group(trial.model, 0, 0))
         group.trials += 1
         group.windows = max(group.windows, trial.windows)
 
@@ -294,10 +293,10 @@ def place(workloads: Sequence[Workload], trial: TrialWork) -> int:
 
     The trainer with the least work left after taking it, so that trainers end together: asked
     costliest first, a grid then splits like a greedy partition. A trainer that already trains
-    the trial's architecture adds lanes to a set it steps anyway (often for free), and is
-    preferred when it would have at most PLACE_TOLERANCE more than the least; so an
-    architecture is split across trainers only when that evens out their work. Remaining ties
-    go to the trainer with the fewest trials.
+    the trial's architecture adds lanes to a set it steps anyway, and is preferred when it
+    would have at most PLACE_TOLERANCE more than the least; so an architecture is split across
+    trainers only when that evens out their work. Remaining ties go to the trainer with the
+    fewest trials.
     """
     after = [workload.load(trial) for workload in workloads]
     least = min(after)
@@ -495,7 +494,7 @@ class _Driver:
             # A trainer that has answered is known to run; a new one may wait for room.
             roomy = [t for t in roomy if t.answered] or roomy
             config = planned.config
-            work = TrialWork(lanes_key(config), window_cost(config), config.total_steps)
+            work = TrialWork(lanes_key(config), config.model, config.total_steps)
             trainer = roomy[place([t.work for t in roomy], work)]
             self.queue.popleft()
             trainer.take(planned, work)

@@ -12,7 +12,6 @@ from pipeline.study import (
     param_columns,
     place,
     run_study,
-    window_cost,
 )
 from pipeline.train import trainer_key
 from tests.conftest import study_config
@@ -31,7 +30,7 @@ def _placed(config, trainers: int) -> list[Workload]:
     keys = [p.key for p in config.study.search]
     for point in grid_points(config):
         trial = config.with_params(dict(zip(keys, point, strict=True)))
-        work = TrialWork(trainer_key(trial), window_cost(trial), trial.total_steps)
+        work = TrialWork(trainer_key(trial), trial.model, trial.total_steps)
         workloads[place(workloads, work)].add(work)
     return workloads
 
@@ -44,22 +43,25 @@ def test_place_splits_a_grid_of_architectures_so_that_trainers_end_together(tmp_
         "train.seed": [0, 1],
     }
     first, second = _placed(study_config(tmp_path, search=grid), trainers=2)
-    # Each architecture's six trials share one trainer's lanes...
-    assert {g.trials for w in (first, second) for g in w.groups.values()} == {6}
-    assert len(first.groups) == len(second.groups) == 4
-    # ...and both trainers have the same work (by placing by count, one had 60 % of it).
+    # Both trainers have the same work (placing by count, one had 60 % of it)...
     assert first.load() == pytest.approx(second.load(), rel=0.05)
+    # ...and the costliest architecture (4 layers of 16) is split: below K = 32, lanes of
+    # state 16 cost each a whole model, so two trainers finish its six trials in half the time.
+    costliest = max(first.groups, key=lambda key: first.groups[key].cost())
+    assert first.groups[costliest].trials == second.groups[costliest].trials == 3
 
 
-def test_place_splits_one_architecture_only_past_a_vector_of_lanes(tmp_path):
-    def lanes(seeds: int) -> list[int]:
-        config = study_config(tmp_path, search={"train.seed": list(range(seeds))})
+def test_place_shares_one_architecture_between_idle_trainers(tmp_path):
+    def lanes(seeds: int, state_size: int) -> list[int]:
+        search = {"train.seed": list(range(seeds))}
+        config = study_config(tmp_path, search=search, **{"model.state_size": state_size})
         return sorted(w.trials for w in _placed(config, trainers=2))
 
-    # Up to a vector's width (16), lanes cost about one lane's time: they stay together.
-    assert lanes(6) == [0, 6]
-    assert lanes(16) == [0, 16]
-    assert lanes(48) == [24, 24]
+    # Lanes cost less each past the kernels' switch (K = 2 at state 4, 32 at state 16), never
+    # nothing: two trainers of half the lanes each end sooner than one with all of them.
+    assert lanes(6, 4) == [3, 3]
+    assert lanes(7, 16) == [3, 4]
+    assert lanes(48, 16) == [24, 24]
 
 
 def test_study_writes_steps_and_trials_that_agree_with_optuna(tmp_path, ray_session):
