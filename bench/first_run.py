@@ -18,8 +18,8 @@ process and is timed from its launch to its exit, as a user waits for it:
 Every way's steps are read back and counted, so a run that trained less shows. The goals
 (issue 10) are printed beside the figures, never asserted: cold ≥ 3× and warm ≥ 5× the pool.
 
-    python bench/first_run.py            # the 48-trial grid: about 3-5 minutes on two cores
-                                         # (today: pool ~40 s, ours ~50 s each, Tune ~140 s)
+    python bench/first_run.py            # the 48-trial grid: about 3-4 minutes on two cores
+                                         # (pool ~30 s, ours ~12-16 s each, Tune ~120 s)
     python bench/first_run.py --quick    # 4 small trials, about a minute: checks the script,
                                          # its ratios mean little
     python bench/first_run.py --set train.compile=true   # any config key, for echo-study runs
