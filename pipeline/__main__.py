@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from tqdm import tqdm
 
@@ -21,7 +21,9 @@ from pipeline.plots import png_bytes, training_figure
 from pipeline.record import TrialResult, record_trials
 from pipeline.results import FIXED_COLUMNS, TRIALS, Output, claim_output, trials_table
 from pipeline.summary import trial_metrics, write_summary
-from pipeline.train import Step, resolve_device, train
+
+if TYPE_CHECKING:
+    from pipeline.train import Step
 
 USAGE_ERROR = 2
 
@@ -123,6 +125,10 @@ def run_summarize(args: argparse.Namespace) -> int:
 
 def run_train(config: Config, args: argparse.Namespace) -> int:
     """Train one model like the tutorial and write it in the results layout as trial 0."""
+    # Here, not at the top: the study and summarize commands never train, and torch (which
+    # train imports) takes most of a second to import.
+    from pipeline.train import resolve_device, train
+
     resolve_device(config.train.device)
     # A study config's search space says nothing about this one run: keeping it would make
     # the output look like a study of which one trial ran.

@@ -15,7 +15,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 from pipeline.config import TaskConfig
 
@@ -60,9 +59,9 @@ def echo_series(task: TaskConfig, seed: int, epoch: int) -> tuple[np.ndarray, np
 
 
 def epoch_windows(
-    tasks: Sequence[TaskConfig], seeds: Sequence[int], epoch: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The windows of one epoch for K models, as float32 tensors x, y of shape (W, B, T, K).
+    tasks: Sequence[TaskConfig], seeds: Sequence[int], epoch: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The windows of one epoch for K models, as float32 arrays x, y of shape (W, B, T, K).
 
     Model k gets `echo_series(tasks[k], seeds[k], epoch)`; the tasks may differ only in their
     echo step. Windows come first so that `x[w]` is one contiguous window; the model axis comes
@@ -74,9 +73,9 @@ def epoch_windows(
     series = [echo_series(t, s, epoch) for t, s in zip(tasks, seeds, strict=True)]
     shape = (task.batch_size, task.windows_per_epoch, task.truncation, len(tasks))
 
-    def windows(rows: list[np.ndarray]) -> torch.Tensor:
+    def windows(rows: list[np.ndarray]) -> np.ndarray:
         stacked = np.stack([r[:, :width] for r in rows], axis=-1).reshape(shape)  # (B, W, T, K)
-        ordered = np.ascontiguousarray(stacked.transpose(1, 0, 2, 3), dtype=np.float32)
-        return torch.from_numpy(ordered).to(device)  # (W, B, T, K)
+        ordered = stacked.transpose(1, 0, 2, 3)  # (W, B, T, K)
+        return np.ascontiguousarray(ordered, dtype=np.float32)
 
     return windows([x for x, _ in series]), windows([y for _, y in series])

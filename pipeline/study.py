@@ -20,6 +20,7 @@ is the driver's, the only one that imports Optuna.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
@@ -40,7 +41,6 @@ from typing import Any, NamedTuple
 import numpy as np
 import optuna
 import ray
-import torch
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
@@ -53,8 +53,10 @@ from pipeline.config import (
     ray_address,
     short_name,
 )
+from pipeline.cost import lanes_window_cost
 from pipeline.data import trial_seed
-from pipeline.model import lanes_window_cost
+from pipeline.exchange import Finished, LaneTrial, Report, first_line
+from pipeline.exchange import trainer_key as lanes_key
 from pipeline.progress import Progress
 from pipeline.record import TrialResult, record_trials
 from pipeline.results import (
@@ -67,8 +69,6 @@ from pipeline.results import (
     trials_table,
 )
 from pipeline.summary import write_summary
-from pipeline.train import Finished, LaneTrial, Report, first_line
-from pipeline.train import trainer_key as lanes_key
 from pipeline.trainer import gpus_per_trainer, start_trainer
 
 log = logging.getLogger(__name__)
@@ -249,7 +249,7 @@ class _Group:
 
 class Workload:
     """A trainer's work left, as the driver estimates it to place trials: for each architecture
-    it trains, the cost of a window of its lanes (`model.lanes_window_cost`) × the windows its
+    it trains, the cost of a window of its lanes (`cost.lanes_window_cost`) × the windows its
     longest trial has left. A trial's windows count down as its trainer reports windows
     stepped; a trial that leaves early (pruned) leaves its group's estimate as it was until the
     group empties."""
@@ -637,25 +637,32 @@ def _compile_ahead(config: Config) -> None:
     and in a second one: on a cold machine each takes one family of kernels (see
     `kernels.compile_all`), so both compile at once; the trainers, starting a few seconds
     later, load them from the cache instead of each compiling them. On a warm machine the
-    second process only loads them, about half a second of a core."""
+    second process only loads them, about half a second of a core.
+
+    Only a device set to CUDA skips it: asking torch whether "auto" finds a GPU would import
+    torch into the driver, most of a second, while compiling in vain on a GPU machine costs
+    only cores that wait for Ray anyway."""
     if ray_address(config) is not None or config.train.compile is False:
         return
-    if config.train.device == "cuda" or torch.cuda.is_available():
+    if config.train.device.startswith("cuda"):
         return
     threading.Thread(target=_compile_here_and_there, daemon=True).start()
 
 
 def _compile_here_and_there() -> None:
-    from pipeline.model import numba_kernels
-
     there = subprocess.Popen(
         [sys.executable, "-c", "import pipeline.kernels as k; k.compile_all()"],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,  # a failure shows in this process's own compile
+        stderr=subprocess.DEVNULL,
         cwd=Path(__file__).resolve().parents[1],
     )
-    numba_kernels()
+    # pipeline.kernels itself, not model.numba_kernels: the same compile without importing
+    # torch into the driver. A failure is the trainers' to report: each falls back and says so.
+    with contextlib.suppress(Exception):
+        from pipeline import kernels
+
+        kernels.compile_all()
     there.wait()
 
 

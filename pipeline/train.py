@@ -10,7 +10,9 @@ batching, as LLM servers batch requests), while the window step itself runs ever
 so a trial's losses do not depend on which lane it got or on what the others do.
 
 `train` is the lockstep special case (every trial starts at window 0) used by the `train`
-command. This module never imports Ray: the study runs `Lanes` inside Ray actors.
+command. This module never imports Ray: the study runs `Lanes` inside Ray actors. The values
+lanes take and give (`LaneTrial`, `Finished`, `Report`) live in exchange.py, without torch,
+for the driver.
 """
 
 from __future__ import annotations
@@ -19,13 +21,13 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 
-from pipeline.config import SHARED, Config, ConfigError, keys_of_scope
+from pipeline.config import Config, ConfigError
 from pipeline.data import epoch_windows
+from pipeline.exchange import Finished, LaneTrial, Report, Status, trainer_key
 from pipeline.model import (
     ADAGRAD_INITIAL_ACCUMULATOR,
     State,
@@ -40,40 +42,6 @@ log = logging.getLogger(__name__)
 # Floats in the widest CPU vector (AVX-512) and a divisor of GPU warps: lanes come in
 # multiples of it, so that compiled kernels always run whole vectors.
 LANES = 16
-
-Status = Literal["complete", "pruned", "diverged"]
-
-
-@dataclass(frozen=True)
-class LaneTrial:
-    """A trial as a lane trains it."""
-
-    key: int
-    """The trial's number in its study (its index in `train`)."""
-    config: Config
-    """Its own config: its parameters, and in train.seed the seed it runs with."""
-
-
-@dataclass(frozen=True)
-class Finished:
-    """A trial that left its lane."""
-
-    key: int
-    losses: np.ndarray
-    """float32 loss of every step it ran (a diverged trial's last one is not finite)."""
-    status: Status
-    seconds: float
-    """Wall time from entering its lane to leaving it."""
-
-
-@dataclass(frozen=True)
-class Report:
-    """A trial's mean loss over its last `report_every` steps, for a pruner."""
-
-    key: int
-    step: int
-    """The (0-based) step the report ends at."""
-    value: float
 
 
 class Step:
@@ -90,13 +58,6 @@ class Step:
 
 OnStep = Callable[[Step], Iterable[int] | None]
 """Called after every window; returns the indices of models to stop (e.g. pruned), or None."""
-
-
-def trainer_key(config: Config) -> tuple:
-    """What the trials in one trainer's lanes must share: the keys that fix tensor shapes and
-    data layout (the SHARED scope of config fields), and the device and kernels they run on."""
-    shared = tuple(config.value(key) for key in keys_of_scope(SHARED))
-    return (*shared, config.train.device, config.train.compile)
 
 
 class Lanes:
@@ -250,9 +211,9 @@ class Lanes:
     def _start_epoch(self, lane: int, epoch: int) -> None:
         """Draw the lane's data of `epoch` and reset its carried state to zeros."""
         trial = self.trials[lane]
-        xs, ys = epoch_windows([trial.config.task], [trial.config.train.seed], epoch, self.device)
-        self.data_x[lane] = xs[..., 0]  # (W, B, T)
-        self.data_y[lane] = ys[..., 0]
+        xs, ys = epoch_windows([trial.config.task], [trial.config.train.seed], epoch)
+        self.data_x[lane] = torch.from_numpy(xs[..., 0]).to(self.device)  # (W, B, T)
+        self.data_y[lane] = torch.from_numpy(ys[..., 0]).to(self.device)
         self.state.h[..., lane] = 0.0
         self.state.c[..., lane] = 0.0
 
@@ -399,9 +360,3 @@ def resolve_device(name: str) -> torch.device:
             "use auto or cpu"
         )
     return device
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an error's message, for one-line reports."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -4,7 +4,8 @@ it, in lanes (train.py), and tells it what happened.
 Ray imports this module in every worker process that runs a trainer, so it imports only what
 training needs: no pandas, pyarrow, Optuna or matplotlib, which the driver alone uses (their
 import took a trainer's worker about 1.8 s of a core, while the driver and the other trainers
-start on the same cores).
+start on the same cores). Nor does it import torch when imported: the driver imports it too,
+to start trainers, and never trains; a trainer imports what it trains with in its own worker.
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ import os
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
-import torch
 
 from pipeline.config import Config
-from pipeline.model import numba_kernels, step_function
-from pipeline.train import Finished, Lanes, LaneTrial, Report, first_line, resolve_device
-from pipeline.train import trainer_key as lanes_key
+from pipeline.exchange import Finished, LaneTrial, Report, first_line
+from pipeline.exchange import trainer_key as lanes_key
+
+if TYPE_CHECKING:
+    from pipeline.train import Lanes
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,9 @@ class Trainer:
         compile_mode: bool | str,
         device: str,
     ) -> None:
+        # torch here, in the trainer's worker, not at the top: the driver imports this module.
+        import torch
+
         # Ray sets OMP_NUM_THREADS per worker, but torch read it when the process started.
         torch.set_num_threads(cpus)
         self.compile_mode = compile_mode
@@ -110,6 +115,8 @@ class Trainer:
             raise
 
     def _train_forever(self) -> None:
+        import torch  # see __init__
+
         with torch.inference_mode():
             while True:
                 with self.changed:
@@ -166,6 +173,9 @@ class Trainer:
             self.changed.notify_all()
 
     def _lanes_for(self, config: Config) -> Lanes:
+        from pipeline.model import step_function  # torch: see __init__
+        from pipeline.train import Lanes, resolve_device
+
         key = lanes_key(config)
         if key not in self.lanes:
             device = resolve_device(config.train.device)
@@ -210,5 +220,8 @@ def _load_cpu_kernels(compile_mode: bool | str, device: str) -> None:
     finds them loaded."""
     if compile_mode is False or device not in ("cpu", "auto"):
         return
+    from pipeline.model import numba_kernels  # torch: see Trainer.__init__
+    from pipeline.train import resolve_device
+
     if resolve_device(device).type == "cpu":
         numba_kernels()

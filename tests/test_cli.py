@@ -175,6 +175,21 @@ def test_cli_bad_input_in_a_real_process_exits_2_without_traceback(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_cli_study_driver_imports_no_torch():
+    # The driver never trains, and torch takes most of a second to import: only the trainers'
+    # workers and the train command import it.
+    script = "import sys, pipeline.__main__, pipeline.study; print('torch' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"
+
+
 def test_cli_train_falls_back_to_eager_when_compiling_fails(tmp_path):
     config = _small_config_file(tmp_path, model={"num_layers": 1}, train={"compile": True})
     env = {

@@ -1,5 +1,4 @@
 import numpy as np
-import torch
 
 from pipeline.config import TaskConfig
 from pipeline.data import DATA_STREAM, derive_seed, echo_series, epoch_windows, rng_for
@@ -37,15 +36,16 @@ def test_echo_series_differs_by_seed_and_epoch_and_repeats_otherwise():
 
 def test_epoch_windows_cut_each_models_rows_into_windows():
     tasks = [TaskConfig(series_length=600, echo_step=e) for e in (1, 5)]
-    x, y = epoch_windows(tasks, seeds=[3, 4], epoch=1, device=torch.device("cpu"))
+    x, y = epoch_windows(tasks, seeds=[3, 4], epoch=1)
     # 600 / 5 rows = 120 columns = 8 windows of 15, for 2 models.
     assert x.shape == y.shape == (8, 5, 15, 2)
+    assert x.dtype == y.dtype == np.float32
     for k, (task, seed) in enumerate(zip(tasks, [3, 4], strict=True)):
         rows_x, rows_y = echo_series(task, seed, epoch=1)
         for window in (0, 7):
             columns = slice(window * 15, (window + 1) * 15)
-            assert np.array_equal(x[window, :, :, k].numpy(), rows_x[:, columns])
-            assert np.array_equal(y[window, :, :, k].numpy(), rows_y[:, columns])
+            assert np.array_equal(x[window, :, :, k], rows_x[:, columns])
+            assert np.array_equal(y[window, :, :, k], rows_y[:, columns])
 
 
 def test_derive_seed_is_deterministic_and_spreads_its_inputs():

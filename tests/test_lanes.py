@@ -4,10 +4,11 @@ import numpy as np
 import optuna
 import torch
 
+from pipeline.exchange import LaneTrial
 from pipeline.model import step_function
 from pipeline.results import Output
 from pipeline.study import JOURNAL, run_study
-from pipeline.train import Lanes, LaneTrial
+from pipeline.train import Lanes
 from tests.conftest import small_config, study_config
 
 CPU = torch.device("cpu")

@@ -3,6 +3,7 @@ import pandas as pd
 import pytest
 
 from pipeline.config import ConfigError
+from pipeline.exchange import trainer_key
 from pipeline.results import Output
 from pipeline.study import (
     JOURNAL,
@@ -13,7 +14,6 @@ from pipeline.study import (
     place,
     run_study,
 )
-from pipeline.train import trainer_key
 from tests.conftest import study_config
 
 

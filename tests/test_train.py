@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 
 from pipeline.config import config_from_dict
+from pipeline.exchange import trainer_key
 from pipeline.summary import steps_to_converge
-from pipeline.train import Step, train, trainer_key
+from pipeline.train import Step, train
 from tests.conftest import small_config
 
 
