@@ -121,7 +121,8 @@ _A3 = numba.types.Array(numba.float32, 3, "C")
 _A4 = numba.types.Array(numba.float32, 4, "C")
 _V = numba.types.Array(numba.float32, 1, "C")
 _MASK = numba.types.Array(numba.boolean, 1, "C")
-# The backward's and the head's signatures, the same in both families.
+# The kernels' signatures, the same in both families.
+_FORWARD = numba.void(_A3, _A3, _A2, _A4, _A3, _A3, _A4, _A4, _A4, _A4, _MASK)
 _BACKWARD = numba.void(_A3, _A3, _A2, _A3, _A3, _A2, _A4, _A4, _A4, _A4, _A4, _A4, _A4, _V, _MASK)
 _HEAD = numba.void(_A3, _A2, _A3, _A2, _A4, _A3, _V, _MASK, _V, _A3, _A4, _MASK)
 # error_model="numpy": a division by zero gives inf like IEEE, instead of a check that raises
@@ -416,20 +417,27 @@ def _model_loss_and_gradient(margin, y, k, d_margin):
     return np.float32(total / count)
 
 
-@_kernel("by_lane", numba.void(_A3, _A3, _A2, _A4, _A3, _A3, _A4, _A4, _A4, _A4))
-def layer_forward(w_input, w_hidden, bias, inputs, h0, c0, h_seq, c_seq, gates, tanh_c):
+@_kernel("by_lane", _FORWARD)
+def layer_forward(w_input, w_hidden, bias, inputs, h0, c0, h_seq, c_seq, gates, tanh_c, active):
     """One LSTM layer over a window, K models at once, recording what its backward needs.
 
     w_input (I, 4H, K), w_hidden (H, 4H, K), bias (4H, K); inputs (B, T + 1, I, K), step t's
     input at [:, t + 1] (the layer below's h_seq, or the window's x); h0, c0 (B, H, K).
     Writes h_seq, c_seq (B, T + 1, H, K), the state entering each step then the final one at
     [:, T]; gates (B, T, 4H, K), i, f, o after the sigmoid and g after the tanh; tanh_c
-    (B, T, H, K), tanh of the cell after each step.
+    (B, T, H, K), tanh of the cell after each step; and the final state of the active models
+    into h0 and c0, which the backward never reads (the others keep theirs).
     """
     models = inputs.shape[3]
     for k0 in range(0, models, CHUNK):
         n = min(CHUNK, models - k0)
         _forward_chunk(w_input, w_hidden, bias, inputs, h0, c0, h_seq, c_seq, gates, tanh_c, k0, n)
+    last = inputs.shape[1] - 1
+    for b in range(h0.shape[0]):
+        for j in range(h0.shape[1]):
+            for k in range(models):
+                h0[b, j, k] = h_seq[b, last, j, k] if active[k] else h0[b, j, k]
+                c0[b, j, k] = c_seq[b, last, j, k] if active[k] else c0[b, j, k]
 
 
 @_kernel("by_lane", _BACKWARD)
@@ -646,7 +654,7 @@ def _adagrad_model(weight, accum, grad, lr, k):
         accum[g, k] = a
 
 
-@_kernel("by_model", numba.void(_A3, _A3, _A2, _A4, _A3, _A3, _A4, _A4, _A4, _A4, _MASK))
+@_kernel("by_model", _FORWARD)
 def layer_forward_by_model(
     w_input, w_hidden, bias, inputs, h0, c0, h_seq, c_seq, gates, tanh_c, active
 ):  # fmt: skip

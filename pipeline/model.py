@@ -456,8 +456,7 @@ def _numba_window(
     units, models = arrays.h.shape[2], arrays.x.shape[2]
     if by_model is None:
         by_model = _by_model(units, models)
-    window = _window_by_model if by_model else _window_by_lane
-    losses, margin, still = window(kernels, arrays)
+    losses, margin, still = _window_by(_family(kernels, by_model), arrays)
     return (
         torch.from_numpy(losses),
         torch.from_numpy(margin),
@@ -486,77 +485,65 @@ class _NumbaWindow(NamedTuple):
     active: np.ndarray  # (K,)
 
 
-def _window_by_lane(
-    kernels: ModuleType, a: _NumbaWindow
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The window by the kernels that vectorize over the models, on a (..., K) tape."""
+class _Family(NamedTuple):
+    """One family of numba kernels (pipeline/kernels.py), and where its tape holds the models."""
+
+    forward: Callable[..., None]
+    head: Callable[..., None]
+    backward: Callable[..., None]
+    model_first: bool
+    """The tape is (K, B, T, ·) for the kernels that run one model at a time, else (B, T, ·, K)."""
+
+
+def _family(kernels: ModuleType, by_model: bool) -> _Family:
+    if by_model:
+        return _Family(
+            kernels.layer_forward_by_model,
+            kernels.head_update_by_model,
+            kernels.layer_backward_update_by_model,
+            model_first=True,
+        )
+    return _Family(
+        kernels.layer_forward, kernels.head_update, kernels.layer_backward_update, model_first=False
+    )
+
+
+def _window_by(family: _Family, a: _NumbaWindow) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The window by one family of kernels; they update weights, accumulators and state."""
     batch, steps, models = a.x.shape
     units = a.h.shape[2]
-    # Every layer reads its inputs at [:, t + 1] of a (B, T + 1, I, K) sequence: the layer
-    # below's h_seq, or for the first layer the window's x behind one unused step.
-    inputs = np.zeros((batch, steps + 1, 1, models), np.float32)
-    inputs[:, 1:, 0] = a.x
+
+    def tape(*shape: int) -> np.ndarray:
+        return np.empty((models, *shape) if family.model_first else (*shape, models), np.float32)
+
+    # Every layer reads step t's inputs at t + 1 of a (B, T + 1, I) sequence per model: the
+    # layer below's h_seq, or for the first layer the window's x behind one unused step.
+    inputs = tape(batch, steps + 1, 1)
+    per_model = inputs if family.model_first else np.moveaxis(inputs, -1, 0)  # (K, B, T + 1, 1)
+    per_model[:, :, 0] = 0.0
+    per_model[:, :, 1:, 0] = a.x.transpose(2, 0, 1)
     tapes = []
     for layer in range(len(a.h)):
-        h_seq, c_seq = (np.empty((batch, steps + 1, units, models), np.float32) for _ in "hc")
-        gates = np.empty((batch, steps, 4 * units, models), np.float32)
-        tanh_c = np.empty((batch, steps, units, models), np.float32)
-        tape = (inputs, h_seq, c_seq, gates, tanh_c)
-        kernels.layer_forward(*_layer(a.weights, layer), inputs, a.h[layer], a.c[layer], *tape[1:])
-        tapes.append(tape)
+        h_seq, c_seq = tape(batch, steps + 1, units), tape(batch, steps + 1, units)
+        gates, tanh_c = tape(batch, steps, 4 * units), tape(batch, steps, units)
+        family.forward(
+            *_layer(a.weights, layer), inputs, a.h[layer], a.c[layer], h_seq, c_seq, gates,
+            tanh_c, a.active,
+        )  # fmt: skip
+        tapes.append((inputs, h_seq, c_seq, gates, tanh_c))
         inputs = h_seq
     losses = np.empty(models, np.float32)
     margin = np.empty((batch, steps, models), np.float32)
-    d_outputs = np.empty((batch, steps, units, models), np.float32)
+    d_outputs = tape(batch, steps, units)
     still = np.empty(models, np.bool_)
-    kernels.head_update(
+    family.head(
         *a.weights[-2:], *a.accum[-2:], inputs, a.y, a.lr, a.active, losses, margin, d_outputs,
         still,
     )  # fmt: skip
     for layer in reversed(range(len(tapes))):
         # The first layer's inputs are data: no gradient for them.
-        d_inputs = np.empty((batch, steps, units if layer else 0, models), np.float32)
-        kernels.layer_backward_update(
-            *_layer(a.weights, layer), *_layer(a.accum, layer), *tapes[layer], d_outputs,
-            d_inputs, a.lr, still,
-        )  # fmt: skip
-        d_outputs = d_inputs
-    for layer, tape in enumerate(tapes):
-        a.h[layer] = np.where(a.active, tape[1][:, steps], a.h[layer])  # (B, H, K)
-        a.c[layer] = np.where(a.active, tape[2][:, steps], a.c[layer])
-    return losses, margin, still
-
-
-def _window_by_model(
-    kernels: ModuleType, a: _NumbaWindow
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The window by the kernels that run one model at a time, on a model-first tape."""
-    batch, steps, models = a.x.shape
-    units = a.h.shape[2]
-    inputs = np.zeros((models, batch, steps + 1, 1), np.float32)
-    inputs[:, :, 1:, 0] = a.x.transpose(2, 0, 1)
-    tapes = []
-    for layer in range(len(a.h)):
-        h_seq, c_seq = (np.empty((models, batch, steps + 1, units), np.float32) for _ in "hc")
-        gates = np.empty((models, batch, steps, 4 * units), np.float32)
-        tanh_c = np.empty((models, batch, steps, units), np.float32)
-        tape = (inputs, h_seq, c_seq, gates, tanh_c)
-        kernels.layer_forward_by_model(
-            *_layer(a.weights, layer), inputs, a.h[layer], a.c[layer], *tape[1:], a.active
-        )
-        tapes.append(tape)
-        inputs = h_seq
-    losses = np.empty(models, np.float32)
-    margin = np.empty((batch, steps, models), np.float32)
-    d_outputs = np.empty((models, batch, steps, units), np.float32)
-    still = np.empty(models, np.bool_)
-    kernels.head_update_by_model(
-        *a.weights[-2:], *a.accum[-2:], inputs, a.y, a.lr, a.active, losses, margin, d_outputs,
-        still,
-    )  # fmt: skip
-    for layer in reversed(range(len(tapes))):
-        d_inputs = np.empty((models, batch, steps, units if layer else 0), np.float32)
-        kernels.layer_backward_update_by_model(
+        d_inputs = tape(batch, steps, units if layer else 0)
+        family.backward(
             *_layer(a.weights, layer), *_layer(a.accum, layer), *tapes[layer], d_outputs,
             d_inputs, a.lr, still,
         )  # fmt: skip
