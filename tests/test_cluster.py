@@ -112,14 +112,28 @@ def test_cluster_job_runs_its_trials_on_both_nodes(cluster, worker_node, tmp_pat
     assert final[1] < 0.6 < final[20]
 
 
-def _wait_for_busy(node: RayNode, job, log: Path, timeout: float = 120) -> None:
+def _wait_for_trainer(
+    cluster: RayCluster, node: RayNode, submission_id: str, job, log: Path, timeout: float = 120
+) -> None:
+    """Wait until the job has a live trainer on `node`: a worker process there that is still
+    constructing one (importing torch, on a loaded machine for seconds) is not yet enough."""
     deadline = time.monotonic() + timeout
-    while not node.busy_workers():
+    while not _alive_actor_on(cluster, node, submission_id):
         assert job.poll() is None, (
             "the job ended before the worker node ran trials:\n" + (log.read_text()[-3000:])
         )
-        assert time.monotonic() < deadline, "no trial ran on the worker node within 120 s"
-        time.sleep(0.1)
+        assert time.monotonic() < deadline, "no trainer ran on the worker node within 120 s"
+        time.sleep(0.5)
+
+
+def _alive_actor_on(cluster: RayCluster, node: RayNode, submission_id: str) -> bool:
+    if not node.busy_workers():  # cheap: only then ask the cluster's state API
+        return False
+    job_id = cluster.job(submission_id).get("job_id")
+    return any(
+        actor["job_id"] == job_id and actor["state"] == "ALIVE" and actor["node_id"] == node.node_id
+        for actor in cluster.list_state("actors")
+    )
 
 
 def test_cluster_lost_worker_node_mid_study_loses_no_trial(cluster, worker_node, tmp_path):
@@ -131,7 +145,7 @@ def test_cluster_lost_worker_node_mid_study_loses_no_trial(cluster, worker_node,
         cluster, log, "--output", str(output), "--set", f"train.epochs={epochs}"
     )
     try:
-        _wait_for_busy(worker_node, job, log)
+        _wait_for_trainer(cluster, worker_node, submission_id, job, log)
         time.sleep(1)  # into its trials
         worker_node.kill()
         finished_at_kill = _finished_trials(output)
