@@ -1,8 +1,10 @@
 """The CPU training step of K stacked LSTMs as numba kernels, compiled once per machine.
 
 The same update as `model.train_window` (forward, the backward written out by hand, Adagrad),
-written as plain loops with the model axis K innermost: every tensor is laid out (..., K) as in
-model.py, so the loop over K reads consecutive floats and LLVM turns it into vector code. Each
+written as plain loops, in two families that take the same (..., K) weights and state as
+model.py. The first ("by_lane") puts the model axis K innermost, so the loop over K reads
+consecutive floats and LLVM turns it into vector code: fast with many models. The second
+("by_model", below) runs one model at a time, vectorized over its gates: fast with a few. Each
 kernel is compiled for one signature (float32 C-contiguous arrays of a fixed rank), so one
 compile serves every number of layers, state size, batch, truncation and K; numba caches the
 machine code on disk (see `cache_dir`), so a machine compiles once and every later process,
