@@ -7,7 +7,7 @@ consecutive floats and LLVM turns it into vector code: fast with many models. Th
 ("by_model", below) runs one model at a time, vectorized over its gates: fast with a few. Each
 kernel is compiled for one signature (float32 C-contiguous arrays of a fixed rank), so one
 compile serves every number of layers, state size, batch, truncation and K; numba caches the
-machine code on disk (see `cache_dir`), so a machine compiles once and every later process,
+machine code on disk (see kernel_cache.py), so a machine compiles once and every later process,
 Ray worker or job only loads it.
 
 Same bits in any batch: no operation mixes two models, every sum runs over one model's values
@@ -35,14 +35,20 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import numba
 import numpy as np
 from numba.core import caching
+
+from pipeline.kernel_cache import (
+    FAMILY_NAMES,
+    cache_dir,
+    kernels_folder,
+    mark_compiled,
+    source_hash,
+)
 
 if numba.config.DISABLE_JIT:
     raise ImportError("numba's JIT is disabled (NUMBA_DISABLE_JIT is set)")
@@ -61,31 +67,15 @@ B6, B4 = F32(1.19825839466702e-06), F32(1.18534705686654e-04)
 B2, B0 = F32(2.26843463243900e-03), F32(4.89352518554385e-03)
 
 
-def cache_dir() -> Path:
-    """Where the compiled kernels live: NUMBA_CACHE_DIR when the user set one, else
-    ~/.cache/echo-study/numba (under XDG_CACHE_HOME when set).
-
-    Not numba's default (a __pycache__ beside this file, keyed by the file's absolute path):
-    `ray job submit` runs the driver from a fresh copy of the working directory, at a new path
-    every job, so a path-keyed cache would compile again in every job, and the copy may not be
-    writable. This cache is keyed by this file's contents instead (`_ContentCacheLocator`), so
-    every copy of one version of the code, and every process on the machine, shares it; numba
-    itself keys each entry by CPU model and features, so nodes of a mixed cluster do not mix.
-    """
-    if os.environ.get("NUMBA_CACHE_DIR"):
-        return Path(os.environ["NUMBA_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "echo-study" / "numba"
-
-
 class _ContentCacheLocator(caching.UserProvidedCacheLocator):
-    """Numba's cache locator for this module only, keyed by the source's contents (not path)."""
+    """Numba's cache locator for this module only, keyed by the source's contents, not its path
+    (kernel_cache.py says why)."""
 
     def __init__(self, py_func, py_file):
         self._py_file = py_file
         self._lineno = py_func.__code__.co_firstlineno
-        self._source_hash = hashlib.sha256(Path(py_file).read_bytes()).hexdigest()
-        self._cache_path = str(cache_dir() / f"kernels-{self._source_hash[:16]}")
+        self._source_hash = source_hash()
+        self._cache_path = str(kernels_folder())
 
     def get_source_stamp(self) -> str:
         return self._source_hash
@@ -135,7 +125,7 @@ _JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
 # The kernels of each family, registered by `_kernel`, compiled (or loaded from the cache) by
 # `compile_family`: nothing compiles at import, so that processes starting together on a cold
 # machine can each compile a different family at the same time (see model.numba_kernels).
-FAMILIES: dict[str, list] = {"by_lane": [], "by_model": []}
+FAMILIES: dict[str, list] = {name: [] for name in FAMILY_NAMES}
 
 
 def _kernel(family: str, signature: numba.core.typing.Signature):
@@ -172,6 +162,7 @@ def compile_all() -> None:
             with _compile_lock(family, wait) as held:
                 if held:
                     compile_family(family)
+                    mark_compiled(family)
                     pending.remove(family)
 
 

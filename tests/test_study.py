@@ -1,3 +1,9 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import optuna
 import pandas as pd
 import pytest
@@ -209,3 +215,43 @@ def test_study_refuses_a_remote_output_it_cannot_lock(tmp_path, ray_session):
     with pytest.raises(ConfigError, match="cannot be locked"):
         run_study(config, progress=False)
     assert not (tmp_path / "study.db").exists() or optuna.get_all_study_names(storage) == []
+
+
+def test_stopping_an_embedded_ray_leaves_none_of_its_processes():
+    # stop_embedded_ray kills Ray's autoscaler monitor before ray.shutdown (which would wait a
+    # second on it): every process of that Ray (those it started, and theirs: agents, workers)
+    # must still be gone, and no error reported.
+    script = """
+import json, ray
+from pipeline.study import stop_embedded_ray
+ray.init(address="local", num_cpus=1, include_dashboard=False)
+node = ray._private.worker._global_node
+kinds = sorted(node.all_processes)
+print(json.dumps({"kinds": kinds, "session": node.session_name}), flush=True)
+stop_embedded_ray()
+"""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    started = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {"monitor", "raylet", "gcs_server"} <= set(started["kinds"])
+    assert _processes_naming(started["session"]) == []
+    assert "autoscaler failed" not in done.stderr
+
+
+def _processes_naming(text: str) -> list[str]:
+    """Live processes (not zombies) whose command line or open files name `text` (Ray's
+    agents retitle themselves, but keep their session's log files open)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            files = [os.readlink(fd) for fd in (proc / "fd").iterdir()]
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and (text in command or any(text in f for f in files)):
+            found.append(command[:200])
+    return found
