@@ -535,22 +535,51 @@ def _gather_columns(weight, k, columns):
             columns[col, r] = weight[r, col, k]
 
 
+@numba.njit(inline="always", **_JIT)
+def _add_shares(rows, values, out):
+    """out (G,) += Σ_r rows[r] values[r], for rows (R, G) and values (R,): r ascending, each
+    product rounded, then added, as a loop over r that adds one row at a time would. It adds
+    four rows per pass over `out` instead: `a + p0 + p1 + p2 + p3` adds left to right, in that
+    same order, and keeps the running sum in a register between the four, so that `out` is
+    loaded and stored a quarter as often (a store and its reload cost more than the add)."""
+    count = values.shape[0]
+    r = 0
+    for _ in range(count // 4):
+        v0, v1, v2, v3 = values[r], values[r + 1], values[r + 2], values[r + 3]
+        row0, row1, row2, row3 = rows[r], rows[r + 1], rows[r + 2], rows[r + 3]
+        for g in range(out.shape[0]):
+            out[g] = out[g] + row0[g] * v0 + row1[g] * v1 + row2[g] * v2 + row3[g] * v3
+        r += 4
+    for last in range(r, count):
+        v, row = values[last], rows[last]
+        for g in range(out.shape[0]):
+            out[g] += row[g] * v
+
+
+@numba.njit(inline="always", **_JIT)
+def _add_outer_products(values, d_pre, grad):
+    """grad (G,) += Σ_s values[s] d_pre[s], for d_pre (S, G) and values (S,), s ascending: one
+    row of a weight gradient over the window's steps (see _add_shares, whose order this keeps,
+    the value before the gradient in each product as _backward_chunk multiplies them)."""
+    count = values.shape[0]
+    s = 0
+    for _ in range(count // 4):
+        v0, v1, v2, v3 = values[s], values[s + 1], values[s + 2], values[s + 3]
+        d0, d1, d2, d3 = d_pre[s], d_pre[s + 1], d_pre[s + 2], d_pre[s + 3]
+        for g in range(grad.shape[0]):
+            grad[g] = grad[g] + v0 * d0[g] + v1 * d1[g] + v2 * d2[g] + v3 * d3[g]
+        s += 4
+    for last in range(s, count):
+        v, d = values[last], d_pre[last]
+        for g in range(grad.shape[0]):
+            grad[g] += v * d[g]
+
+
 @_row_helper
-def _gates_forward(w_in, w_h, b_in, x, h, c, pre, tanh_c, h_next, c_next):
-    """One step of one batch row: the pre-activations in place in `pre` (bias, each input's
-    share, each hidden unit's share, as _forward_chunk sums them), then the cell."""
-    units = h.shape[0]
-    gate_rows = pre.shape[0]
-    for g in range(gate_rows):
-        pre[g] = b_in[g]
-    for i in range(x.shape[0]):
-        xi = x[i]
-        for g in range(gate_rows):
-            pre[g] += w_in[i, g] * xi
-    for j in range(units):
-        hj = h[j]
-        for g in range(gate_rows):
-            pre[g] += w_h[j, g] * hj
+def _cell_forward(pre, c, tanh_c, h_next, c_next):
+    """One step of one batch row through the cell, from its pre-activations pre (4H,), which
+    become the gates (i, f, o after the sigmoid, g after the tanh), as _forward_chunk does."""
+    units = c.shape[0]
     for j in range(units):
         i = _sigmoid(pre[j])
         f = _sigmoid(pre[units + j])
@@ -582,68 +611,68 @@ def _gates_backward(gates, tanh_c, c, d_out, d_h, d_c, d_pre):
         d_c[j] = dc * f
 
 
-@numba.njit(inline="always", **_JIT)
-def _sum_over_gates(weight_t, d_pre, out):
-    """out (R,) = Σ_g weight_t[g] d_pre[g], the gates in ascending order, from zero."""
-    for r in range(out.shape[0]):
-        out[r] = ZERO
-    for g in range(d_pre.shape[0]):
-        dp = d_pre[g]
-        for r in range(out.shape[0]):
-            out[r] += weight_t[g, r] * dp
-
-
-@numba.njit(inline="always", **_JIT)
-def _add_outer(v, d_pre, grad):
-    """grad (R, 4H) += the outer product of v (R,) and d_pre (4H,)."""
-    for r in range(v.shape[0]):
-        vr = v[r]
-        for g in range(d_pre.shape[0]):
-            grad[r, g] += vr * d_pre[g]
-
-
-@numba.njit(inline="always", **_JIT)
+@_row_helper
 def _forward_model(w_in, w_h, b_in, inputs, h_seq, c_seq, gates, tanh_c):
-    """One model's layer over the window, from h_seq[:, 0] and c_seq[:, 0]: inputs (B, T + 1,
-    I), h_seq, c_seq (B, T + 1, H), gates (B, T, 4H), tanh_c (B, T, H)."""
-    batch, steps1 = inputs.shape[0], inputs.shape[1]
-    for t in range(steps1 - 1):
+    """One model's layer over the window, from h_seq[:, 0] and c_seq[:, 0]: w_in (I, 4H), w_h
+    (H, 4H), b_in (4H,); inputs (B, T + 1, I), h_seq, c_seq (B, T + 1, H), gates (B, T, 4H),
+    tanh_c (B, T, H). The pre-activations sum as _forward_chunk sums them, bias, inputs, then
+    hidden units; the inputs are known before the recurrence, so their shares are summed for
+    every step first, and the recurrence adds only the hidden units' shares."""
+    batch, steps = gates.shape[0], gates.shape[1]
+    for b in range(batch):
+        for t in range(steps):
+            pre = gates[b, t]
+            for g in range(pre.shape[0]):
+                pre[g] = b_in[g]
+            _add_shares(w_in, inputs[b, t + 1], pre)
+    for t in range(steps):
         for b in range(batch):
-            _gates_forward(
-                w_in, w_h, b_in, inputs[b, t + 1], h_seq[b, t], c_seq[b, t], gates[b, t],
-                tanh_c[b, t], h_seq[b, t + 1], c_seq[b, t + 1],
-            )  # fmt: skip
+            _add_shares(w_h, h_seq[b, t], gates[b, t])
+            _cell_forward(gates[b, t], c_seq[b, t], tanh_c[b, t], h_seq[b, t + 1], c_seq[b, t + 1])
 
 
 @_row_helper
 def _backward_model(
     w_in_t, w_h_t, inputs, h_seq, c_seq, gates, tanh_c, d_outputs, d_inputs,
-    d_pre, d_h, d_c, grad_input, grad_hidden, grad_bias,
+    d_pre, inputs_t, h_seq_t, d_h, d_c, grad_input, grad_hidden, grad_bias,
 ):  # fmt: skip
     """One model's layer back over the window (as _backward_chunk): its weight gradients into
-    grad_input, grad_hidden and grad_bias, its input gradients into d_inputs (B, T, I); d_pre
-    (B, 4H), d_h and d_c (B, H) are scratch."""
+    grad_input (I, 4H), grad_hidden (H, 4H) and grad_bias (4H,), its input gradients into
+    d_inputs (B, T, I). Scratch: d_pre (T B, 4H), the gradients on the pre-activations of
+    every step and row in the order the weight gradients sum them (t descending, b
+    ascending), with inputs_t (I, T B) and h_seq_t (H, T B), each step's inputs and state in
+    that order; d_h and d_c (B, H). The weight gradients are summed after the recurrence, a
+    row at a time over the whole window, rather than added to at every step."""
     batch, steps = d_outputs.shape[0], d_outputs.shape[1]
     d_h[:], d_c[:] = ZERO, ZERO
-    grad_input[:], grad_hidden[:], grad_bias[:] = ZERO, ZERO, ZERO
     for t in range(steps - 1, -1, -1):
         for b in range(batch):
+            s = (steps - 1 - t) * batch + b
             _gates_backward(
                 gates[b, t], tanh_c[b, t], c_seq[b, t], d_outputs[b, t], d_h[b], d_c[b],
-                d_pre[b],
+                d_pre[s],
             )  # fmt: skip
-        # The gradient reaching h from the step before; none flows past the window's start.
-        if t > 0:
-            for b in range(batch):
-                _sum_over_gates(w_h_t, d_pre[b], d_h[b])
-        if d_inputs.shape[2]:
-            for b in range(batch):
-                _sum_over_gates(w_in_t, d_pre[b], d_inputs[b, t])
-        for b in range(batch):
-            for g in range(d_pre.shape[1]):
-                grad_bias[g] += d_pre[b, g]
-            _add_outer(inputs[b, t + 1], d_pre[b], grad_input)
-            _add_outer(h_seq[b, t], d_pre[b], grad_hidden)
+            # The gradient reaching h from the step before; none flows past the window's start.
+            if t > 0:
+                d_h[b, :] = ZERO
+                _add_shares(w_h_t, d_pre[s], d_h[b])
+            if d_inputs.shape[2]:
+                d_inputs[b, t, :] = ZERO
+                _add_shares(w_in_t, d_pre[s], d_inputs[b, t])
+            for i in range(inputs_t.shape[0]):
+                inputs_t[i, s] = inputs[b, t + 1, i]
+            for j in range(h_seq_t.shape[0]):
+                h_seq_t[j, s] = h_seq[b, t, j]
+    grad_bias[:] = ZERO
+    for s in range(d_pre.shape[0]):
+        for g in range(grad_bias.shape[0]):
+            grad_bias[g] += d_pre[s, g]
+    for i in range(grad_input.shape[0]):
+        grad_input[i, :] = ZERO
+        _add_outer_products(inputs_t[i], d_pre, grad_input[i])
+    for j in range(grad_hidden.shape[0]):
+        grad_hidden[j, :] = ZERO
+        _add_outer_products(h_seq_t[j], d_pre, grad_hidden[j])
 
 
 @numba.njit(inline="always", **_JIT)
@@ -744,7 +773,10 @@ def layer_backward_update_by_model(
     batch = d_outputs.shape[1]
     w_in_t = np.empty((gate_rows, width), np.float32)
     w_h_t = np.empty((gate_rows, units), np.float32)
-    d_pre = np.empty((batch, gate_rows), np.float32)
+    steps = d_outputs.shape[2]
+    d_pre = np.empty((steps * batch, gate_rows), np.float32)
+    inputs_t = np.empty((width, steps * batch), np.float32)
+    h_seq_t = np.empty((units, steps * batch), np.float32)
     d_h = np.empty((batch, units), np.float32)
     d_c = np.empty((batch, units), np.float32)
     grad_input = np.empty((width, gate_rows), np.float32)
@@ -757,7 +789,8 @@ def layer_backward_update_by_model(
         _gather_columns(w_hidden, k, w_h_t)
         _backward_model(
             w_in_t, w_h_t, inputs[k], h_seq[k], c_seq[k], gates[k], tanh_c[k], d_outputs[k],
-            d_inputs[k], d_pre, d_h, d_c, grad_input, grad_hidden, grad_bias,
+            d_inputs[k], d_pre, inputs_t, h_seq_t, d_h, d_c, grad_input, grad_hidden,
+            grad_bias,
         )  # fmt: skip
         for i in range(width):
             _adagrad_model(w_input[i], acc_input[i], grad_input[i], lr[k], k)
