@@ -14,9 +14,12 @@ def models_to_vectorize_over(units: int) -> float:
     """The count of models from which the CPU kernels that vectorize over the models beat
     those that run one model at a time. Vectorized over one model's gates, the latter's speed
     per model hardly depends on K; vectorized over the models, the former's grows with K.
-    Measured on one core (3 layers), the two break even near K = 2 at state 4, 6 at state 8,
-    32 at state 16 and over 32 at state 32: K ≈ H² / 8."""
-    return units * units / 8
+    Measured on one core (3 layers, after both gained the eight-rows-per-pass sums), the two
+    break even near K = 4 at state 4, 8 at state 8, 32 at state 16 and 128 at state 32:
+    K ≈ H² / 8, but at least 4 (below that, the vector loops over the models of a chunk run
+    mostly as their scalar tail: at state 4, K = 2 and 3, they ran at about 0.6 of the rate of
+    one model at a time)."""
+    return max(4.0, units * units / 8)
 
 
 def lanes_window_cost(model: ModelConfig, lanes: int) -> float:

@@ -187,11 +187,13 @@ def _compile_lock(family: str, wait: bool) -> Iterator[bool]:
 
 
 def _row_helper(py_func):
-    """njit for a helper over rows of one model, compiled as a function of its own so that its
-    arrays, views into the caller's, are promised not to overlap (inlined, LLVM cannot tell
-    and checks before every short loop). Where the call costs more than the checks (a whole
-    window's forward in one function ran slower than a call per row), helpers stay inlined:
-    which is which was measured, per helper."""
+    """njit for a helper over rows of one model or chunk, compiled as a function of its own so
+    that its arrays, views into the caller's, are promised not to overlap (inlined, LLVM cannot
+    tell and checks before every short loop), and so that it compiles once however many places
+    call it (inlining the unrolled sums and Adagrad at each call site made the cold compile
+    take about 30 % longer). Where the call costs more than the checks (a whole window's
+    forward in one function ran slower than a call per row), helpers stay inlined: which is
+    which was measured, per helper."""
     dispatcher = numba.njit(**_JIT)(py_func)
     _promise_no_alias(dispatcher)
     return dispatcher
@@ -254,10 +256,45 @@ def _unsigned_range(k0, n):
     return numba.uint64(k0), numba.uint64(k0 + n)
 
 
+@_row_helper
+def _add_lane_shares(weight, values, t_values, gates, t, lo, hi):
+    """gates[:, t] (B, 4H, K) += Σ_r weight[r] values[:, t_values, r] for the lanes lo to hi,
+    for weight (R, 4H, K) and values (B, ·, R, K): r ascending, eight rows per pass over the
+    gates (see _add_shares: the same order of additions as one row at a time, with a quarter
+    of the loads and stores), each row of weights read once for every b."""
+    count = weight.shape[0]
+    r = 0
+    tv = t_values
+    while count - r >= 8:
+        for g in range(gates.shape[2]):
+            for b in range(gates.shape[0]):
+                for k in range(lo, hi):
+                    first = (
+                        gates[b, t, g, k]
+                        + weight[r, g, k] * values[b, tv, r, k]
+                        + weight[r + 1, g, k] * values[b, tv, r + 1, k]
+                        + weight[r + 2, g, k] * values[b, tv, r + 2, k]
+                        + weight[r + 3, g, k] * values[b, tv, r + 3, k]
+                    )
+                    gates[b, t, g, k] = (
+                        first
+                        + weight[r + 4, g, k] * values[b, tv, r + 4, k]
+                        + weight[r + 5, g, k] * values[b, tv, r + 5, k]
+                        + weight[r + 6, g, k] * values[b, tv, r + 6, k]
+                        + weight[r + 7, g, k] * values[b, tv, r + 7, k]
+                    )
+        r += 8
+    for last in range(r, count):
+        for g in range(gates.shape[2]):
+            for b in range(gates.shape[0]):
+                for k in range(lo, hi):
+                    gates[b, t, g, k] += weight[last, g, k] * values[b, tv, last, k]
+
+
 @numba.njit(inline="always", **_JIT)
 def _forward_chunk(w_input, w_hidden, bias, inputs, h0, c0, h_seq, c_seq, gates, tanh_c, k0, n):
     """layer_forward for models k0 to k0 + n."""
-    batch, steps1, width, _ = inputs.shape
+    batch, steps1 = inputs.shape[0], inputs.shape[1]
     units = w_hidden.shape[0]
     lo, hi = _unsigned_range(k0, n)
     for b in range(batch):
@@ -272,16 +309,8 @@ def _forward_chunk(w_input, w_hidden, bias, inputs, h0, c0, h_seq, c_seq, gates,
             for g in range(4 * units):
                 for k in range(lo, hi):
                     gates[b, t, g, k] = bias[g, k]
-        for i in range(width):
-            for g in range(4 * units):
-                for b in range(batch):
-                    for k in range(lo, hi):
-                        gates[b, t, g, k] += w_input[i, g, k] * inputs[b, t + 1, i, k]
-        for j in range(units):
-            for g in range(4 * units):
-                for b in range(batch):
-                    for k in range(lo, hi):
-                        gates[b, t, g, k] += w_hidden[j, g, k] * h_seq[b, t, j, k]
+        _add_lane_shares(w_input, inputs, t + 1, gates, t, lo, hi)
+        _add_lane_shares(w_hidden, h_seq, t, gates, t, lo, hi)
         for b in range(batch):
             pre = gates[b, t]  # (4H, K)
             for j in range(units):
@@ -299,6 +328,12 @@ def _forward_chunk(w_input, w_hidden, bias, inputs, h0, c0, h_seq, c_seq, gates,
                     h_seq[b, t + 1, j, k] = o * tc
 
 
+# The weight gradients of a chunk sum over the window's (t, b) rows, t descending, b ascending:
+# the backward keeps the latest rows' d_pre, inputs and state, and adds them to the gradients
+# ROWS_PER_PASS at a time (see _add_lane_products).
+ROWS_PER_PASS = 8
+
+
 @numba.njit(inline="always", **_JIT)
 def _backward_chunk(
     w_input, w_hidden, bias, acc_input, acc_hidden, acc_bias,
@@ -308,16 +343,23 @@ def _backward_chunk(
     batch, steps, units, _ = d_outputs.shape
     width = w_input.shape[0]
     lo, hi = _unsigned_range(k0, n)
-    # Running sums and this step's gradients, for the chunk's models only (dense, so they stay
-    # in the cache): the weight gradients accumulate step by step, t descending, b ascending.
-    d_pre = np.empty((batch, 4 * units, n), np.float32)
+    # Running sums and the latest rows, for the chunk's models only (dense, so they stay in the
+    # cache): d_pre, inputs and h entering the step of the latest rows of the window, row s
+    # of the window (t descending, b ascending) at s % kept. Room for a whole step's rows (its
+    # d_h needs them) and a pass's, a multiple of a pass so that each pass's rows are adjacent.
+    kept = ROWS_PER_PASS * ((batch + ROWS_PER_PASS - 1) // ROWS_PER_PASS)
+    d_pre = np.empty((kept, 4 * units, n), np.float32)
+    x_rows = np.empty((kept, width, n), np.float32)
+    h_rows = np.empty((kept, units, n), np.float32)
     d_h = np.zeros((batch, units, n), np.float32)
     d_c = np.zeros((batch, units, n), np.float32)
     grad_input = np.zeros((width, 4 * units, n), np.float32)
     grad_hidden = np.zeros((units, 4 * units, n), np.float32)
     grad_bias = np.zeros((4 * units, n), np.float32)
     for t in range(steps - 1, -1, -1):
+        first = (steps - 1 - t) * batch  # this step's first row of the window
         for b in range(batch):
+            row = (first + b) % kept
             for j in range(units):
                 for k in range(lo, hi):
                     i, f = gates[b, t, j, k], gates[b, t, units + j, k]
@@ -325,39 +367,30 @@ def _backward_chunk(
                     tc = tanh_c[b, t, j, k]
                     dh = d_outputs[b, t, j, k] + d_h[b, j, k - lo]
                     dc = d_c[b, j, k - lo] + dh * o * (ONE - tc * tc)
-                    d_pre[b, j, k - lo] = dc * g * i * (ONE - i)
-                    d_pre[b, units + j, k - lo] = dc * c_seq[b, t, j, k] * f * (ONE - f)
-                    d_pre[b, 2 * units + j, k - lo] = dh * tc * o * (ONE - o)
-                    d_pre[b, 3 * units + j, k - lo] = dc * i * (ONE - g * g)
+                    d_pre[row, j, k - lo] = dc * g * i * (ONE - i)
+                    d_pre[row, units + j, k - lo] = dc * c_seq[b, t, j, k] * f * (ONE - f)
+                    d_pre[row, 2 * units + j, k - lo] = dh * tc * o * (ONE - o)
+                    d_pre[row, 3 * units + j, k - lo] = dc * i * (ONE - g * g)
                     d_c[b, j, k - lo] = dc * f
+                    h_rows[row, j, k - lo] = h_seq[b, t, j, k]
+            for i in range(width):
+                for k in range(lo, hi):
+                    x_rows[row, i, k - lo] = inputs[b, t + 1, i, k]
+            if row % ROWS_PER_PASS == ROWS_PER_PASS - 1:  # a pass's worth of rows
+                start = row + 1 - ROWS_PER_PASS
+                _add_lane_products(d_pre, x_rows, h_rows, start, ROWS_PER_PASS, grad_input,
+                                   grad_hidden, grad_bias)  # fmt: skip
         # The gradient reaching h from the step before; none flows past the window's start.
         if t > 0:
-            d_h[:] = ZERO
-            for j in range(units):
-                for g in range(4 * units):
-                    for b in range(batch):
-                        for k in range(lo, hi):
-                            d_h[b, j, k - lo] += w_hidden[j, g, k] * d_pre[b, g, k - lo]
-        for i in range(d_inputs.shape[2]):
             for b in range(batch):
-                for k in range(lo, hi):
-                    d_inputs[b, t, i, k] = ZERO
-            for g in range(4 * units):
-                for b in range(batch):
-                    for k in range(lo, hi):
-                        d_inputs[b, t, i, k] += w_input[i, g, k] * d_pre[b, g, k - lo]
-        for b in range(batch):
-            for g in range(4 * units):
-                for k in range(lo, hi):
-                    grad_bias[g, k - lo] += d_pre[b, g, k - lo]
-            for i in range(width):
-                for g in range(4 * units):
-                    for k in range(lo, hi):
-                        grad_input[i, g, k - lo] += inputs[b, t + 1, i, k] * d_pre[b, g, k - lo]
-            for j in range(units):
-                for g in range(4 * units):
-                    for k in range(lo, hi):
-                        grad_hidden[j, g, k - lo] += h_seq[b, t, j, k] * d_pre[b, g, k - lo]
+                _sum_lane_gates(w_hidden, d_pre, (first + b) % kept, d_h[b], 0, lo, hi)
+        if d_inputs.shape[2]:
+            for b in range(batch):
+                _sum_lane_gates(w_input, d_pre, (first + b) % kept, d_inputs[b, t], lo, lo, hi)
+    rows = steps * batch
+    left = rows % ROWS_PER_PASS
+    _add_lane_products(d_pre, x_rows, h_rows, (rows - left) % kept, left, grad_input,
+                       grad_hidden, grad_bias)  # fmt: skip
     for i in range(width):
         _adagrad_rows(w_input[i], acc_input[i], grad_input[i], lr, active, k0, n)
     for j in range(units):
@@ -365,7 +398,84 @@ def _backward_chunk(
     _adagrad_rows(bias, acc_bias, grad_bias, lr, active, k0, n)
 
 
+@_row_helper
+def _sum_lane_gates(weight, d_pre, row, out, out_k0, lo, hi):
+    """out (R, ·) = Σ_g weight[:, g] d_pre[row, g] for the lanes lo to hi, from zero, the gates
+    ascending: weight (R, 4H, K), d_pre (·, 4H, n) with lane k at k - lo, out with lane k at
+    k - lo + out_k0. Eight gates per pass over `out`, then one at a time (see _add_shares)."""
+    gate_rows = weight.shape[1]
+    out_k0 = numba.uint64(out_k0)
+    for r in range(weight.shape[0]):
+        for k in range(lo, hi):
+            out[r, k - lo + out_k0] = ZERO
+        g = 0
+        while gate_rows - g >= 8:
+            for k in range(lo, hi):
+                first = (
+                    out[r, k - lo + out_k0]
+                    + weight[r, g, k] * d_pre[row, g, k - lo]
+                    + weight[r, g + 1, k] * d_pre[row, g + 1, k - lo]
+                    + weight[r, g + 2, k] * d_pre[row, g + 2, k - lo]
+                    + weight[r, g + 3, k] * d_pre[row, g + 3, k - lo]
+                )
+                out[r, k - lo + out_k0] = (
+                    first
+                    + weight[r, g + 4, k] * d_pre[row, g + 4, k - lo]
+                    + weight[r, g + 5, k] * d_pre[row, g + 5, k - lo]
+                    + weight[r, g + 6, k] * d_pre[row, g + 6, k - lo]
+                    + weight[r, g + 7, k] * d_pre[row, g + 7, k - lo]
+                )
+            g += 8
+        for last in range(g, gate_rows):
+            for k in range(lo, hi):
+                out[r, k - lo + out_k0] += weight[r, last, k] * d_pre[row, last, k - lo]
+
+
 @numba.njit(inline="always", **_JIT)
+def _add_lane_products(d_pre, x_rows, h_rows, start, count, grad_input, grad_hidden, grad_bias):
+    """Add `count` rows of d_pre (·, 4H, n) from `start`, in order, to the weight gradients: each
+    row's d_pre to grad_bias (4H, n), times its inputs x_rows (·, I, n) to grad_input (I, 4H,
+    n) and times its state h_rows (·, H, n) to grad_hidden (H, 4H, n). A full pass adds
+    eight rows to each element at once, left to right (see _add_shares): the same order of
+    additions as a row at a time, with an eighth of the gradients' loads and stores."""
+    _add_rows_times(d_pre, x_rows, start, count, grad_input)
+    _add_rows_times(d_pre, h_rows, start, count, grad_hidden)
+    _, m = _unsigned_range(0, grad_bias.shape[1])
+    for s in range(start, start + count):
+        for g in range(grad_bias.shape[0]):
+            for k in range(m):
+                grad_bias[g, k] += d_pre[s, g, k]
+
+
+@_row_helper
+def _add_rows_times(d_pre, values, start, count, grad):
+    """grad (R, 4H, n) += Σ_s values[s, r] d_pre[s] over `count` rows s from `start`, in order."""
+    _, m = _unsigned_range(0, grad.shape[2])
+    for r in range(grad.shape[0]):
+        for g in range(grad.shape[1]):
+            if count == ROWS_PER_PASS:
+                for k in range(m):
+                    first = (
+                        grad[r, g, k]
+                        + values[start + 0, r, k] * d_pre[start + 0, g, k]
+                        + values[start + 1, r, k] * d_pre[start + 1, g, k]
+                        + values[start + 2, r, k] * d_pre[start + 2, g, k]
+                        + values[start + 3, r, k] * d_pre[start + 3, g, k]
+                    )
+                    grad[r, g, k] = (
+                        first
+                        + values[start + 4, r, k] * d_pre[start + 4, g, k]
+                        + values[start + 5, r, k] * d_pre[start + 5, g, k]
+                        + values[start + 6, r, k] * d_pre[start + 6, g, k]
+                        + values[start + 7, r, k] * d_pre[start + 7, g, k]
+                    )
+            else:
+                for s in range(start, start + count):
+                    for k in range(m):
+                        grad[r, g, k] += values[s, r, k] * d_pre[s, g, k]
+
+
+@_row_helper
 def _adagrad_rows(weight, accum, grad, lr, active, k0, n):
     """TensorFlow's Adagrad (accum += g², w -= lr g / √accum) on rows (J, K) of models k0 to
     k0 + n, active ones only; grad (J, n) holds the chunk's gradients."""
@@ -527,21 +637,57 @@ def _gather_columns(weight, k, columns):
 
 
 @_row_helper
-def _gates_forward(w_in, w_h, b_in, x, h, c, pre, tanh_c, h_next, c_next):
-    """One step of one batch row: the pre-activations in place in `pre` (bias, each input's
-    share, each hidden unit's share, as _forward_chunk sums them), then the cell."""
-    units = h.shape[0]
-    gate_rows = pre.shape[0]
-    for g in range(gate_rows):
-        pre[g] = b_in[g]
-    for i in range(x.shape[0]):
-        xi = x[i]
-        for g in range(gate_rows):
-            pre[g] += w_in[i, g] * xi
-    for j in range(units):
-        hj = h[j]
-        for g in range(gate_rows):
-            pre[g] += w_h[j, g] * hj
+def _add_shares(rows, values, out):
+    """out (G,) += Σ_r rows[r] values[r], for rows (R, G) and values (R,): r ascending, each
+    product rounded, then added, as a loop that adds one row at a time would. It adds eight
+    rows (then four) per pass over `out` instead: `a + p0 + p1 + ... + p7` adds left to right,
+    in that same order, and keeps the running sum in a register between the eight, so that
+    `out` is loaded and stored an eighth as often (a store and its reload cost more than the
+    add: measured at state 16, eight rows per pass ran the backward 25 % faster than four).
+
+    The weight gradients use it too (rows: d_pre over the window's steps, values: an input or
+    unit over those steps): the products are those _backward_chunk adds, the factors swapped,
+    and IEEE multiplication is commutative."""
+    count = values.shape[0]
+    r = 0
+    while count - r >= 8:
+        _add_eight_shares(rows, values, r, out)
+        r += 8
+    if count - r >= 4:
+        _add_four_shares(rows, values, r, out)
+        r += 4
+    for last in range(r, count):
+        v, row = values[last], rows[last]
+        for g in range(out.shape[0]):
+            out[g] += row[g] * v
+
+
+@numba.njit(inline="always", **_JIT)
+def _add_eight_shares(rows, values, r, out):
+    """out += rows[r] values[r] + ... + rows[r + 7] values[r + 7], left to right."""
+    v0, v1, v2, v3 = values[r], values[r + 1], values[r + 2], values[r + 3]
+    v4, v5, v6, v7 = values[r + 4], values[r + 5], values[r + 6], values[r + 7]
+    row0, row1, row2, row3 = rows[r], rows[r + 1], rows[r + 2], rows[r + 3]
+    row4, row5, row6, row7 = rows[r + 4], rows[r + 5], rows[r + 6], rows[r + 7]
+    for g in range(out.shape[0]):
+        first = out[g] + row0[g] * v0 + row1[g] * v1 + row2[g] * v2 + row3[g] * v3
+        out[g] = first + row4[g] * v4 + row5[g] * v5 + row6[g] * v6 + row7[g] * v7
+
+
+@numba.njit(inline="always", **_JIT)
+def _add_four_shares(rows, values, r, out):
+    """out += rows[r] values[r] + ... + rows[r + 3] values[r + 3], left to right."""
+    v0, v1, v2, v3 = values[r], values[r + 1], values[r + 2], values[r + 3]
+    row0, row1, row2, row3 = rows[r], rows[r + 1], rows[r + 2], rows[r + 3]
+    for g in range(out.shape[0]):
+        out[g] = out[g] + row0[g] * v0 + row1[g] * v1 + row2[g] * v2 + row3[g] * v3
+
+
+@_row_helper
+def _cell_forward(pre, c, tanh_c, h_next, c_next):
+    """One step of one batch row through the cell, from its pre-activations pre (4H,), which
+    become the gates (i, f, o after the sigmoid, g after the tanh), as _forward_chunk does."""
+    units = c.shape[0]
     for j in range(units):
         i = _sigmoid(pre[j])
         f = _sigmoid(pre[units + j])
@@ -573,68 +719,68 @@ def _gates_backward(gates, tanh_c, c, d_out, d_h, d_c, d_pre):
         d_c[j] = dc * f
 
 
-@numba.njit(inline="always", **_JIT)
-def _sum_over_gates(weight_t, d_pre, out):
-    """out (R,) = Σ_g weight_t[g] d_pre[g], the gates in ascending order, from zero."""
-    for r in range(out.shape[0]):
-        out[r] = ZERO
-    for g in range(d_pre.shape[0]):
-        dp = d_pre[g]
-        for r in range(out.shape[0]):
-            out[r] += weight_t[g, r] * dp
-
-
-@numba.njit(inline="always", **_JIT)
-def _add_outer(v, d_pre, grad):
-    """grad (R, 4H) += the outer product of v (R,) and d_pre (4H,)."""
-    for r in range(v.shape[0]):
-        vr = v[r]
-        for g in range(d_pre.shape[0]):
-            grad[r, g] += vr * d_pre[g]
-
-
-@numba.njit(inline="always", **_JIT)
+@_row_helper
 def _forward_model(w_in, w_h, b_in, inputs, h_seq, c_seq, gates, tanh_c):
-    """One model's layer over the window, from h_seq[:, 0] and c_seq[:, 0]: inputs (B, T + 1,
-    I), h_seq, c_seq (B, T + 1, H), gates (B, T, 4H), tanh_c (B, T, H)."""
-    batch, steps1 = inputs.shape[0], inputs.shape[1]
-    for t in range(steps1 - 1):
+    """One model's layer over the window, from h_seq[:, 0] and c_seq[:, 0]: w_in (I, 4H), w_h
+    (H, 4H), b_in (4H,); inputs (B, T + 1, I), h_seq, c_seq (B, T + 1, H), gates (B, T, 4H),
+    tanh_c (B, T, H). The pre-activations sum as _forward_chunk sums them, bias, inputs, then
+    hidden units; the inputs are known before the recurrence, so their shares are summed for
+    every step first, and the recurrence adds only the hidden units' shares."""
+    batch, steps = gates.shape[0], gates.shape[1]
+    for b in range(batch):
+        for t in range(steps):
+            pre = gates[b, t]
+            for g in range(pre.shape[0]):
+                pre[g] = b_in[g]
+            _add_shares(w_in, inputs[b, t + 1], pre)
+    for t in range(steps):
         for b in range(batch):
-            _gates_forward(
-                w_in, w_h, b_in, inputs[b, t + 1], h_seq[b, t], c_seq[b, t], gates[b, t],
-                tanh_c[b, t], h_seq[b, t + 1], c_seq[b, t + 1],
-            )  # fmt: skip
+            _add_shares(w_h, h_seq[b, t], gates[b, t])
+            _cell_forward(gates[b, t], c_seq[b, t], tanh_c[b, t], h_seq[b, t + 1], c_seq[b, t + 1])
 
 
 @_row_helper
 def _backward_model(
     w_in_t, w_h_t, inputs, h_seq, c_seq, gates, tanh_c, d_outputs, d_inputs,
-    d_pre, d_h, d_c, grad_input, grad_hidden, grad_bias,
+    d_pre, inputs_t, h_seq_t, d_h, d_c, grad_input, grad_hidden, grad_bias,
 ):  # fmt: skip
     """One model's layer back over the window (as _backward_chunk): its weight gradients into
-    grad_input, grad_hidden and grad_bias, its input gradients into d_inputs (B, T, I); d_pre
-    (B, 4H), d_h and d_c (B, H) are scratch."""
+    grad_input (I, 4H), grad_hidden (H, 4H) and grad_bias (4H,), its input gradients into
+    d_inputs (B, T, I). Scratch: d_pre (T B, 4H), the gradients on the pre-activations of
+    every step and row in the order the weight gradients sum them (t descending, b
+    ascending), with inputs_t (I, T B) and h_seq_t (H, T B), each step's inputs and state in
+    that order; d_h and d_c (B, H). The weight gradients are summed after the recurrence, a
+    row at a time over the whole window, rather than added to at every step."""
     batch, steps = d_outputs.shape[0], d_outputs.shape[1]
     d_h[:], d_c[:] = ZERO, ZERO
-    grad_input[:], grad_hidden[:], grad_bias[:] = ZERO, ZERO, ZERO
     for t in range(steps - 1, -1, -1):
         for b in range(batch):
+            s = (steps - 1 - t) * batch + b
             _gates_backward(
                 gates[b, t], tanh_c[b, t], c_seq[b, t], d_outputs[b, t], d_h[b], d_c[b],
-                d_pre[b],
+                d_pre[s],
             )  # fmt: skip
-        # The gradient reaching h from the step before; none flows past the window's start.
-        if t > 0:
-            for b in range(batch):
-                _sum_over_gates(w_h_t, d_pre[b], d_h[b])
-        if d_inputs.shape[2]:
-            for b in range(batch):
-                _sum_over_gates(w_in_t, d_pre[b], d_inputs[b, t])
-        for b in range(batch):
-            for g in range(d_pre.shape[1]):
-                grad_bias[g] += d_pre[b, g]
-            _add_outer(inputs[b, t + 1], d_pre[b], grad_input)
-            _add_outer(h_seq[b, t], d_pre[b], grad_hidden)
+            # The gradient reaching h from the step before; none flows past the window's start.
+            if t > 0:
+                d_h[b, :] = ZERO
+                _add_shares(w_h_t, d_pre[s], d_h[b])
+            if d_inputs.shape[2]:
+                d_inputs[b, t, :] = ZERO
+                _add_shares(w_in_t, d_pre[s], d_inputs[b, t])
+            for i in range(inputs_t.shape[0]):
+                inputs_t[i, s] = inputs[b, t + 1, i]
+            for j in range(h_seq_t.shape[0]):
+                h_seq_t[j, s] = h_seq[b, t, j]
+    grad_bias[:] = ZERO
+    for s in range(d_pre.shape[0]):
+        for g in range(grad_bias.shape[0]):
+            grad_bias[g] += d_pre[s, g]
+    for i in range(grad_input.shape[0]):
+        grad_input[i, :] = ZERO
+        _add_shares(d_pre, inputs_t[i], grad_input[i])
+    for j in range(grad_hidden.shape[0]):
+        grad_hidden[j, :] = ZERO
+        _add_shares(d_pre, h_seq_t[j], grad_hidden[j])
 
 
 @numba.njit(inline="always", **_JIT)
@@ -735,7 +881,10 @@ def layer_backward_update_by_model(
     batch = d_outputs.shape[1]
     w_in_t = np.empty((gate_rows, width), np.float32)
     w_h_t = np.empty((gate_rows, units), np.float32)
-    d_pre = np.empty((batch, gate_rows), np.float32)
+    steps = d_outputs.shape[2]
+    d_pre = np.empty((steps * batch, gate_rows), np.float32)
+    inputs_t = np.empty((width, steps * batch), np.float32)
+    h_seq_t = np.empty((units, steps * batch), np.float32)
     d_h = np.empty((batch, units), np.float32)
     d_c = np.empty((batch, units), np.float32)
     grad_input = np.empty((width, gate_rows), np.float32)
@@ -748,7 +897,8 @@ def layer_backward_update_by_model(
         _gather_columns(w_hidden, k, w_h_t)
         _backward_model(
             w_in_t, w_h_t, inputs[k], h_seq[k], c_seq[k], gates[k], tanh_c[k], d_outputs[k],
-            d_inputs[k], d_pre, d_h, d_c, grad_input, grad_hidden, grad_bias,
+            d_inputs[k], d_pre, inputs_t, h_seq_t, d_h, d_c, grad_input, grad_hidden,
+            grad_bias,
         )  # fmt: skip
         for i in range(width):
             _adagrad_model(w_input[i], acc_input[i], grad_input[i], lr[k], k)
