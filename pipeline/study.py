@@ -44,7 +44,6 @@ import ray
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
-from ray._private import ray_constants
 
 from pipeline import kernel_cache
 from pipeline.config import (
@@ -57,6 +56,7 @@ from pipeline.config import (
 )
 from pipeline.cost import lanes_window_cost
 from pipeline.data import trial_seed
+from pipeline.embedded_ray import start_embedded_ray, stop_embedded_ray
 from pipeline.exchange import Finished, LaneTrial, Report, first_line
 from pipeline.exchange import trainer_key as lanes_key
 from pipeline.progress import Progress
@@ -675,17 +675,6 @@ def _stop_in_background(embedded: bool) -> threading.Thread:
     return thread
 
 
-def stop_embedded_ray() -> None:
-    """ray.shutdown, a second sooner. Ray stops the GCS before its autoscaler monitor, whose
-    SIGTERM handler then blocks on telling the GCS until Ray kills it a second later (measured:
-    1.0 of the 1.4 s that ray.shutdown took). An embedded Ray has nothing to autoscale, so the
-    monitor is killed first. That is Ray's private API: where it differs, Ray stops as usual."""
-    node = getattr(ray._private.worker, "_global_node", None)
-    with contextlib.suppress(Exception):
-        node._kill_process_type(ray_constants.PROCESS_TYPE_MONITOR, check_alive=False)
-    ray.shutdown()
-
-
 def _failpoint(name: str) -> None:
     wanted, _, count = os.environ.get(FAILPOINT, "").partition(":")
     if wanted != name:
@@ -838,14 +827,7 @@ def connect_ray(config: Config) -> bool:
     if ray.is_initialized():
         return False
     if address is None:
-        ray.init(
-            address="local",  # a Ray of our own, even when `ray start` runs on this machine
-            num_cpus=config.ray.num_cpus,
-            include_dashboard=config.ray.dashboard,
-            dashboard_host="127.0.0.1",
-            configure_logging=True,
-            logging_level=logging.WARNING,
-        )
+        start_embedded_ray(config.ray.num_cpus, config.ray.dashboard)
         return True
     try:
         ray.init(address=address, logging_level=logging.WARNING)

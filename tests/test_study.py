@@ -217,15 +217,19 @@ def test_study_refuses_a_remote_output_it_cannot_lock(tmp_path, ray_session):
     assert not (tmp_path / "study.db").exists() or optuna.get_all_study_names(storage) == []
 
 
-def test_stopping_an_embedded_ray_leaves_none_of_its_processes():
-    # stop_embedded_ray kills Ray's autoscaler monitor before ray.shutdown (which would wait a
-    # second on it): every process of that Ray (those it started, and theirs: agents, workers)
-    # must still be gone, and no error reported.
+def test_an_embedded_ray_starts_and_stops_leaving_none_of_its_processes():
+    # start_embedded_ray polls for the node's registration (and puts Ray's own wait back);
+    # stop_embedded_ray kills Ray's autoscaler monitor before ray.shutdown: every process of that
+    # Ray (those it started, and theirs: agents, workers) must be gone, and no error reported.
     script = """
 import json, ray
-from pipeline.study import stop_embedded_ray
-ray.init(address="local", num_cpus=1, include_dashboard=False)
+from pipeline.embedded_ray import start_embedded_ray, stop_embedded_ray, wait_until_registered
+start_embedded_ray(num_cpus=1, dashboard=False)
+assert ray.get(ray.put(41)) + 1 == 42
+assert ray._private.services.get_node.__module__ == "ray._private.services"  # restored
 node = ray._private.worker._global_node
+assert wait_until_registered(node.gcs_address, node.node_id, timeout=5)
+assert not wait_until_registered(node.gcs_address, "ab" * 28, timeout=0.1)  # no such node
 kinds = sorted(node.all_processes)
 print(json.dumps({"kinds": kinds, "session": node.session_name}), flush=True)
 stop_embedded_ray()
