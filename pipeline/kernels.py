@@ -36,7 +36,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 
 import numba
 import numpy as np
@@ -147,6 +148,51 @@ def compile_family(family: str) -> None:
     for dispatcher, signature in FAMILIES[family]:
         dispatcher.compile(signature)
         dispatcher.disable_compile()
+    _loaded.add(family)
+
+
+# The families this process has compiled or loaded, and when it last looked for each other one.
+_loaded: set[str] = set()
+_looked: dict[str, float] = {}
+LOOK_AGAIN_S = 0.25
+
+
+def ready(family: str) -> bool:
+    """Whether `family` can run in this process without waiting on another: loaded already;
+    else, when no other process is compiling it, compiled (or loaded from the cache) now. False
+    while another process compiles it; a family found missing is looked for again at most
+    every LOOK_AGAIN_S, so that a caller may ask before every window.
+
+    Both families give a model the same bits, so a caller may run the other one meanwhile:
+    what a trial computes does not depend on which family was ready when."""
+    if family in _loaded:
+        return True
+    now = time.monotonic()
+    if now - _looked.get(family, -LOOK_AGAIN_S) < LOOK_AGAIN_S:
+        return False
+    _looked[family] = now
+    with _compile_lock(family, wait=False) as held:
+        if held:
+            compile_family(family)
+            mark_compiled(family)
+    return family in _loaded
+
+
+def first_ready(families: Sequence[str] = FAMILY_NAMES) -> str:
+    """The first of `families` that is ready, waiting for one while others compile them all."""
+    while True:
+        for family in families:
+            if ready(family):
+                return family
+        time.sleep(0.05)
+
+
+def require(family: str) -> None:
+    """Load or compile `family`, waiting for a process that compiles it."""
+    if family not in _loaded:
+        with _compile_lock(family, wait=True):
+            compile_family(family)
+            mark_compiled(family)
 
 
 def compile_all() -> None:

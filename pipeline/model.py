@@ -369,15 +369,17 @@ def step_function(mode: bool | str, device: torch.device) -> WindowStep:
 
 @functools.cache
 def numba_kernels() -> ModuleType | None:
-    """pipeline.kernels, compiled or loaded from its cache; None (after one warning) where
-    numba is missing, disabled or cannot compile. Once per process: a failure is not retried.
+    """pipeline.kernels with at least one family of kernels compiled or loaded from its cache;
+    None (after one warning) where numba is missing, disabled or cannot compile. Once per
+    process: a failure is not retried.
 
-    Processes that start together on a cold machine share the compile (see
-    `kernels.compile_all`)."""
+    Processes that start together on a cold machine share the compile: each compiles a family
+    that no other is compiling, or waits for the first to be done, and each window takes the
+    faster family once it is ready (see `_ready_family`)."""
     try:
         from pipeline import kernels
 
-        kernels.compile_all()
+        kernels.first_ready()
     except Exception as error:
         _warn_fallback("numba", error)
         return None
@@ -455,7 +457,9 @@ def _numba_window(
     )
     units, models = arrays.h.shape[2], arrays.x.shape[2]
     if by_model is None:
-        by_model = _by_model(units, models)
+        by_model = _ready_family(kernels, prefer_by_model=_by_model(units, models))
+    else:
+        kernels.require(BY_MODEL if by_model else BY_LANE)
     losses, margin, still = _window_by(_family(kernels, by_model), arrays)
     return (
         torch.from_numpy(losses),
@@ -470,6 +474,18 @@ def _numba_window(
 def _by_model(units: int, models: int) -> bool:
     """Whether the kernels that run one model at a time are the faster ones here."""
     return models < models_to_vectorize_over(units)
+
+
+BY_LANE, BY_MODEL = "by_lane", "by_model"
+
+
+def _ready_family(kernels: ModuleType, prefer_by_model: bool) -> bool:
+    """Whether a window runs on the kernels that run one model at a time: the preferred family
+    when it is ready, else the other while another process compiles the preferred one (on a
+    cold machine, trainers train as soon as one family is compiled). Both give the same bits,
+    so a trial's losses do not depend on which family was ready when."""
+    order = (BY_MODEL, BY_LANE) if prefer_by_model else (BY_LANE, BY_MODEL)
+    return kernels.first_ready(order) == BY_MODEL
 
 
 class _NumbaWindow(NamedTuple):

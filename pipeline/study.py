@@ -20,7 +20,6 @@ is the driver's, the only one that imports Optuna.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import logging
@@ -636,37 +635,32 @@ class _Driver:
 
 def _compile_ahead(config: Config) -> None:
     """With Ray embedded on a machine whose cache lacks the CPU kernels, compile them while Ray
-    starts, in this process and in a second one: each takes one family of kernels (see
-    `kernels.compile_all`), so both compile at once; the trainers, starting a few seconds
-    later, load them from the cache instead of each compiling them.
+    starts, in a process per family of kernels (see `kernels.compile_all`), so the families
+    compile at once; the trainers, starting a few seconds later, import torch meanwhile, then
+    load the kernels from the cache instead of each compiling them.
 
-    A warm machine skips it: loading kernels the driver never runs would only take cores and
-    this process's GIL from Ray's start (measured: about 0.5 s of a first study's wall time).
-    So does a device set to CUDA: asking torch whether "auto" finds a GPU would import torch
-    into the driver, most of a second, while compiling in vain on a GPU machine costs only
-    cores that wait for Ray anyway."""
+    Processes, not a thread of the driver: numba compiles mostly in Python, holding the GIL,
+    and a compiling thread delayed the driver's own work (starting Ray and its trainers) by
+    seconds. A warm machine skips it all. So does a device set to CUDA: asking torch whether
+    "auto" finds a GPU would import torch into the driver, most of a second, while compiling in
+    vain on a GPU machine costs only cores that wait for Ray anyway."""
     if ray_address(config) is not None or config.train.compile is False:
         return
     if config.train.device.startswith("cuda") or kernel_cache.compiled():
         return
-    threading.Thread(target=_compile_here_and_there, daemon=True).start()
-
-
-def _compile_here_and_there() -> None:
-    there = subprocess.Popen(
-        [sys.executable, "-c", "import pipeline.kernels as k; k.compile_all()"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=Path(__file__).resolve().parents[1],
-    )
-    # pipeline.kernels itself, not model.numba_kernels: the same compile without importing
-    # torch into the driver. A failure is the trainers' to report: each falls back and says so.
-    with contextlib.suppress(Exception):
-        from pipeline import kernels
-
-        kernels.compile_all()
-    there.wait()
+    # pipeline.kernels itself, not model.numba_kernels: the same compile without torch. A
+    # failure is the trainers' to report: each falls back and says so.
+    compiling = [
+        subprocess.Popen(
+            [sys.executable, "-c", "import pipeline.kernels as k; k.compile_all()"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        for _ in kernel_cache.FAMILY_NAMES
+    ]
+    threading.Thread(target=lambda: [p.wait() for p in compiling], daemon=True).start()
 
 
 def _stop_in_background(embedded: bool) -> threading.Thread:

@@ -217,7 +217,8 @@ def gpus_per_trainer(config: Config) -> float:
 def _load_cpu_kernels(compile_mode: bool | str, device: str) -> None:
     """Load (or compile) the numba kernels of a trainer that trains on the CPU before its first
     trial arrives: once per process (`numba_kernels` is cached), so the trials' `step_function`
-    finds them loaded."""
+    finds them loaded. On a cold machine, a family at least: the windows take up the others
+    as they are compiled (`model._ready_family`)."""
     if compile_mode is False or device not in ("cpu", "auto"):
         return
     from pipeline.model import numba_kernels  # torch: see Trainer.__init__

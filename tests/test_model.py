@@ -1,3 +1,5 @@
+import fcntl
+import json
 import math
 import os
 import shutil
@@ -300,8 +302,9 @@ def test_numba_kernels_cache_by_content_not_path(tmp_path):
     # are there before importing numba (the driver then skips compiling ahead).
     cache = tmp_path / "cache"
     script = (
-        "from pipeline import kernel_cache as c; before = c.compiled(); import pipeline.model as m;"
-        "hits = m.numba_kernels().layer_forward.stats.cache_hits; print(before, c.compiled(), hits)"
+        "from pipeline import kernel_cache as c; before = c.compiled();"
+        "import pipeline.kernels as k; k.compile_all();"
+        "print(before, c.compiled(), k.layer_forward.stats.cache_hits)"
     )
     env = {**os.environ, "NUMBA_CACHE_DIR": str(cache)}
     runs = []
@@ -339,3 +342,42 @@ def test_numba_kernels_by_model_and_by_lane_give_the_same_bits(units, count):
     assert torch.isfinite(runs[True][0]).all()
     for by_model, by_lane in zip(runs[True], runs[False], strict=True):
         assert torch.equal(by_model, by_lane)
+
+
+def test_windows_run_on_the_family_that_is_ready_with_the_same_bits(tmp_path):
+    # On a cold machine a trainer trains on whichever family of kernels is ready while another
+    # process compiles the faster one. Held here, the lock of the family that one model of
+    # state 16 prefers (one model at a time) makes the run train on the other; its losses must
+    # be the bits it gets on the preferred family.
+    script = """
+import json
+from pipeline import kernels
+from pipeline.config import config_from_dict
+from pipeline.train import train
+config = config_from_dict({
+    "task": {"series_length": 600, "echo_step": 3, "batch_size": 5, "truncation": 15},
+    "model": {"num_layers": 2, "state_size": 16},
+    "train": {"epochs": 2, "lr": 0.3, "seed": 5, "device": "cpu"},
+})
+losses = train([config]).runs[0].losses
+print(json.dumps({"loaded": sorted(kernels._loaded), "losses": losses.tolist()}))
+"""
+    from pipeline.kernel_cache import cache_dir
+
+    def run() -> dict:
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with open(cache_dir() / "compile-by_model.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as a process compiling it would
+        meanwhile = run()
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    preferred = run()
+    assert meanwhile["loaded"] == ["by_lane"]
+    assert "by_model" in preferred["loaded"]
+    assert len(preferred["losses"]) == 16
+    assert meanwhile["losses"] == preferred["losses"]
