@@ -46,6 +46,7 @@ from numba.core import caching
 from pipeline.kernel_cache import (
     FAMILY_NAMES,
     cache_dir,
+    compiled,
     kernels_folder,
     mark_compiled,
     source_hash,
@@ -155,13 +156,22 @@ def compile_family(family: str) -> None:
 _loaded: set[str] = set()
 _looked: dict[str, float] = {}
 LOOK_AGAIN_S = 0.25
+_compile_missing = True
+
+
+def load_only_cached() -> None:
+    """From now on, take up only the families that are cached (or compiled by another process
+    meanwhile), compiling one only when none is anywhere: for a trainer whose driver compiled
+    ahead the families its study wants (study.kernel_families)."""
+    global _compile_missing
+    _compile_missing = False
 
 
 def ready(family: str) -> bool:
     """Whether `family` can run in this process without waiting on another: loaded already;
-    else, when no other process is compiling it, compiled (or loaded from the cache) now. False
-    while another process compiles it; a family found missing is looked for again at most
-    every LOOK_AGAIN_S, so that a caller may ask before every window.
+    else, when no other process is compiling it, loaded from the cache, or compiled now (unless
+    `load_only_cached`). False while another process compiles it; a family found missing is
+    looked for again at most every LOOK_AGAIN_S, so that a caller may ask before every window.
 
     Both families give a model the same bits, so a caller may run the other one meanwhile:
     what a trial computes does not depend on which family was ready when."""
@@ -172,18 +182,22 @@ def ready(family: str) -> bool:
         return False
     _looked[family] = now
     with _compile_lock(family, wait=False) as held:
-        if held:
+        if held and (_compile_missing or compiled((family,))):
             compile_family(family)
             mark_compiled(family)
     return family in _loaded
 
 
 def first_ready(families: Sequence[str] = FAMILY_NAMES) -> str:
-    """The first of `families` that is ready, waiting for one while others compile them all."""
+    """The first of `families` that is ready, waiting while other processes compile them; the
+    first of them compiled here when none is cached and no process compiles any."""
     while True:
         for family in families:
             if ready(family):
                 return family
+        if not any(_compiling_elsewhere(family) for family in families):
+            require(families[0])
+            return families[0]
         time.sleep(0.05)
 
 
@@ -195,14 +209,19 @@ def require(family: str) -> None:
             mark_compiled(family)
 
 
-def compile_all() -> None:
-    """Compile, or load from the cache, every family of kernels.
+def _compiling_elsewhere(family: str) -> bool:
+    with _compile_lock(family, wait=False) as held:
+        return not held
+
+
+def compile_all(families: Sequence[str] = FAMILY_NAMES) -> None:
+    """Compile, or load from the cache, every family of kernels (or those named).
 
     Processes that start together on a cold machine (a study's trainers, and its driver that
     compiles ahead while Ray starts) share the work through a file lock per family beside the
     cache: each first compiles the families no other process is compiling, then waits for the
     others' and loads what they cached instead of compiling them again."""
-    pending = list(FAMILIES)
+    pending = list(families)
     for wait in (False, True):
         for family in list(pending):
             with _compile_lock(family, wait) as held:

@@ -53,7 +53,7 @@ from pipeline.config import (
     ray_address,
     short_name,
 )
-from pipeline.cost import lanes_window_cost
+from pipeline.cost import lanes_window_cost, models_to_vectorize_over
 from pipeline.data import trial_seed
 from pipeline.embedded_ray import start_embedded_ray, stop_embedded_ray
 from pipeline.exchange import Finished, LaneTrial, Report, first_line
@@ -646,21 +646,66 @@ def _compile_ahead(config: Config) -> None:
     vain on a GPU machine costs only cores that wait for Ray anyway."""
     if ray_address(config) is not None or config.train.compile is False:
         return
-    if config.train.device.startswith("cuda") or kernel_cache.compiled():
+    families = kernel_families(config)
+    if config.train.device.startswith("cuda") or kernel_cache.compiled(families):
         return
     # pipeline.kernels itself, not model.numba_kernels: the same compile without torch. A
     # failure is the trainers' to report: each falls back and says so.
     compiling = [
         subprocess.Popen(
-            [sys.executable, "-c", "import pipeline.kernels as k; k.compile_all()"],
+            [sys.executable, "-c", f"import pipeline.kernels as k; k.compile_all({families!r})"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             cwd=Path(__file__).resolve().parents[1],
         )
-        for _ in kernel_cache.FAMILY_NAMES
+        for _ in families
     ]
     threading.Thread(target=lambda: [p.wait() for p in compiling], daemon=True).start()
+
+
+# Model-windows that repay compiling the kernels vectorized over the models (about 5 s of a
+# core; by_model's 3.5) where one model at a time would do: about 60 µs a model-window saved
+# at state 4 and K = 8 (bench/trainer.py), so about 100,000 of them.
+LANE_FAMILY_PAYBACK = 100_000
+
+
+def kernel_families(config: Config) -> tuple[str, ...]:
+    """The families of CPU kernels that a study's windows will want (pipeline/kernels.py).
+
+    For a grid, from its plan: each architecture with all of its trials in one trainer's lanes
+    (as placement tends to put them); the kernels vectorized over the models only where lanes
+    reach the count at which they are the faster ones and the windows they would run repay
+    their compile. A first study of a few trials per architecture trains on the kernels that
+    run one model at a time, compiled in two thirds of the time. Other samplers: both."""
+    if config.study.sampler != "grid":
+        return kernel_cache.FAMILY_NAMES
+    by_lane_windows, by_model_wanted = 0, False
+    for (model, windows), trials in _architectures(config).items():
+        if trials >= models_to_vectorize_over(model.state_size):
+            by_lane_windows += trials * windows
+        else:
+            by_model_wanted = True
+    families = []
+    if by_lane_windows >= LANE_FAMILY_PAYBACK:
+        families.append("by_lane")
+    if by_model_wanted or not families:
+        families.append("by_model")
+    return tuple(families)
+
+
+def _architectures(config: Config) -> Counter[tuple[ModelConfig, int]]:
+    """A grid's trials counted by (model, windows each), without building a config per point:
+    only the keys that shape a trial (COST_KEYS) are varied, each shape counting the points of
+    the other keys."""
+    search = config.study.search
+    shaping = [p for p in search if p.key in COST_KEYS]
+    others = math.prod(len(p.choices) for p in search if p.key not in COST_KEYS)
+    counts: Counter[tuple[ModelConfig, int]] = Counter()
+    for values in itertools.product(*(p.choices for p in shaping)):
+        trial = config.with_params({p.key: v for p, v in zip(shaping, values, strict=True)})
+        counts[trial.model, trial.total_steps] += others
+    return counts
 
 
 def _stop_in_background(embedded: bool) -> threading.Thread:

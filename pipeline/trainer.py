@@ -10,6 +10,7 @@ to start trainers, and never trains; a trainer imports what it trains with in it
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import threading
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from pipeline.config import Config
+from pipeline.config import Config, ray_address
 from pipeline.exchange import Finished, LaneTrial, Report, first_line
 from pipeline.exchange import trainer_key as lanes_key
 
@@ -48,7 +49,8 @@ class Trainer:
 
     `compile_mode` and `device` are the study's train.compile and train.device: on the CPU the
     thread loads the numba kernels as soon as it starts, while the first trials are on their
-    way."""
+    way; `compile_missing`: whether it compiles the kernels its windows want that no process
+    compiled ahead (see `_load_cpu_kernels`)."""
 
     def __init__(
         self,
@@ -57,6 +59,7 @@ class Trainer:
         judge_from: int,
         compile_mode: bool | str,
         device: str,
+        compile_missing: bool = True,
     ) -> None:
         # torch here, in the trainer's worker, not at the top: the driver imports this module.
         import torch
@@ -65,6 +68,7 @@ class Trainer:
         torch.set_num_threads(cpus)
         self.compile_mode = compile_mode
         self.device = device
+        self.compile_missing = compile_missing
         self.report_every = report_every
         self.judge_from = judge_from
         self.lanes: dict[tuple, Lanes] = {}
@@ -105,7 +109,7 @@ class Trainer:
 
     def _train(self) -> None:
         try:
-            _load_cpu_kernels(self.compile_mode, self.device)
+            _load_cpu_kernels(self.compile_mode, self.device, self.compile_missing)
             self._train_forever()
         except BaseException as error:  # the driver must hear of it, never wait on a dead thread
             text = f"{type(error).__name__}: {first_line(error)}"
@@ -197,6 +201,8 @@ def start_trainer(config: Config, report_every: int | None = None, judge_from: i
         judge_from,
         config.train.compile,
         config.train.device,
+        # With Ray embedded, the driver compiles ahead the kernels the study wants.
+        ray_address(config) is not None,
     )
 
 
@@ -214,15 +220,22 @@ def gpus_per_trainer(config: Config) -> float:
     return 0.0
 
 
-def _load_cpu_kernels(compile_mode: bool | str, device: str) -> None:
+def _load_cpu_kernels(compile_mode: bool | str, device: str, compile_missing: bool) -> None:
     """Load (or compile) the numba kernels of a trainer that trains on the CPU before its first
     trial arrives: once per process (`numba_kernels` is cached), so the trials' `step_function`
     finds them loaded. On a cold machine, a family at least: the windows take up the others
-    as they are compiled (`model._ready_family`)."""
+    as they are compiled (`model._ready_family`). Without `compile_missing` (Ray embedded: the
+    driver compiles ahead the families its study wants), a family is compiled here only when
+    none is anywhere."""
     if compile_mode is False or device not in ("cpu", "auto"):
         return
     from pipeline.model import numba_kernels  # torch: see Trainer.__init__
     from pipeline.train import resolve_device
 
     if resolve_device(device).type == "cpu":
+        if not compile_missing:
+            with contextlib.suppress(ImportError):  # no numba: numba_kernels says so
+                from pipeline import kernels
+
+                kernels.load_only_cached()
         numba_kernels()

@@ -381,3 +381,32 @@ print(json.dumps({"loaded": sorted(kernels._loaded), "losses": losses.tolist()})
     assert "by_model" in preferred["loaded"]
     assert len(preferred["losses"]) == 16
     assert meanwhile["losses"] == preferred["losses"]
+
+
+def test_a_trainer_that_loads_only_cached_kernels_trains_on_those(tmp_path):
+    # With Ray embedded, the driver compiles ahead only the families a study wants; its
+    # trainers take up those and never compile another mid-study (here the vectorized kernels,
+    # which eight models of state 4 would prefer).
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    script = """
+import json
+from pipeline import kernels
+from pipeline.config import config_from_dict
+from pipeline.train import train
+kernels.load_only_cached()
+configs = [config_from_dict({
+    "task": {"series_length": 300, "echo_step": 3, "batch_size": 5, "truncation": 15},
+    "model": {"num_layers": 1, "state_size": 4},
+    "train": {"epochs": 1, "lr": 0.3, "seed": seed, "device": "cpu"},
+}) for seed in range(8)]
+result = train(configs)
+print(json.dumps({"loaded": sorted(kernels._loaded), "steps": [r.steps for r in result.runs]}))
+"""
+    for command in ("import pipeline.kernels as k; k.compile_all(('by_model',))", script):
+        done = subprocess.run(
+            [sys.executable, "-c", command], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+    ran = json.loads(done.stdout.strip().splitlines()[-1])
+    assert ran == {"loaded": ["by_model"], "steps": [4] * 8}
+    assert not list((tmp_path / "cache").glob("kernels-*/compiled-by_lane-*"))

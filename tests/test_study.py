@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ from pipeline.study import (
     TrialWork,
     Workload,
     grid_points,
+    kernel_families,
     param_columns,
     place,
     run_study,
@@ -57,13 +59,35 @@ def test_place_splits_a_grid_of_architectures_so_that_trainers_end_together(tmp_
     assert first.groups[costliest].trials == second.groups[costliest].trials == 3
 
 
+def test_kernel_families_compiled_ahead_follow_the_grids_lanes_and_windows(tmp_path):
+    def families(search: dict, sampler: str = "grid", **params: object) -> tuple[str, ...]:
+        config = study_config(tmp_path, search=search, **params)
+        study = dataclasses.replace(config.study, sampler=sampler, trials=len(search) * 10)
+        return kernel_families(dataclasses.replace(config, study=study))
+
+    first_study = {"model.num_layers": [1, 2, 3, 4], "model.state_size": [4, 16],
+                   "task.echo_step": [3, 9, 15], "train.seed": [0, 1]}  # fmt: skip
+    long = {"task.series_length": 50_000, "train.epochs": 4}
+    # Six trials an architecture: one model at a time, at state 16 the faster kernels; at state
+    # 4 the others would be, but their 64,000 model-windows do not repay their compile.
+    assert families(first_study, **long) == ("by_model",)
+    # 48 trials of state 4 (128,000 model-windows): the vectorized kernels, which repay it.
+    assert families({"train.seed": list(range(48))}, **long) == ("by_lane",)
+    # ...unless the trials are short.
+    assert families({"train.seed": list(range(48))}) == ("by_model",)
+    # Both where both kinds of architecture train long; both for samplers that plan nothing.
+    wide = {"model.state_size": [4, 32], "train.seed": list(range(40))}  # switch at 4 and 128
+    assert families(wide, **long) == ("by_lane", "by_model")
+    assert families(first_study, "tpe") == ("by_lane", "by_model")
+
+
 def test_place_shares_one_architecture_between_idle_trainers(tmp_path):
     def lanes(seeds: int, state_size: int) -> list[int]:
         search = {"train.seed": list(range(seeds))}
         config = study_config(tmp_path, search=search, **{"model.state_size": state_size})
         return sorted(w.trials for w in _placed(config, trainers=2))
 
-    # Lanes cost less each past the kernels' switch (K = 2 at state 4, 32 at state 16), never
+    # Lanes cost less each past the kernels' switch (K = 4 at state 4, 32 at state 16), never
     # nothing: two trainers of half the lanes each end sooner than one with all of them.
     assert lanes(6, 4) == [3, 3]
     assert lanes(7, 16) == [3, 4]
