@@ -189,15 +189,17 @@ def ready(family: str) -> bool:
 
 
 def first_ready(families: Sequence[str] = FAMILY_NAMES) -> str:
-    """The first of `families` that is ready, waiting while other processes compile them; the
-    first of them compiled here when none is cached and no process compiles any."""
+    """The first of `families` that is ready, waiting while other processes compile them; once
+    none does, the first cached one (`ready` may not have looked again yet), else the first of
+    them, compiled here."""
     while True:
         for family in families:
             if ready(family):
                 return family
         if not any(_compiling_elsewhere(family) for family in families):
-            require(families[0])
-            return families[0]
+            family = next((f for f in families if compiled((f,))), families[0])
+            require(family)
+            return family
         time.sleep(0.05)
 
 

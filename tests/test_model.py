@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -386,7 +387,9 @@ print(json.dumps({"loaded": sorted(kernels._loaded), "losses": losses.tolist()})
 def test_a_trainer_that_loads_only_cached_kernels_trains_on_those(tmp_path):
     # With Ray embedded, the driver compiles ahead only the families a study wants; its
     # trainers take up those and never compile another mid-study (here the vectorized kernels,
-    # which eight models of state 4 would prefer).
+    # which eight models of state 4 would prefer). The trainer starts while the compile-ahead
+    # still holds its lock (held here), and takes up the family once the lock is let go, even
+    # before it would look for it again.
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
     script = """
 import json
@@ -394,6 +397,7 @@ from pipeline import kernels
 from pipeline.config import config_from_dict
 from pipeline.train import train
 kernels.load_only_cached()
+kernels.LOOK_AGAIN_S = 600.0
 configs = [config_from_dict({
     "task": {"series_length": 300, "echo_step": 3, "batch_size": 5, "truncation": 15},
     "model": {"num_layers": 1, "state_size": 4},
@@ -402,11 +406,20 @@ configs = [config_from_dict({
 result = train(configs)
 print(json.dumps({"loaded": sorted(kernels._loaded), "steps": [r.steps for r in result.runs]}))
 """
-    for command in ("import pipeline.kernels as k; k.compile_all(('by_model',))", script):
-        done = subprocess.run(
-            [sys.executable, "-c", command], env=env, capture_output=True, text=True, timeout=300
+    compile_ahead = "import pipeline.kernels as k; k.compile_all(('by_model',))"
+    done = subprocess.run(
+        [sys.executable, "-c", compile_ahead], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(tmp_path / "cache" / "compile-by_model.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        trainer = subprocess.Popen(
+            [sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True
         )
-        assert done.returncode == 0, done.stderr[-2000:]
-    ran = json.loads(done.stdout.strip().splitlines()[-1])
+        time.sleep(3)  # the trainer has found the family locked: it waits
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    out, _ = trainer.communicate(timeout=300)
+    assert trainer.returncode == 0
+    ran = json.loads(out.strip().splitlines()[-1])
     assert ran == {"loaded": ["by_model"], "steps": [4] * 8}
     assert not list((tmp_path / "cache").glob("kernels-*/compiled-by_lane-*"))
