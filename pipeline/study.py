@@ -634,10 +634,11 @@ class _Driver:
 
 
 def _compile_ahead(config: Config) -> None:
-    """With Ray embedded on a machine whose cache lacks the CPU kernels, compile them while Ray
-    starts, in a process per family of kernels (see `kernels.compile_all`), so the families
-    compile at once; the trainers, starting a few seconds later, import torch meanwhile, then
-    load the kernels from the cache instead of each compiling them.
+    """With Ray embedded on a machine whose cache lacks the CPU kernels that the study wants
+    (`kernel_families`), compile them while Ray starts, in a process per family (see
+    `kernels.compile_all`), so the families compile at once; the trainers, starting a few
+    seconds later, import torch meanwhile, then load the kernels from the cache instead of
+    compiling them (`kernels.load_only_cached`).
 
     Processes, not a thread of the driver: numba compiles mostly in Python, holding the GIL,
     and a compiling thread delayed the driver's own work (starting Ray and its trainers) by
