@@ -687,12 +687,9 @@ def kernel_families(config: Config) -> tuple[str, ...]:
             by_lane_windows += trials * windows
         else:
             by_model_wanted = True
-    families = []
-    if by_lane_windows >= LANE_FAMILY_PAYBACK:
-        families.append("by_lane")
-    if by_model_wanted or not families:
-        families.append("by_model")
-    return tuple(families)
+    by_lane_wanted = by_lane_windows >= LANE_FAMILY_PAYBACK
+    wanted = {"by_model": by_model_wanted or not by_lane_wanted, "by_lane": by_lane_wanted}
+    return tuple(family for family in kernel_cache.FAMILY_NAMES if wanted[family])
 
 
 def _architectures(config: Config) -> Counter[tuple[ModelConfig, int]]:

@@ -77,8 +77,8 @@ def test_kernel_families_compiled_ahead_follow_the_grids_lanes_and_windows(tmp_p
     assert families({"train.seed": list(range(48))}) == ("by_model",)
     # Both where both kinds of architecture train long; both for samplers that plan nothing.
     wide = {"model.state_size": [4, 32], "train.seed": list(range(40))}  # switch at 4 and 128
-    assert families(wide, **long) == ("by_lane", "by_model")
-    assert families(first_study, "tpe") == ("by_lane", "by_model")
+    assert families(wide, **long) == ("by_model", "by_lane")
+    assert families(first_study, "tpe") == ("by_model", "by_lane")
 
 
 def test_place_shares_one_architecture_between_idle_trainers(tmp_path):
