@@ -1,19 +1,30 @@
 """Ray embedded in the driver's process: started for a study on one machine, stopped after it.
 
-Ray's own `ray.init()` and `ray.shutdown()`, less two waits that a short study on one machine
-pays in full (measured on two cores: a 48-trial first study took about 8.5 s in all, and these
-waits were up to 2 s of it):
+Ray's own `ray.init()` and `ray.shutdown()`, less the waits and processes that a short study on
+one machine pays for in full (measured on two cores, where a 48-trial first study takes 6-8 s in
+all):
 
 - **Start.** `ray.init` waits for this node's raylet to register with the GCS by asking the GCS
   for the node, and Ray's C++ client, when the node is not there yet, retries only after a whole
   second. The raylet registers about 0.6 s after it starts, so every start lost 0.4 to 1.4 s
   (ray.init took 2.3 or 3.3 s). `_waiting_for_the_node_briskly` polls the GCS every 20 ms first.
+- **The object store.** The raylet starts its object store in a thread and connects to it at
+  once; when the store's socket is not there yet, the client retries only after
+  `raylet_client_connect_timeout_milliseconds` (1 s), which about every other start hit. Here
+  it retries every 20 ms, for as long in all (10 s) as Ray's defaults.
+- **Processes a study does not use.** `ray.init` starts, before the raylet, an API server (the
+  dashboard's Python process, which serves the job and state APIs and the dashboard itself),
+  and waits until it is up, and the autoscaler's monitor. A study on one machine submits no
+  jobs and has nothing to autoscale: without them Ray starts in 1.2-1.3 s rather than 1.9-3.3,
+  and about 1.2 s of CPU less goes to Ray's own start on cores the trainers are waiting for.
+  With `ray.dashboard: true` the API server starts as usual.
 - **Stop.** `ray.shutdown` stops the GCS before the autoscaler monitor, whose SIGTERM handler
   then blocks on telling the GCS until Ray kills it a second later (1.0 of the 1.4 s that the
-  stop took). An embedded Ray has nothing to autoscale, so the monitor is killed first.
+  stop took). Where a monitor runs, it is killed first.
 
-Both reach into Ray's private API (`ray._private`). Where it differs from what they expect (an
-upgrade of Ray), they do nothing and Ray starts and stops as it does on its own, only slower.
+Where these reach into Ray's private API (`ray._private`) and it differs from what they expect
+(an upgrade of Ray), they do nothing and Ray starts and stops as it does on its own, only
+slower.
 """
 
 from __future__ import annotations
@@ -31,9 +42,19 @@ REGISTRATION_POLL_S = 0.02
 REGISTRATION_TIMEOUT_S = 30.0  # as long as Ray itself waits for a raylet to register
 
 
+# The raylet's connection to its object store (and a worker's to its raylet): Ray's defaults
+# are 10 attempts 1 s apart.
+CONNECT_RETRY = {
+    "raylet_client_connect_timeout_milliseconds": 20,
+    "raylet_client_num_connect_attempts": 500,
+}
+
+
 def start_embedded_ray(num_cpus: int | None, dashboard: bool) -> None:
-    """Start a Ray of this process's own on this machine (even where `ray start` runs one)."""
-    with _waiting_for_the_node_briskly():
+    """Start a Ray of this process's own on this machine (even where `ray start` runs one):
+    without an API server unless `dashboard`, and without an autoscaler (see the module's
+    docs)."""
+    with _waiting_for_the_node_briskly(), _starting_only_what_a_study_uses(dashboard):
         ray.init(
             address="local",
             num_cpus=num_cpus,
@@ -41,16 +62,40 @@ def start_embedded_ray(num_cpus: int | None, dashboard: bool) -> None:
             dashboard_host="127.0.0.1",  # never beyond this machine by default
             configure_logging=True,
             logging_level=logging.WARNING,
+            _system_config=CONNECT_RETRY,
         )
 
 
 def stop_embedded_ray() -> None:
-    """ray.shutdown, the autoscaler monitor killed first (see the module's docs)."""
+    """ray.shutdown, an autoscaler monitor killed first (see the module's docs)."""
     node = getattr(ray._private.worker, "_global_node", None)
     with contextlib.suppress(Exception):
         monitor = ray._private.ray_constants.PROCESS_TYPE_MONITOR
         node._kill_process_type(monitor, check_alive=False)
     ray.shutdown()
+
+
+@contextlib.contextmanager
+def _starting_only_what_a_study_uses(dashboard: bool) -> Iterator[None]:
+    """While Ray starts, its node starts no autoscaler monitor, and no API server unless
+    `dashboard`."""
+    node_class = getattr(getattr(ray._private, "node", None), "Node", None)
+    skipped = ["start_monitor", *([] if dashboard else ["start_api_server"])]
+    if node_class is None or not all(hasattr(node_class, name) for name in skipped):
+        yield
+        return
+    originals = {name: getattr(node_class, name) for name in skipped}
+
+    def skip(*args: object, **kwargs: object) -> None:
+        return None
+
+    for name in skipped:
+        setattr(node_class, name, skip)
+    try:
+        yield
+    finally:
+        for name, method in originals.items():
+            setattr(node_class, name, method)
 
 
 @contextlib.contextmanager

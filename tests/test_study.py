@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -241,31 +242,43 @@ def test_study_refuses_a_remote_output_it_cannot_lock(tmp_path, ray_session):
     assert not (tmp_path / "study.db").exists() or optuna.get_all_study_names(storage) == []
 
 
-def test_an_embedded_ray_starts_and_stops_leaving_none_of_its_processes():
-    # start_embedded_ray polls for the node's registration (and puts Ray's own wait back);
-    # stop_embedded_ray kills Ray's autoscaler monitor before ray.shutdown: every process of that
-    # Ray (those it started, and theirs: agents, workers) must be gone, and no error reported.
+def test_an_embedded_ray_starts_only_what_a_study_uses_and_stops_leaving_none_of_it():
+    # start_embedded_ray polls for the node's registration, and starts no autoscaler monitor,
+    # nor an API server unless the dashboard is asked for (Ray's own methods put back after);
+    # stop_embedded_ray must leave no process of that Ray (those it started, and theirs: agents,
+    # workers), and report no error.
     script = """
 import json, ray
 from pipeline.embedded_ray import start_embedded_ray, stop_embedded_ray, wait_until_registered
-start_embedded_ray(num_cpus=1, dashboard=False)
-assert ray.get(ray.put(41)) + 1 == 42
-assert ray._private.services.get_node.__module__ == "ray._private.services"  # restored
-node = ray._private.worker._global_node
-assert wait_until_registered(node.gcs_address, node.node_id, timeout=5)
-assert not wait_until_registered(node.gcs_address, "ab" * 28, timeout=0.1)  # no such node
-kinds = sorted(node.all_processes)
-print(json.dumps({"kinds": kinds, "session": node.session_name}), flush=True)
-stop_embedded_ray()
+for dashboard in (False, True):
+    start_embedded_ray(num_cpus=1, dashboard=dashboard)
+    assert ray.get(ray.put(41)) + 1 == 42
+    assert ray._private.services.get_node.__module__ == "ray._private.services"  # restored
+    assert ray._private.node.Node.start_monitor.__qualname__ == "Node.start_monitor"
+    assert ray._private.node.Node.start_api_server.__qualname__ == "Node.start_api_server"
+    node = ray._private.worker._global_node
+    assert wait_until_registered(node.gcs_address, node.node_id, timeout=5)
+    assert not wait_until_registered(node.gcs_address, "ab" * 28, timeout=0.1)  # no such node
+    kinds = sorted(node.all_processes)
+    print(json.dumps({"kinds": kinds, "session": node.session_name}), flush=True)
+    stop_embedded_ray()
 """
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     done = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    started = json.loads(done.stdout.strip().splitlines()[-1])
-    assert {"monitor", "raylet", "gcs_server"} <= set(started["kinds"])
-    assert _processes_naming(started["session"]) == []
+    plain, with_dashboard = (json.loads(line) for line in done.stdout.strip().splitlines()[-2:])
+    assert {"raylet", "gcs_server"} <= set(plain["kinds"])
+    assert not {"monitor", "dashboard"} & set(plain["kinds"])
+    assert "dashboard" in with_dashboard["kinds"]
+    assert "monitor" not in with_dashboard["kinds"]
+    assert _processes_naming(plain["session"]) == []
+    # The dashboard's module processes notice on their own, a moment later, that it has gone.
+    deadline = time.monotonic() + 10
+    while _processes_naming(with_dashboard["session"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _processes_naming(with_dashboard["session"]) == []
     assert "autoscaler failed" not in done.stderr
 
 
