@@ -1,57 +1,55 @@
-"""K stacked LSTMs of one architecture, trained in lockstep as one set of tensors.
+"""K stacked LSTMs of one architecture, trained in lockstep as one set of torch tensors.
 
 Small LSTMs are overhead-bound: a window of state 4 costs about what one of state 16 does, so
-instead of one model per call we stack K models on a trailing "trial" axis and vectorize over it.
-Every weight has shape (..., K); model k owns the slice [..., k] and no operation mixes two
-models, so a model follows the same arithmetic whatever else is in its batch.
-
-Weights, a flat list (flat so that torch.compile sees plain tensors):
-    per layer l: w_input (I_l, 4H, K), w_hidden (H, 4H, K), bias (4H, K)   (I_0 = 1, else H)
-    then the head: w_out (H, 2, K), b_out (2, K)
-Gates are ordered i, f, o, g so that one sigmoid covers the first three and one tanh the last.
-State is (h, c), each (num_layers, B, H, K), like the tutorial's [num_layers, 2, batch, state].
+instead of one model per call we stack K models on a trailing "trial" axis and vectorize over it
+(the arrays' layout: layout.py).
 
 `train_window` is the hot path: forward, the backward written out by hand, and Adagrad, in one
 function without autograd, which torch.compile turns into a few fused loops. Writing the
 backward by hand also makes the truncation structural: it starts every window with a zero
 gradient on the final state and never computes one for the initial state, so no gradient can
 cross a window boundary and the carried state never holds a graph. `forward` is the same model
-for predictions and for checking those hand-written gradients against autograd.
+for predictions and for checking those hand-written gradients against autograd. On the CPU the
+same update runs as numba kernels, on numpy arrays (numba_step.py).
 """
 
 from __future__ import annotations
 
 import functools
-import logging
-import math
 from collections.abc import Callable, Sequence
-from types import ModuleType
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pipeline.config import ModelConfig
-from pipeline.cost import models_to_vectorize_over
-from pipeline.data import INIT_STREAM, rng_for
+from pipeline.layout import (
+    ADAGRAD_INITIAL_ACCUMULATOR,
+    FORGET_BIAS,
+    State,
+    WindowResult,
+    WindowStep,
+    initial_weights,
+    layer_of,
+    num_layers,
+)
+from pipeline.numba_step import numba_kernels, numba_step
 
-log = logging.getLogger(__name__)
-
-# TensorFlow's LSTMCell adds 1.0 to the forget gate, and its AdagradOptimizer starts every
-# accumulator at 0.1; both matter for matching the tutorial's convergence.
-FORGET_BIAS = 1.0
-ADAGRAD_INITIAL_ACCUMULATOR = 0.1
-NUM_CLASSES = 2
+__all__ = [
+    "ADAGRAD_INITIAL_ACCUMULATOR",
+    "FORGET_BIAS",
+    "State",
+    "WindowStep",
+    "forward",
+    "init_adagrad",
+    "init_state",
+    "init_weights",
+    "numba_kernels",
+    "step_function",
+    "train_window",
+]
 
 Weights = list[torch.Tensor]
-
-
-class State(NamedTuple):
-    """The carried LSTM state of every layer: h and c, each (num_layers, B, H, K)."""
-
-    h: torch.Tensor
-    c: torch.Tensor
 
 
 class _LayerTape(NamedTuple):
@@ -67,40 +65,13 @@ class _LayerTape(NamedTuple):
 
 
 def init_weights(model: ModelConfig, seeds: Sequence[int], device: torch.device) -> Weights:
-    """Initial weights of K models, model k drawn from its own seed as the tutorial's TF code does.
-
-    LSTM kernels are Glorot-uniform over TensorFlow's joint [input + hidden, 4H] matrix, biases 0
-    except the forget gate's 1.0, the output weights uniform in [0, 1) and the output bias 0.
-    """
-    per_model = [_init_one(model, seed) for seed in seeds]
-    return [
-        torch.from_numpy(np.stack(parts, axis=-1)).to(device)
-        for parts in zip(*per_model, strict=True)
-    ]
-
-
-def _init_one(model: ModelConfig, seed: int) -> list[np.ndarray]:
-    rng = rng_for(seed, INIT_STREAM)
-    units = model.state_size
-    arrays = []
-    for layer in range(model.num_layers):
-        inputs = 1 if layer == 0 else units
-        limit = math.sqrt(6.0 / (inputs + units + 4 * units))
-        kernel = rng.uniform(-limit, limit, (inputs + units, 4 * units)).astype(np.float32)
-        bias = np.zeros(4 * units, np.float32)
-        bias[units : 2 * units] = FORGET_BIAS
-        arrays += [kernel[:inputs], kernel[inputs:], bias]
-    w_out = rng.random((units, NUM_CLASSES)).astype(np.float32)
-    return [*arrays, w_out, np.zeros(NUM_CLASSES, np.float32)]
+    """`layout.initial_weights` of K models, as tensors on `device`."""
+    return [torch.from_numpy(w).to(device) for w in initial_weights(model, seeds)]
 
 
 def init_adagrad(weights: Weights) -> Weights:
     """Adagrad's accumulators, one per weight."""
     return [torch.full_like(w, ADAGRAD_INITIAL_ACCUMULATOR) for w in weights]
-
-
-def num_layers(weights: Weights) -> int:
-    return (len(weights) - 2) // 3
 
 
 def init_state(weights: Weights, batch_size: int) -> State:
@@ -116,7 +87,9 @@ def forward(weights: Weights, x: torch.Tensor, state: State) -> tuple[torch.Tens
     inputs = x.unsqueeze(2)  # (B, T, 1, K): one scalar per step
     last_h, last_c = [], []
     for layer in range(num_layers(weights)):
-        tape = _LayerTape(*_layer_forward(*_layer(weights, layer), inputs, *_layer(state, layer)))
+        tape = _LayerTape(
+            *_layer_forward(*layer_of(weights, layer), inputs, *layer_of(state, layer))
+        )
         inputs = tape.outputs
         last_h.append(tape.outputs[:, -1])
         last_c.append(tape.c_last)
@@ -161,7 +134,7 @@ def train_window(
     tapes = []
     for layer in range(layers):
         tape = _LayerTape(
-            *kernels.layer_forward(*_layer(weights, layer), inputs, *_layer(state, layer))
+            *kernels.layer_forward(*layer_of(weights, layer), inputs, *layer_of(state, layer))
         )
         tapes.append(tape)
         inputs = tape.outputs
@@ -173,7 +146,7 @@ def train_window(
     for layer in reversed(range(layers)):
         tape = tapes[layer]
         *updated, d_outputs = kernels.layer_backward_update(
-            *_layer(weights, layer), *_layer(accum, layer), *tape[:5], d_outputs, lr, active,
+            *layer_of(weights, layer), *layer_of(accum, layer), *tape[:5], d_outputs, lr, active,
             layer > 0,
         )  # fmt: skip
         new_weights[3 * layer : 3 * layer + 3] = updated[:3]
@@ -182,13 +155,6 @@ def train_window(
         torch.stack([t.outputs[:, -1] for t in tapes]), torch.stack([t.c_last for t in tapes])
     )
     return losses, margin, new_weights, new_accum, new_state, active
-
-
-def _layer(tensors: Sequence[torch.Tensor], layer: int) -> Sequence[torch.Tensor]:
-    """A layer's three weights (or accumulators), or its (h, c) when given a State."""
-    if isinstance(tensors, State):
-        return tensors.h[layer], tensors.c[layer]
-    return tensors[3 * layer : 3 * layer + 3]
 
 
 def _layer_forward(
@@ -319,90 +285,36 @@ def _adagrad(
 
 EAGER = Kernels(_layer_forward, _head_update, _layer_backward_update)
 
-WindowResult = tuple[torch.Tensor, torch.Tensor, Weights, Weights, State, torch.Tensor]
-
-
-class WindowStep:
-    """`train_window` on one backend: call it as `(weights, accum, x, y, state, lr, active) ->
-    (losses, margin, weights, accum, state, active_after)`, with train_window's meaning.
-
-    It may update weights, accum and state in place and return them: callers never reuse what
-    they passed in. A model inactive on input keeps its weights, accumulators and state.
-    `backend` is "numba", "inductor" or "eager"; a torch.compile that fails on its first call
-    (no C++ compiler, say) warns once and the step goes on eagerly.
-    """
-
-    def __init__(self, backend: str, window: Callable[..., WindowResult]) -> None:
-        self.backend = backend
-        self._window = window
-
-    @property
-    def compiled(self) -> bool:
-        return self.backend != "eager"
-
-    def __call__(self, *args: object) -> WindowResult:
-        try:
-            return self._window(*args)
-        except Exception as error:  # whatever broke the compile, the eager step works
-            if self.backend != "inductor":
-                raise
-            _warn_fallback("torch.compile", error)
-            self.backend, self._window = "eager", _eager_window
-            return self._window(*args)
-
 
 def step_function(mode: bool | str, device: torch.device) -> WindowStep:
     """The training step for `train.compile` = mode (True, False or "auto") on this device.
 
     On the CPU, True and "auto" give the numba kernels (pipeline/kernels.py: compiled once per
-    machine for every shape, then loaded from disk in a fraction of a second); on CUDA they
-    give torch.compile's kernels. False, or a compiler that fails, gives eager torch; a failure
-    warns once per process.
+    machine for every shape, then loaded from disk in a fraction of a second), a step on numpy
+    arrays (its `arrays` says so); on CUDA they give torch.compile's kernels. False, or a
+    compiler that fails, gives eager torch; a failure warns once per process.
     """
     if mode is False:
         return WindowStep("eager", _eager_window)
     if device.type == "cpu":
         kernels = numba_kernels()
-        return WindowStep("eager", _eager_window) if kernels is None else _numba_step(kernels)
+        return WindowStep("eager", _eager_window) if kernels is None else numba_step(kernels)
     return _inductor_step()
-
-
-@functools.cache
-def numba_kernels() -> ModuleType | None:
-    """pipeline.kernels with at least one family of kernels compiled or loaded from its cache;
-    None (after one warning) where numba is missing, disabled or cannot compile. Once per
-    process: a failure is not retried.
-
-    Processes that start together on a cold machine share the compile: each compiles a family
-    that no other is compiling, or waits for the first to be done, and each window takes the
-    faster family once it is ready (see `_ready_family`)."""
-    try:
-        from pipeline import kernels
-
-        kernels.first_ready()
-    except Exception as error:
-        _warn_fallback("numba", error)
-        return None
-    return kernels
-
-
-def _warn_fallback(compiler: str, error: BaseException) -> None:
-    text = str(error).strip()
-    reason = text.splitlines()[0] if text else type(error).__name__
-    log.warning("%s failed (%s); training without it", compiler, reason)
 
 
 @functools.cache
 def _inductor_step() -> WindowStep:
     """One torch.compile step per process, so that a Ray worker compiles once for all its
     tasks, and a compile that failed is not tried again."""
-    return WindowStep("inductor", functools.partial(_torch_window, kernels=compiled_kernels()))
+    window = functools.partial(_torch_window, kernels=compiled_kernels())
+    return WindowStep("inductor", window, fallback=_eager_window)
 
 
 def _eager_window(*args: object) -> WindowResult:
     return _torch_window(*args, kernels=EAGER)
 
 
+@torch.no_grad()  # the backward is written out: nothing needs autograd's graph
 def _torch_window(
     weights: Weights,
     accum: Weights,
@@ -421,150 +333,6 @@ def _torch_window(
         *(torch.where(active, new, old) for new, old in zip(new_state, state, strict=True))
     )
     return losses, margin, weights, accum, kept, still
-
-
-def _numba_step(kernels: ModuleType, by_model: bool | None = None) -> WindowStep:
-    """The numba step; `by_model` picks the kernels (both give the same bits), else the
-    faster ones for each window's shape."""
-    return WindowStep("numba", functools.partial(_numba_window, kernels, by_model=by_model))
-
-
-def _numba_window(
-    kernels: ModuleType,
-    weights: Weights,
-    accum: Weights,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    state: State,
-    lr: torch.Tensor,
-    active: torch.Tensor,
-    by_model: bool | None = None,
-) -> WindowResult:
-    """train_window by the numba kernels, which update weights, accumulators and state in
-    place (on contiguous copies where the caller's tensors are views)."""
-    weights = [w.detach().contiguous() for w in weights]
-    accum = [a.detach().contiguous() for a in accum]
-    state = State(state.h.detach().contiguous(), state.c.detach().contiguous())
-    arrays = _NumbaWindow(
-        weights=[t.numpy() for t in weights],
-        accum=[t.numpy() for t in accum],
-        x=np.ascontiguousarray(x.numpy(), np.float32),
-        y=np.ascontiguousarray(y.numpy(), np.float32),
-        h=state.h.numpy(),
-        c=state.c.numpy(),
-        lr=np.ascontiguousarray(lr.detach().numpy(), np.float32),
-        active=np.ascontiguousarray(active.numpy(), np.bool_),
-    )
-    units, models = arrays.h.shape[2], arrays.x.shape[2]
-    if by_model is None:
-        by_model = _ready_family(kernels, prefer_by_model=_by_model(units, models))
-    else:
-        kernels.require(BY_MODEL if by_model else BY_LANE)
-    losses, margin, still = _window_by(_family(kernels, by_model), arrays)
-    return (
-        torch.from_numpy(losses),
-        torch.from_numpy(margin),
-        weights,
-        accum,
-        state,
-        torch.from_numpy(still),
-    )
-
-
-def _by_model(units: int, models: int) -> bool:
-    """Whether the kernels that run one model at a time are the faster ones here."""
-    return models < models_to_vectorize_over(units)
-
-
-BY_LANE, BY_MODEL = "by_lane", "by_model"
-
-
-def _ready_family(kernels: ModuleType, prefer_by_model: bool) -> bool:
-    """Whether a window runs on the kernels that run one model at a time: the preferred family
-    when it is ready, else the other while another process compiles the preferred one (on a
-    cold machine, trainers train as soon as one family is compiled). Both give the same bits,
-    so a trial's losses do not depend on which family was ready when."""
-    order = (BY_MODEL, BY_LANE) if prefer_by_model else (BY_LANE, BY_MODEL)
-    return kernels.first_ready(order) == BY_MODEL
-
-
-class _NumbaWindow(NamedTuple):
-    """A window's arrays as the numba kernels take them, (..., K); updated in place."""
-
-    weights: list[np.ndarray]
-    accum: list[np.ndarray]
-    x: np.ndarray  # (B, T, K)
-    y: np.ndarray  # (B, T, K)
-    h: np.ndarray  # (L, B, H, K)
-    c: np.ndarray  # (L, B, H, K)
-    lr: np.ndarray  # (K,)
-    active: np.ndarray  # (K,)
-
-
-class _Family(NamedTuple):
-    """One family of numba kernels (pipeline/kernels.py), and where its tape holds the models."""
-
-    forward: Callable[..., None]
-    head: Callable[..., None]
-    backward: Callable[..., None]
-    model_first: bool
-    """The tape is (K, B, T, ·) for the kernels that run one model at a time, else (B, T, ·, K)."""
-
-
-def _family(kernels: ModuleType, by_model: bool) -> _Family:
-    if by_model:
-        return _Family(
-            kernels.layer_forward_by_model,
-            kernels.head_update_by_model,
-            kernels.layer_backward_update_by_model,
-            model_first=True,
-        )
-    return _Family(
-        kernels.layer_forward, kernels.head_update, kernels.layer_backward_update, model_first=False
-    )
-
-
-def _window_by(family: _Family, a: _NumbaWindow) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The window by one family of kernels; they update weights, accumulators and state."""
-    batch, steps, models = a.x.shape
-    units = a.h.shape[2]
-
-    def tape(*shape: int) -> np.ndarray:
-        return np.empty((models, *shape) if family.model_first else (*shape, models), np.float32)
-
-    # Every layer reads step t's inputs at t + 1 of a (B, T + 1, I) sequence per model: the
-    # layer below's h_seq, or for the first layer the window's x behind one unused step.
-    inputs = tape(batch, steps + 1, 1)
-    per_model = inputs if family.model_first else np.moveaxis(inputs, -1, 0)  # (K, B, T + 1, 1)
-    per_model[:, :, 0] = 0.0
-    per_model[:, :, 1:, 0] = a.x.transpose(2, 0, 1)
-    tapes = []
-    for layer in range(len(a.h)):
-        h_seq, c_seq = tape(batch, steps + 1, units), tape(batch, steps + 1, units)
-        gates, tanh_c = tape(batch, steps, 4 * units), tape(batch, steps, units)
-        family.forward(
-            *_layer(a.weights, layer), inputs, a.h[layer], a.c[layer], h_seq, c_seq, gates,
-            tanh_c, a.active,
-        )  # fmt: skip
-        tapes.append((inputs, h_seq, c_seq, gates, tanh_c))
-        inputs = h_seq
-    losses = np.empty(models, np.float32)
-    margin = np.empty((batch, steps, models), np.float32)
-    d_outputs = tape(batch, steps, units)
-    still = np.empty(models, np.bool_)
-    family.head(
-        *a.weights[-2:], *a.accum[-2:], inputs, a.y, a.lr, a.active, losses, margin, d_outputs,
-        still,
-    )  # fmt: skip
-    for layer in reversed(range(len(tapes))):
-        # The first layer's inputs are data: no gradient for them.
-        d_inputs = tape(batch, steps, units if layer else 0)
-        family.backward(
-            *_layer(a.weights, layer), *_layer(a.accum, layer), *tapes[layer], d_outputs,
-            d_inputs, a.lr, still,
-        )  # fmt: skip
-        d_outputs = d_inputs
-    return losses, margin, still
 
 
 @functools.cache

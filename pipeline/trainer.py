@@ -5,7 +5,9 @@ Ray imports this module in every worker process that runs a trainer, so it impor
 training needs: no pandas, pyarrow, Optuna or matplotlib, which the driver alone uses (their
 import took a trainer's worker about 1.8 s of a core, while the driver and the other trainers
 start on the same cores). Nor does it import torch when imported: the driver imports it too,
-to start trainers, and never trains; a trainer imports what it trains with in its own worker.
+to start trainers, and never trains; a trainer imports what it trains with in its own worker,
+and one that trains on the CPU with the numba kernels never imports torch (its import took
+0.8 s of each trainer's start).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from pipeline.exchange import Finished, LaneTrial, Report, first_line
 from pipeline.exchange import trainer_key as lanes_key
 
 if TYPE_CHECKING:
-    from pipeline.train import Lanes
+    from pipeline.lanes import Lanes
+    from pipeline.layout import WindowStep
 
 
 @dataclass(frozen=True)
@@ -61,11 +64,7 @@ class Trainer:
         device: str,
         compile_missing: bool = True,
     ) -> None:
-        # torch here, in the trainer's worker, not at the top: the driver imports this module.
-        import torch
-
-        # Ray sets OMP_NUM_THREADS per worker, but torch read it when the process started.
-        torch.set_num_threads(cpus)
+        self.cpus = cpus
         self.compile_mode = compile_mode
         self.device = device
         self.compile_missing = compile_missing
@@ -119,17 +118,14 @@ class Trainer:
             raise
 
     def _train_forever(self) -> None:
-        import torch  # see __init__
-
-        with torch.inference_mode():
-            while True:
-                with self.changed:
-                    self.changed.wait_for(lambda: self.inbox or self.verdicts or self._busy())
-                    inbox, self.inbox = self.inbox, []
-                    verdicts, self.verdicts = self.verdicts, {}
-                self._apply(inbox, verdicts)
-                for key, lanes in list(self.lanes.items()):
-                    self._step(key, lanes)
+        while True:
+            with self.changed:
+                self.changed.wait_for(lambda: self.inbox or self.verdicts or self._busy())
+                inbox, self.inbox = self.inbox, []
+                verdicts, self.verdicts = self.verdicts, {}
+            self._apply(inbox, verdicts)
+            for key, lanes in list(self.lanes.items()):
+                self._step(key, lanes)
 
     def _busy(self) -> bool:
         return any(
@@ -177,15 +173,41 @@ class Trainer:
             self.changed.notify_all()
 
     def _lanes_for(self, config: Config) -> Lanes:
-        from pipeline.model import step_function  # torch: see __init__
-        from pipeline.train import Lanes, resolve_device
+        from pipeline.lanes import Lanes
 
         key = lanes_key(config)
         if key not in self.lanes:
-            device = resolve_device(config.train.device)
-            step = step_function(config.train.compile, device)
+            step, device = _window_step(config, self.cpus)
             self.lanes[key] = Lanes(config, step, device, self.report_every, self.judge_from)
         return self.lanes[key]
+
+
+def _window_step(config: Config, cpus: int) -> tuple[WindowStep, Any]:
+    """The step of a trainer's lanes for `config`, and the device of their arrays: the numba
+    step on numpy arrays where the trainer trains on the CPU and numba runs, without torch;
+    else torch's step, eager on the CPU or compiled on the GPU Ray gave the trainer."""
+    on_the_cpu = _on_the_cpu(config.train.device)
+    if on_the_cpu:
+        from pipeline.numba_step import cpu_step
+
+        step = cpu_step(config.train.compile)
+        if step is not None:
+            return step, "cpu"
+    import torch
+
+    from pipeline.model import step_function
+    from pipeline.train import resolve_device
+
+    # Ray sets OMP_NUM_THREADS per worker, but torch read it when the process started.
+    torch.set_num_threads(cpus)
+    device = resolve_device("cpu" if on_the_cpu else config.train.device)
+    return step_function(config.train.compile, device), device
+
+
+def _on_the_cpu(device: str) -> bool:
+    """Whether a trainer trains on the CPU: asked to, or `auto` without a GPU from Ray (never
+    one taken behind Ray's back; see `gpus_per_trainer`)."""
+    return device == "cpu" or (device == "auto" and not ray.get_gpu_ids())
 
 
 def start_trainer(config: Config, report_every: int | None = None, judge_from: int = 0) -> Any:
@@ -227,15 +249,13 @@ def _load_cpu_kernels(compile_mode: bool | str, device: str, compile_missing: bo
     as they are compiled (`model._ready_family`). Without `compile_missing` (Ray embedded: the
     driver compiles ahead the families its study wants), a family is compiled here only when
     none is anywhere."""
-    if compile_mode is False or device not in ("cpu", "auto"):
+    if compile_mode is False or not _on_the_cpu(device):
         return
-    from pipeline.model import numba_kernels  # torch: see Trainer.__init__
-    from pipeline.train import resolve_device
+    from pipeline.numba_step import numba_kernels
 
-    if resolve_device(device).type == "cpu":
-        if not compile_missing:
-            with contextlib.suppress(ImportError):  # no numba: numba_kernels says so
-                from pipeline import kernels
+    if not compile_missing:
+        with contextlib.suppress(ImportError):  # no numba: numba_kernels says so
+            from pipeline import kernels
 
-                kernels.load_only_cached()
-        numba_kernels()
+            kernels.load_only_cached()
+    numba_kernels()

@@ -1,14 +1,19 @@
 """Trials flowing through lanes: joining busy trainers, freeing lanes, and a sampler that learns."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import optuna
 import torch
 
 from pipeline.exchange import LaneTrial
+from pipeline.lanes import Lanes
 from pipeline.model import step_function
 from pipeline.results import Output
 from pipeline.study import JOURNAL, run_study
-from pipeline.train import Lanes
 from tests.conftest import small_config, study_config
 
 CPU = torch.device("cpu")
@@ -54,6 +59,41 @@ def test_lanes_trial_joining_a_busy_trainer_midway_gives_its_losses_alone():
     busy = _run_lanes([*others, (13, target)])[len(others)]
     assert len(alone) == target.total_steps
     assert np.array_equal(busy, alone)
+
+
+def test_lanes_of_a_trainer_on_the_cpu_train_without_importing_torch():
+    # A trainer on the CPU steps its lanes with the numba kernels on numpy arrays: torch, most
+    # of a second to import at every trainer's start, is never loaded. Its trial's losses are
+    # those the same lanes give here, where torch is loaded.
+    config = _config(**{"train.seed": 3, "train.device": "cpu"})
+    script = """
+import json, sys
+from tests.conftest import small_config
+from pipeline.exchange import LaneTrial
+from pipeline.lanes import Lanes
+from pipeline.trainer import _window_step
+config = small_config(**{"train.compile": True, "train.seed": 3, "train.device": "cpu"})
+step, device = _window_step(config, cpus=1)
+lanes = Lanes(config, step, device)
+lanes.admit(LaneTrial(0, config))
+finished = []
+while len(lanes):
+    finished += lanes.step()[0]
+print(json.dumps({"torch": "torch" in sys.modules, "arrays": step.arrays,
+                  "losses": finished[0].losses.tolist()}))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    trained = json.loads(done.stdout.strip().splitlines()[-1])
+    assert trained["torch"] is False and trained["arrays"] == "numpy"
+    assert len(trained["losses"]) == config.total_steps
+    assert np.array_equal(np.float32(trained["losses"]), _run_lanes([(0, config)])[0])
 
 
 def test_lanes_free_lane_takes_the_next_trial_at_the_next_window():

@@ -135,8 +135,31 @@ def test_forward_gives_two_logits_per_step_and_model():
 
 def _numba_step():
     step = step_function(True, CPU)
-    assert step.backend == "numba" and step.compiled
-    return step
+    assert step.backend == "numba" and step.compiled and step.arrays == "numpy"
+    return _on_tensors(step)
+
+
+def _on_tensors(step):
+    """A step on numpy arrays, called with torch tensors and returning them, as torch's steps
+    are (tensor and array share their memory: in-place updates show on both)."""
+    if step.arrays != "numpy":
+        return step
+
+    def on_tensors(weights, accum, x, y, state, lr, active):
+        losses, margin, weights, accum, state, still = step(
+            [w.numpy() for w in weights], [a.numpy() for a in accum], x.numpy(), y.numpy(),
+            State(state.h.numpy(), state.c.numpy()), lr.numpy(), active.numpy(),
+        )  # fmt: skip
+        tensors = [torch.from_numpy(a) for a in (losses, margin, state.h, state.c, still)]
+        return (
+            *tensors[:2],
+            [torch.from_numpy(w) for w in weights],
+            [torch.from_numpy(a) for a in accum],
+            State(*tensors[2:4]),
+            tensors[4],
+        )
+
+    return on_tensors
 
 
 def _models(count: int, layers: int = 2, units: int = 4, seed: int = 0):
@@ -239,7 +262,7 @@ def test_numba_step_gives_a_model_the_same_bits_in_any_batch(count):
 def test_step_keeps_an_inactive_models_weights_accumulators_and_state(backend):
     weights, accum, state, lr, _ = _models(4, layers=2, units=4)
     active = torch.tensor([True, False, True, False])
-    step = step_function(backend, CPU)
+    step = _on_tensors(step_function(backend, CPU))
     before = (_copy(weights), _copy(accum), State(*_copy(state)))
     x, y = _window(4)
     _, _, weights, accum, state, still = step(weights, accum, x, y, state, lr, active)
@@ -327,13 +350,13 @@ def test_numba_kernels_by_model_and_by_lane_give_the_same_bits(units, count):
     # The step picks between the two sets of kernels by the window's shape, so a trial that
     # moves between shapes (lanes joining or leaving) must not see the switch. The last model
     # sits out (when there are several): it keeps its weights and state either way.
-    from pipeline.model import _numba_step
+    from pipeline.numba_step import numba_step
 
     active = torch.tensor([k < max(1, count - 1) for k in range(count)])
     runs = {}
     for by_model in (True, False):
         weights, accum, state, lr, _ = _models(count, layers=3, units=units)
-        step = _numba_step(numba_kernels(), by_model=by_model)
+        step = _on_tensors(numba_step(numba_kernels(), by_model=by_model))
         losses = []
         for window in range(4):
             x, y = _window(count, seed=window)

@@ -1,0 +1,328 @@
+"""Lanes: one trainer trains many trials of one architecture side by side (truncated BPTT).
+
+A trainer holds L lanes. Each lane trains one trial at the trial's own position (epoch,
+window), with its own weights, Adagrad accumulators, carried state and data stream: every
+epoch draws new data and resets that lane's state to zeros, and within an epoch the state is
+carried from window to window. A lane whose trial completes, is pruned or diverges takes the
+next trial at the next window, so trials flow through a trainer one by one (continuous
+batching, as LLM servers batch requests), while the window step itself runs every lane at once
+(the model axis is the last axis of every array, see layout.py). No operation mixes two lanes,
+so a trial's losses do not depend on which lane it got or on what the others do.
+
+The lanes hold the arrays their step takes: numpy arrays for the numba step on the CPU, and
+then this module, like the step, never imports torch (a trainer on the CPU starts without it);
+torch tensors on the step's device otherwise. This module never imports Ray either: the study
+runs `Lanes` inside Ray actors. The values lanes take and give (`LaneTrial`, `Finished`,
+`Report`) live in exchange.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import Config
+from pipeline.data import epoch_windows
+from pipeline.exchange import Finished, LaneTrial, Report, Status, trainer_key
+from pipeline.layout import (
+    ADAGRAD_INITIAL_ACCUMULATOR,
+    Array,
+    State,
+    Weights,
+    WindowStep,
+    initial_weights,
+)
+
+# Floats in the widest CPU vector (AVX-512) and a divisor of GPU warps: lanes come in
+# multiples of it, so that torch's compiled kernels always run whole vectors.
+LANES = 16
+
+
+class Lanes:
+    """L lanes of one architecture on one device, each training its own trial (module docs).
+
+    `admit` puts a trial into a free lane (growing the lanes when none is free, and packing
+    them when more than half stand empty, so that empty lanes cost little compute);
+    `step` trains every running lane on its next window and returns the trials that finished
+    and the reports that fell due: with `report_every`, each trial reports its mean loss every
+    that many steps from step `judge_from` on, and waits (trains no window) until `resume` or
+    `stop` rules on it: a pruner's verdict.
+    """
+
+    def __init__(
+        self,
+        shared: Config,
+        step_fn: WindowStep,
+        device: Any = "cpu",
+        report_every: int | None = None,
+        judge_from: int = 0,
+    ) -> None:
+        """`device`: where torch tensors live (a torch.device or its name); a step on numpy
+        arrays runs on the CPU."""
+        self.shared = shared
+        self.step_fn = step_fn
+        self.arrays = NUMPY if step_fn.arrays == "numpy" else _TorchArrays(device)
+        self.report_every = report_every
+        self.judge_from = judge_from
+        self.windows = shared.task.windows_per_epoch
+        self.capacity = 0
+        self.weights: Weights = []
+        self.accum: Weights = []
+        self.state = State(self.arrays.zeros((0,)), self.arrays.zeros((0,)))
+        self.last_window: tuple[Array, ...] = ()
+        # numba computes each lane alone at any width; torch's kernels only in whole vectors.
+        self.granule = 1 if step_fn.backend == "numba" else LANES
+        self._resize(self.granule)
+
+    def __len__(self) -> int:
+        """Lanes holding a trial."""
+        return int(self.occupied.sum())
+
+    def admit(self, trial: LaneTrial) -> None:
+        """Start `trial` in a free lane, from fresh weights and a zero state, at its window 0."""
+        if trial.key in self.lane_of:
+            raise ValueError(f"trial {trial.key} is already in a lane")
+        if trainer_key(trial.config) != trainer_key(self.shared):
+            raise ValueError(f"trial {trial.key} differs in architecture from this trainer's")
+        free = np.flatnonzero(~self.occupied)
+        if free.size == 0:
+            self.reserve(1)
+            free = np.flatnonzero(~self.occupied)
+        lane = int(free[0])
+        config = trial.config
+        fresh = initial_weights(config.model, [config.train.seed])
+        for weight, initial in zip(self.weights, fresh, strict=True):
+            weight[..., lane] = self.arrays.from_numpy(initial[..., 0])
+        for accum in self.accum:
+            accum[..., lane] = ADAGRAD_INITIAL_ACCUMULATOR
+        self.lr[lane] = config.train.lr
+        self.trials[lane] = trial
+        self.lane_of[trial.key] = lane
+        self.occupied[lane], self.waiting[lane] = True, False
+        self.position[lane], self.total[lane] = 0, config.total_steps
+        self.started[lane] = time.perf_counter()
+        if config.total_steps > self.trace.shape[1]:
+            grown = np.full((self.capacity, config.total_steps), np.nan, np.float32)
+            grown[:, : self.trace.shape[1]] = self.trace
+            self.trace = grown
+        self._start_epoch(lane, 0)
+
+    def reserve(self, count: int) -> None:
+        """Make sure `count` trials find a free lane, growing by whole granules."""
+        missing = count - int((~self.occupied).sum())
+        if missing > 0:
+            self._resize(_round_up(self.capacity + missing, self.granule))
+
+    def step(self) -> tuple[list[Finished], list[Report]]:
+        """Train every running, non-waiting lane on its next window."""
+        packed = _round_up(len(self), self.granule)
+        if len(self) and 2 * len(self) <= self.capacity and packed < self.capacity:
+            self._resize(packed)
+        running = self.occupied & ~self.waiting
+        if not running.any():
+            return [], []
+        window = self.position % self.windows
+        x = self.arrays.window_of(self.data_x, window)  # (B, T, L)
+        y = self.arrays.window_of(self.data_y, window)  # (B, T, L)
+        if not self.shared.train.carry_state:
+            self.state.h[...] = 0.0
+            self.state.c[...] = 0.0
+        active = self.arrays.from_numpy(running)
+        loss, margin, self.weights, self.accum, self.state, healthy = self.step_fn(
+            self.weights, self.accum, x, y, self.state, self.lr, active
+        )
+        self.last_window = (x, y, margin)
+        losses = self.arrays.to_numpy(loss)
+        still_healthy = self.arrays.to_numpy(healthy)
+        ran = np.flatnonzero(running)
+        self.trace[ran, self.position[ran]] = losses[ran]
+        self.last_losses = np.where(running, losses, np.nan).astype(np.float32)
+        self.position[ran] += 1
+        return self._after_window(ran, still_healthy)
+
+    def resume(self, keys: Iterable[int]) -> None:
+        """Let waiting trials go on (the pruner kept them)."""
+        for key in keys:
+            if key in self.lane_of:
+                self.waiting[self.lane_of[key]] = False
+
+    def stop(self, keys: Iterable[int]) -> list[Finished]:
+        """Stop trials (the pruner rejected them) after the steps they ran; frees their lanes."""
+        return [self._finish(self.lane_of[k], "pruned") for k in keys if k in self.lane_of]
+
+    def _after_window(
+        self, ran: np.ndarray, healthy: np.ndarray
+    ) -> tuple[list[Finished], list[Report]]:
+        # Whole arrays first: most windows end no lane's epoch, trial or report interval, and
+        # a loop over every lane cost as much as the kernels of a small architecture.
+        position = self.position[ran]
+        diverged = ~healthy[ran]
+        ended = diverged | (position == self.total[ran])
+        finished = [
+            self._finish(lane, "diverged" if gone else "complete")
+            for lane, gone in zip(ran[ended], diverged[ended], strict=True)
+        ]
+        going, position = ran[~ended], position[~ended]
+        new_epoch = position % self.windows == 0
+        for lane, at in zip(going[new_epoch], position[new_epoch], strict=True):
+            self._start_epoch(lane, int(at) // self.windows)
+        if not self.report_every:
+            return finished, []
+        due = (position % self.report_every == 0) & (position - 1 >= self.judge_from)
+        return finished, [
+            self._report(lane, int(at)) for lane, at in zip(going[due], position[due], strict=True)
+        ]
+
+    def _report(self, lane: int, position: int) -> Report:
+        recent = self.trace[lane, position - self.report_every : position]
+        self.waiting[lane] = True
+        key = self.trials[lane].key
+        return Report(key, position - 1, float(recent.astype(np.float64).mean()))
+
+    def _finish(self, lane: int, status: Status) -> Finished:
+        trial = self.trials[lane]
+        losses = self.trace[lane, : self.position[lane]].copy()
+        self.occupied[lane], self.waiting[lane] = False, False
+        self.trials[lane] = None
+        del self.lane_of[trial.key]
+        return Finished(trial.key, losses, status, time.perf_counter() - self.started[lane])
+
+    def _start_epoch(self, lane: int, epoch: int) -> None:
+        """Draw the lane's data of `epoch` and reset its carried state to zeros."""
+        trial = self.trials[lane]
+        xs, ys = epoch_windows([trial.config.task], [trial.config.train.seed], epoch)
+        self.data_x[lane] = self.arrays.from_numpy(xs[..., 0])  # (W, B, T)
+        self.data_y[lane] = self.arrays.from_numpy(ys[..., 0])
+        self.state.h[..., lane] = 0.0
+        self.state.c[..., lane] = 0.0
+
+    def _resize(self, capacity: int) -> None:
+        """Hold `capacity` lanes: the running ones first, in their order, then empty ones.
+
+        Moving a lane changes nothing it computes (no kernel mixes lanes, and the padded ones
+        always run whole vectors), so lanes may be packed when many stand empty."""
+        keep = np.flatnonzero(self.occupied) if self.capacity else np.zeros(0, np.int64)
+        if not self.capacity:
+            self._allocate_empty()
+        else:
+            keep = np.arange(self.capacity) if capacity >= self.capacity else keep
+        added = capacity - len(keep)
+
+        def resized(array: Array, axis: int) -> Array:
+            shape = list(array.shape)
+            shape[axis] = added
+            return self.arrays.concatenate(
+                [self.arrays.take(array, keep, axis), self.arrays.zeros(tuple(shape))], axis
+            )
+
+        def resized_array(array: np.ndarray, fill: object) -> np.ndarray:
+            return np.concatenate([array[keep], np.full((added, *array.shape[1:]), fill)]).astype(
+                array.dtype
+            )
+
+        self.weights = [resized(w, -1) for w in self.weights]
+        self.accum = [resized(a, -1) for a in self.accum]
+        self.state = State(resized(self.state.h, -1), resized(self.state.c, -1))
+        self.data_x, self.data_y = resized(self.data_x, 0), resized(self.data_y, 0)
+        self.lr = resized(self.lr, 0)
+        self.trace = resized_array(self.trace, np.nan)
+        self.occupied = resized_array(self.occupied, False)
+        self.waiting = resized_array(self.waiting, False)
+        self.position = resized_array(self.position, 0)
+        self.total = resized_array(self.total, 0)
+        self.started = resized_array(self.started, 0.0)
+        self.last_losses = resized_array(self.last_losses, np.nan)
+        self.trials = [self.trials[k] for k in keep] + [None] * added
+        self.lane_of = {trial.key: lane for lane, trial in enumerate(self.trials) if trial}
+        self.capacity = capacity
+
+    def _allocate_empty(self) -> None:
+        config, zeros = self.shared, self.arrays.zeros
+        task, model = config.task, config.model
+        template = initial_weights(model, [0])
+        self.weights = [zeros((*w.shape[:-1], 0)) for w in template]
+        self.accum = [zeros((*w.shape[:-1], 0)) for w in template]
+        shape = (model.num_layers, task.batch_size, model.state_size, 0)
+        self.state = State(zeros(shape), zeros(shape))
+        data_shape = (0, self.windows, task.batch_size, task.truncation)
+        self.data_x = zeros(data_shape)
+        self.data_y = zeros(data_shape)
+        self.lr = zeros((0,))
+        self.trace = np.zeros((0, 0), np.float32)
+        self.occupied = np.zeros(0, bool)
+        self.waiting = np.zeros(0, bool)
+        self.position = np.zeros(0, np.int64)
+        self.total = np.zeros(0, np.int64)
+        self.started = np.zeros(0)
+        self.last_losses = np.zeros(0, np.float32)
+        self.trials: list[LaneTrial | None] = []
+        self.lane_of: dict[int, int] = {}
+
+
+def _round_up(count: int, granule: int) -> int:
+    return max(granule, -(-count // granule) * granule)
+
+
+class _NumpyArrays:
+    """Lanes' arrays as float32 numpy arrays (the numba step's)."""
+
+    @staticmethod
+    def zeros(shape: tuple[int, ...]) -> np.ndarray:
+        return np.zeros(shape, np.float32)
+
+    @staticmethod
+    def from_numpy(array: np.ndarray) -> np.ndarray:
+        return array
+
+    @staticmethod
+    def to_numpy(array: np.ndarray) -> np.ndarray:
+        return array
+
+    @staticmethod
+    def take(array: np.ndarray, index: np.ndarray, axis: int) -> np.ndarray:
+        return np.take(array, index, axis=axis)
+
+    @staticmethod
+    def concatenate(parts: Sequence[np.ndarray], axis: int) -> np.ndarray:
+        return np.concatenate(parts, axis=axis)
+
+    @staticmethod
+    def window_of(data: np.ndarray, window: np.ndarray) -> np.ndarray:
+        """Lane l's window window[l] of data (L, W, B, T), as one contiguous (B, T, L)."""
+        return np.ascontiguousarray(data[np.arange(len(window)), window].transpose(1, 2, 0))
+
+
+NUMPY = _NumpyArrays()
+
+
+class _TorchArrays:
+    """Lanes' arrays as float32 torch tensors on `device`."""
+
+    def __init__(self, device: Any) -> None:
+        import torch  # only here: a trainer on numpy arrays never imports it
+
+        self.torch = torch
+        self.device = torch.device(device)
+
+    def zeros(self, shape: tuple[int, ...]) -> Any:
+        return self.torch.zeros(shape, device=self.device)
+
+    def from_numpy(self, array: np.ndarray) -> Any:
+        return self.torch.from_numpy(array).to(self.device)
+
+    def to_numpy(self, tensor: Any) -> np.ndarray:
+        return tensor.cpu().numpy()
+
+    def take(self, tensor: Any, index: np.ndarray, axis: int) -> Any:
+        return tensor.index_select(axis, self.from_numpy(index))
+
+    def concatenate(self, parts: Sequence[Any], axis: int) -> Any:
+        return self.torch.cat(list(parts), dim=axis)
+
+    def window_of(self, data: Any, window: np.ndarray) -> Any:
+        """Lane l's window window[l] of data (L, W, B, T), as one contiguous (B, T, L)."""
+        lanes = self.torch.arange(len(window), device=self.device)
+        return data[lanes, self.from_numpy(window)].permute(1, 2, 0).contiguous()

@@ -1,0 +1,129 @@
+"""The arrays of K stacked LSTMs, whatever holds them: torch tensors (model.py's steps, on the CPU
+or a GPU) or numpy arrays (the numba kernels' step, numba_step.py, which never imports torch).
+
+Every weight has shape (..., K); model k owns the slice [..., k] and no operation mixes two
+models, so a model follows the same arithmetic whatever else is in its batch.
+
+Weights, a flat list (flat so that torch.compile sees plain tensors):
+    per layer l: w_input (I_l, 4H, K), w_hidden (H, 4H, K), bias (4H, K)   (I_0 = 1, else H)
+    then the head: w_out (H, 2, K), b_out (2, K)
+Gates are ordered i, f, o, g so that one sigmoid covers the first three and one tanh the last.
+State is (h, c), each (num_layers, B, H, K), like the tutorial's [num_layers, 2, batch, state].
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from pipeline.config import ModelConfig
+from pipeline.data import INIT_STREAM, rng_for
+
+log = logging.getLogger("pipeline.model")  # where the fallback warnings have always come from
+
+# TensorFlow's LSTMCell adds 1.0 to the forget gate, and its AdagradOptimizer starts every
+# accumulator at 0.1; both matter for matching the tutorial's convergence.
+FORGET_BIAS = 1.0
+ADAGRAD_INITIAL_ACCUMULATOR = 0.1
+NUM_CLASSES = 2
+
+Array = Any
+"""A torch.Tensor or a numpy array, as the step that takes it wants."""
+Weights = list[Array]
+
+
+class State(NamedTuple):
+    """The carried LSTM state of every layer: h and c, each (num_layers, B, H, K)."""
+
+    h: Array
+    c: Array
+
+
+WindowResult = tuple[Array, Array, Weights, Weights, State, Array]
+"""(losses (K,), margin (B, T, K), weights, accum, state, active_after (K,)): see WindowStep."""
+
+
+class WindowStep:
+    """`train_window` (model.py) on one backend: call it as `(weights, accum, x, y, state, lr,
+    active) -> (losses, margin, weights, accum, state, active_after)`, with train_window's
+    meaning, on arrays of the kind `arrays` names: "torch" tensors or "numpy" arrays.
+
+    It may update weights, accum and state in place and return them: callers never reuse what
+    they passed in. A model inactive on input keeps its weights, accumulators and state.
+    `backend` is "numba", "inductor" or "eager"; where `fallback` is given (torch.compile's
+    step), a call that fails (no C++ compiler, say) warns once and the step goes on with
+    `fallback`, the eager step.
+    """
+
+    def __init__(
+        self,
+        backend: str,
+        window: Callable[..., WindowResult],
+        arrays: str = "torch",
+        fallback: Callable[..., WindowResult] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.arrays = arrays
+        self._window = window
+        self._fallback = fallback
+
+    @property
+    def compiled(self) -> bool:
+        return self.backend != "eager"
+
+    def __call__(self, *args: object) -> WindowResult:
+        try:
+            return self._window(*args)
+        except Exception as error:  # whatever broke the compile, the eager step works
+            if self._fallback is None:
+                raise
+            warn_fallback("torch.compile", error)
+            self.backend, self._window, self._fallback = "eager", self._fallback, None
+            return self._window(*args)
+
+
+def warn_fallback(compiler: str, error: BaseException) -> None:
+    text = str(error).strip()
+    reason = text.splitlines()[0] if text else type(error).__name__
+    log.warning("%s failed (%s); training without it", compiler, reason)
+
+
+def initial_weights(model: ModelConfig, seeds: Sequence[int]) -> list[np.ndarray]:
+    """Initial weights of K models as float32 arrays (..., K), model k drawn from its own seed
+    as the tutorial's TF code does.
+
+    LSTM kernels are Glorot-uniform over TensorFlow's joint [input + hidden, 4H] matrix, biases 0
+    except the forget gate's 1.0, the output weights uniform in [0, 1) and the output bias 0.
+    """
+    per_model = [_init_one(model, seed) for seed in seeds]
+    return [np.stack(parts, axis=-1) for parts in zip(*per_model, strict=True)]
+
+
+def _init_one(model: ModelConfig, seed: int) -> list[np.ndarray]:
+    rng = rng_for(seed, INIT_STREAM)
+    units = model.state_size
+    arrays = []
+    for layer in range(model.num_layers):
+        inputs = 1 if layer == 0 else units
+        limit = math.sqrt(6.0 / (inputs + units + 4 * units))
+        kernel = rng.uniform(-limit, limit, (inputs + units, 4 * units)).astype(np.float32)
+        bias = np.zeros(4 * units, np.float32)
+        bias[units : 2 * units] = FORGET_BIAS
+        arrays += [kernel[:inputs], kernel[inputs:], bias]
+    w_out = rng.random((units, NUM_CLASSES)).astype(np.float32)
+    return [*arrays, w_out, np.zeros(NUM_CLASSES, np.float32)]
+
+
+def num_layers(weights: Weights) -> int:
+    return (len(weights) - 2) // 3
+
+
+def layer_of(arrays: Sequence[Array], layer: int) -> Sequence[Array]:
+    """A layer's three weights (or accumulators), or its (h, c) when given a State."""
+    if isinstance(arrays, State):
+        return arrays.h[layer], arrays.c[layer]
+    return arrays[3 * layer : 3 * layer + 3]

@@ -1,0 +1,189 @@
+"""The window step on the CPU by the numba kernels (kernels.py), on numpy arrays.
+
+It never imports torch: a trainer that trains on the CPU imports numpy, numba and its kernels
+only (torch's import took each trainer 0.8 s of a core at its start, before its first window),
+and its lanes hold numpy arrays that the kernels update in place, with nothing to convert per
+window. model.py's `step_function` hands out this step too, for torch tensors on the CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from types import ModuleType
+from typing import NamedTuple
+
+import numpy as np
+
+from pipeline.cost import models_to_vectorize_over
+from pipeline.layout import State, WindowResult, WindowStep, layer_of, warn_fallback
+
+BY_LANE, BY_MODEL = "by_lane", "by_model"
+
+
+def cpu_step(mode: bool | str) -> WindowStep | None:
+    """The numba step for `train.compile` = mode on the CPU: None where mode is False or numba
+    cannot run here (then the caller trains with eager torch)."""
+    if mode is False:
+        return None
+    kernels = numba_kernels()
+    return None if kernels is None else numba_step(kernels)
+
+
+@functools.cache
+def numba_kernels() -> ModuleType | None:
+    """pipeline.kernels with at least one family of kernels compiled or loaded from its cache;
+    None (after one warning) where numba is missing, disabled or cannot compile. Once per
+    process: a failure is not retried.
+
+    Processes that start together on a cold machine share the compile: each compiles a family
+    that no other is compiling, or waits for the first to be done, and each window takes the
+    faster family once it is ready (see `_ready_family`)."""
+    try:
+        from pipeline import kernels
+
+        kernels.first_ready()
+    except Exception as error:
+        warn_fallback("numba", error)
+        return None
+    return kernels
+
+
+def numba_step(kernels: ModuleType, by_model: bool | None = None) -> WindowStep:
+    """The numba step on numpy arrays; `by_model` picks the kernels (both give the same bits),
+    else the faster ones for each window's shape."""
+    window = functools.partial(numba_window, kernels, by_model=by_model)
+    return WindowStep("numba", window, arrays="numpy")
+
+
+def numba_window(
+    kernels: ModuleType,
+    weights: list[np.ndarray],
+    accum: list[np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    state: State,
+    lr: np.ndarray,
+    active: np.ndarray,
+    by_model: bool | None = None,
+) -> WindowResult:
+    """train_window by the numba kernels, which update weights, accumulators and state in
+    place: float32 arrays (bool for `active`), C-contiguous, as `Lanes` keeps them; arrays that
+    are not (views, other dtypes) are copied first, and the copies returned."""
+    weights = [_dense(w, np.float32) for w in weights]
+    accum = [_dense(a, np.float32) for a in accum]
+    state = State(_dense(state.h, np.float32), _dense(state.c, np.float32))
+    arrays = _NumbaWindow(
+        weights=weights,
+        accum=accum,
+        x=_dense(x, np.float32),
+        y=_dense(y, np.float32),
+        h=state.h,
+        c=state.c,
+        lr=_dense(lr, np.float32),
+        active=_dense(active, np.bool_),
+    )
+    units, models = arrays.h.shape[2], arrays.x.shape[2]
+    if by_model is None:
+        by_model = _ready_family(kernels, prefer_by_model=_by_model(units, models))
+    else:
+        kernels.require(BY_MODEL if by_model else BY_LANE)
+    losses, margin, still = _window_by(_family(kernels, by_model), arrays)
+    return losses, margin, weights, accum, state, still
+
+
+def _dense(array: np.ndarray, dtype: type) -> np.ndarray:
+    return np.ascontiguousarray(array, dtype)
+
+
+def _by_model(units: int, models: int) -> bool:
+    """Whether the kernels that run one model at a time are the faster ones here."""
+    return models < models_to_vectorize_over(units)
+
+
+def _ready_family(kernels: ModuleType, prefer_by_model: bool) -> bool:
+    """Whether a window runs on the kernels that run one model at a time: the preferred family
+    when it is ready, else the other while another process compiles the preferred one (on a
+    cold machine, trainers train as soon as one family is compiled). Both give the same bits,
+    so a trial's losses do not depend on which family was ready when."""
+    order = (BY_MODEL, BY_LANE) if prefer_by_model else (BY_LANE, BY_MODEL)
+    return kernels.first_ready(order) == BY_MODEL
+
+
+class _NumbaWindow(NamedTuple):
+    """A window's arrays as the numba kernels take them, (..., K); updated in place."""
+
+    weights: list[np.ndarray]
+    accum: list[np.ndarray]
+    x: np.ndarray  # (B, T, K)
+    y: np.ndarray  # (B, T, K)
+    h: np.ndarray  # (L, B, H, K)
+    c: np.ndarray  # (L, B, H, K)
+    lr: np.ndarray  # (K,)
+    active: np.ndarray  # (K,)
+
+
+class _Family(NamedTuple):
+    """One family of numba kernels (pipeline/kernels.py), and where its tape holds the models."""
+
+    forward: Callable[..., None]
+    head: Callable[..., None]
+    backward: Callable[..., None]
+    model_first: bool
+    """The tape is (K, B, T, ·) for the kernels that run one model at a time, else (B, T, ·, K)."""
+
+
+def _family(kernels: ModuleType, by_model: bool) -> _Family:
+    if by_model:
+        return _Family(
+            kernels.layer_forward_by_model,
+            kernels.head_update_by_model,
+            kernels.layer_backward_update_by_model,
+            model_first=True,
+        )
+    return _Family(
+        kernels.layer_forward, kernels.head_update, kernels.layer_backward_update, model_first=False
+    )
+
+
+def _window_by(family: _Family, a: _NumbaWindow) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The window by one family of kernels; they update weights, accumulators and state."""
+    batch, steps, models = a.x.shape
+    units = a.h.shape[2]
+
+    def tape(*shape: int) -> np.ndarray:
+        return np.empty((models, *shape) if family.model_first else (*shape, models), np.float32)
+
+    # Every layer reads step t's inputs at t + 1 of a (B, T + 1, I) sequence per model: the
+    # layer below's h_seq, or for the first layer the window's x behind one unused step.
+    inputs = tape(batch, steps + 1, 1)
+    per_model = inputs if family.model_first else np.moveaxis(inputs, -1, 0)  # (K, B, T + 1, 1)
+    per_model[:, :, 0] = 0.0
+    per_model[:, :, 1:, 0] = a.x.transpose(2, 0, 1)
+    tapes = []
+    for layer in range(len(a.h)):
+        h_seq, c_seq = tape(batch, steps + 1, units), tape(batch, steps + 1, units)
+        gates, tanh_c = tape(batch, steps, 4 * units), tape(batch, steps, units)
+        family.forward(
+            *layer_of(a.weights, layer), inputs, a.h[layer], a.c[layer], h_seq, c_seq, gates,
+            tanh_c, a.active,
+        )  # fmt: skip
+        tapes.append((inputs, h_seq, c_seq, gates, tanh_c))
+        inputs = h_seq
+    losses = np.empty(models, np.float32)
+    margin = np.empty((batch, steps, models), np.float32)
+    d_outputs = tape(batch, steps, units)
+    still = np.empty(models, np.bool_)
+    family.head(
+        *a.weights[-2:], *a.accum[-2:], inputs, a.y, a.lr, a.active, losses, margin, d_outputs,
+        still,
+    )  # fmt: skip
+    for layer in reversed(range(len(tapes))):
+        # The first layer's inputs are data: no gradient for them.
+        d_inputs = tape(batch, steps, units if layer else 0)
+        family.backward(
+            *layer_of(a.weights, layer), *layer_of(a.accum, layer), *tapes[layer], d_outputs,
+            d_inputs, a.lr, still,
+        )  # fmt: skip
+        d_outputs = d_inputs
+    return losses, margin, still
