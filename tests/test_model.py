@@ -368,6 +368,39 @@ def test_numba_kernels_by_model_and_by_lane_give_the_same_bits(units, count):
         assert torch.equal(by_model, by_lane)
 
 
+def test_numba_step_never_reads_what_its_kept_tapes_held_before():
+    # A step keeps its tapes from one window to the next of the same shape (fresh ones
+    # page-faulted), so the kernels must write every entry of a tape before reading it: kept
+    # tapes filled with NaN between windows change no bit of what the windows give.
+    from pipeline.numba_step import Tapes, numba_window
+
+    kernels = numba_kernels()
+    for by_model in (True, False):
+        runs = []
+        for poisoned in (False, True):
+            weights, accum, state, lr, active = _models(6, layers=3, units=8)
+            weights, accum = [w.numpy() for w in weights], [a.numpy() for a in accum]
+            state, tapes, losses = State(state.h.numpy(), state.c.numpy()), Tapes(), []
+            for window in range(3):
+                for kept in tapes.kept if poisoned else ():
+                    kept.fill(np.nan)
+                x, y = (t.numpy() for t in _window(6, seed=window))
+                loss, _, weights, accum, state, _ = numba_window(
+                    kernels, weights, accum, x, y, state, lr.numpy(), active.numpy(),
+                    by_model=by_model, tapes=tapes,
+                )  # fmt: skip
+                losses.append(loss.copy())
+                if window == 0:
+                    first_tapes = list(tapes.kept)
+            # The same tapes served every window: those the NaN went into were read again.
+            assert len(first_tapes) >= 10
+            assert [id(t) for t in tapes.kept] == [id(t) for t in first_tapes]
+            runs.append([np.stack(losses), *weights, *state])
+        assert np.isfinite(runs[1][0]).all()
+        for clean, poisoned in zip(*runs, strict=True):
+            assert np.array_equal(clean, poisoned)
+
+
 def test_windows_run_on_the_family_that_is_ready_with_the_same_bits(tmp_path):
     # On a cold machine a trainer trains on whichever family of kernels is ready while another
     # process compiles the faster one. Held here, the lock of the family that one model of
