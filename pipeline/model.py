@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import threading
 from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import NamedTuple
@@ -528,9 +529,16 @@ def _window_by(family: _Family, a: _NumbaWindow) -> tuple[np.ndarray, np.ndarray
     """The window by one family of kernels; they update weights, accumulators and state."""
     batch, steps, models = a.x.shape
     units = a.h.shape[2]
+    kept = _kept_tapes((family.model_first, batch, steps, units, len(a.h), models))
+    taken = iter(range(len(kept) + 1_000))
 
     def tape(*shape: int) -> np.ndarray:
-        return np.empty((models, *shape) if family.model_first else (*shape, models), np.float32)
+        # The n-th tape of a window of this shape: the same shape in every such window.
+        n = next(taken)
+        if n == len(kept):
+            full = (models, *shape) if family.model_first else (*shape, models)
+            kept.append(np.empty(full, np.float32))
+        return kept[n]
 
     # Every layer reads step t's inputs at t + 1 of a (B, T + 1, I) sequence per model: the
     # layer below's h_seq, or for the first layer the window's x behind one unused step.
@@ -565,6 +573,26 @@ def _window_by(family: _Family, a: _NumbaWindow) -> tuple[np.ndarray, np.ndarray
         )  # fmt: skip
         d_outputs = d_inputs
     return losses, margin, still
+
+
+# The tapes of the latest window shapes, per thread, kept for the next window of that shape: a
+# fresh tape of a few hundred KB is mapped fresh from the OS, and the kernels' first writes to
+# it page-faulted (measured at state 16, 3 layers, K = 28: about 600 faults per window, which
+# took 40 % of the forward's time). The kernels write every tape entry they read, so what a
+# kept tape held before does not matter, as np.empty's garbage did not.
+_SHAPES_KEPT = 2
+_kept = threading.local()
+
+
+def _kept_tapes(shape: tuple) -> list[np.ndarray]:
+    """The tapes kept for windows of `shape` (family, B, T, H, layers, K), in the order
+    _window_by takes them; the least recently used shape's are dropped beyond _SHAPES_KEPT."""
+    shapes: dict[tuple, list[np.ndarray]] = _kept.__dict__.setdefault("shapes", {})
+    tapes = shapes.pop(shape, [])
+    shapes[shape] = tapes  # now the most recently used
+    while len(shapes) > _SHAPES_KEPT:
+        del shapes[next(iter(shapes))]
+    return tapes
 
 
 @functools.cache
