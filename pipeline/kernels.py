@@ -261,7 +261,7 @@ def _row_helper(py_func):
     take about 30 % longer). Where the call costs more than the checks (a whole window's
     forward in one function ran slower than a call per row), helpers stay inlined: which is
     which was measured, per helper."""
-    dispatcher = numba.njit(**_JIT)(py_func)
+    dispatcher = numba.njit(_nrt=False, **_JIT)(py_func)
     _promise_no_alias(dispatcher)
     return dispatcher
 
@@ -751,6 +751,64 @@ def _add_four_shares(rows, values, r, out):
 
 
 @_row_helper
+def _add_block_shares(rows, values, v0, out, o0, count):
+    """out[o0 + n] (G,) += Σ_r rows[r] values[v0 + n, r] for n below `count`, for rows (R, G),
+    values (·, R) and out (·, G): each output row summed as _add_shares sums it, but four
+    output rows per pass over the rows of weights, so that each vector of weights is loaded
+    once for the four (the products and the order of their additions are those of
+    _add_shares, so the bits are too). Rows left over (fewer than four) go one at a time."""
+    n = 0
+    while count - n >= 4:
+        r = 0
+        while rows.shape[0] - r >= 8:
+            _add_eight_shares_to_four(rows, values, v0 + n, r, out, o0 + n)
+            r += 8
+        for last in range(r, rows.shape[0]):
+            _add_one_share_to_four(rows, values, v0 + n, last, out, o0 + n)
+        n += 4
+    for left in range(n, count):
+        _add_shares(rows, values[v0 + left], out[o0 + left])
+
+
+@numba.njit(inline="always", **_JIT)
+def _add_eight_shares_to_four(rows, values, v, r, out, o):
+    """out[o + m] += rows[r] values[v + m, r] + ... + rows[r + 7] values[v + m, r + 7], left to
+    right, for m = 0 to 3: the eight vectors of weights loaded once for the four."""
+    va, vb, vc, vd = values[v], values[v + 1], values[v + 2], values[v + 3]
+    row0, row1, row2, row3 = rows[r], rows[r + 1], rows[r + 2], rows[r + 3]
+    row4, row5, row6, row7 = rows[r + 4], rows[r + 5], rows[r + 6], rows[r + 7]
+    out0, out1, out2, out3 = out[o], out[o + 1], out[o + 2], out[o + 3]
+    for g in range(out.shape[1]):
+        w = (row0[g], row1[g], row2[g], row3[g], row4[g], row5[g], row6[g], row7[g])
+        out0[g] = _plus_eight_products(out0[g], w, va, r)
+        out1[g] = _plus_eight_products(out1[g], w, vb, r)
+        out2[g] = _plus_eight_products(out2[g], w, vc, r)
+        out3[g] = _plus_eight_products(out3[g], w, vd, r)
+
+
+@numba.njit(inline="always", **_JIT)
+def _plus_eight_products(total, w, values, r):
+    """total + w[0] values[r] + ... + w[7] values[r + 7], added left to right."""
+    first = total + w[0] * values[r] + w[1] * values[r + 1] + w[2] * values[r + 2]
+    first = first + w[3] * values[r + 3] + w[4] * values[r + 4] + w[5] * values[r + 5]
+    return first + w[6] * values[r + 6] + w[7] * values[r + 7]
+
+
+@numba.njit(inline="always", **_JIT)
+def _add_one_share_to_four(rows, values, v, r, out, o):
+    """out[o + m] += rows[r] values[v + m, r] for m = 0 to 3."""
+    a, b, c, d = values[v, r], values[v + 1, r], values[v + 2, r], values[v + 3, r]
+    row = rows[r]
+    out0, out1, out2, out3 = out[o], out[o + 1], out[o + 2], out[o + 3]
+    for g in range(out.shape[1]):
+        w = row[g]
+        out0[g] += w * a
+        out1[g] += w * b
+        out2[g] += w * c
+        out3[g] += w * d
+
+
+@_row_helper
 def _cell_forward(pre, c, tanh_c, h_next, c_next):
     """One step of one batch row through the cell, from its pre-activations pre (4H,), which
     become the gates (i, f, o after the sigmoid, g after the tanh), as _forward_chunk does."""
@@ -766,6 +824,37 @@ def _cell_forward(pre, c, tanh_c, h_next, c_next):
         c_next[j] = cell
         tanh_c[j] = tc
         h_next[j] = o * tc
+
+
+@_row_helper
+def _forward_model(w_in, w_h, b_in, inputs, h_seq, c_seq, gates, tanh_c, x_rows, h_rows):
+    """One model's layer over the window, from h_seq[:, 0] and c_seq[:, 0]: w_in (I, 4H), w_h
+    (H, 4H), b_in (4H,); inputs (B, T + 1, I), h_seq, c_seq (B, T + 1, H), tanh_c (B, T, H);
+    gates (T B, 4H), time major (row t B + b), so that a step's rows are adjacent and share
+    each load of weights (_add_block_shares). The pre-activations sum as _forward_chunk sums
+    them, bias, inputs, then hidden units; the inputs are known before the recurrence, so
+    their shares are summed for every step first, and the recurrence adds only the hidden
+    units' shares. Scratch: x_rows (T B, I) the inputs, h_rows (B, H) the state entering the
+    step, both time major too."""
+    batch, steps = h_rows.shape[0], tanh_c.shape[1]
+    for t in range(steps):
+        for b in range(batch):
+            s = t * batch + b
+            for i in range(x_rows.shape[1]):
+                x_rows[s, i] = inputs[b, t + 1, i]
+            for g in range(gates.shape[1]):
+                gates[s, g] = b_in[g]
+    _add_block_shares(w_in, x_rows, 0, gates, 0, steps * batch)
+    for b in range(batch):
+        for j in range(h_rows.shape[1]):
+            h_rows[b, j] = h_seq[b, 0, j]
+    for t in range(steps):
+        _add_block_shares(w_h, h_rows, 0, gates, t * batch, batch)
+        for b in range(batch):
+            s = t * batch + b
+            _cell_forward(gates[s], c_seq[b, t], tanh_c[b, t], h_seq[b, t + 1], c_seq[b, t + 1])
+            for j in range(h_rows.shape[1]):
+                h_rows[b, j] = h_seq[b, t + 1, j]
 
 
 @numba.njit(inline="always", **_JIT)
@@ -787,67 +876,52 @@ def _gates_backward(gates, tanh_c, c, d_out, d_h, d_c, d_pre):
 
 
 @_row_helper
-def _forward_model(w_in, w_h, b_in, inputs, h_seq, c_seq, gates, tanh_c):
-    """One model's layer over the window, from h_seq[:, 0] and c_seq[:, 0]: w_in (I, 4H), w_h
-    (H, 4H), b_in (4H,); inputs (B, T + 1, I), h_seq, c_seq (B, T + 1, H), gates (B, T, 4H),
-    tanh_c (B, T, H). The pre-activations sum as _forward_chunk sums them, bias, inputs, then
-    hidden units; the inputs are known before the recurrence, so their shares are summed for
-    every step first, and the recurrence adds only the hidden units' shares."""
-    batch, steps = gates.shape[0], gates.shape[1]
-    for b in range(batch):
-        for t in range(steps):
-            pre = gates[b, t]
-            for g in range(pre.shape[0]):
-                pre[g] = b_in[g]
-            _add_shares(w_in, inputs[b, t + 1], pre)
-    for t in range(steps):
-        for b in range(batch):
-            _add_shares(w_h, h_seq[b, t], gates[b, t])
-            _cell_forward(gates[b, t], c_seq[b, t], tanh_c[b, t], h_seq[b, t + 1], c_seq[b, t + 1])
-
-
-@_row_helper
 def _backward_model(
     w_in_t, w_h_t, inputs, h_seq, c_seq, gates, tanh_c, d_outputs, d_inputs,
-    d_pre, inputs_t, h_seq_t, d_h, d_c, grad_input, grad_hidden, grad_bias,
+    d_pre, inputs_t, h_seq_t, d_h, d_c, d_x, grad_input, grad_hidden, grad_bias,
 ):  # fmt: skip
     """One model's layer back over the window (as _backward_chunk): its weight gradients into
     grad_input (I, 4H), grad_hidden (H, 4H) and grad_bias (4H,), its input gradients into
     d_inputs (B, T, I). Scratch: d_pre (T B, 4H), the gradients on the pre-activations of
     every step and row in the order the weight gradients sum them (t descending, b
     ascending), with inputs_t (I, T B) and h_seq_t (H, T B), each step's inputs and state in
-    that order; d_h and d_c (B, H). The weight gradients are summed after the recurrence, a
-    row at a time over the whole window, rather than added to at every step."""
+    that order; d_h and d_c (B, H); d_x (B, I) a step's input gradients. The weight
+    gradients are summed after the recurrence, over the whole window, rather than added to at
+    every step; every sum over weights or over the window adds four output rows per pass
+    (_add_block_shares)."""
     batch, steps = d_outputs.shape[0], d_outputs.shape[1]
     d_h[:], d_c[:] = ZERO, ZERO
     for t in range(steps - 1, -1, -1):
+        first = (steps - 1 - t) * batch  # the step's first row of d_pre
         for b in range(batch):
-            s = (steps - 1 - t) * batch + b
+            s = first + b
             _gates_backward(
-                gates[b, t], tanh_c[b, t], c_seq[b, t], d_outputs[b, t], d_h[b], d_c[b],
-                d_pre[s],
+                gates[t * batch + b], tanh_c[b, t], c_seq[b, t], d_outputs[b, t], d_h[b],
+                d_c[b], d_pre[s],
             )  # fmt: skip
-            # The gradient reaching h from the step before; none flows past the window's start.
-            if t > 0:
-                d_h[b, :] = ZERO
-                _add_shares(w_h_t, d_pre[s], d_h[b])
-            if d_inputs.shape[2]:
-                d_inputs[b, t, :] = ZERO
-                _add_shares(w_in_t, d_pre[s], d_inputs[b, t])
             for i in range(inputs_t.shape[0]):
                 inputs_t[i, s] = inputs[b, t + 1, i]
             for j in range(h_seq_t.shape[0]):
                 h_seq_t[j, s] = h_seq[b, t, j]
+        # The gradient reaching h from the step before; none flows past the window's start.
+        # Every row's d_pre first, then its sums, so that the step's rows share the weights.
+        if t > 0:
+            d_h[:] = ZERO
+            _add_block_shares(w_h_t, d_pre, first, d_h, 0, batch)
+        if d_inputs.shape[2]:
+            d_x[:] = ZERO
+            _add_block_shares(w_in_t, d_pre, first, d_x, 0, batch)
+            for b in range(batch):
+                for i in range(d_x.shape[1]):
+                    d_inputs[b, t, i] = d_x[b, i]
     grad_bias[:] = ZERO
     for s in range(d_pre.shape[0]):
         for g in range(grad_bias.shape[0]):
             grad_bias[g] += d_pre[s, g]
-    for i in range(grad_input.shape[0]):
-        grad_input[i, :] = ZERO
-        _add_shares(d_pre, inputs_t[i], grad_input[i])
-    for j in range(grad_hidden.shape[0]):
-        grad_hidden[j, :] = ZERO
-        _add_shares(d_pre, h_seq_t[j], grad_hidden[j])
+    grad_input[:] = ZERO
+    _add_block_shares(d_pre, inputs_t, 0, grad_input, 0, grad_input.shape[0])
+    grad_hidden[:] = ZERO
+    _add_block_shares(d_pre, h_seq_t, 0, grad_hidden, 0, grad_hidden.shape[0])
 
 
 @numba.njit(inline="always", **_JIT)
@@ -858,6 +932,36 @@ def _adagrad_model(weight, accum, grad, lr, k):
         a = accum[g, k] + d * d
         weight[g, k] = weight[g, k] - lr * d * (ONE / np.sqrt(a))
         accum[g, k] = a
+
+
+@numba.njit(inline="always", **_JIT)
+def _adagrad_matrix(weight, accum, grad, lr, k, acc_rows):
+    """_adagrad_model on a whole weight (R, G, K) of model k, grad (R, G) its gradients, in three
+    passes: its accumulators gathered into acc_rows (at least R rows of G), the steps computed
+    there and in grad (_adagrad_steps: a vector loop, where the loop over the model's strided
+    weights ran a scalar square root and division per weight), then both written back. The
+    same operations on each weight as _adagrad_model, so the same bits."""
+    rows, cols = grad.shape
+    for r in range(rows):
+        for g in range(cols):
+            acc_rows[r, g] = accum[r, g, k]
+    _adagrad_steps(grad, acc_rows, lr)
+    for r in range(rows):
+        for g in range(cols):
+            accum[r, g, k] = acc_rows[r, g]
+            weight[r, g, k] = weight[r, g, k] - grad[r, g]
+
+
+@_row_helper
+def _adagrad_steps(grad, acc_rows, lr):
+    """For grad (R, G) and the rows of acc_rows they update: acc += d², and d becomes the step
+    lr d (1 / √acc) that Adagrad subtracts from the weight."""
+    for r in range(grad.shape[0]):
+        for g in range(grad.shape[1]):
+            d = grad[r, g]
+            a = acc_rows[r, g] + d * d
+            acc_rows[r, g] = a
+            grad[r, g] = lr * d * (ONE / np.sqrt(a))
 
 
 @_kernel("by_model", _FORWARD)
@@ -874,6 +978,8 @@ def layer_forward_by_model(
     w_in = np.empty((width, gate_rows), np.float32)
     w_h = np.empty((units, gate_rows), np.float32)
     b_in = np.empty(gate_rows, np.float32)
+    x_rows = np.empty(((steps1 - 1) * batch, width), np.float32)
+    h_rows = np.empty((batch, units), np.float32)
     for k in range(models):
         if not active[k]:
             continue
@@ -885,7 +991,10 @@ def layer_forward_by_model(
             for j in range(units):
                 h_seq[k, b, 0, j] = h0[b, j, k]
                 c_seq[k, b, 0, j] = c0[b, j, k]
-        _forward_model(w_in, w_h, b_in, inputs[k], h_seq[k], c_seq[k], gates[k], tanh_c[k])
+        rows = gates[k].reshape(((steps1 - 1) * batch, gate_rows))  # time major
+        _forward_model(
+            w_in, w_h, b_in, inputs[k], h_seq[k], c_seq[k], rows, tanh_c[k], x_rows, h_rows
+        )
         for b in range(batch):
             for j in range(units):
                 h0[b, j, k] = h_seq[k, b, steps1 - 1, j]
@@ -954,21 +1063,22 @@ def layer_backward_update_by_model(
     h_seq_t = np.empty((units, steps * batch), np.float32)
     d_h = np.empty((batch, units), np.float32)
     d_c = np.empty((batch, units), np.float32)
+    d_x = np.empty((batch, width), np.float32)
     grad_input = np.empty((width, gate_rows), np.float32)
     grad_hidden = np.empty((units, gate_rows), np.float32)
     grad_bias = np.empty(gate_rows, np.float32)
+    acc_rows = np.empty((max(width, units), gate_rows), np.float32)
     for k in range(models):
         if not active[k]:
             continue
         _gather_columns(w_input, k, w_in_t)
         _gather_columns(w_hidden, k, w_h_t)
         _backward_model(
-            w_in_t, w_h_t, inputs[k], h_seq[k], c_seq[k], gates[k], tanh_c[k], d_outputs[k],
-            d_inputs[k], d_pre, inputs_t, h_seq_t, d_h, d_c, grad_input, grad_hidden,
+            w_in_t, w_h_t, inputs[k], h_seq[k], c_seq[k],
+            gates[k].reshape((steps * batch, gate_rows)), tanh_c[k], d_outputs[k],
+            d_inputs[k], d_pre, inputs_t, h_seq_t, d_h, d_c, d_x, grad_input, grad_hidden,
             grad_bias,
         )  # fmt: skip
-        for i in range(width):
-            _adagrad_model(w_input[i], acc_input[i], grad_input[i], lr[k], k)
-        for j in range(units):
-            _adagrad_model(w_hidden[j], acc_hidden[j], grad_hidden[j], lr[k], k)
+        _adagrad_matrix(w_input, acc_input, grad_input, lr[k], k, acc_rows)
+        _adagrad_matrix(w_hidden, acc_hidden, grad_hidden, lr[k], k, acc_rows)
         _adagrad_model(bias, acc_bias, grad_bias, lr[k], k)
