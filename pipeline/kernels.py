@@ -751,67 +751,49 @@ def _add_four_shares(rows, values, r, out):
 
 
 @_row_helper
-def _add_block_shares(rows, values, v0, out, o0, count):
-    """out[o0 + n] (G,) += Σ_r rows[r] values[v0 + n, r] for n below `count`, for rows (R, G),
-    values (·, R) and out (·, G): each output row summed as _add_shares sums it, but four
-    output rows per pass over the rows of weights, so that each vector of weights is loaded
-    once for the four (the products and the order of their additions are those of
-    _add_shares, so the bits are too). Rows left over (fewer than four) go one at a time."""
+def _add_block_shares(rows, values, out):
+    """out[n] (G,) += Σ_r rows[r] values[n, r] for every n, for rows (R, G), values (N, R) and
+    out (N, G): each output row summed as _add_shares sums it, but four output rows per pass
+    over four rows of weights, so that each vector of weights is loaded once for the four (the
+    products and the order of their additions are those of _add_shares, so the bits are too).
+    Rows left over (fewer than four) go one at a time. Callers pass slices rather than
+    offsets: a constant offset of 0 made numba compile a version of its own. (Eight rows of
+    weights per pass ran no faster here and took twice as long to compile.)"""
+    count = rows.shape[0]
     n = 0
-    while count - n >= 4:
+    while out.shape[0] - n >= 4:
         r = 0
-        while rows.shape[0] - r >= 8:
-            _add_eight_shares_to_four(rows, values, v0 + n, r, out, o0 + n)
-            r += 8
-        for last in range(r, rows.shape[0]):
-            _add_one_share_to_four(rows, values, v0 + n, last, out, o0 + n)
+        while count - r >= 4:
+            _add_four_shares_to_four(rows, values, r, out, n)
+            r += 4
+        if r < count:
+            for m in range(n, n + 4):
+                _add_shares(rows[r:], values[m, r:], out[m])
         n += 4
-    for left in range(n, count):
-        _add_shares(rows, values[v0 + left], out[o0 + left])
+    for left in range(n, out.shape[0]):
+        _add_shares(rows, values[left], out[left])
 
 
 @numba.njit(inline="always", **_JIT)
-def _add_eight_shares_to_four(rows, values, v, r, out, o):
-    """out[o + m] += rows[r] values[v + m, r] + ... + rows[r + 7] values[v + m, r + 7], left to
-    right, for m = 0 to 3: the eight vectors of weights loaded once for the four."""
-    va, vb, vc, vd = values[v], values[v + 1], values[v + 2], values[v + 3]
+def _add_four_shares_to_four(rows, values, r, out, n):
+    """out[n + m] += rows[r] values[n + m, r] + ... + rows[r + 3] values[n + m, r + 3], left to
+    right, for m = 0 to 3: the four vectors of weights loaded once for the four."""
+    va, vb, vc, vd = values[n], values[n + 1], values[n + 2], values[n + 3]
     row0, row1, row2, row3 = rows[r], rows[r + 1], rows[r + 2], rows[r + 3]
-    row4, row5, row6, row7 = rows[r + 4], rows[r + 5], rows[r + 6], rows[r + 7]
-    out0, out1, out2, out3 = out[o], out[o + 1], out[o + 2], out[o + 3]
+    out0, out1, out2, out3 = out[n], out[n + 1], out[n + 2], out[n + 3]
     for g in range(out.shape[1]):
-        w = (row0[g], row1[g], row2[g], row3[g], row4[g], row5[g], row6[g], row7[g])
-        out0[g] = _plus_eight_products(out0[g], w, va, r)
-        out1[g] = _plus_eight_products(out1[g], w, vb, r)
-        out2[g] = _plus_eight_products(out2[g], w, vc, r)
-        out3[g] = _plus_eight_products(out3[g], w, vd, r)
-
-
-@numba.njit(inline="always", **_JIT)
-def _plus_eight_products(total, w, values, r):
-    """total + w[0] values[r] + ... + w[7] values[r + 7], added left to right."""
-    first = total + w[0] * values[r] + w[1] * values[r + 1] + w[2] * values[r + 2]
-    first = first + w[3] * values[r + 3] + w[4] * values[r + 4] + w[5] * values[r + 5]
-    return first + w[6] * values[r + 6] + w[7] * values[r + 7]
-
-
-@numba.njit(inline="always", **_JIT)
-def _add_one_share_to_four(rows, values, v, r, out, o):
-    """out[o + m] += rows[r] values[v + m, r] for m = 0 to 3."""
-    a, b, c, d = values[v, r], values[v + 1, r], values[v + 2, r], values[v + 3, r]
-    row = rows[r]
-    out0, out1, out2, out3 = out[o], out[o + 1], out[o + 2], out[o + 3]
-    for g in range(out.shape[1]):
-        w = row[g]
-        out0[g] += w * a
-        out1[g] += w * b
-        out2[g] += w * c
-        out3[g] += w * d
+        w0, w1, w2, w3 = row0[g], row1[g], row2[g], row3[g]
+        out0[g] = out0[g] + w0 * va[r] + w1 * va[r + 1] + w2 * va[r + 2] + w3 * va[r + 3]
+        out1[g] = out1[g] + w0 * vb[r] + w1 * vb[r + 1] + w2 * vb[r + 2] + w3 * vb[r + 3]
+        out2[g] = out2[g] + w0 * vc[r] + w1 * vc[r + 1] + w2 * vc[r + 2] + w3 * vc[r + 3]
+        out3[g] = out3[g] + w0 * vd[r] + w1 * vd[r + 1] + w2 * vd[r + 2] + w3 * vd[r + 3]
 
 
 @_row_helper
-def _cell_forward(pre, c, tanh_c, h_next, c_next):
+def _cell_forward(pre, c, tanh_c, h_next, c_next, h_row):
     """One step of one batch row through the cell, from its pre-activations pre (4H,), which
-    become the gates (i, f, o after the sigmoid, g after the tanh), as _forward_chunk does."""
+    become the gates (i, f, o after the sigmoid, g after the tanh), as _forward_chunk does;
+    the new state h goes to the tape (h_next) and to the next step's values (h_row)."""
     units = c.shape[0]
     for j in range(units):
         i = _sigmoid(pre[j])
@@ -824,6 +806,7 @@ def _cell_forward(pre, c, tanh_c, h_next, c_next):
         c_next[j] = cell
         tanh_c[j] = tc
         h_next[j] = o * tc
+        h_row[j] = o * tc
 
 
 @_row_helper
@@ -844,17 +827,17 @@ def _forward_model(w_in, w_h, b_in, inputs, h_seq, c_seq, gates, tanh_c, x_rows,
                 x_rows[s, i] = inputs[b, t + 1, i]
             for g in range(gates.shape[1]):
                 gates[s, g] = b_in[g]
-    _add_block_shares(w_in, x_rows, 0, gates, 0, steps * batch)
+    _add_block_shares(w_in, x_rows, gates)
     for b in range(batch):
         for j in range(h_rows.shape[1]):
             h_rows[b, j] = h_seq[b, 0, j]
     for t in range(steps):
-        _add_block_shares(w_h, h_rows, 0, gates, t * batch, batch)
+        _add_block_shares(w_h, h_rows, gates[t * batch : (t + 1) * batch])
         for b in range(batch):
             s = t * batch + b
-            _cell_forward(gates[s], c_seq[b, t], tanh_c[b, t], h_seq[b, t + 1], c_seq[b, t + 1])
-            for j in range(h_rows.shape[1]):
-                h_rows[b, j] = h_seq[b, t + 1, j]
+            _cell_forward(
+                gates[s], c_seq[b, t], tanh_c[b, t], h_seq[b, t + 1], c_seq[b, t + 1], h_rows[b]
+            )
 
 
 @numba.njit(inline="always", **_JIT)
@@ -907,10 +890,10 @@ def _backward_model(
         # Every row's d_pre first, then its sums, so that the step's rows share the weights.
         if t > 0:
             d_h[:] = ZERO
-            _add_block_shares(w_h_t, d_pre, first, d_h, 0, batch)
+            _add_block_shares(w_h_t, d_pre[first : first + batch], d_h)
         if d_inputs.shape[2]:
             d_x[:] = ZERO
-            _add_block_shares(w_in_t, d_pre, first, d_x, 0, batch)
+            _add_block_shares(w_in_t, d_pre[first : first + batch], d_x)
             for b in range(batch):
                 for i in range(d_x.shape[1]):
                     d_inputs[b, t, i] = d_x[b, i]
@@ -919,9 +902,9 @@ def _backward_model(
         for g in range(grad_bias.shape[0]):
             grad_bias[g] += d_pre[s, g]
     grad_input[:] = ZERO
-    _add_block_shares(d_pre, inputs_t, 0, grad_input, 0, grad_input.shape[0])
+    _add_block_shares(d_pre, inputs_t, grad_input)
     grad_hidden[:] = ZERO
-    _add_block_shares(d_pre, h_seq_t, 0, grad_hidden, 0, grad_hidden.shape[0])
+    _add_block_shares(d_pre, h_seq_t, grad_hidden)
 
 
 @numba.njit(inline="always", **_JIT)
@@ -934,34 +917,28 @@ def _adagrad_model(weight, accum, grad, lr, k):
         accum[g, k] = a
 
 
-@numba.njit(inline="always", **_JIT)
+@_row_helper
 def _adagrad_matrix(weight, accum, grad, lr, k, acc_rows):
-    """_adagrad_model on a whole weight (R, G, K) of model k, grad (R, G) its gradients, in three
-    passes: its accumulators gathered into acc_rows (at least R rows of G), the steps computed
-    there and in grad (_adagrad_steps: a vector loop, where the loop over the model's strided
-    weights ran a scalar square root and division per weight), then both written back. The
-    same operations on each weight as _adagrad_model, so the same bits."""
+    """_adagrad_model on a whole weight (R, G, K), grad (R, G) its gradients,
+    in three passes: its accumulators gathered into acc_rows (at least R rows of G); then
+    acc += d² and d becomes the step lr d (1 / √acc), in a vector loop (a loop over the
+    model's strided weights ran a scalar square root and division per weight: 2.5 times as
+    long at state 16); then both written back. The same operations on each weight as
+    _adagrad_model, so the same bits."""
     rows, cols = grad.shape
     for r in range(rows):
         for g in range(cols):
             acc_rows[r, g] = accum[r, g, k]
-    _adagrad_steps(grad, acc_rows, lr)
     for r in range(rows):
         for g in range(cols):
-            accum[r, g, k] = acc_rows[r, g]
-            weight[r, g, k] = weight[r, g, k] - grad[r, g]
-
-
-@_row_helper
-def _adagrad_steps(grad, acc_rows, lr):
-    """For grad (R, G) and the rows of acc_rows they update: acc += d², and d becomes the step
-    lr d (1 / √acc) that Adagrad subtracts from the weight."""
-    for r in range(grad.shape[0]):
-        for g in range(grad.shape[1]):
             d = grad[r, g]
             a = acc_rows[r, g] + d * d
             acc_rows[r, g] = a
             grad[r, g] = lr * d * (ONE / np.sqrt(a))
+    for r in range(rows):
+        for g in range(cols):
+            accum[r, g, k] = acc_rows[r, g]
+            weight[r, g, k] = weight[r, g, k] - grad[r, g]
 
 
 @_kernel("by_model", _FORWARD)
