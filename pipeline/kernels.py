@@ -260,7 +260,13 @@ def _row_helper(py_func):
     call it (inlining the unrolled sums and Adagrad at each call site made the cold compile
     take about 30 % longer). Where the call costs more than the checks (a whole window's
     forward in one function ran slower than a call per row), helpers stay inlined: which is
-    which was measured, per helper."""
+    which was measured, per helper.
+
+    Without numba's reference counting (_nrt=False): a helper never allocates, and counting
+    each array it is given and each view it makes (an atomic increment and decrement, each
+    through a call) took more time than a state-16 row's arithmetic (without it, the
+    one-model forward ran 1.6 times as fast at state 16, twice at state 4). The caller holds
+    every array the helper sees alive until it returns."""
     dispatcher = numba.njit(_nrt=False, **_JIT)(py_func)
     _promise_no_alias(dispatcher)
     return dispatcher
@@ -682,9 +688,11 @@ def head_update(w_out, b_out, acc_w, acc_b, top, y, lr, active, losses, margin, 
 # of one model, from a contiguous copy of its weights (a transposed one for the backward, so its
 # sums over the gates also run over contiguous rows). Their tape is laid out model first:
 # inputs and h_seq, c_seq (K, B, T + 1, ·), gates (K, B, T, 4H), tanh_c and d_outputs
-# (K, B, T, H). Every value is summed in the order the kernels above sum it, so both give a
-# model the same bits (tested): a trainer may switch between them as its count of models changes.
-# Models that sit the window out are skipped, their losses NaN.
+# (K, B, T, H); within a model, gates is time major (row t B + b of a (T B, 4H) view), so that
+# a step's rows are adjacent and their sums share each load of weights (_add_block_shares):
+# only these kernels read it. Every value is summed in the order the kernels above sum it, so
+# both give a model the same bits (tested): a trainer may switch between them as its count of
+# models changes. Models that sit the window out are skipped, their losses NaN.
 
 
 @numba.njit(inline="always", **_JIT)
@@ -714,7 +722,8 @@ def _add_shares(rows, values, out):
 
     The weight gradients use it too (rows: d_pre over the window's steps, values: an input or
     unit over those steps): the products are those _backward_chunk adds, the factors swapped,
-    and IEEE multiplication is commutative."""
+    and IEEE multiplication is commutative. Several output rows at once go through
+    _add_block_shares, which sums each the same way."""
     count = values.shape[0]
     r = 0
     while count - r >= 8:
@@ -946,9 +955,9 @@ def layer_forward_by_model(
     w_input, w_hidden, bias, inputs, h0, c0, h_seq, c_seq, gates, tanh_c, active
 ):  # fmt: skip
     """layer_forward of the active models, one at a time, on a model-first tape: inputs (K, B,
-    T + 1, I); writes h_seq, c_seq (K, B, T + 1, H), gates (K, B, T, 4H) and tanh_c (K, B, T,
-    H), and the window's final state into h0 and c0 (B, H, K), which the backward never reads.
-    """
+    T + 1, I); writes h_seq, c_seq (K, B, T + 1, H), gates (K, B, T, 4H: each model's time
+    major, see above) and tanh_c (K, B, T, H), and the window's final state into h0 and c0
+    (B, H, K), which the backward never reads."""
     width, gate_rows, models = w_input.shape
     units = w_hidden.shape[0]
     batch, steps1 = inputs.shape[1], inputs.shape[2]
