@@ -687,12 +687,12 @@ def head_update(w_out, b_out, acc_w, acc_b, top, y, lr, active, losses, margin, 
 # as above, but loop over the models outermost and vectorize over the gates (4H) and units (H)
 # of one model, from a contiguous copy of its weights (a transposed one for the backward, so its
 # sums over the gates also run over contiguous rows). Their tape is laid out model first:
-# inputs and h_seq, c_seq (K, B, T + 1, ·), gates (K, B, T, 4H), tanh_c and d_outputs
-# (K, B, T, H); within a model, gates is time major (row t B + b of a (T B, 4H) view), so that
-# a step's rows are adjacent and their sums share each load of weights (_add_block_shares):
-# only these kernels read it. Every value is summed in the order the kernels above sum it, so
-# both give a model the same bits (tested): a trainer may switch between them as its count of
-# models changes. Models that sit the window out are skipped, their losses NaN.
+# inputs and h_seq, c_seq (K, B, T + 1, ·), tanh_c and d_outputs (K, B, T, H), and gates
+# (K, T, B, 4H), time major, so that a step's rows are adjacent and their sums share each load
+# of weights (_add_block_shares): only these kernels read it. Every value is summed in the
+# order the kernels above sum it, so both give a model the same bits (tested): a trainer may
+# switch between them as its count of models changes. Models that sit the window out are
+# skipped, their losses NaN.
 
 
 @numba.njit(inline="always", **_JIT)
@@ -714,40 +714,25 @@ def _gather_columns(weight, k, columns):
 @_row_helper
 def _add_shares(rows, values, out):
     """out (G,) += Σ_r rows[r] values[r], for rows (R, G) and values (R,): r ascending, each
-    product rounded, then added, as a loop that adds one row at a time would. It adds eight
-    rows (then four) per pass over `out` instead: `a + p0 + p1 + ... + p7` adds left to right,
-    in that same order, and keeps the running sum in a register between the eight, so that
-    `out` is loaded and stored an eighth as often (a store and its reload cost more than the
-    add: measured at state 16, eight rows per pass ran the backward 25 % faster than four).
+    product rounded, then added, as a loop that adds one row at a time would. It adds four
+    rows per pass over `out` instead: `a + p0 + p1 + p2 + p3` adds left to right, in that
+    same order, and keeps the running sum in a register between the four, so that `out` is
+    loaded and stored a quarter as often (a store and its reload cost more than the add).
 
     The weight gradients use it too (rows: d_pre over the window's steps, values: an input or
     unit over those steps): the products are those _backward_chunk adds, the factors swapped,
-    and IEEE multiplication is commutative. Several output rows at once go through
-    _add_block_shares, which sums each the same way."""
+    and IEEE multiplication is commutative. Most sums go through _add_block_shares, four
+    output rows at a time, each summed the same way; this one takes the rows left over (eight
+    rows per pass, as it had before that, ran no faster there and took longer to compile)."""
     count = values.shape[0]
     r = 0
-    while count - r >= 8:
-        _add_eight_shares(rows, values, r, out)
-        r += 8
-    if count - r >= 4:
+    while count - r >= 4:
         _add_four_shares(rows, values, r, out)
         r += 4
     for last in range(r, count):
         v, row = values[last], rows[last]
         for g in range(out.shape[0]):
             out[g] += row[g] * v
-
-
-@numba.njit(inline="always", **_JIT)
-def _add_eight_shares(rows, values, r, out):
-    """out += rows[r] values[r] + ... + rows[r + 7] values[r + 7], left to right."""
-    v0, v1, v2, v3 = values[r], values[r + 1], values[r + 2], values[r + 3]
-    v4, v5, v6, v7 = values[r + 4], values[r + 5], values[r + 6], values[r + 7]
-    row0, row1, row2, row3 = rows[r], rows[r + 1], rows[r + 2], rows[r + 3]
-    row4, row5, row6, row7 = rows[r + 4], rows[r + 5], rows[r + 6], rows[r + 7]
-    for g in range(out.shape[0]):
-        first = out[g] + row0[g] * v0 + row1[g] * v1 + row2[g] * v2 + row3[g] * v3
-        out[g] = first + row4[g] * v4 + row5[g] * v5 + row6[g] * v6 + row7[g] * v7
 
 
 @numba.njit(inline="always", **_JIT)
@@ -822,30 +807,26 @@ def _cell_forward(pre, c, tanh_c, h_next, c_next, h_row):
 def _forward_model(w_in, w_h, b_in, inputs, h_seq, c_seq, gates, tanh_c, x_rows, h_rows):
     """One model's layer over the window, from h_seq[:, 0] and c_seq[:, 0]: w_in (I, 4H), w_h
     (H, 4H), b_in (4H,); inputs (B, T + 1, I), h_seq, c_seq (B, T + 1, H), tanh_c (B, T, H);
-    gates (T B, 4H), time major (row t B + b), so that a step's rows are adjacent and share
-    each load of weights (_add_block_shares). The pre-activations sum as _forward_chunk sums
-    them, bias, inputs, then hidden units; the inputs are known before the recurrence, so
-    their shares are summed for every step first, and the recurrence adds only the hidden
-    units' shares. Scratch: x_rows (T B, I) the inputs, h_rows (B, H) the state entering the
-    step, both time major too."""
+    gates (T, B, 4H), time major, so that a step's rows are adjacent and share each load of
+    weights (_add_block_shares). The pre-activations sum as _forward_chunk sums them, bias,
+    inputs, then hidden units. Scratch: x_rows (B, I) a step's inputs and h_rows (B, H) the
+    state entering it, time major too."""
     batch, steps = h_rows.shape[0], tanh_c.shape[1]
-    for t in range(steps):
-        for b in range(batch):
-            s = t * batch + b
-            for i in range(x_rows.shape[1]):
-                x_rows[s, i] = inputs[b, t + 1, i]
-            for g in range(gates.shape[1]):
-                gates[s, g] = b_in[g]
-    _add_block_shares(w_in, x_rows, gates)
     for b in range(batch):
         for j in range(h_rows.shape[1]):
             h_rows[b, j] = h_seq[b, 0, j]
     for t in range(steps):
-        _add_block_shares(w_h, h_rows, gates[t * batch : (t + 1) * batch])
+        pre = gates[t]  # (B, 4H)
         for b in range(batch):
-            s = t * batch + b
+            for i in range(x_rows.shape[1]):
+                x_rows[b, i] = inputs[b, t + 1, i]
+            for g in range(pre.shape[1]):
+                pre[b, g] = b_in[g]
+        _add_block_shares(w_in, x_rows, pre)
+        _add_block_shares(w_h, h_rows, pre)
+        for b in range(batch):
             _cell_forward(
-                gates[s], c_seq[b, t], tanh_c[b, t], h_seq[b, t + 1], c_seq[b, t + 1], h_rows[b]
+                pre[b], c_seq[b, t], tanh_c[b, t], h_seq[b, t + 1], c_seq[b, t + 1], h_rows[b]
             )
 
 
@@ -888,7 +869,7 @@ def _backward_model(
         for b in range(batch):
             s = first + b
             _gates_backward(
-                gates[t * batch + b], tanh_c[b, t], c_seq[b, t], d_outputs[b, t], d_h[b],
+                gates[t, b], tanh_c[b, t], c_seq[b, t], d_outputs[b, t], d_h[b],
                 d_c[b], d_pre[s],
             )  # fmt: skip
             for i in range(inputs_t.shape[0]):
@@ -955,16 +936,16 @@ def layer_forward_by_model(
     w_input, w_hidden, bias, inputs, h0, c0, h_seq, c_seq, gates, tanh_c, active
 ):  # fmt: skip
     """layer_forward of the active models, one at a time, on a model-first tape: inputs (K, B,
-    T + 1, I); writes h_seq, c_seq (K, B, T + 1, H), gates (K, B, T, 4H: each model's time
-    major, see above) and tanh_c (K, B, T, H), and the window's final state into h0 and c0
-    (B, H, K), which the backward never reads."""
+    T + 1, I); writes h_seq, c_seq (K, B, T + 1, H), gates (K, T, B, 4H: time major, see
+    above) and tanh_c (K, B, T, H), and the window's final state into h0 and c0 (B, H, K),
+    which the backward never reads."""
     width, gate_rows, models = w_input.shape
     units = w_hidden.shape[0]
     batch, steps1 = inputs.shape[1], inputs.shape[2]
     w_in = np.empty((width, gate_rows), np.float32)
     w_h = np.empty((units, gate_rows), np.float32)
     b_in = np.empty(gate_rows, np.float32)
-    x_rows = np.empty(((steps1 - 1) * batch, width), np.float32)
+    x_rows = np.empty((batch, width), np.float32)
     h_rows = np.empty((batch, units), np.float32)
     for k in range(models):
         if not active[k]:
@@ -977,9 +958,8 @@ def layer_forward_by_model(
             for j in range(units):
                 h_seq[k, b, 0, j] = h0[b, j, k]
                 c_seq[k, b, 0, j] = c0[b, j, k]
-        rows = gates[k].reshape(((steps1 - 1) * batch, gate_rows))  # time major
         _forward_model(
-            w_in, w_h, b_in, inputs[k], h_seq[k], c_seq[k], rows, tanh_c[k], x_rows, h_rows
+            w_in, w_h, b_in, inputs[k], h_seq[k], c_seq[k], gates[k], tanh_c[k], x_rows, h_rows
         )
         for b in range(batch):
             for j in range(units):
@@ -1061,7 +1041,7 @@ def layer_backward_update_by_model(
         _gather_columns(w_hidden, k, w_h_t)
         _backward_model(
             w_in_t, w_h_t, inputs[k], h_seq[k], c_seq[k],
-            gates[k].reshape((steps * batch, gate_rows)), tanh_c[k], d_outputs[k],
+            gates[k], tanh_c[k], d_outputs[k],
             d_inputs[k], d_pre, inputs_t, h_seq_t, d_h, d_c, d_x, grad_input, grad_hidden,
             grad_bias,
         )  # fmt: skip
