@@ -18,8 +18,8 @@ How: each measurement is a warm-up run, then runs of whole short epochs long eno
 about `--seconds`, repeated `--repeats` times round-robin; the best rate of each is reported.
 Our trainer's time is its `TrainResult.seconds` (its training loop, excluding set-up). Modes:
 `eager` (train.compile=false: torch operations) and `numba` (the CPU default: the kernels of
-pipeline/kernels.py, those that run one model at a time below K = max(4, H² / 8), those
-vectorized over the models above).
+pipeline/kernels.py, those that run one model at a time below K = max(8, min(H² / 4, 4H)) (see
+`cost.models_to_vectorize_over`), those vectorized over the models above).
 The numba kernels compile once per machine into a disk cache: the report gives that cold
 compile and a later process's load, each timed in a fresh process (cold: an empty
 NUMBA_CACHE_DIR); neither is in the rates. Where numba is unavailable, the trainer falls back
@@ -289,7 +289,7 @@ def _report(
         f"- model-windows per second, best of {args.repeats} timed run(s) of about "
         f"{args.seconds:g} s; (×) is the ratio to the straightforward per-trial loop timed in "
         "the same run (one trial at a time: its rate does not depend on K); numba runs one "
-        "model at a time below K = max(4, H² / 8), vectorized over the models above",
+        "model at a time below K = max(8, min(H² / 4, 4H)), vectorized over the models above",
         f"- numba kernels, not in the rates: {compile_note}",
         f"- 1-minute load average at the start: {load:.1f} on {os.cpu_count()} CPUs (a busy "
         "machine skews the numbers, the ratios less so)",

@@ -14,12 +14,14 @@ def models_to_vectorize_over(units: int) -> float:
     """The count of models from which the CPU kernels that vectorize over the models beat
     those that run one model at a time. Vectorized over one model's gates, the latter's speed
     per model hardly depends on K; vectorized over the models, the former's grows with K.
-    Measured on one core (3 layers, after both gained the eight-rows-per-pass sums), the two
-    break even near K = 4 at state 4, 8 at state 8, 32 at state 16 and 128 at state 32:
-    K ≈ H² / 8, but at least 4 (below that, the vector loops over the models of a chunk run
-    mostly as their scalar tail: at state 4, K = 2 and 3, they ran at about 0.6 of the rate of
-    one model at a time)."""
-    return max(4.0, units * units / 8)
+    Measured on one core (3 layers, trainer rates, best of 6 runs, of 2 at state 32, after
+    the one-model kernels gained their blocked sums), the two break even between K = 8 and 16
+    at states 4 and 8 (by_model 1.07 and 1.44 times as fast at K = 8, by_lane 1.5 and 1.36 at
+    K = 16), just above 64 at state 16 (by_model 1.04 times as fast there) and near 128 at
+    state 32 (a tie; by_lane 1.16 times as fast at 256): K ≈ H² / 4 up to state 16, 4 H
+    beyond (where a many-model window's tape outgrows the caches), and at least 8 (below
+    that, the vector loops over the models of a chunk run mostly as their scalar tail)."""
+    return max(8.0, min(units * units / 4, 4.0 * units))
 
 
 def lanes_window_cost(model: ModelConfig, lanes: int) -> float:

@@ -260,8 +260,14 @@ def _row_helper(py_func):
     call it (inlining the unrolled sums and Adagrad at each call site made the cold compile
     take about 30 % longer). Where the call costs more than the checks (a whole window's
     forward in one function ran slower than a call per row), helpers stay inlined: which is
-    which was measured, per helper."""
-    dispatcher = numba.njit(**_JIT)(py_func)
+    which was measured, per helper.
+
+    Without numba's reference counting (_nrt=False): a helper never allocates, and counting
+    each array it is given and each view it makes (an atomic increment and decrement, each
+    through a call) took more time than a state-16 row's arithmetic (without it, the
+    one-model forward ran 1.6 times as fast at state 16, twice at state 4). The caller holds
+    every array the helper sees alive until it returns."""
+    dispatcher = numba.njit(_nrt=False, **_JIT)(py_func)
     _promise_no_alias(dispatcher)
     return dispatcher
 
@@ -681,10 +687,12 @@ def head_update(w_out, b_out, acc_w, acc_b, top, y, lr, active, losses, margin, 
 # as above, but loop over the models outermost and vectorize over the gates (4H) and units (H)
 # of one model, from a contiguous copy of its weights (a transposed one for the backward, so its
 # sums over the gates also run over contiguous rows). Their tape is laid out model first:
-# inputs and h_seq, c_seq (K, B, T + 1, ·), gates (K, B, T, 4H), tanh_c and d_outputs
-# (K, B, T, H). Every value is summed in the order the kernels above sum it, so both give a
-# model the same bits (tested): a trainer may switch between them as its count of models changes.
-# Models that sit the window out are skipped, their losses NaN.
+# inputs and h_seq, c_seq (K, B, T + 1, ·), tanh_c and d_outputs (K, B, T, H), and gates
+# (K, T, B, 4H), time major, so that a step's rows are adjacent and their sums share each load
+# of weights (_add_block_shares): only these kernels read it. Every value is summed in the
+# order the kernels above sum it, so both give a model the same bits (tested): a trainer may
+# switch between them as its count of models changes. Models that sit the window out are
+# skipped, their losses NaN.
 
 
 @numba.njit(inline="always", **_JIT)
@@ -706,39 +714,25 @@ def _gather_columns(weight, k, columns):
 @_row_helper
 def _add_shares(rows, values, out):
     """out (G,) += Σ_r rows[r] values[r], for rows (R, G) and values (R,): r ascending, each
-    product rounded, then added, as a loop that adds one row at a time would. It adds eight
-    rows (then four) per pass over `out` instead: `a + p0 + p1 + ... + p7` adds left to right,
-    in that same order, and keeps the running sum in a register between the eight, so that
-    `out` is loaded and stored an eighth as often (a store and its reload cost more than the
-    add: measured at state 16, eight rows per pass ran the backward 25 % faster than four).
+    product rounded, then added, as a loop that adds one row at a time would. It adds four
+    rows per pass over `out` instead: `a + p0 + p1 + p2 + p3` adds left to right, in that
+    same order, and keeps the running sum in a register between the four, so that `out` is
+    loaded and stored a quarter as often (a store and its reload cost more than the add).
 
     The weight gradients use it too (rows: d_pre over the window's steps, values: an input or
     unit over those steps): the products are those _backward_chunk adds, the factors swapped,
-    and IEEE multiplication is commutative."""
+    and IEEE multiplication is commutative. Most sums go through _add_block_shares, four
+    output rows at a time, each summed the same way; this one takes the rows left over (eight
+    rows per pass, as it had before that, ran no faster there and took longer to compile)."""
     count = values.shape[0]
     r = 0
-    while count - r >= 8:
-        _add_eight_shares(rows, values, r, out)
-        r += 8
-    if count - r >= 4:
+    while count - r >= 4:
         _add_four_shares(rows, values, r, out)
         r += 4
     for last in range(r, count):
         v, row = values[last], rows[last]
         for g in range(out.shape[0]):
             out[g] += row[g] * v
-
-
-@numba.njit(inline="always", **_JIT)
-def _add_eight_shares(rows, values, r, out):
-    """out += rows[r] values[r] + ... + rows[r + 7] values[r + 7], left to right."""
-    v0, v1, v2, v3 = values[r], values[r + 1], values[r + 2], values[r + 3]
-    v4, v5, v6, v7 = values[r + 4], values[r + 5], values[r + 6], values[r + 7]
-    row0, row1, row2, row3 = rows[r], rows[r + 1], rows[r + 2], rows[r + 3]
-    row4, row5, row6, row7 = rows[r + 4], rows[r + 5], rows[r + 6], rows[r + 7]
-    for g in range(out.shape[0]):
-        first = out[g] + row0[g] * v0 + row1[g] * v1 + row2[g] * v2 + row3[g] * v3
-        out[g] = first + row4[g] * v4 + row5[g] * v5 + row6[g] * v6 + row7[g] * v7
 
 
 @numba.njit(inline="always", **_JIT)
@@ -751,9 +745,49 @@ def _add_four_shares(rows, values, r, out):
 
 
 @_row_helper
-def _cell_forward(pre, c, tanh_c, h_next, c_next):
+def _add_block_shares(rows, values, out):
+    """out[n] (G,) += Σ_r rows[r] values[n, r] for every n, for rows (R, G), values (N, R) and
+    out (N, G): each output row summed as _add_shares sums it, but four output rows per pass
+    over four rows of weights, so that each vector of weights is loaded once for the four (the
+    products and the order of their additions are those of _add_shares, so the bits are too).
+    Rows left over (fewer than four) go one at a time. Callers pass slices rather than
+    offsets: a constant offset of 0 made numba compile a version of its own. (Eight rows of
+    weights per pass ran no faster here and took twice as long to compile.)"""
+    count = rows.shape[0]
+    n = 0
+    while out.shape[0] - n >= 4:
+        r = 0
+        while count - r >= 4:
+            _add_four_shares_to_four(rows, values, r, out, n)
+            r += 4
+        if r < count:
+            for m in range(n, n + 4):
+                _add_shares(rows[r:], values[m, r:], out[m])
+        n += 4
+    for left in range(n, out.shape[0]):
+        _add_shares(rows, values[left], out[left])
+
+
+@numba.njit(inline="always", **_JIT)
+def _add_four_shares_to_four(rows, values, r, out, n):
+    """out[n + m] += rows[r] values[n + m, r] + ... + rows[r + 3] values[n + m, r + 3], left to
+    right, for m = 0 to 3: the four vectors of weights loaded once for the four."""
+    va, vb, vc, vd = values[n], values[n + 1], values[n + 2], values[n + 3]
+    row0, row1, row2, row3 = rows[r], rows[r + 1], rows[r + 2], rows[r + 3]
+    out0, out1, out2, out3 = out[n], out[n + 1], out[n + 2], out[n + 3]
+    for g in range(out.shape[1]):
+        w0, w1, w2, w3 = row0[g], row1[g], row2[g], row3[g]
+        out0[g] = out0[g] + w0 * va[r] + w1 * va[r + 1] + w2 * va[r + 2] + w3 * va[r + 3]
+        out1[g] = out1[g] + w0 * vb[r] + w1 * vb[r + 1] + w2 * vb[r + 2] + w3 * vb[r + 3]
+        out2[g] = out2[g] + w0 * vc[r] + w1 * vc[r + 1] + w2 * vc[r + 2] + w3 * vc[r + 3]
+        out3[g] = out3[g] + w0 * vd[r] + w1 * vd[r + 1] + w2 * vd[r + 2] + w3 * vd[r + 3]
+
+
+@_row_helper
+def _cell_forward(pre, c, tanh_c, h_next, c_next, h_row):
     """One step of one batch row through the cell, from its pre-activations pre (4H,), which
-    become the gates (i, f, o after the sigmoid, g after the tanh), as _forward_chunk does."""
+    become the gates (i, f, o after the sigmoid, g after the tanh), as _forward_chunk does;
+    the new state h goes to the tape (h_next) and to the next step's values (h_row)."""
     units = c.shape[0]
     for j in range(units):
         i = _sigmoid(pre[j])
@@ -766,6 +800,34 @@ def _cell_forward(pre, c, tanh_c, h_next, c_next):
         c_next[j] = cell
         tanh_c[j] = tc
         h_next[j] = o * tc
+        h_row[j] = o * tc
+
+
+@_row_helper
+def _forward_model(w_in, w_h, b_in, inputs, h_seq, c_seq, gates, tanh_c, x_rows, h_rows):
+    """One model's layer over the window, from h_seq[:, 0] and c_seq[:, 0]: w_in (I, 4H), w_h
+    (H, 4H), b_in (4H,); inputs (B, T + 1, I), h_seq, c_seq (B, T + 1, H), tanh_c (B, T, H);
+    gates (T, B, 4H), time major, so that a step's rows are adjacent and share each load of
+    weights (_add_block_shares). The pre-activations sum as _forward_chunk sums them, bias,
+    inputs, then hidden units. Scratch: x_rows (B, I) a step's inputs and h_rows (B, H) the
+    state entering it, time major too."""
+    batch, steps = h_rows.shape[0], tanh_c.shape[1]
+    for b in range(batch):
+        for j in range(h_rows.shape[1]):
+            h_rows[b, j] = h_seq[b, 0, j]
+    for t in range(steps):
+        pre = gates[t]  # (B, 4H)
+        for b in range(batch):
+            for i in range(x_rows.shape[1]):
+                x_rows[b, i] = inputs[b, t + 1, i]
+            for g in range(pre.shape[1]):
+                pre[b, g] = b_in[g]
+        _add_block_shares(w_in, x_rows, pre)
+        _add_block_shares(w_h, h_rows, pre)
+        for b in range(batch):
+            _cell_forward(
+                pre[b], c_seq[b, t], tanh_c[b, t], h_seq[b, t + 1], c_seq[b, t + 1], h_rows[b]
+            )
 
 
 @numba.njit(inline="always", **_JIT)
@@ -787,67 +849,52 @@ def _gates_backward(gates, tanh_c, c, d_out, d_h, d_c, d_pre):
 
 
 @_row_helper
-def _forward_model(w_in, w_h, b_in, inputs, h_seq, c_seq, gates, tanh_c):
-    """One model's layer over the window, from h_seq[:, 0] and c_seq[:, 0]: w_in (I, 4H), w_h
-    (H, 4H), b_in (4H,); inputs (B, T + 1, I), h_seq, c_seq (B, T + 1, H), gates (B, T, 4H),
-    tanh_c (B, T, H). The pre-activations sum as _forward_chunk sums them, bias, inputs, then
-    hidden units; the inputs are known before the recurrence, so their shares are summed for
-    every step first, and the recurrence adds only the hidden units' shares."""
-    batch, steps = gates.shape[0], gates.shape[1]
-    for b in range(batch):
-        for t in range(steps):
-            pre = gates[b, t]
-            for g in range(pre.shape[0]):
-                pre[g] = b_in[g]
-            _add_shares(w_in, inputs[b, t + 1], pre)
-    for t in range(steps):
-        for b in range(batch):
-            _add_shares(w_h, h_seq[b, t], gates[b, t])
-            _cell_forward(gates[b, t], c_seq[b, t], tanh_c[b, t], h_seq[b, t + 1], c_seq[b, t + 1])
-
-
-@_row_helper
 def _backward_model(
     w_in_t, w_h_t, inputs, h_seq, c_seq, gates, tanh_c, d_outputs, d_inputs,
-    d_pre, inputs_t, h_seq_t, d_h, d_c, grad_input, grad_hidden, grad_bias,
+    d_pre, inputs_t, h_seq_t, d_h, d_c, d_x, grad_input, grad_hidden, grad_bias,
 ):  # fmt: skip
     """One model's layer back over the window (as _backward_chunk): its weight gradients into
     grad_input (I, 4H), grad_hidden (H, 4H) and grad_bias (4H,), its input gradients into
     d_inputs (B, T, I). Scratch: d_pre (T B, 4H), the gradients on the pre-activations of
     every step and row in the order the weight gradients sum them (t descending, b
     ascending), with inputs_t (I, T B) and h_seq_t (H, T B), each step's inputs and state in
-    that order; d_h and d_c (B, H). The weight gradients are summed after the recurrence, a
-    row at a time over the whole window, rather than added to at every step."""
+    that order; d_h and d_c (B, H); d_x (B, I) a step's input gradients. The weight
+    gradients are summed after the recurrence, over the whole window, rather than added to at
+    every step; every sum over weights or over the window adds four output rows per pass
+    (_add_block_shares)."""
     batch, steps = d_outputs.shape[0], d_outputs.shape[1]
     d_h[:], d_c[:] = ZERO, ZERO
     for t in range(steps - 1, -1, -1):
+        first = (steps - 1 - t) * batch  # the step's first row of d_pre
         for b in range(batch):
-            s = (steps - 1 - t) * batch + b
+            s = first + b
             _gates_backward(
-                gates[b, t], tanh_c[b, t], c_seq[b, t], d_outputs[b, t], d_h[b], d_c[b],
-                d_pre[s],
+                gates[t, b], tanh_c[b, t], c_seq[b, t], d_outputs[b, t], d_h[b],
+                d_c[b], d_pre[s],
             )  # fmt: skip
-            # The gradient reaching h from the step before; none flows past the window's start.
-            if t > 0:
-                d_h[b, :] = ZERO
-                _add_shares(w_h_t, d_pre[s], d_h[b])
-            if d_inputs.shape[2]:
-                d_inputs[b, t, :] = ZERO
-                _add_shares(w_in_t, d_pre[s], d_inputs[b, t])
             for i in range(inputs_t.shape[0]):
                 inputs_t[i, s] = inputs[b, t + 1, i]
             for j in range(h_seq_t.shape[0]):
                 h_seq_t[j, s] = h_seq[b, t, j]
+        # The gradient reaching h from the step before; none flows past the window's start.
+        # Every row's d_pre first, then its sums, so that the step's rows share the weights.
+        if t > 0:
+            d_h[:] = ZERO
+            _add_block_shares(w_h_t, d_pre[first : first + batch], d_h)
+        if d_inputs.shape[2]:
+            d_x[:] = ZERO
+            _add_block_shares(w_in_t, d_pre[first : first + batch], d_x)
+            for b in range(batch):
+                for i in range(d_x.shape[1]):
+                    d_inputs[b, t, i] = d_x[b, i]
     grad_bias[:] = ZERO
     for s in range(d_pre.shape[0]):
         for g in range(grad_bias.shape[0]):
             grad_bias[g] += d_pre[s, g]
-    for i in range(grad_input.shape[0]):
-        grad_input[i, :] = ZERO
-        _add_shares(d_pre, inputs_t[i], grad_input[i])
-    for j in range(grad_hidden.shape[0]):
-        grad_hidden[j, :] = ZERO
-        _add_shares(d_pre, h_seq_t[j], grad_hidden[j])
+    grad_input[:] = ZERO
+    _add_block_shares(d_pre, inputs_t, grad_input)
+    grad_hidden[:] = ZERO
+    _add_block_shares(d_pre, h_seq_t, grad_hidden)
 
 
 @numba.njit(inline="always", **_JIT)
@@ -860,20 +907,46 @@ def _adagrad_model(weight, accum, grad, lr, k):
         accum[g, k] = a
 
 
+@_row_helper
+def _adagrad_matrix(weight, accum, grad, lr, k, acc_rows):
+    """_adagrad_model on a whole weight (R, G, K), grad (R, G) its gradients,
+    in three passes: its accumulators gathered into acc_rows (at least R rows of G); then
+    acc += d² and d becomes the step lr d (1 / √acc), in a vector loop (a loop over the
+    model's strided weights ran a scalar square root and division per weight: 2.5 times as
+    long at state 16); then both written back. The same operations on each weight as
+    _adagrad_model, so the same bits."""
+    rows, cols = grad.shape
+    for r in range(rows):
+        for g in range(cols):
+            acc_rows[r, g] = accum[r, g, k]
+    for r in range(rows):
+        for g in range(cols):
+            d = grad[r, g]
+            a = acc_rows[r, g] + d * d
+            acc_rows[r, g] = a
+            grad[r, g] = lr * d * (ONE / np.sqrt(a))
+    for r in range(rows):
+        for g in range(cols):
+            accum[r, g, k] = acc_rows[r, g]
+            weight[r, g, k] = weight[r, g, k] - grad[r, g]
+
+
 @_kernel("by_model", _FORWARD)
 def layer_forward_by_model(
     w_input, w_hidden, bias, inputs, h0, c0, h_seq, c_seq, gates, tanh_c, active
 ):  # fmt: skip
     """layer_forward of the active models, one at a time, on a model-first tape: inputs (K, B,
-    T + 1, I); writes h_seq, c_seq (K, B, T + 1, H), gates (K, B, T, 4H) and tanh_c (K, B, T,
-    H), and the window's final state into h0 and c0 (B, H, K), which the backward never reads.
-    """
+    T + 1, I); writes h_seq, c_seq (K, B, T + 1, H), gates (K, T, B, 4H: time major, see
+    above) and tanh_c (K, B, T, H), and the window's final state into h0 and c0 (B, H, K),
+    which the backward never reads."""
     width, gate_rows, models = w_input.shape
     units = w_hidden.shape[0]
     batch, steps1 = inputs.shape[1], inputs.shape[2]
     w_in = np.empty((width, gate_rows), np.float32)
     w_h = np.empty((units, gate_rows), np.float32)
     b_in = np.empty(gate_rows, np.float32)
+    x_rows = np.empty((batch, width), np.float32)
+    h_rows = np.empty((batch, units), np.float32)
     for k in range(models):
         if not active[k]:
             continue
@@ -885,7 +958,9 @@ def layer_forward_by_model(
             for j in range(units):
                 h_seq[k, b, 0, j] = h0[b, j, k]
                 c_seq[k, b, 0, j] = c0[b, j, k]
-        _forward_model(w_in, w_h, b_in, inputs[k], h_seq[k], c_seq[k], gates[k], tanh_c[k])
+        _forward_model(
+            w_in, w_h, b_in, inputs[k], h_seq[k], c_seq[k], gates[k], tanh_c[k], x_rows, h_rows
+        )
         for b in range(batch):
             for j in range(units):
                 h0[b, j, k] = h_seq[k, b, steps1 - 1, j]
@@ -954,21 +1029,22 @@ def layer_backward_update_by_model(
     h_seq_t = np.empty((units, steps * batch), np.float32)
     d_h = np.empty((batch, units), np.float32)
     d_c = np.empty((batch, units), np.float32)
+    d_x = np.empty((batch, width), np.float32)
     grad_input = np.empty((width, gate_rows), np.float32)
     grad_hidden = np.empty((units, gate_rows), np.float32)
     grad_bias = np.empty(gate_rows, np.float32)
+    acc_rows = np.empty((max(width, units), gate_rows), np.float32)
     for k in range(models):
         if not active[k]:
             continue
         _gather_columns(w_input, k, w_in_t)
         _gather_columns(w_hidden, k, w_h_t)
         _backward_model(
-            w_in_t, w_h_t, inputs[k], h_seq[k], c_seq[k], gates[k], tanh_c[k], d_outputs[k],
-            d_inputs[k], d_pre, inputs_t, h_seq_t, d_h, d_c, grad_input, grad_hidden,
+            w_in_t, w_h_t, inputs[k], h_seq[k], c_seq[k],
+            gates[k], tanh_c[k], d_outputs[k],
+            d_inputs[k], d_pre, inputs_t, h_seq_t, d_h, d_c, d_x, grad_input, grad_hidden,
             grad_bias,
         )  # fmt: skip
-        for i in range(width):
-            _adagrad_model(w_input[i], acc_input[i], grad_input[i], lr[k], k)
-        for j in range(units):
-            _adagrad_model(w_hidden[j], acc_hidden[j], grad_hidden[j], lr[k], k)
+        _adagrad_matrix(w_input, acc_input, grad_input, lr[k], k, acc_rows)
+        _adagrad_matrix(w_hidden, acc_hidden, grad_hidden, lr[k], k, acc_rows)
         _adagrad_model(bias, acc_bias, grad_bias, lr[k], k)

@@ -196,7 +196,11 @@ def _window_by(
     tapes = []
     for layer in range(len(a.h)):
         h_seq, c_seq = tape(batch, steps + 1, units), tape(batch, steps + 1, units)
-        gates, tanh_c = tape(batch, steps, 4 * units), tape(batch, steps, units)
+        # The kernels that run one model at a time keep their gates time major (K, T, B, 4H).
+        gates = (
+            tape(steps, batch, 4 * units) if family.model_first else tape(batch, steps, 4 * units)
+        )
+        tanh_c = tape(batch, steps, units)
         family.forward(
             *layer_of(a.weights, layer), inputs, a.h[layer], a.c[layer], h_seq, c_seq, gates,
             tanh_c, a.active,

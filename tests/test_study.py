@@ -54,7 +54,7 @@ def test_place_splits_a_grid_of_architectures_so_that_trainers_end_together(tmp_
     first, second = _placed(study_config(tmp_path, search=grid), trainers=2)
     # Both trainers have the same work (placing by count, one had 60 % of it)...
     assert first.load() == pytest.approx(second.load(), rel=0.05)
-    # ...and the costliest architecture (4 layers of 16) is split: below K = 32, lanes of
+    # ...and the costliest architecture (4 layers of 16) is split: below K = 64, lanes of
     # state 16 cost each a whole model, so two trainers finish its six trials in half the time.
     costliest = max(first.groups, key=lambda key: first.groups[key].cost())
     assert first.groups[costliest].trials == second.groups[costliest].trials == 3
@@ -69,15 +69,14 @@ def test_kernel_families_compiled_ahead_follow_the_grids_lanes_and_windows(tmp_p
     first_study = {"model.num_layers": [1, 2, 3, 4], "model.state_size": [4, 16],
                    "task.echo_step": [3, 9, 15], "train.seed": [0, 1]}  # fmt: skip
     long = {"task.series_length": 50_000, "train.epochs": 4}
-    # Six trials an architecture: one model at a time, at state 16 the faster kernels; at state
-    # 4 the others would be, but their 64,000 model-windows do not repay their compile.
+    # Six trials an architecture: one model at a time, the faster kernels at both states.
     assert families(first_study, **long) == ("by_model",)
     # 48 trials of state 4 (128,000 model-windows): the vectorized kernels, which repay it.
     assert families({"train.seed": list(range(48))}, **long) == ("by_lane",)
     # ...unless the trials are short.
     assert families({"train.seed": list(range(48))}) == ("by_model",)
     # Both where both kinds of architecture train long; both for samplers that plan nothing.
-    wide = {"model.state_size": [4, 32], "train.seed": list(range(40))}  # switch at 4 and 128
+    wide = {"model.state_size": [4, 32], "train.seed": list(range(40))}  # switch at 8 and 128
     assert families(wide, **long) == ("by_model", "by_lane")
     assert families(first_study, "tpe") == ("by_model", "by_lane")
 
