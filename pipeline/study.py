@@ -21,6 +21,7 @@ is the driver's, the only one that imports Optuna.
 from __future__ import annotations
 
 import functools
+import importlib
 import itertools
 import logging
 import math
@@ -161,6 +162,7 @@ def run_study(config: Config, progress: bool | None = None) -> StudyOutcome:
     output.check_free()
     custom_storage = _open_storage(config.study.storage) if config.study.storage else None
     _compile_ahead(config)
+    _import_in_background("pipeline.plots")  # for the summary, while Ray starts
     embedded = connect_ray(config)
     try:
         with output.lock(only_writer=config.study.only_writer):
@@ -665,10 +667,12 @@ def _compile_ahead(config: Config) -> None:
     threading.Thread(target=lambda: [p.wait() for p in compiling], daemon=True).start()
 
 
-# Model-windows that repay compiling the kernels vectorized over the models (about 5 s of a
-# core; by_model's 3.5) where one model at a time would do: about 60 µs a model-window saved
-# at state 4 and K = 8 (bench/trainer.py), so about 100,000 of them.
-LANE_FAMILY_PAYBACK = 100_000
+# Layer-model-windows (a model's window, times its layers) that repay compiling the kernels
+# vectorized over the models (about 5.5 s of a core) where one model at a time would do: past
+# the switch they save about 10-18 µs a model-window at 3 layers (states 4 and 8, K = 16-32,
+# one core, after the one-model kernels' blocked sums), about 4 µs a layer-model-window, so
+# about 1.3 million of them.
+LANE_FAMILY_PAYBACK = 1_300_000
 
 
 def kernel_families(config: Config) -> tuple[str, ...]:
@@ -676,18 +680,18 @@ def kernel_families(config: Config) -> tuple[str, ...]:
 
     For a grid, from its plan: each architecture with all of its trials in one trainer's lanes
     (as placement tends to put them); the kernels vectorized over the models only where lanes
-    reach the count at which they are the faster ones and the windows they would run repay
-    their compile. A first study of a few trials per architecture trains on the kernels that
-    run one model at a time, compiled in two thirds of the time. Other samplers: both."""
+    reach the count at which they are the faster ones and the windows they would run (times
+    the layers) repay their compile. A first study of a few trials per architecture trains on
+    the kernels that run one model at a time, compiled in less time. Other samplers: both."""
     if config.study.sampler != "grid":
         return kernel_cache.FAMILY_NAMES
-    by_lane_windows, by_model_wanted = 0, False
+    by_lane_work, by_model_wanted = 0, False
     for (model, windows), trials in _architectures(config).items():
         if trials >= models_to_vectorize_over(model.state_size):
-            by_lane_windows += trials * windows
+            by_lane_work += trials * windows * model.num_layers
         else:
             by_model_wanted = True
-    by_lane_wanted = by_lane_windows >= LANE_FAMILY_PAYBACK
+    by_lane_wanted = by_lane_work >= LANE_FAMILY_PAYBACK
     wanted = {"by_model": by_model_wanted or not by_lane_wanted, "by_lane": by_lane_wanted}
     return tuple(family for family in kernel_cache.FAMILY_NAMES if wanted[family])
 
@@ -704,6 +708,13 @@ def _architectures(config: Config) -> Counter[tuple[ModelConfig, int]]:
         trial = config.with_params({p.key: v for p, v in zip(shaping, values, strict=True)})
         counts[trial.model, trial.total_steps] += others
     return counts
+
+
+def _import_in_background(module: str) -> None:
+    """Import `module` in a thread of its own. While Ray starts, this process mostly waits on
+    Ray's processes, and an import beside it (matplotlib, for the summary's figures: a quarter
+    of a second) takes none of its time; a later import of the module waits for this one."""
+    threading.Thread(target=importlib.import_module, args=(module,), daemon=True).start()
 
 
 def _stop_in_background(embedded: bool) -> threading.Thread:

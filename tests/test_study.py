@@ -71,13 +71,18 @@ def test_kernel_families_compiled_ahead_follow_the_grids_lanes_and_windows(tmp_p
     long = {"task.series_length": 50_000, "train.epochs": 4}
     # Six trials an architecture: one model at a time, the faster kernels at both states.
     assert families(first_study, **long) == ("by_model",)
-    # 48 trials of state 4 (128,000 model-windows): the vectorized kernels, which repay it.
-    assert families({"train.seed": list(range(48))}, **long) == ("by_lane",)
-    # ...unless the trials are short.
-    assert families({"train.seed": list(range(48))}) == ("by_model",)
+    # 64 trials of state 4 and 4 layers (about 1.4 million layer-model-windows): the
+    # vectorized kernels, which repay their compile...
+    deep = {**long, "train.epochs": 8, "model.num_layers": 4}
+    assert families({"train.seed": list(range(64))}, **deep) == ("by_lane",)
+    # ...unless the trials are short, or shallow.
+    assert families({"train.seed": list(range(64))}, **{**deep, "train.epochs": 2}) == ("by_model",)
+    assert families({"train.seed": list(range(64))}, **{**deep, "model.num_layers": 1}) == (
+        "by_model",
+    )
     # Both where both kinds of architecture train long; both for samplers that plan nothing.
-    wide = {"model.state_size": [4, 32], "train.seed": list(range(40))}  # switch at 8 and 128
-    assert families(wide, **long) == ("by_model", "by_lane")
+    wide = {"model.state_size": [4, 32], "train.seed": list(range(64))}  # switch at 8 and 128
+    assert families(wide, **deep) == ("by_model", "by_lane")
     assert families(first_study, "tpe") == ("by_model", "by_lane")
 
 
@@ -87,7 +92,7 @@ def test_place_shares_one_architecture_between_idle_trainers(tmp_path):
         config = study_config(tmp_path, search=search, **{"model.state_size": state_size})
         return sorted(w.trials for w in _placed(config, trainers=2))
 
-    # Lanes cost less each past the kernels' switch (K = 4 at state 4, 32 at state 16), never
+    # Lanes cost less each past the kernels' switch (K = 8 at state 4, 64 at state 16), never
     # nothing: two trainers of half the lanes each end sooner than one with all of them.
     assert lanes(6, 4) == [3, 3]
     assert lanes(7, 16) == [3, 4]
