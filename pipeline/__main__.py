@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, NoReturn
 from tqdm import tqdm
 
 from pipeline.config import Config, ConfigError, load_config, ray_address
-from pipeline.plots import png_bytes, training_figure
 from pipeline.record import TrialResult, record_trials
 from pipeline.results import FIXED_COLUMNS, TRIALS, Output, claim_output, trials_table
 from pipeline.summary import trial_metrics, write_summary
@@ -126,7 +125,8 @@ def run_summarize(args: argparse.Namespace) -> int:
 def run_train(config: Config, args: argparse.Namespace) -> int:
     """Train one model like the tutorial and write it in the results layout as trial 0."""
     # Here, not at the top: the study and summarize commands never train, and torch (which
-    # train imports) takes most of a second to import.
+    # train imports) takes most of a second to import, matplotlib (plots) a quarter.
+    from pipeline.plots import png_bytes, training_figure
     from pipeline.train import resolve_device, train
 
     resolve_device(config.train.device)

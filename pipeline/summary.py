@@ -46,14 +46,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import Config, ConfigError, ConvergenceConfig
-from pipeline.plots import (
-    converged_fraction_figure,
-    loss_curves_figure,
-    png_bytes,
-    steps_to_converge_figure,
-    time_to_converge_figure,
-    truncation_frontier_figure,
-)
 from pipeline.report import findings, render_markdown, title
 from pipeline.results import (
     PARAM_TYPES,
@@ -390,6 +382,10 @@ def write_summary(output: str) -> Summary:
             summary.by_factor, pa.schema([("factor", pa.string()), ("value", pa.int32())])
         ),
     }
+    # matplotlib (a quarter of a second to import) only here, where figures are drawn: a study
+    # imports it in the background while Ray starts (study.py).
+    from pipeline.plots import png_bytes
+
     blobs = {name: png_bytes(figure) for name, figure in _figures(summary, curves).items()}
     blobs[SUMMARY_MD] = render_markdown(summary).encode()
     for name, table in tables.items():
@@ -692,6 +688,14 @@ def _arrow_table(frame: pd.DataFrame, keys: pa.Schema) -> pa.Table:
 
 
 def _figures(summary: Summary, curves: pd.DataFrame) -> dict[str, object]:
+    from pipeline.plots import (  # see write_summary
+        converged_fraction_figure,
+        loss_curves_figure,
+        steps_to_converge_figure,
+        time_to_converge_figure,
+        truncation_frontier_figure,
+    )
+
     config = summary.config
     heading = title(summary)
     truncation = summary.truncation
