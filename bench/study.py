@@ -4,7 +4,9 @@ What is measured, side by side in one run on the same cores (`--cores`, default 
 1. Our pipeline end to end: `pipeline.study.run_study` on the study's config (by default
    configs/study.yaml: 336 trials of 3,330 windows), Ray started embedded with `--cores` CPUs and
    one CPU per task, compile as configured, results written to a fresh temporary folder. The
-   clock runs from the call to its return, so Ray's start-up and shutdown are in it.
+   clock runs from the call to its return, so Ray's start-up and shutdown are in it. Twice:
+   cold, with the kernels' cache (NUMBA_CACHE_DIR) pointed at a fresh empty folder, as on a
+   fresh machine, so the compile is in it; then warm, with that folder as the first run left it.
 2. The straightforward loop (bench/baseline.py) on exactly the trials our run ran (read back from
    its trials.parquet: same layers, state size, echo step, learning rate, epochs and seeds),
    one trial at a time in each of `--cores` processes of one thread (a multiprocessing Pool,
@@ -38,7 +40,8 @@ import shutil
 import sys
 import tempfile
 import time
-from contextlib import redirect_stdout
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 
 import pandas as pd
@@ -53,7 +56,10 @@ from pipeline.study import run_study
 
 DEFAULT_CONFIG = "configs/study.yaml"
 QUICK = {"epochs": 1, "trials": 24, "scaling_epochs": 1}
-TARGETS = "Targets (issue 6): the study ≥ 15× faster than the loop; 2 Ray workers ≥ 1.8× one."
+TARGETS = (
+    "Targets: the study ≥ 15× faster than the loop, cold (issues 6 and 10); 2 Ray workers ≥ "
+    "1.8× one (issue 6)."
+)
 
 
 @dataclass(frozen=True)
@@ -85,16 +91,18 @@ def main(argv: list[str] | None = None) -> None:
     scaling = config.with_params(
         {"train.epochs": args.scaling_epochs or min(2, config.train.epochs)}
     )
-    say(f"our pipeline: {_describe(config)} on {args.cores} Ray workers")
+    say(f"our pipeline: {_describe(config)} on {args.cores} Ray workers, cold then warm")
     load = os.getloadavg()[0]
-    ours = _run_study(config, args.cores)
+    with _fresh_kernel_cache():
+        cold = _run_study(config, args.cores)
+        ours = _run_study(config, args.cores)
     specs = _trial_specs(config, ours.trials)
     say(f"the straightforward loop: the same {len(specs)} trials in {args.cores} processes")
     loop = _run_loop(specs, args.cores)
     say(f"Ray workers: {_describe(scaling)} on 1 worker, then on {args.cores}")
     one = _run_study(scaling, 1)
     many = _run_study(scaling, args.cores)
-    print(_report(args, config, specs, load, ours, loop, scaling, one, many))
+    print(_report(args, config, specs, load, cold, ours, loop, scaling, one, many))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -132,6 +140,22 @@ def _bench_config(args: argparse.Namespace) -> Config:
     if args.trials:
         overrides.append(f"study.trials={args.trials}")
     return load_config(args.config, overrides)
+
+
+@contextmanager
+def _fresh_kernel_cache() -> Iterator[None]:
+    """NUMBA_CACHE_DIR pointed at a fresh empty folder (the kernels' cache: kernel_cache.py),
+    removed after; the Ray started inside inherits it."""
+    before = os.environ.get("NUMBA_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="echo-bench-kernels-") as folder:
+        os.environ["NUMBA_CACHE_DIR"] = folder
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop("NUMBA_CACHE_DIR", None)
+            else:
+                os.environ["NUMBA_CACHE_DIR"] = before
 
 
 def _run_study(config: Config, workers: int) -> StudyRun:
@@ -195,6 +219,7 @@ def _report(
     config: Config,
     specs: list[TrialSpec],
     load: float,
+    cold: StudyRun,
     ours: StudyRun,
     loop: Timing,
     scaling: Config,
@@ -221,7 +246,9 @@ def _report(
         "| --- | ---: | ---: | ---: | ---: |",
         f"| straightforward loop, one trial at a time | {args.cores} | {loop.seconds:.1f} "
         f"| {loop.busy:.1f} | 1× |",
-        f"| our pipeline | {args.cores} | {ours.seconds:.1f} | - "
+        f"| our pipeline, cold (empty kernel cache) | {args.cores} | {cold.seconds:.1f} | - "
+        f"| {times(loop.seconds / cold.seconds)} |",
+        f"| our pipeline, warm | {args.cores} | {ours.seconds:.1f} | - "
         f"| {times(loop.seconds / ours.seconds)} |",
         "",
         f"### Ray workers: 1 against {args.cores} ({_describe(scaling)})",
