@@ -102,7 +102,8 @@ def loss_curves_figure(
     colours = colormaps["tab10"]
     for ax, echo in zip(axes, echo_steps, strict=False):
         panel = curves[curves["echo_step"] == echo]
-        for key, rows in panel.groupby(line_keys):
+        for key, every_step in panel.groupby(line_keys):
+            rows = _thinned(every_step, CURVE_POINTS)
             line = dict(zip(line_keys, key, strict=True))
             state_size = line["state_size"]
             colour = colours(layers.index(line[colour_key]) % 10)
@@ -147,6 +148,19 @@ def loss_curves_figure(
         fontsize="small",
     )
     return figure
+
+
+# Points drawn per curve: a panel is under 400 pixels wide, and the curves are moving averages
+# over `window` (100) steps, so a study's thousands of steps drawn at most 600 times look the
+# same (configs/study.yaml's 3,330 steps: the figure took 0.59 s rather than 0.71).
+CURVE_POINTS = 600
+
+
+def _thinned(rows: pd.DataFrame, points: int) -> pd.DataFrame:
+    """At most `points` of `rows`, evenly spaced, the first and the last among them."""
+    if len(rows) <= points:
+        return rows
+    return rows.iloc[np.unique(np.linspace(0, len(rows) - 1, points).round().astype(int))]
 
 
 def steps_to_converge_figure(table: pd.DataFrame, truncation: int | None, title: str) -> Figure:
