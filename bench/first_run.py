@@ -19,7 +19,7 @@ Every way's steps are read back and counted, so a run that trained less shows. T
 (issue 10) are printed beside the figures, never asserted: cold ≥ 3× and warm ≥ 5× the pool.
 
     python bench/first_run.py            # the 48-trial grid: about 3-4 minutes on two cores
-                                         # (pool ~30 s, ours ~12-16 s each, Tune ~120 s)
+                                         # (pool ~30 s, ours ~5-10 s each, Tune ~115 s)
     python bench/first_run.py --quick    # 4 small trials, about a minute: checks the script,
                                          # its ratios mean little
     python bench/first_run.py --set train.compile=true   # any config key, for echo-study runs
