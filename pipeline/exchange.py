@@ -1,7 +1,7 @@
 """What the driver (study.py) and its trainers (trainer.py) hand each other: the trials to
 train, what became of them, and which trials may share a trainer's lanes.
 
-These are plain values, apart from the torch engine that trains them (train.py), so that the
+These are plain values, apart from the engine that trains them (lanes.py), so that the
 driver, which never trains, never imports torch: its import took most of a second of a short
 study's start.
 """

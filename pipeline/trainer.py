@@ -1,5 +1,5 @@
 """The trainer: a long-lived Ray actor that trains the trials the driver (study.py) places on
-it, in lanes (train.py), and tells it what happened.
+it, in lanes (lanes.py), and tells it what happened.
 
 Ray imports this module in every worker process that runs a trainer, so it imports only what
 training needs: no pandas, pyarrow, Optuna or matplotlib, which the driver alone uses (their
