@@ -15,7 +15,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
-from matplotlib.ticker import MaxNLocator, PercentFormatter
+from matplotlib.ticker import MaxNLocator, NullLocator, PercentFormatter
 
 from pipeline.data import LN2
 
@@ -121,6 +121,9 @@ def loss_curves_figure(
         ax.axhline(LN2, color="0.3", linestyle=":", linewidth=1)
         ax.axhline(threshold, color="crimson", linestyle="--", linewidth=1)
         ax.set_yscale("log")
+        # No minor ticks: hardly visible between the decades here, and laying them out and
+        # drawing them took 40 % of this figure's time (configs/study.yaml: 0.58 s, 0.34 without).
+        ax.yaxis.set_minor_locator(NullLocator())
         ax.set_title(_echo_title(echo, truncation))
         if panel.empty:
             ax.text(0.5, 0.5, "no trained trials", ha="center", va="center", transform=ax.transAxes)
