@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +17,20 @@ SMALL = {
     "model": {"num_layers": 2, "state_size": 4},
     "train": {"epochs": 2, "lr": 0.3, "seed": 0, "compile": False, "device": "cpu"},
 }
+
+
+def python_output(script: str) -> str:
+    """What `script` prints, run by this Python in a fresh process from the repository root
+    (a clean slate of imported modules); the test fails with its stderr if it fails."""
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
 
 
 def small_config(**params: object) -> Config:

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from pipeline.__main__ import main
-from tests.conftest import SMALL
+from tests.conftest import SMALL, python_output
 
 TUTORIAL = Path(__file__).parent.parent / "configs" / "tutorial.yaml"
 
@@ -179,15 +179,7 @@ def test_cli_study_driver_imports_no_torch():
     # The driver never trains, and torch takes most of a second to import: only the train
     # command and the trainers that train with torch (on a GPU, or eagerly) import it.
     script = "import sys, pipeline.__main__, pipeline.study; print('torch' in sys.modules)"
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).resolve().parents[1],
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "False"
+    assert python_output(script).strip() == "False"
 
 
 def test_cli_train_falls_back_to_eager_when_compiling_fails(tmp_path):

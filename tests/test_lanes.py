@@ -1,9 +1,6 @@
 """Trials flowing through lanes: joining busy trainers, freeing lanes, and a sampler that learns."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import optuna
@@ -14,7 +11,7 @@ from pipeline.lanes import Lanes
 from pipeline.model import step_function
 from pipeline.results import Output
 from pipeline.study import JOURNAL, run_study
-from tests.conftest import small_config, study_config
+from tests.conftest import python_output, small_config, study_config
 
 CPU = torch.device("cpu")
 
@@ -82,15 +79,7 @@ while len(lanes):
 print(json.dumps({"torch": "torch" in sys.modules, "arrays": step.arrays,
                   "losses": finished[0].losses.tolist()}))
 """
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).resolve().parents[1],
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    trained = json.loads(done.stdout.strip().splitlines()[-1])
+    trained = json.loads(python_output(script).strip().splitlines()[-1])
     assert trained["torch"] is False and trained["arrays"] == "numpy"
     assert len(trained["losses"]) == config.total_steps
     assert np.array_equal(np.float32(trained["losses"]), _run_lanes([(0, config)])[0])
