@@ -33,7 +33,7 @@ from pipeline.layout import (
     layer_of,
     num_layers,
 )
-from pipeline.numba_step import numba_kernels, numba_step
+from pipeline.numba_step import cpu_step, numba_kernels
 
 __all__ = [
     "ADAGRAD_INITIAL_ACCUMULATOR",
@@ -297,8 +297,7 @@ def step_function(mode: bool | str, device: torch.device) -> WindowStep:
     if mode is False:
         return WindowStep("eager", _eager_window)
     if device.type == "cpu":
-        kernels = numba_kernels()
-        return WindowStep("eager", _eager_window) if kernels is None else numba_step(kernels)
+        return cpu_step(mode) or WindowStep("eager", _eager_window)
     return _inductor_step()
 
 
