@@ -10,7 +10,7 @@ SCRIPT = """
 import json, sys
 import ray
 from pipeline.study import run_study
-from pipeline.trainer import gpus_per_trainer, start_trainer
+from pipeline.trainer import _on_the_cpu, gpus_per_trainer, start_trainer
 from tests.conftest import study_config
 
 ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="error")
@@ -21,10 +21,13 @@ places = ray.get([t.where.remote() for t in trainers])
 for trainer in trainers:
     ray.kill(trainer)
 derived = {d: gpus_per_trainer(config.with_params({"train.device": d})) for d in ("auto", "cpu")}
+on_cpu = ray.remote(lambda: {d: _on_the_cpu(d) for d in ("auto", "cpu", "cuda")})
+cpu_rule = {gpus: ray.get(on_cpu.options(num_gpus=gpus).remote()) for gpus in (0, 1)}
 # auto on a cluster with GPUs asks for one; torch sees no CUDA here, so the trials train on
 # the CPU, which shows the whole study runs with its trainers holding GPUs.
 outcome = run_study(config.with_params({"train.device": "auto"}), progress=False)
-print(json.dumps({"places": places, "derived": derived, "counts": outcome.counts}))
+print(json.dumps({"places": places, "derived": derived, "counts": outcome.counts,
+                  "cpu_rule": [cpu_rule[0], cpu_rule[1]]}))
 """
 
 
@@ -44,4 +47,9 @@ def test_trainers_get_their_own_gpu_from_ray_and_torch_sees_only_it(tmp_path):
     for place in result["places"]:
         assert place["cuda_visible_devices"] == place["gpu_ids"][0]
     assert result["derived"] == {"auto": 1.0, "cpu": 0.0}
+    # A trainer trains on the CPU, without torch, where asked to, or with `auto` when Ray gave
+    # it no GPU: never on a GPU that Ray did not give it.
+    without_gpu, with_gpu = result["cpu_rule"]
+    assert without_gpu == {"auto": True, "cpu": True, "cuda": False}
+    assert with_gpu == {"auto": False, "cpu": True, "cuda": False}
     assert result["counts"] == {"COMPLETE": 2}
