@@ -21,8 +21,8 @@ from pathlib import Path
 
 FAMILY_NAMES = ("by_model", "by_lane")
 """kernels.py's families of kernels, each compiled as a whole; a process that needs one before
-it knows its windows' shapes takes the first, which compiles faster (about 4.5 s of a core
-against 5.7) and is the faster one for a few models (a `train` run, a first study's trainers)."""
+it knows its windows' shapes takes the first, which compiles faster (about 4.1 s of a core
+against 5.0) and is the faster one for a few models (a `train` run, a first study's trainers)."""
 
 KERNELS_SOURCE = Path(__file__).with_name("kernels.py")
 

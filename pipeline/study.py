@@ -669,7 +669,7 @@ def _compile_ahead(config: Config) -> None:
 
 
 # Layer-model-windows (a model's window, times its layers) that repay compiling the kernels
-# vectorized over the models (about 5.5 s of a core) where one model at a time would do: past
+# vectorized over the models (about 5 s of a core) where one model at a time would do: past
 # the switch they save about 10-18 µs a model-window at 3 layers (states 4 and 8, K = 16-32,
 # one core, after the one-model kernels' blocked sums), about 4 µs a layer-model-window, so
 # about 1.3 million of them.
