@@ -37,6 +37,7 @@ converged, even if its moving average had dipped below the threshold first. From
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,6 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import Config, ConfigError, ConvergenceConfig
+from pipeline.forked import start_in_child
 from pipeline.report import findings, render_markdown, title
 from pipeline.results import (
     PARAM_TYPES,
@@ -371,9 +373,6 @@ def write_summary(output: str) -> Summary:
     if trials.empty:
         raise ConfigError(f"{output}: no finished trials yet, nothing to summarize")
     summary = summarize(config, trials)
-    curves = loss_curves(
-        _steps(location), summary.trials, config.convergence.window, summary.factors
-    )
     # Everything is computed before the first write, so bad data leaves the folder untouched.
     keys = list(summary.factors)
     tables = {
@@ -382,11 +381,16 @@ def write_summary(output: str) -> Summary:
             summary.by_factor, pa.schema([("factor", pa.string()), ("value", pa.int32())])
         ),
     }
+    # The loss curves (every step read back, each trial's moving average, the quartiles) and
+    # their figure took half of the summary's time: a child draws them on another core while
+    # this process draws the others (see pipeline/forked.py).
+    loss_curves_png = start_in_child(functools.partial(_loss_curves_png, location, summary))
     # matplotlib (a quarter of a second to import) only here, where figures are drawn: a study
     # imports it in the background while Ray starts (study.py).
     from pipeline.plots import png_bytes
 
-    blobs = {name: png_bytes(figure) for name, figure in _figures(summary, curves).items()}
+    blobs = {name: png_bytes(figure) for name, figure in _figures(summary).items()}
+    blobs[PLOTS["loss_curves"]] = loss_curves_png()
     blobs[SUMMARY_MD] = render_markdown(summary).encode()
     for name, table in tables.items():
         location.write_table(name, table)
@@ -687,27 +691,36 @@ def _arrow_table(frame: pd.DataFrame, keys: pa.Schema) -> pa.Table:
     return pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
 
 
-def _figures(summary: Summary, curves: pd.DataFrame) -> dict[str, object]:
+def _loss_curves_png(location: Output, summary: Summary) -> bytes:
+    from pipeline.plots import loss_curves_figure, png_bytes  # see write_summary
+
+    config, truncation = summary.config, summary.truncation
+    curves = loss_curves(
+        _steps(location), summary.trials, config.convergence.window, summary.factors
+    )
+    figure = loss_curves_figure(
+        curves,
+        threshold=config.convergence.threshold,
+        window=config.convergence.window,
+        truncation=truncation,
+        epoch_steps=config.task.windows_per_epoch if truncation is not None else None,
+        title=title(summary),
+    )
+    return png_bytes(figure)
+
+
+def _figures(summary: Summary) -> dict[str, object]:
+    """The summary's figures but the loss curves' (`_loss_curves_png`)."""
     from pipeline.plots import (  # see write_summary
         converged_fraction_figure,
-        loss_curves_figure,
         steps_to_converge_figure,
         time_to_converge_figure,
         truncation_frontier_figure,
     )
 
-    config = summary.config
     heading = title(summary)
     truncation = summary.truncation
     figures = {
-        PLOTS["loss_curves"]: loss_curves_figure(
-            curves,
-            threshold=config.convergence.threshold,
-            window=config.convergence.window,
-            truncation=truncation,
-            epoch_steps=config.task.windows_per_epoch if truncation is not None else None,
-            title=heading,
-        ),
         PLOTS["converged_fraction"]: converged_fraction_figure(
             group_table(
                 summary.trials,
