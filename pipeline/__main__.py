@@ -14,15 +14,16 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NoReturn
 
-from tqdm import tqdm
-
+from pipeline import compile_ahead
 from pipeline.config import Config, ConfigError, load_config, ray_address
-from pipeline.record import TrialResult, record_trials
-from pipeline.results import FIXED_COLUMNS, TRIALS, Output, claim_output, trials_table
-from pipeline.summary import trial_metrics, write_summary
 
 if TYPE_CHECKING:
+    from tqdm import tqdm
+
     from pipeline.train import Step
+
+# Each command imports what it needs when it runs (pandas, Optuna, Ray, torch: seconds in all),
+# so that a study starts compiling a cold machine's kernels first (compile_ahead.py).
 
 USAGE_ERROR = 2
 
@@ -94,6 +95,8 @@ def run_study_command(config: Config, args: argparse.Namespace) -> int:
         # Ray binds its servers to this machine's network address unless it believes it is a
         # single-node Ray, which an embedded one is; Ray reads this once, when first imported.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # Before the imports below, most of a second: a cold machine's kernels compile beside them.
+    compile_ahead.start(config)
     from pipeline.study import run_study  # imports Ray, so only after the line above
 
     outcome = run_study(config)
@@ -110,6 +113,8 @@ def run_study_command(config: Config, args: argparse.Namespace) -> int:
 
 def run_summarize(args: argparse.Namespace) -> int:
     """Write the summary of the finished trials in an output, then print its findings."""
+    from pipeline.summary import write_summary
+
     summary = write_summary(args.output)
     for sentence in summary.findings:
         print(f"- {sentence}")
@@ -126,7 +131,12 @@ def run_train(config: Config, args: argparse.Namespace) -> int:
     """Train one model like the tutorial and write it in the results layout as trial 0."""
     # Here, not at the top: the study and summarize commands never train, and torch (which
     # train imports) takes most of a second to import, matplotlib (plots) a quarter.
+    from tqdm import tqdm
+
     from pipeline.plots import png_bytes, training_figure
+    from pipeline.record import TrialResult, record_trials
+    from pipeline.results import FIXED_COLUMNS, TRIALS, Output, claim_output, trials_table
+    from pipeline.summary import trial_metrics
     from pipeline.train import resolve_device, train
 
     resolve_device(config.train.device)

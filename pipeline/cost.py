@@ -9,6 +9,18 @@ from __future__ import annotations
 
 from pipeline.config import ModelConfig
 
+# The keys a trial's cost depends on (its windows, depth and width: see `lanes_window_cost`).
+COST_KEYS = frozenset(
+    {
+        "task.series_length",
+        "task.batch_size",
+        "task.truncation",
+        "train.epochs",
+        "model.num_layers",
+        "model.state_size",
+    }
+)
+
 
 def models_to_vectorize_over(units: int) -> float:
     """The count of models from which the CPU kernels that vectorize over the models beat

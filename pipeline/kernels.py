@@ -162,7 +162,7 @@ _compile_missing = True
 def load_only_cached() -> None:
     """From now on, take up only the families that are cached (or compiled by another process
     meanwhile), compiling one only when none is anywhere: for a trainer whose driver compiled
-    ahead the families its study wants (study.kernel_families)."""
+    ahead the families its study wants (compile_ahead.kernel_families)."""
     global _compile_missing
     _compile_missing = False
 

@@ -28,14 +28,11 @@ import math
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -45,7 +42,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from pipeline import kernel_cache
+from pipeline import compile_ahead
 from pipeline.config import (
     Config,
     ConfigError,
@@ -54,7 +51,7 @@ from pipeline.config import (
     ray_address,
     short_name,
 )
-from pipeline.cost import lanes_window_cost, models_to_vectorize_over
+from pipeline.cost import COST_KEYS, lanes_window_cost
 from pipeline.data import trial_seed
 from pipeline.embedded_ray import start_embedded_ray, stop_embedded_ray
 from pipeline.exchange import Finished, LaneTrial, Report, first_line
@@ -76,17 +73,6 @@ from pipeline.trainer import gpus_per_trainer, start_trainer
 log = logging.getLogger(__name__)
 
 JOURNAL = "study.journal"
-# The keys a trial's cost depends on (its windows, depth and width: see `lanes_window_cost`).
-COST_KEYS = frozenset(
-    {
-        "task.series_length",
-        "task.batch_size",
-        "task.truncation",
-        "train.epochs",
-        "model.num_layers",
-        "model.state_size",
-    }
-)
 # A trainer that already trains a trial's architecture takes it unless another would then have
 # more than this fraction less work left: the cost estimate is rough, and a set of lanes it
 # steps anyway saves a step of its own.
@@ -161,7 +147,7 @@ def run_study(config: Config, progress: bool | None = None) -> StudyOutcome:
     check_output(output, config)
     output.check_free()
     custom_storage = _open_storage(config.study.storage) if config.study.storage else None
-    _compile_ahead(config)
+    compile_ahead.start(config)
     _import_in_background("pipeline.plots")  # for the summary, while Ray starts
     embedded = connect_ray(config)
     try:
@@ -633,82 +619,6 @@ class _Driver:
 
     def _point_of(self, row: dict[str, Any]) -> tuple:
         return tuple(row[p.short_name] for p in self.config.study.search)
-
-
-def _compile_ahead(config: Config) -> None:
-    """With Ray embedded on a machine whose cache lacks the CPU kernels that the study wants
-    (`kernel_families`), compile them while Ray starts, in a process per family (see
-    `kernels.compile_all`), so the families compile at once; the trainers, starting a second
-    or two later, then load the kernels from the cache instead of compiling them
-    (`kernels.load_only_cached`). One process compiling the families in turn made a cold
-    configs/study.yaml slower (34.3 and 35.5 s against 32.9 and 34.2).
-
-    Processes, not a thread of the driver: numba compiles mostly in Python, holding the GIL,
-    and a compiling thread delayed the driver's own work (starting Ray and its trainers) by
-    seconds. A warm machine skips it all. So does a device set to CUDA: asking torch whether
-    "auto" finds a GPU would import torch into the driver, most of a second, while compiling in
-    vain on a GPU machine costs only cores that wait for Ray anyway."""
-    if ray_address(config) is not None or config.train.compile is False:
-        return
-    families = kernel_families(config)
-    if config.train.device.startswith("cuda") or kernel_cache.compiled(families):
-        return
-    # pipeline.kernels itself, not model.numba_kernels: the same compile without torch. A
-    # failure is the trainers' to report: each falls back and says so.
-    compiling = [
-        subprocess.Popen(
-            [sys.executable, "-c", f"import pipeline.kernels as k; k.compile_all({families!r})"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            cwd=Path(__file__).resolve().parents[1],
-        )
-        for _ in families
-    ]
-    threading.Thread(target=lambda: [p.wait() for p in compiling], daemon=True).start()
-
-
-# Layer-model-windows (a model's window, times its layers) that repay compiling the kernels
-# vectorized over the models (about 5 s of a core) where one model at a time would do: past
-# the switch they save about 10-18 µs a model-window at 3 layers (states 4 and 8, K = 16-32,
-# one core, after the one-model kernels' blocked sums), about 4 µs a layer-model-window, so
-# about 1.3 million of them.
-LANE_FAMILY_PAYBACK = 1_300_000
-
-
-def kernel_families(config: Config) -> tuple[str, ...]:
-    """The families of CPU kernels that a study's windows will want (pipeline/kernels.py).
-
-    For a grid, from its plan: each architecture with all of its trials in one trainer's lanes
-    (as placement tends to put them); the kernels vectorized over the models only where lanes
-    reach the count at which they are the faster ones and the windows they would run (times
-    the layers) repay their compile. A first study of a few trials per architecture trains on
-    the kernels that run one model at a time, compiled in less time. Other samplers: both."""
-    if config.study.sampler != "grid":
-        return kernel_cache.FAMILY_NAMES
-    by_lane_work, by_model_wanted = 0, False
-    for (model, windows), trials in _architectures(config).items():
-        if trials >= models_to_vectorize_over(model.state_size):
-            by_lane_work += trials * windows * model.num_layers
-        else:
-            by_model_wanted = True
-    by_lane_wanted = by_lane_work >= LANE_FAMILY_PAYBACK
-    wanted = {"by_model": by_model_wanted or not by_lane_wanted, "by_lane": by_lane_wanted}
-    return tuple(family for family in kernel_cache.FAMILY_NAMES if wanted[family])
-
-
-def _architectures(config: Config) -> Counter[tuple[ModelConfig, int]]:
-    """A grid's trials counted by (model, windows each), without building a config per point:
-    only the keys that shape a trial (COST_KEYS) are varied, each shape counting the points of
-    the other keys."""
-    search = config.study.search
-    shaping = [p for p in search if p.key in COST_KEYS]
-    others = math.prod(len(p.choices) for p in search if p.key not in COST_KEYS)
-    counts: Counter[tuple[ModelConfig, int]] = Counter()
-    for values in itertools.product(*(p.choices for p in shaping)):
-        trial = config.with_params({p.key: v for p, v in zip(shaping, values, strict=True)})
-        counts[trial.model, trial.total_steps] += others
-    return counts
 
 
 def _import_in_background(module: str) -> None:

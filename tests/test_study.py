@@ -10,6 +10,7 @@ import optuna
 import pandas as pd
 import pytest
 
+from pipeline.compile_ahead import kernel_families
 from pipeline.config import ConfigError
 from pipeline.exchange import trainer_key
 from pipeline.results import Output
@@ -18,7 +19,6 @@ from pipeline.study import (
     TrialWork,
     Workload,
     grid_points,
-    kernel_families,
     param_columns,
     place,
     run_study,
