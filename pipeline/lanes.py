@@ -37,7 +37,11 @@ from pipeline.layout import (
 )
 
 # Floats in the widest CPU vector (AVX-512) and a divisor of GPU warps: lanes come in
-# multiples of it, so that torch's compiled kernels always run whole vectors.
+# multiples of it, so that every kernel vectorized over the models runs whole vectors. Those of
+# torch.compile need it; numba's (kernels.py, by_lane) run a remainder as scalar code, which
+# cost more than the lanes it saved (3 layers, one core, µs a window: state 4, 308 at K = 32
+# against 393 at 28 and 571 at 31; state 8, 779 against 953 and 1,540). The kernels that run
+# one model at a time skip the empty lanes.
 LANES = 16
 
 
@@ -73,9 +77,7 @@ class Lanes:
         self.accum: Weights = []
         self.state = State(self.arrays.zeros((0,)), self.arrays.zeros((0,)))
         self.last_window: tuple[Array, ...] = ()
-        # numba computes each lane alone at any width; torch's kernels only in whole vectors.
-        self.granule = 1 if step_fn.backend == "numba" else LANES
-        self._resize(self.granule)
+        self._resize(LANES)
 
     def __len__(self) -> int:
         """Lanes holding a trial."""
@@ -111,14 +113,14 @@ class Lanes:
         self._start_epoch(lane, 0)
 
     def reserve(self, count: int) -> None:
-        """Make sure `count` trials find a free lane, growing by whole granules."""
+        """Make sure `count` trials find a free lane, growing by whole vectors (LANES)."""
         missing = count - int((~self.occupied).sum())
         if missing > 0:
-            self._resize(_round_up(self.capacity + missing, self.granule))
+            self._resize(_round_up(self.capacity + missing))
 
     def step(self) -> tuple[list[Finished], list[Report]]:
         """Train every running, non-waiting lane on its next window."""
-        packed = _round_up(len(self), self.granule)
+        packed = _round_up(len(self))
         if len(self) and 2 * len(self) <= self.capacity and packed < self.capacity:
             self._resize(packed)
         running = self.occupied & ~self.waiting
@@ -262,8 +264,8 @@ class Lanes:
         self.lane_of: dict[int, int] = {}
 
 
-def _round_up(count: int, granule: int) -> int:
-    return max(granule, -(-count // granule) * granule)
+def _round_up(count: int) -> int:
+    return max(LANES, -(-count // LANES) * LANES)
 
 
 class _NumpyArrays:

@@ -113,9 +113,10 @@ def numba_window(
         lr=_dense(lr, np.float32),
         active=_dense(active, np.bool_),
     )
-    units, models = arrays.h.shape[2], arrays.x.shape[2]
     if by_model is None:
-        by_model = _ready_family(kernels, prefer_by_model=_by_model(units, models))
+        # The models that train: those kernels skip the others, these compute every lane.
+        running = int(arrays.active.sum())
+        by_model = _ready_family(kernels, prefer_by_model=_by_model(arrays.h.shape[2], running))
     else:
         kernels.require(BY_MODEL if by_model else BY_LANE)
     losses, margin, still = _window_by(_family(kernels, by_model), arrays, tapes or Tapes())

@@ -7,7 +7,7 @@ import optuna
 import torch
 
 from pipeline.exchange import LaneTrial
-from pipeline.lanes import Lanes
+from pipeline.lanes import LANES, Lanes
 from pipeline.model import step_function
 from pipeline.results import Output
 from pipeline.study import JOURNAL, run_study
@@ -137,14 +137,15 @@ def test_study_tpe_asks_each_trial_after_the_earlier_ones_were_told(tmp_path, ra
 
 
 def test_lanes_packing_empty_lanes_keeps_every_running_trials_losses():
-    # Eight trials join; six leave early (one epoch), so the lanes are packed to two while
-    # the two long ones run on: their losses are those they have alone.
-    short = [_config(**{"train.seed": s, "train.epochs": 1}) for s in range(6)]
-    long = [_config(**{"train.seed": 10 + s, "task.echo_step": 2 + s}) for s in range(2)]
+    # Twenty trials join (two vectors of lanes); eighteen leave early (one epoch), so the lanes
+    # are packed to one vector while the two long ones run on, from lanes 3 and 19 to 0 and
+    # 1: their losses are those they have alone.
+    short = [_config(**{"train.seed": s, "train.epochs": 1}) for s in range(18)]
+    long = [_config(**{"train.seed": 30 + s, "task.echo_step": 2 + s}) for s in range(2)]
     arrivals = [(0, c) for c in short[:3]] + [(0, long[0])] + [(0, c) for c in short[3:]]
     arrivals.append((5, long[1]))
     capacities: list[int] = []
     together = _run_lanes(arrivals, capacities)
-    assert max(capacities) == 8 and capacities[-1] == 1
-    for index, config in [(3, long[0]), (7, long[1])]:
+    assert max(capacities) == 2 * LANES and capacities[-1] == LANES
+    for index, config in [(3, long[0]), (19, long[1])]:
         assert np.array_equal(together[index], _run_lanes([(0, config)])[0])
