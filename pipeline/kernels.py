@@ -189,18 +189,18 @@ def ready(family: str) -> bool:
 
 
 def first_ready(families: Sequence[str] = FAMILY_NAMES) -> str:
-    """The first of `families` that is ready, waiting while other processes compile them; once
-    none does, the first cached one (`ready` may not have looked again yet), else the first of
-    them, compiled here."""
-    while True:
-        for family in families:
-            if ready(family):
-                return family
-        if not any(_compiling_elsewhere(family) for family in families):
-            family = next((f for f in families if compiled((f,))), families[0])
-            require(family)
+    """The first of `families` that is ready; when none is, the first that another process is
+    compiling, as soon as it is done (waiting on its lock, which that process releases the
+    moment the family is cached); when no process compiles any, the first cached one, else the
+    first of them, compiled here."""
+    for family in families:
+        if ready(family):
             return family
-        time.sleep(0.05)
+    compiling = [family for family in families if _compiling_elsewhere(family)]
+    cached = [family for family in families if compiled((family,))]
+    family = (compiling or cached or list(families))[0]
+    require(family)
+    return family
 
 
 def require(family: str) -> None:
