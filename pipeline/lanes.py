@@ -120,9 +120,9 @@ class Lanes:
 
     def step(self) -> tuple[list[Finished], list[Report]]:
         """Train every running, non-waiting lane on its next window."""
-        packed = _round_up(len(self))
-        if len(self) and 2 * len(self) <= self.capacity and packed < self.capacity:
-            self._resize(packed)
+        count = len(self)
+        if count and 2 * count <= self.capacity and _round_up(count) < self.capacity:
+            self._resize(_round_up(count))
         running = self.occupied & ~self.waiting
         if not running.any():
             return [], []
@@ -163,6 +163,8 @@ class Lanes:
         position = self.position[ran]
         diverged = ~healthy[ran]
         ended = diverged | (position == self.total[ran])
+        if not self.report_every and not (ended | (position % self.windows == 0)).any():
+            return [], []
         finished = [
             self._finish(lane, "diverged" if gone else "complete")
             for lane, gone in zip(ran[ended], diverged[ended], strict=True)
