@@ -549,27 +549,70 @@ def loss_curves(
     Columns: `keys`, `step`, `q25`, `median`, `q75`, `trials` (how many reached that step)."""
     keys = list(keys)
     trained = trials.loc[trials["trained"], ["trial", *keys]]
-    steps = steps.merge(trained, on="trial").sort_values(["trial", "step"])
-    loss = steps["loss"].astype(float).where(np.isfinite(steps["loss"]))
-    steps = steps.assign(smooth=loss.groupby(steps["trial"]).transform(_trailing_mean(window)))
+    steps = steps[steps["trial"].isin(trained["trial"])]
+    # Whole arrays, a row per trial and a column per step: pandas' rolling mean and quantiles
+    # per group took a quarter of the summary's loss curves, on configs/study.yaml's 1.1
+    # million steps 0.26 s.
+    numbers, row = np.unique(steps["trial"].to_numpy(), return_inverse=True)
+    step = steps["step"].to_numpy()
+    width = int(step.max()) + 1 if len(step) else 0
+    losses = np.full((len(numbers), width), np.nan)
+    losses[row, step] = steps["loss"].to_numpy(np.float64)
+    ran = np.zeros(losses.shape, bool)
+    ran[row, step] = True
+    smooth = np.where(ran, _trailing_means(losses, window), np.nan)
+    row_of = {number: i for i, number in enumerate(numbers)}
     frames = []
-    for key, group in steps.groupby(keys, sort=True):
-        by_step = group.pivot(index="step", columns="trial", values="smooth")
-        quartiles = by_step.quantile([0.25, 0.5, 0.75], axis=1).T
+    for key, group in trained.groupby(keys, sort=True):
+        rows = [row_of[number] for number in group["trial"] if number in row_of]
+        if not rows:
+            continue
+        reached = ran[rows].any(axis=0)
+        values = smooth[rows][:, reached].T  # (steps, trials)
+        q25, median, q75 = _quartiles(values)
         frames.append(
             pd.DataFrame(
                 {
                     **dict(zip(keys, key, strict=True)),
-                    "step": by_step.index.to_numpy(),
-                    "q25": quartiles[0.25].to_numpy(),
-                    "median": quartiles[0.5].to_numpy(),
-                    "q75": quartiles[0.75].to_numpy(),
-                    "trials": by_step.notna().sum(axis=1).to_numpy(),
+                    "step": np.flatnonzero(reached).astype(steps["step"].dtype),
+                    "q25": q25,
+                    "median": median,
+                    "q75": q75,
+                    "trials": np.isfinite(values).sum(axis=1),
                 }
             )
         )
     columns = [*keys, "step", "q25", "median", "q75", "trials"]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+
+def _trailing_means(losses: np.ndarray, window: int) -> np.ndarray:
+    """Each row's mean over up to `window` values ending at each column, of the finite ones
+    (NaN where none is), as pandas' rolling(window, min_periods=1).mean() gives it."""
+    finite = np.isfinite(losses)
+    sums = np.cumsum(np.where(finite, losses, 0.0), axis=1)
+    counts = np.cumsum(finite, axis=1)
+    sums[:, window:] -= sums[:, :-window].copy()
+    counts[:, window:] -= counts[:, :-window].copy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / counts, np.nan)
+
+
+def _quartiles(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The quartiles of each row's finite values (NaN where none is), interpolated linearly
+    between order statistics, as pandas and numpy do by default."""
+    ordered = np.sort(values, axis=1)  # NaN last
+    counts = np.isfinite(values).sum(axis=1)
+    last = np.maximum(counts - 1, 0)
+    quartiles = []
+    for q in (0.25, 0.5, 0.75):
+        position = q * last
+        below = np.floor(position).astype(np.int64)
+        above = np.minimum(below + 1, last)
+        low = np.take_along_axis(ordered, below[:, None], axis=1)[:, 0]
+        high = np.take_along_axis(ordered, above[:, None], axis=1)[:, 0]
+        quartiles.append(np.where(counts > 0, low + (high - low) * (position - below), np.nan))
+    return quartiles[0], quartiles[1], quartiles[2]
 
 
 def _factors(config: Config) -> list[str]:
@@ -748,10 +791,3 @@ def _steps(output: Output) -> pd.DataFrame:
         return load_steps(output.location, columns=["trial", "step", "loss"])
     except FileNotFoundError:
         return pd.DataFrame({"trial": [], "step": [], "loss": []})
-
-
-def _trailing_mean(window: int):
-    def mean(losses: pd.Series) -> pd.Series:
-        return losses.rolling(window, min_periods=1).mean()
-
-    return mean

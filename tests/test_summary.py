@@ -19,6 +19,7 @@ from pipeline.results import STATE_OF_STATUS, TRIALS_METADATA_KEY, load_steps
 from pipeline.study import run_study
 from pipeline.summary import (
     kaplan_meier,
+    loss_curves,
     steps_to_converge,
     summarize,
     trial_metrics,
@@ -416,3 +417,47 @@ def test_cli_summarize_rejects_a_bad_folder_in_one_line_writing_nothing(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_loss_curves_are_pandas_rolling_means_and_quantiles_of_ragged_trials():
+    # Trials of different lengths, with NaN and inf losses, one with none finite, one not
+    # trained: the curves are what pandas' rolling mean and quantile per group and step give.
+    rng = np.random.default_rng(0)
+    steps, trials = [], []
+    for number in range(30):
+        loss = rng.random(int(rng.integers(1, 250))).astype(np.float32)
+        loss[-1] = np.nan if number % 5 == 0 else loss[-1]
+        loss[rng.integers(0, len(loss), 3)] = np.inf if number % 7 == 0 else loss[0]
+        loss[:] = np.nan if number == 11 else loss
+        steps.append(pd.DataFrame({"trial": number, "step": np.arange(len(loss)), "loss": loss}))
+        trials.append({"trial": number, "num_layers": 1 + number % 2, "state_size": 4,
+                       "echo_step": 1 + number % 3, "trained": number != 13})  # fmt: skip
+    steps, trials = pd.concat(steps, ignore_index=True), pd.DataFrame(trials)
+    keys = ["num_layers", "state_size", "echo_step"]
+
+    def by_pandas(window: int) -> pd.DataFrame:
+        rows = steps.merge(trials[trials["trained"]], on="trial")
+        loss = rows["loss"].astype(float).where(np.isfinite(rows["loss"]))
+        rows["smooth"] = loss.groupby(rows["trial"]).transform(
+            lambda x: x.rolling(window, min_periods=1).mean()
+        )
+        wide = rows.pivot_table(index=[*keys, "step"], columns="trial", values="smooth",
+                                dropna=False)  # fmt: skip
+        present = rows.groupby([*keys, "step"]).size().index
+        wide = wide.loc[present]
+        return pd.DataFrame(
+            {
+                "q25": wide.quantile(0.25, axis=1),
+                "median": wide.quantile(0.5, axis=1),
+                "q75": wide.quantile(0.75, axis=1),
+                "trials": wide.notna().sum(axis=1),
+            }
+        ).reset_index()
+
+    for window in (1, 4, 100):
+        got, want = loss_curves(steps, trials, window), by_pandas(window)
+        assert list(got.columns) == [*keys, "step", "q25", "median", "q75", "trials"]
+        assert len(got) == len(want) and got["trials"].sum() > 0
+        for column in got.columns:
+            expected = want[column].to_numpy(float)
+            np.testing.assert_allclose(got[column].to_numpy(float), expected, rtol=1e-12)
