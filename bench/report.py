@@ -8,10 +8,11 @@ from collections.abc import Sequence
 
 
 def times(ratio: float) -> str:
-    """A ratio with the digits that matter: 0.26×, 3.1×, 57×."""
+    """A ratio with the digits that matter: 0.26×, 3.1×, 14.8×, 105× (one decimal up to 100,
+    so that a ratio just short of a goal never prints as the goal)."""
     if ratio < 1:
         return f"{ratio:.2f}×"
-    return f"{ratio:.1f}×" if ratio < 10 else f"{ratio:.0f}×"
+    return f"{ratio:.1f}×" if ratio < 100 else f"{ratio:.0f}×"
 
 
 def say(message: str) -> None:

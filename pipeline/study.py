@@ -318,6 +318,8 @@ class _Trainer:
     answered: bool = False
     work: Workload = field(default_factory=Workload)
     """The estimated work left in its trials."""
+    lent: int = 0
+    """CPUs of idle trainers it may use (`_Driver._lend`)."""
 
     def take(self, planned: PlannedTrial, work: TrialWork) -> None:
         self.trials[planned.number] = planned
@@ -395,6 +397,7 @@ class _Driver:
             while True:
                 self._ask()
                 self._place()
+                self._lend()
                 self._exchange()
                 calls = [t.call for t in self.trainers if t.call is not None]
                 if not self._in_flight() and not self.unrecorded and self._wanted() <= 0:
@@ -490,6 +493,23 @@ class _Driver:
             trainer = roomy[place([t.work for t in roomy], work)]
             self.queue.popleft()
             trainer.take(planned, work)
+
+    def _lend(self) -> None:
+        """With Ray on this one machine, once no trial is left to ask or place, lend the CPUs of
+        the trainers with nothing left to train to those still training (`Trainer.lend`): the
+        last sets of lanes, which the cost estimate never splits quite evenly between trainers,
+        then step side by side instead of leaving cores idle. On a cluster the idle CPUs may be
+        on another node, and nothing is lent."""
+        busy = [trainer for trainer in self.trainers if trainer.trials]
+        idle_cpus = (len(self.trainers) - len(busy)) * self.config.ray.cpus_per_trial
+        at_the_end = not self.queue and self._wanted() <= 0
+        one_machine = ray_address(self.config) is None
+        share = idle_cpus // len(busy) if busy and at_the_end and one_machine else 0
+        for trainer in self.trainers:
+            lent = share if trainer.trials else 0
+            if trainer.lent != lent:  # taken back when trials are placed again (a retry)
+                trainer.actor.lend.remote(lent)
+                trainer.lent = lent
 
     def _exchange(self) -> None:
         """Start an exchange with every trainer that has something to do and none in flight."""

@@ -17,6 +17,7 @@ import dataclasses
 import os
 import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -77,6 +78,10 @@ class Trainer:
         self.events = TrainerEvents([], [], [])
         self.stepped: Counter[tuple] = Counter()
         self.trained = 0
+        self.lent_cpus = 0
+        self.stepping: tuple[int, ThreadPoolExecutor] | None = None
+        self.broken: str | None = None
+        """Why the training thread died, if it did: trials handed over later fail with it."""
         threading.Thread(target=self._train, daemon=True).start()
 
     def exchange(
@@ -85,6 +90,9 @@ class Trainer:
         """Hand over trials to admit and pruner verdicts; return what happened since the last
         exchange, waiting up to `wait` seconds for something to happen."""
         with self.changed:
+            if self.broken is not None:  # nothing trains here any more: each trial fails
+                self.events.errors.extend((trial.key, self.broken) for trial in admit)
+                admit = []
             self.inbox += admit
             self.verdicts.update(verdicts)
             self.changed.notify_all()
@@ -94,6 +102,12 @@ class Trainer:
             )
             self.events, self.stepped, self.trained = TrainerEvents([], [], []), Counter(), 0
             return events
+
+    def lend(self, cpus: int) -> None:
+        """Step lanes on `cpus` more threads, CPUs of this machine that other trainers left idle
+        (the driver lends them once no trial is left to place; 0 takes them back)."""
+        with self.changed:
+            self.lent_cpus = cpus
 
     def where(self) -> dict[str, Any]:
         """Where Ray placed this trainer: its node, and the GPUs it was given."""
@@ -114,6 +128,10 @@ class Trainer:
             text = f"{type(error).__name__}: {first_line(error)}"
             keys = [t.key for lanes in self.lanes.values() for t in lanes.trials if t is not None]
             self.lanes.clear()
+            with self.changed:
+                self.broken = text
+                keys += [trial.key for trial in self.inbox]
+                self.inbox = []
             self._publish([], [], [(key, text) for key in keys])
             raise
 
@@ -123,9 +141,22 @@ class Trainer:
                 self.changed.wait_for(lambda: self.inbox or self.verdicts or self._busy())
                 inbox, self.inbox = self.inbox, []
                 verdicts, self.verdicts = self.verdicts, {}
+                threads = 1 + self.lent_cpus
             self._apply(inbox, verdicts)
-            for key, lanes in list(self.lanes.items()):
-                self._step(key, lanes)
+            sets = list(self.lanes.items())
+            if threads > 1 and len(sets) > 1 and _all_numba(sets):
+                # The numba kernels release the GIL: sets of lanes step side by side.
+                list(self._stepping(threads).map(lambda item: self._step(*item), sets))
+            else:
+                for key, lanes in sets:
+                    self._step(key, lanes)
+
+    def _stepping(self, threads: int) -> ThreadPoolExecutor:
+        if self.stepping is None or self.stepping[0] != threads:
+            if self.stepping is not None:
+                self.stepping[1].shutdown(wait=False)
+            self.stepping = (threads, ThreadPoolExecutor(threads, thread_name_prefix="lanes"))
+        return self.stepping[1]
 
     def _busy(self) -> bool:
         return any(
@@ -180,6 +211,10 @@ class Trainer:
             step, device = _window_step(config, self.cpus)
             self.lanes[key] = Lanes(config, step, device, self.report_every, self.judge_from)
         return self.lanes[key]
+
+
+def _all_numba(sets: list[tuple[tuple, Lanes]]) -> bool:
+    return all(lanes.step_fn.backend == "numba" for _, lanes in sets)
 
 
 def _window_step(config: Config, cpus: int) -> tuple[WindowStep, Any]:

@@ -1,0 +1,61 @@
+"""The trainer actor in a real Ray: trials of several architectures, with and without CPUs lent."""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+
+from pipeline.exchange import LaneTrial, trainer_key
+from pipeline.lanes import Lanes
+from pipeline.trainer import _window_step, start_trainer
+from tests.conftest import small_config
+
+
+def _configs() -> list:
+    """Six trials of three architectures (numba kernels on the CPU), of different lengths."""
+    return [
+        small_config(**{"train.compile": True, "model.num_layers": layers,
+                        "model.state_size": units, "train.seed": seed, "train.epochs": 1 + seed})
+        for layers, units in [(1, 4), (2, 4), (1, 8)]
+        for seed in range(2)
+    ]  # fmt: skip
+
+
+def _alone(config) -> np.ndarray:
+    """The trial's losses in lanes of its own, in this process."""
+    step, device = _window_step(config, cpus=1)
+    lanes = Lanes(config, step, device)
+    lanes.admit(LaneTrial(0, config))
+    finished = []
+    while len(lanes):
+        finished += lanes.step()[0]
+    return finished[0].losses
+
+
+def _train(lent: int) -> dict[int, np.ndarray]:
+    """The trials' losses from a trainer actor lent `lent` CPUs, by trial."""
+    configs = _configs()
+    trainer = start_trainer(configs[0])
+    ray.get(trainer.lend.remote(lent))
+    admit = [LaneTrial(key, config) for key, config in enumerate(configs)]
+    losses: dict[int, np.ndarray] = {}
+    while len(losses) < len(configs):
+        events = ray.get(trainer.exchange.remote(admit, {}, 1.0))
+        admit = []
+        assert not events.errors
+        losses.update({finished.key: finished.losses for finished in events.finished})
+    ray.kill(trainer)
+    return losses
+
+
+def test_a_trainer_lent_cpus_steps_its_architectures_side_by_side_with_the_same_losses(
+    ray_session,
+):
+    configs = _configs()
+    assert len({trainer_key(config) for config in configs}) == 3
+    alone = [_alone(config) for config in configs]
+    for lent in (0, 1):
+        losses = _train(lent)
+        for key, want in enumerate(alone):
+            assert len(losses[key]) == configs[key].total_steps
+            assert np.array_equal(losses[key], want)
