@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Config
+from pipeline.cost import models_to_vectorize_over
 from pipeline.data import epoch_windows
 from pipeline.exchange import Finished, LaneTrial, Report, Status, trainer_key
 from pipeline.layout import (
@@ -37,11 +38,10 @@ from pipeline.layout import (
 )
 
 # Floats in the widest CPU vector (AVX-512) and a divisor of GPU warps: lanes come in
-# multiples of it, so that every kernel vectorized over the models runs whole vectors. Those of
-# torch.compile need it; numba's (kernels.py, by_lane) run a remainder as scalar code, which
-# cost more than the lanes it saved (3 layers, one core, µs a window: state 4, 308 at K = 32
-# against 393 at 28 and 571 at 31; state 8, 779 against 953 and 1,540). The kernels that run
-# one model at a time skip the empty lanes.
+# multiples of it where a kernel vectorized over the models runs them, so that it runs whole
+# vectors. Those of torch.compile need it; numba's (kernels.py, by_lane) ran a remainder as
+# scalar code, which cost more than the lanes it saved (3 layers, one core, µs a window: state
+# 4, 308 at K = 32 against 393 at 28 and 571 at 31; state 8, 779 against 953 and 1,540).
 LANES = 16
 
 
@@ -77,7 +77,7 @@ class Lanes:
         self.accum: Weights = []
         self.state = State(self.arrays.zeros((0,)), self.arrays.zeros((0,)))
         self.last_window: tuple[Array, ...] = ()
-        self._resize(LANES)
+        self._resize(self._whole(1))
 
     def __len__(self) -> int:
         """Lanes holding a trial."""
@@ -113,16 +113,27 @@ class Lanes:
         self._start_epoch(lane, 0)
 
     def reserve(self, count: int) -> None:
-        """Make sure `count` trials find a free lane, growing by whole vectors (LANES)."""
+        """Make sure `count` trials find a free lane, growing as `_whole` says."""
         missing = count - int((~self.occupied).sum())
         if missing > 0:
-            self._resize(_round_up(self.capacity + missing))
+            self._resize(self._whole(self.capacity + missing))
+
+    def _whole(self, count: int) -> int:
+        """Lanes for `count` trials: whole vectors of LANES, but as many as the trials where
+        the numba kernels that run one model at a time will run them (below their switch,
+        `cost.models_to_vectorize_over`). Those skip empty lanes, but read a model's weights
+        with a stride of the lanes, so more lanes cost them cache lines: at state 16, 3 layers,
+        a trial alone took 71 µs a window in 1 lane and 81 in 16."""
+        units = self.shared.model.state_size
+        if self.step_fn.backend == "numba" and count < models_to_vectorize_over(units):
+            return max(1, count)
+        return _round_up(count)
 
     def step(self) -> tuple[list[Finished], list[Report]]:
         """Train every running, non-waiting lane on its next window."""
         count = len(self)
-        if count and 2 * count <= self.capacity and _round_up(count) < self.capacity:
-            self._resize(_round_up(count))
+        if count and 2 * count <= self.capacity and self._whole(count) < self.capacity:
+            self._resize(self._whole(count))
         running = self.occupied & ~self.waiting
         if not running.any():
             return [], []
