@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline.config import Config, config_from_dict
@@ -36,6 +37,22 @@ def python_output(script: str) -> str:
 def small_config(**params: object) -> Config:
     """A config of a few dozen windows; `params` are dotted keys, e.g. {"train.seed": 1}."""
     return config_from_dict(SMALL).with_params({k.replace("__", "."): v for k, v in params.items()})
+
+
+def train_alone(config: Config) -> np.ndarray:
+    """A trial's losses in lanes of its own, by the step its trainer takes (on the CPU, the
+    numba kernels on numpy arrays), in this process."""
+    from pipeline.exchange import LaneTrial
+    from pipeline.lanes import Lanes
+    from pipeline.trainer import _window_step
+
+    step, device = _window_step(config, cpus=1)
+    lanes = Lanes(config, step, device)
+    lanes.admit(LaneTrial(0, config))
+    finished = []
+    while len(lanes):
+        finished += lanes.step()[0]
+    return finished[0].losses
 
 
 @pytest.fixture

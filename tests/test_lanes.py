@@ -65,19 +65,12 @@ def test_lanes_of_a_trainer_on_the_cpu_train_without_importing_torch():
     config = _config(**{"train.seed": 3, "train.device": "cpu"})
     script = """
 import json, sys
-from tests.conftest import small_config
-from pipeline.exchange import LaneTrial
-from pipeline.lanes import Lanes
+from tests.conftest import small_config, train_alone
 from pipeline.trainer import _window_step
 config = small_config(**{"train.compile": True, "train.seed": 3, "train.device": "cpu"})
-step, device = _window_step(config, cpus=1)
-lanes = Lanes(config, step, device)
-lanes.admit(LaneTrial(0, config))
-finished = []
-while len(lanes):
-    finished += lanes.step()[0]
-print(json.dumps({"torch": "torch" in sys.modules, "arrays": step.arrays,
-                  "losses": finished[0].losses.tolist()}))
+losses = train_alone(config)
+print(json.dumps({"torch": "torch" in sys.modules, "losses": losses.tolist(),
+                  "arrays": _window_step(config, cpus=1)[0].arrays}))
 """
     trained = json.loads(python_output(script).strip().splitlines()[-1])
     assert trained["torch"] is False and trained["arrays"] == "numpy"

@@ -6,9 +6,8 @@ import numpy as np
 import ray
 
 from pipeline.exchange import LaneTrial, trainer_key
-from pipeline.lanes import Lanes
-from pipeline.trainer import _window_step, start_trainer
-from tests.conftest import small_config
+from pipeline.trainer import start_trainer
+from tests.conftest import small_config, train_alone
 
 
 def _configs() -> list:
@@ -19,17 +18,6 @@ def _configs() -> list:
         for layers, units in [(1, 4), (2, 4), (1, 8)]
         for seed in range(2)
     ]  # fmt: skip
-
-
-def _alone(config) -> np.ndarray:
-    """The trial's losses in lanes of its own, in this process."""
-    step, device = _window_step(config, cpus=1)
-    lanes = Lanes(config, step, device)
-    lanes.admit(LaneTrial(0, config))
-    finished = []
-    while len(lanes):
-        finished += lanes.step()[0]
-    return finished[0].losses
 
 
 def _train(lent: int) -> dict[int, np.ndarray]:
@@ -53,7 +41,7 @@ def test_a_trainer_lent_cpus_steps_its_architectures_side_by_side_with_the_same_
 ):
     configs = _configs()
     assert len({trainer_key(config) for config in configs}) == 3
-    alone = [_alone(config) for config in configs]
+    alone = [train_alone(config) for config in configs]
     for lent in (0, 1):
         losses = _train(lent)
         for key, want in enumerate(alone):
