@@ -421,7 +421,8 @@ def test_cli_summarize_rejects_a_bad_folder_in_one_line_writing_nothing(
 
 def test_loss_curves_are_pandas_rolling_means_and_quantiles_of_ragged_trials():
     # Trials of different lengths, with NaN and inf losses, one with none finite, one not
-    # trained: the curves are what pandas' rolling mean and quantile per group and step give.
+    # trained, their rows shuffled: the curves are what pandas' rolling mean and quantile per
+    # group and step give.
     rng = np.random.default_rng(0)
     steps, trials = [], []
     for number in range(30):
@@ -455,7 +456,8 @@ def test_loss_curves_are_pandas_rolling_means_and_quantiles_of_ragged_trials():
         ).reset_index()
 
     for window in (1, 4, 100):
-        got, want = loss_curves(steps, trials, window), by_pandas(window)
+        shuffled = steps.sample(frac=1.0, random_state=window)  # rows in any order
+        got, want = loss_curves(shuffled, trials, window), by_pandas(window)
         assert list(got.columns) == [*keys, "step", "q25", "median", "q75", "trials"]
         assert len(got) == len(want) and got["trials"].sum() > 0
         for column in got.columns:
