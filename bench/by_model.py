@@ -18,9 +18,9 @@ import time
 import numpy as np
 import this_checkout  # noqa: F401  (first on the path: this checkout's pipeline)
 
-from pipeline import numba_step
 from pipeline.config import ModelConfig
-from pipeline.layout import initial_weights
+from pipeline.training import cpu_step as numba_step
+from pipeline.training.arrays import initial_weights
 
 BATCH, STEPS = 5, 15
 # Shapes whose outputs the snapshot records: odd state sizes and K, and a model sitting out.

@@ -173,7 +173,7 @@ def _study_config(grid: dict, task: dict) -> dict:
         "study": {"name": "first-run", "sampler": "grid", "pruner": "none", "search": grid},
         "task": task,
         "train": TRAIN,
-        "ray": {"cpus_per_trial": 1},
+        "ray": {"cpus_per_trainer": 1},
     }
 
 

@@ -131,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
 def _child(config_path: str, output: str, overrides: list[str]) -> None:
     """Run one study in-process: `run_study` says how much CPU the driver itself spent."""
     from pipeline.config import load_config
-    from pipeline.study import run_study
+    from pipeline.study.driver import run_study
 
     config = load_config(config_path, overrides).with_params({"output": output})
     # Its line per finished trial goes to the log, so that stdout holds only the result.
@@ -215,7 +215,7 @@ def _study_config(sampler: str, size: int, args: argparse.Namespace) -> dict:
         "task": TASK,
         "model": {"num_layers": 1, "state_size": 4},
         "train": {"epochs": 1},
-        "ray": {"cpus_per_trial": 1, "num_cpus": args.cores},
+        "ray": {"cpus_per_trainer": 1, "num_cpus": args.cores},
     }
 
 

@@ -51,8 +51,8 @@ from baseline import TrialSpec, init_worker, train_trial
 from report import say, times
 
 from pipeline.config import Config, ConfigError, load_config
-from pipeline.results import FIXED_COLUMNS, load_trials
-from pipeline.study import run_study
+from pipeline.results.tables import FIXED_COLUMNS, load_trials
+from pipeline.study.driver import run_study
 
 DEFAULT_CONFIG = "configs/study.yaml"
 QUICK = {"epochs": 1, "trials": 24, "scaling_epochs": 1}
@@ -134,7 +134,7 @@ def _embedded_ray_only() -> None:
 
 def _bench_config(args: argparse.Namespace) -> Config:
     """The study's config with the options applied; on the CPU, one core per Ray task."""
-    overrides = [*args.set, "train.device=cpu", "ray.cpus_per_trial=1", "ray.address=null"]
+    overrides = [*args.set, "train.device=cpu", "ray.cpus_per_trainer=1", "ray.address=null"]
     if args.epochs:
         overrides.append(f"train.epochs={args.epochs}")
     if args.trials:

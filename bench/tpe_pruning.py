@@ -135,7 +135,7 @@ def _study_config(name: str, trials: int, series_length: int) -> dict:
         },
         "task": {**TASK, "series_length": series_length},
         "train": {"epochs": EPOCHS},
-        "ray": {"cpus_per_trial": 1},
+        "ray": {"cpus_per_trainer": 1},
     }
 
 

@@ -52,7 +52,7 @@ from baseline import TrialSpec, train_trial
 from report import say, times
 
 from pipeline.config import Config
-from pipeline.train import train
+from pipeline.training.train import train
 
 BATCH_SIZE = 5
 TRUNCATION = 15
@@ -155,7 +155,7 @@ def _compile_times() -> str:
     in a fresh process: `numba_kernels()` compiles or loads every kernel."""
     script = (
         "import time; started = time.perf_counter(); "
-        "from pipeline.model import numba_kernels; numba_kernels(); "
+        "from pipeline.training.cpu_step import numba_kernels; numba_kernels(); "
         "print(time.perf_counter() - started)"
     )
     root = Path(__file__).resolve().parents[1]
@@ -192,7 +192,7 @@ def _compile_warnings() -> Iterator[list[str]]:
         def emit(self, record: logging.LogRecord) -> None:
             messages.append(record.getMessage())
 
-    logger = logging.getLogger("pipeline.model")
+    logger = logging.getLogger("pipeline.training.arrays")
     handler = Collect(logging.WARNING)
     logger.addHandler(handler)
     try:

@@ -155,7 +155,7 @@ def tf_layout(weights: list) -> dict[str, np.ndarray]:
 
 def steps_to_converge(losses: np.ndarray) -> int | None:
     """First step whose trailing 100-step mean is below 0.01 (the pipeline's definition)."""
-    from pipeline.summary import steps_to_converge as ours
+    from pipeline.results.metrics import steps_to_converge as ours
 
     return ours(losses, THRESHOLD, WINDOW)
 
@@ -203,9 +203,9 @@ def main() -> None:
     import torch
 
     from pipeline.config import config_from_dict
-    from pipeline.data import echo_series
-    from pipeline.model import init_weights
-    from pipeline.train import train
+    from pipeline.training.data import echo_series
+    from pipeline.training.torch_step import init_weights
+    from pipeline.training.train import train
 
     torch.set_num_threads(1)
     raw = {

@@ -14,13 +14,13 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NoReturn
 
-from pipeline import compile_ahead
-from pipeline.config import Config, ConfigError, load_config, ray_address
+from pipeline.config import Config, ConfigError, load_config
+from pipeline.study.launch import prepare
 
 if TYPE_CHECKING:
     from tqdm import tqdm
 
-    from pipeline.train import Step
+    from pipeline.training.train import Step
 
 # Each command imports what it needs when it runs (pandas, Optuna, Ray, torch: seconds in all),
 # so that a study starts compiling a cold machine's kernels first (compile_ahead.py).
@@ -91,15 +91,11 @@ def _add_config_arguments(parser: argparse.ArgumentParser, example: str) -> None
 
 def run_study_command(config: Config, args: argparse.Namespace) -> int:
     """Run or resume the study, then say where its results are."""
-    if ray_address(config) is None:
-        # Ray binds its servers to this machine's network address unless it believes it is a
-        # single-node Ray, which an embedded one is; Ray reads this once, when first imported.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     # Before the imports below, most of a second: a cold machine's kernels compile beside them.
-    compile_ahead.start(config)
-    from pipeline.study import run_study  # imports Ray, so only after the line above
+    launch = prepare(config)
+    from pipeline.study.driver import run_study  # imports Ray, so only after the line above
 
-    outcome = run_study(config)
+    outcome = run_study(config, launch=launch)
     counts = ", ".join(f"{n} {state}" for state, n in sorted(outcome.counts.items()))
     print(
         f"Study {config.study.name}: {outcome.ran} trials ran in {outcome.seconds:.1f} s "
@@ -113,7 +109,7 @@ def run_study_command(config: Config, args: argparse.Namespace) -> int:
 
 def run_summarize(args: argparse.Namespace) -> int:
     """Write the summary of the finished trials in an output, then print its findings."""
-    from pipeline.summary import write_summary
+    from pipeline.summary.write import write_summary
 
     summary = write_summary(args.output)
     for sentence in summary.findings:
@@ -133,11 +129,13 @@ def run_train(config: Config, args: argparse.Namespace) -> int:
     # train imports) takes most of a second to import, matplotlib (plots) a quarter.
     from tqdm import tqdm
 
-    from pipeline.plots import png_bytes, training_figure
-    from pipeline.record import TrialResult, record_trials
-    from pipeline.results import FIXED_COLUMNS, TRIALS, Output, claim_output, trials_table
-    from pipeline.summary import trial_metrics
-    from pipeline.train import resolve_device, train
+    from pipeline.results.metrics import trial_metrics
+    from pipeline.results.output import TRIALS, Output, claim_output
+    from pipeline.results.record import TrialResult, record_trials
+    from pipeline.results.tables import FIXED_COLUMNS, trials_table
+    from pipeline.summary.plots import png_bytes, training_figure
+    from pipeline.training.device import resolve_device
+    from pipeline.training.train import train
 
     resolve_device(config.train.device)
     # A study config's search space says nothing about this one run: keeping it would make

@@ -42,11 +42,11 @@ def small_config(**params: object) -> Config:
 def train_alone(config: Config) -> np.ndarray:
     """A trial's losses in lanes of its own, by the step its trainer takes (on the CPU, the
     numba kernels on numpy arrays), in this process."""
-    from pipeline.exchange import LaneTrial
-    from pipeline.lanes import Lanes
-    from pipeline.trainer import _window_step
+    from pipeline.training.device import window_step
+    from pipeline.training.lanes import Lanes
+    from pipeline.training.trial import LaneTrial
 
-    step, device = _window_step(config, cpus=1)
+    step, device = window_step(config, threads=1, gpu_from_ray=False)
     lanes = Lanes(config, step, device)
     lanes.admit(LaneTrial(0, config))
     finished = []

@@ -178,7 +178,7 @@ def test_cli_bad_input_in_a_real_process_exits_2_without_traceback(tmp_path):
 def test_cli_study_driver_imports_no_torch():
     # The driver never trains, and torch takes most of a second to import: only the train
     # command and the trainers that train with torch (on a GPU, or eagerly) import it.
-    script = "import sys, pipeline.__main__, pipeline.study; print('torch' in sys.modules)"
+    script = "import sys, pipeline.__main__, pipeline.study.driver; print('torch' in sys.modules)"
     assert python_output(script).strip() == "False"
 
 

@@ -59,7 +59,9 @@ def test_config_value_reads_a_dotted_key():
 def test_config_differences_ignore_how_much_runs_and_where():
     base = Config()
     # More trials, another cluster or another device may resume a study; another task may not.
-    resumed = base.with_params({"study.trials": 1, "ray.cpus_per_trial": 2, "train.compile": True})
+    resumed = base.with_params(
+        {"study.trials": 1, "ray.cpus_per_trainer": 2, "train.compile": True}
+    )
     assert base.differences(resumed) == []
     assert base.differences(base.with_params({"task.truncation": 20})) == ["task.truncation"]
 

@@ -1,7 +1,7 @@
 import numpy as np
 
 from pipeline.config import TaskConfig
-from pipeline.data import DATA_STREAM, derive_seed, echo_series, epoch_windows, rng_for
+from pipeline.training.data import DATA_STREAM, derive_seed, echo_series, epoch_windows, rng_for
 
 
 def test_echo_series_targets_are_inputs_delayed_by_echo_step():

@@ -19,9 +19,12 @@ import pytest
 import yaml
 
 from pipeline.__main__ import main
-from pipeline.record import TrialResult, record_trials
-from pipeline.results import Output, claim_output, read_steps_outcomes
-from pipeline.study import FAILPOINT, JOURNAL, run_study
+from pipeline.results.output import Output, claim_output
+from pipeline.results.record import TrialResult, record_trials
+from pipeline.results.tables import read_steps_outcomes
+from pipeline.study.driver import run_study
+from pipeline.study.failpoints import FAILPOINT
+from pipeline.study.optuna_setup import JOURNAL
 from tests.conftest import study_config
 
 # 666 windows per epoch: long enough to kill a task in the middle of its trials.
@@ -336,7 +339,7 @@ BAD_STUDIES = {
                         "search": {"task.echo_step": {"low": 0, "high": 9, "log": True}}}),
         [], "a log range needs low > 0",
     ),
-    "zero cpus per trial": (_with("ray", {"cpus_per_trial": 0}), [], "ray.cpus_per_trial = 0"),
+    "zero cpus per trial": (_with("ray", {"cpus_per_trainer": 0}), [], "ray.cpus_per_trainer = 0"),
     "bad override": (STUDY, ["--set", "study.trials=0"], "study.trials = 0"),
     "override of unknown search key": (
         STUDY, ["--set", "study.search.task.echo=[1]"], "did you mean task.echo_step?"

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from pipeline.forked import start_in_child
+from pipeline.summary.forked import start_in_child
 
 pytestmark = pytest.mark.skipif(
     not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,

@@ -9,19 +9,21 @@ import sys
 SCRIPT = """
 import json, sys
 import ray
-from pipeline.study import run_study
-from pipeline.trainer import _on_the_cpu, gpus_per_trainer, start_trainer
+from pipeline.study.driver import run_study
+from pipeline.study.launch import Launch
+from pipeline.study.trainer import _gpu_from_ray, gpus_per_trainer, start_trainer
+from pipeline.training.device import trains_on_cpu
 from tests.conftest import study_config
 
 ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, logging_level="error")
 config = study_config(__import__("pathlib").Path(sys.argv[1]), **{"study.trials": 2})
 cuda = config.with_params({"train.device": "cuda"})
-trainers = [start_trainer(cuda) for _ in range(2)]
+trainers = [start_trainer(cuda, Launch(None)) for _ in range(2)]
 places = ray.get([t.where.remote() for t in trainers])
 for trainer in trainers:
     ray.kill(trainer)
 derived = {d: gpus_per_trainer(config.with_params({"train.device": d})) for d in ("auto", "cpu")}
-on_cpu = ray.remote(lambda: {d: _on_the_cpu(d) for d in ("auto", "cpu", "cuda")})
+on_cpu = ray.remote(lambda: {d: trains_on_cpu(d, _gpu_from_ray()) for d in ("auto", "cpu", "cuda")})
 cpu_rule = {gpus: ray.get(on_cpu.options(num_gpus=gpus).remote()) for gpus in (0, 1)}
 # auto on a cluster with GPUs asks for one; torch sees no CUDA here, so the trials train on
 # the CPU, which shows the whole study runs with its trainers holding GPUs.

@@ -6,11 +6,12 @@ import numpy as np
 import optuna
 import torch
 
-from pipeline.exchange import LaneTrial
-from pipeline.lanes import LANES, Lanes
-from pipeline.model import step_function
-from pipeline.results import Output
-from pipeline.study import JOURNAL, run_study
+from pipeline.results.output import Output
+from pipeline.study.driver import run_study
+from pipeline.study.optuna_setup import JOURNAL
+from pipeline.training.device import step_function
+from pipeline.training.lanes import LANES, Lanes
+from pipeline.training.trial import LaneTrial
 from tests.conftest import python_output, small_config, study_config
 
 CPU = torch.device("cpu")
@@ -66,11 +67,11 @@ def test_lanes_of_a_trainer_on_the_cpu_train_without_importing_torch():
     script = """
 import json, sys
 from tests.conftest import small_config, train_alone
-from pipeline.trainer import _window_step
+from pipeline.training.device import window_step
 config = small_config(**{"train.compile": True, "train.seed": 3, "train.device": "cpu"})
 losses = train_alone(config)
 print(json.dumps({"torch": "torch" in sys.modules, "losses": losses.tolist(),
-                  "arrays": _window_step(config, cpus=1)[0].arrays}))
+                  "arrays": window_step(config, threads=1, gpu_from_ray=False)[0].arrays}))
 """
     trained = json.loads(python_output(script).strip().splitlines()[-1])
     assert trained["torch"] is False and trained["arrays"] == "numpy"

@@ -13,16 +13,14 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig
-from pipeline.model import (
-    ADAGRAD_INITIAL_ACCUMULATOR,
-    FORGET_BIAS,
-    State,
+from pipeline.training.arrays import ADAGRAD_INITIAL_ACCUMULATOR, FORGET_BIAS, State
+from pipeline.training.cpu_step import numba_kernels
+from pipeline.training.device import step_function
+from pipeline.training.torch_step import (
     forward,
     init_adagrad,
     init_state,
     init_weights,
-    numba_kernels,
-    step_function,
     train_window,
 )
 
@@ -307,7 +305,7 @@ def test_step_function_falls_back_to_eager_once_when_numba_is_disabled(tmp_path)
     script = (
         "import logging, torch\n"
         "logging.basicConfig()\n"
-        "from pipeline.model import step_function\n"
+        "from pipeline.training.device import step_function\n"
         "steps = [step_function('auto', torch.device('cpu')) for _ in range(2)]\n"
         "print([s.backend for s in steps])\n"
     )
@@ -326,9 +324,10 @@ def test_numba_kernels_cache_by_content_not_path(tmp_path):
     # are there before importing numba (the driver then skips compiling ahead).
     cache = tmp_path / "cache"
     script = (
-        "from pipeline import kernel_cache as c; before = c.compiled();"
-        "import pipeline.kernels as k; k.compile_all();"
-        "print(before, c.compiled(), k.layer_forward.stats.cache_hits)"
+        "from pipeline.training import kernel_cache as c; before = c.compiled();"
+        "import pipeline.training.kernel_compile as k; k.compile_all();"
+        "from pipeline.training.kernels import layer_forward;"
+        "print(before, c.compiled(), layer_forward.stats.cache_hits)"
     )
     env = {**os.environ, "NUMBA_CACHE_DIR": str(cache)}
     runs = []
@@ -350,7 +349,7 @@ def test_numba_kernels_by_model_and_by_lane_give_the_same_bits(units, count):
     # The step picks between the two sets of kernels by the window's shape, so a trial that
     # moves between shapes (lanes joining or leaving) must not see the switch. The last model
     # sits out (when there are several): it keeps its weights and state either way.
-    from pipeline.numba_step import numba_step
+    from pipeline.training.cpu_step import numba_step
 
     active = torch.tensor([k < max(1, count - 1) for k in range(count)])
     runs = {}
@@ -372,7 +371,7 @@ def test_numba_step_never_reads_what_its_kept_tapes_held_before():
     # A step keeps its tapes from one window to the next of the same shape (fresh ones
     # page-faulted), so the kernels must write every entry of a tape before reading it: kept
     # tapes filled with NaN between windows change no bit of what the windows give.
-    from pipeline.numba_step import Tapes, numba_window
+    from pipeline.training.cpu_step import Tapes, numba_window
 
     kernels = numba_kernels()
     for by_model in (True, False):
@@ -408,18 +407,18 @@ def test_windows_run_on_the_family_that_is_ready_with_the_same_bits(tmp_path):
     # be the bits it gets on the preferred family.
     script = """
 import json
-from pipeline import kernels
+from pipeline.training import kernel_compile
 from pipeline.config import config_from_dict
-from pipeline.train import train
+from pipeline.training.train import train
 config = config_from_dict({
     "task": {"series_length": 600, "echo_step": 3, "batch_size": 5, "truncation": 15},
     "model": {"num_layers": 2, "state_size": 16},
     "train": {"epochs": 2, "lr": 0.3, "seed": 5, "device": "cpu"},
 })
 losses = train([config]).runs[0].losses
-print(json.dumps({"loaded": sorted(kernels._loaded), "losses": losses.tolist()}))
+print(json.dumps({"loaded": sorted(kernel_compile._loaded), "losses": losses.tolist()}))
 """
-    from pipeline.kernel_cache import cache_dir
+    from pipeline.training.kernel_cache import cache_dir
 
     def run() -> dict:
         done = subprocess.run(
@@ -449,20 +448,21 @@ def test_a_trainer_that_loads_only_cached_kernels_trains_on_those(tmp_path):
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
     script = """
 import json
-from pipeline import kernels
+from pipeline.training import kernel_compile
 from pipeline.config import config_from_dict
-from pipeline.train import train
-kernels.load_only_cached()
-kernels.LOOK_AGAIN_S = 600.0
+from pipeline.training.train import train
+kernel_compile.load_only_cached()
+kernel_compile.LOOK_AGAIN_S = 600.0
 configs = [config_from_dict({
     "task": {"series_length": 300, "echo_step": 3, "batch_size": 5, "truncation": 15},
     "model": {"num_layers": 1, "state_size": 4},
     "train": {"epochs": 1, "lr": 0.3, "seed": seed, "device": "cpu"},
 }) for seed in range(8)]
 result = train(configs)
-print(json.dumps({"loaded": sorted(kernels._loaded), "steps": [r.steps for r in result.runs]}))
+steps = [r.steps for r in result.runs]
+print(json.dumps({"loaded": sorted(kernel_compile._loaded), "steps": steps}))
 """
-    compile_ahead = "import pipeline.kernels as k; k.compile_all(('by_model',))"
+    compile_ahead = "import pipeline.training.kernel_compile as k; k.compile_all(('by_model',))"
     done = subprocess.run(
         [sys.executable, "-c", compile_ahead], env=env, capture_output=True, text=True, timeout=300
     )

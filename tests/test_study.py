@@ -10,19 +10,13 @@ import optuna
 import pandas as pd
 import pytest
 
-from pipeline.compile_ahead import kernel_families
 from pipeline.config import ConfigError
-from pipeline.exchange import trainer_key
-from pipeline.results import Output
-from pipeline.study import (
-    JOURNAL,
-    TrialWork,
-    Workload,
-    grid_points,
-    param_columns,
-    place,
-    run_study,
-)
+from pipeline.results.output import Output
+from pipeline.study.compile_ahead import kernel_families
+from pipeline.study.driver import param_columns, run_study
+from pipeline.study.optuna_setup import JOURNAL
+from pipeline.study.placement import TrialWork, Workload, grid_points, place
+from pipeline.training.trial import lanes_key
 from tests.conftest import study_config
 
 
@@ -39,7 +33,7 @@ def _placed(config, trainers: int) -> list[Workload]:
     keys = [p.key for p in config.study.search]
     for point in grid_points(config):
         trial = config.with_params(dict(zip(keys, point, strict=True)))
-        work = TrialWork(trainer_key(trial), trial.model, trial.total_steps)
+        work = TrialWork(lanes_key(trial), trial.model, trial.total_steps)
         workloads[place(workloads, work)].add(work)
     return workloads
 
@@ -253,7 +247,9 @@ def test_an_embedded_ray_starts_only_what_a_study_uses_and_stops_leaving_none_of
     # workers), and report no error.
     script = """
 import json, ray
-from pipeline.embedded_ray import start_embedded_ray, stop_embedded_ray, wait_until_registered
+from pipeline.study.ray_connection import (
+    start_embedded_ray, stop_embedded_ray, wait_until_registered,
+)
 for dashboard in (False, True):
     start_embedded_ray(num_cpus=1, dashboard=dashboard)
     assert ray.get(ray.put(41)) + 1 == 42

@@ -14,18 +14,13 @@ from PIL import Image
 
 from pipeline.__main__ import main
 from pipeline.config import ConvergenceConfig
-from pipeline.report import render_markdown
-from pipeline.results import STATE_OF_STATUS, TRIALS_METADATA_KEY, load_steps
-from pipeline.study import run_study
-from pipeline.summary import (
-    kaplan_meier,
-    loss_curves,
-    steps_to_converge,
-    summarize,
-    trial_metrics,
-    wilson_interval,
-    write_summary,
-)
+from pipeline.results.metrics import steps_to_converge, trial_metrics
+from pipeline.results.tables import STATE_OF_STATUS, TRIALS_METADATA_KEY, load_steps
+from pipeline.study.driver import run_study
+from pipeline.summary.groups import loss_curves
+from pipeline.summary.survival import kaplan_meier, wilson_interval
+from pipeline.summary.words import render_markdown
+from pipeline.summary.write import summarize, write_summary
 from tests.conftest import SMALL, study_config
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 
 from pipeline.config import config_from_dict
-from pipeline.exchange import trainer_key
-from pipeline.summary import steps_to_converge
-from pipeline.train import Step, train
+from pipeline.results.metrics import steps_to_converge
+from pipeline.training.train import Step, train
+from pipeline.training.trial import lanes_key
 from tests.conftest import small_config
 
 
@@ -96,7 +96,7 @@ def test_train_records_a_diverged_model_and_keeps_its_batch_going():
 def test_train_refuses_models_of_different_architectures():
     with pytest.raises(ValueError, match="differ"):
         train([small_config(), small_config(**{"model.state_size": 8})])
-    assert trainer_key(small_config(**{"task.echo_step": 9, "train.lr": 0.1})) == trainer_key(
+    assert lanes_key(small_config(**{"task.echo_step": 9, "train.lr": 0.1})) == lanes_key(
         small_config()
     )
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import ray
 
-from pipeline.exchange import LaneTrial, trainer_key
-from pipeline.trainer import start_trainer
+from pipeline.study.launch import Launch
+from pipeline.study.trainer import start_trainer
+from pipeline.training.trial import LaneTrial, lanes_key
 from tests.conftest import small_config, train_alone
 
 
@@ -23,7 +24,7 @@ def _configs() -> list:
 def _train(lent: int) -> dict[int, np.ndarray]:
     """The trials' losses from a trainer actor lent `lent` CPUs, by trial."""
     configs = _configs()
-    trainer = start_trainer(configs[0])
+    trainer = start_trainer(configs[0], Launch(None))
     ray.get(trainer.lend.remote(lent))
     admit = [LaneTrial(key, config) for key, config in enumerate(configs)]
     losses: dict[int, np.ndarray] = {}
@@ -40,7 +41,7 @@ def test_a_trainer_lent_cpus_steps_its_architectures_side_by_side_with_the_same_
     ray_session,
 ):
     configs = _configs()
-    assert len({trainer_key(config) for config in configs}) == 3
+    assert len({lanes_key(config) for config in configs}) == 3
     alone = [train_alone(config) for config in configs]
     for lent in (0, 1):
         losses = _train(lent)

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.config import Config, ConfigError
-from pipeline.exchange import LaneTrial, Status, trainer_key
-from pipeline.lanes import Lanes
-from pipeline.model import Weights, step_function
+from pipeline.config import Config
+from pipeline.training.device import window_step
+from pipeline.training.lanes import Lanes
+from pipeline.training.torch_step import Weights
+from pipeline.training.trial import LaneTrial, Status, lanes_key
 
 
 class Step:
@@ -64,15 +65,15 @@ def train(configs: Sequence[Config], on_step: OnStep | None = None) -> TrainResu
     """Train one model per config, all starting together in one trainer's lanes, and return
     every model's per-step losses.
 
-    The configs must share the keys of `trainer_key`. Model k is initialized and fed from
+    The configs must share the keys of `lanes_key`. Model k is initialized and fed from
     `configs[k].train.seed` alone, so it follows the same trace whatever it is trained with.
     """
     first = configs[0]
-    keys = {trainer_key(c) for c in configs}
+    keys = {lanes_key(c) for c in configs}
     if len(keys) > 1:
         raise ValueError(f"configs differ beyond echo_step, lr, epochs and seed: {sorted(keys)}")
-    device = resolve_device(first.train.device)
-    lanes = Lanes(first, step_function(first.train.compile, device), device)
+    step, device = window_step(first)
+    lanes = Lanes(first, step, device)
     for k, config in enumerate(configs):
         lanes.admit(LaneTrial(k, config))
     count = len(configs)
@@ -97,16 +98,3 @@ def train(configs: Sequence[Config], on_step: OnStep | None = None) -> TrainResu
         seconds,
         lanes.step_fn.compiled,
     )
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` is the GPU when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ConfigError(
-            f"train.device = {name!r}: torch sees {torch.cuda.device_count()} CUDA devices; "
-            "use auto or cpu"
-        )
-    return device

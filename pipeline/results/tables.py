@@ -1,27 +1,16 @@
-"""The results folder: Arrow schemas, atomic Parquet writes, and loaders for pandas.
+"""The Parquet tables of a study: steps/ (a row per trial and step, a file per group of trials
+recorded together) and trials.parquet (a row per trial), their columns and types, and reading
+them back as pandas frames (`load_steps`, `load_trials`).
 
-An output is a local folder or any URI that pyarrow.fs understands (file://, s3://, gs://, ...):
-
-    <output>/config.yaml        the resolved config
-    <output>/steps/trials-0000042-17.parquet   the steps of trials recorded together (here 17,
-                                the first numbered 42), so that files do not grow one per trial
-    <output>/trials.parquet     one row per trial
-    <output>/summary.parquet, summary.md, plots/*.png
-
-Nothing half-written is ever visible: on a local disk a file is written under a hidden
-temporary name (pyarrow and pandas skip names starting with "."), flushed, and renamed into
-place; on an object store a PUT appears whole or not at all.
+Step rows carry the trial number and its searched parameters, so pandas needs no join; each
+steps file's footer holds its trials' rows, so a driver that restarts finds what was recorded
+without trials.parquet.
 """
 
 from __future__ import annotations
 
-import fcntl
-import io
 import json
-import os
-import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,17 +19,16 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import yaml
 
-from pipeline.config import Config, ConfigError, config_from_dict
+from pipeline.config import ConfigError
+from pipeline.results.output import STEPS, TRIALS, Output
 
-STEPS = "steps"
-TRIALS = "trials.parquet"
-CONFIG = "config.yaml"
-LOCK = ".study.lock"
 # Where each steps file keeps its trials' rows, so that steps/ alone can rebuild trials.
 TRIALS_METADATA_KEY = b"echo_study.trials"
+
+
 OLD_TRIAL_METADATA_KEY = b"echo_study.trial"  # one trial per file, before trials had a status
+
 
 STEP_COLUMNS = {
     "trial": pa.int32(),
@@ -49,6 +37,8 @@ STEP_COLUMNS = {
     "step": pa.int32(),
     "loss": pa.float32(),
 }
+
+
 # Parameter columns every trial's rows carry, searched or not: the factors the summary groups
 # by, and the learning rate. Searched keys add their own columns.
 FIXED_COLUMNS = {
@@ -57,6 +47,8 @@ FIXED_COLUMNS = {
     "echo_step": "task.echo_step",
     "lr": "train.lr",
 }
+
+
 # Parameter columns by short name, as compact as their ranges allow.
 PARAM_TYPES = {
     "num_layers": pa.int16(),
@@ -70,11 +62,19 @@ PARAM_TYPES = {
     "truncation": pa.int32(),
     "carry_state": pa.bool_(),
 }
+
+
 # A trial's fate as data: Optuna's state, and why it ended (a diverged loss and an error are
 # both FAIL to Optuna, but only one of them says something about convergence).
 TRIAL_STATES = ("COMPLETE", "PRUNED", "FAIL")
+
+
 STATUSES = ("complete", "pruned", "diverged", "error")
+
+
 STATE_OF_STATUS = {"complete": "COMPLETE", "pruned": "PRUNED", "diverged": "FAIL", "error": "FAIL"}
+
+
 TRIAL_COLUMNS = {
     "trial": pa.int32(),
     "state": pa.string(),
@@ -89,164 +89,6 @@ TRIAL_COLUMNS = {
     "error": pa.string(),
     "trial_seed": pa.int64(),
 }
-
-
-class Output:
-    """One results folder, local or remote, addressed by names relative to its root."""
-
-    def __init__(self, location: str) -> None:
-        self.location = location
-        if "://" in location:
-            self.fs, self.root = pafs.FileSystem.from_uri(location)
-        else:
-            self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(location)
-        self.root = self.root.rstrip("/")
-
-    @property
-    def is_local(self) -> bool:
-        return self.fs.type_name == "local"
-
-    def path(self, *names: str) -> str:
-        return "/".join([self.root, *names])
-
-    def exists(self, *names: str) -> bool:
-        return self.fs.get_file_info(self.path(*names)).type != pafs.FileType.NotFound
-
-    def read_text(self, *names: str) -> str:
-        with self.fs.open_input_stream(self.path(*names)) as stream:
-            return stream.read().decode()
-
-    def write_bytes(self, name: str, data: bytes) -> None:
-        """Write a whole file so that no reader ever sees part of it."""
-        target = self.path(name)
-        parent = target.rsplit("/", 1)[0]
-        self.fs.create_dir(parent, recursive=True)
-        if not self.is_local:
-            with self.fs.open_output_stream(target) as stream:
-                stream.write(data)
-            return
-        temporary = f"{parent}/.{target.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp"
-        try:
-            with open(temporary, "wb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, target)
-        finally:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
-
-    def write_table(self, name: str, table: pa.Table) -> None:
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd")
-        self.write_bytes(name, buffer.getvalue())
-
-    def check_writable(self) -> None:
-        """Raise ConfigError, writing nothing, when this output cannot be a results folder here:
-        a file in its place, or a local folder (or the nearest existing parent) not writable."""
-        info = self.fs.get_file_info(self.root)
-        if info.type == pafs.FileType.File:
-            raise ConfigError(
-                f"output {self.location} is a file, not a folder: choose a folder for --output"
-            )
-        if not self.is_local:
-            return
-        existing = self.root
-        while not os.path.exists(existing):
-            existing = os.path.dirname(existing)
-        if not os.path.isdir(existing):
-            raise ConfigError(f"output {self.location}: {existing} is a file, not a folder")
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise ConfigError(f"output {self.location}: {existing} is not writable by this user")
-
-    def check_free(self) -> None:
-        """Refuse at once, before starting anything, an output another study is running into."""
-        if self.is_local and self.exists(LOCK):
-            with self.lock():
-                pass
-
-    @contextmanager
-    def lock(self, only_writer: bool = False) -> Iterator[None]:
-        """Hold this output for one study alone: a second study into it is refused, not mixed
-        in. On a local disk the lock is an flock, which dies with its process, so a killed
-        driver never leaves it behind. An object store has no such lock: a study there runs
-        only when told it is the only writer (`only_writer`), else it is refused."""
-        if not self.is_local:
-            if not only_writer:
-                raise ConfigError(
-                    f"output {self.location}: a remote output cannot be locked against a "
-                    "second study writing into it; --set study.only_writer=true if no other "
-                    "study writes there, or use a local or mounted folder"
-                )
-            yield
-            return
-        try:
-            os.makedirs(self.root, exist_ok=True)
-            lock = open(self.path(LOCK), "a+")  # noqa: SIM115 (closed below, after the study)
-        except OSError as error:
-            raise ConfigError(_cannot_create(self, error)) from None
-        with lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise ConfigError(
-                    f"output {self.location} is in use by another running study; wait for it "
-                    "to finish or choose another --output"
-                ) from None
-            yield
-
-
-def read_config(output: Output) -> Config | None:
-    """The config an output was made with (its config.yaml), or None when it has none; an
-    unreadable one raises ConfigError in one line."""
-    if not output.exists(CONFIG):
-        return None
-    try:
-        return config_from_dict(yaml.safe_load(output.read_text(CONFIG)), output.path(CONFIG))
-    except (ConfigError, yaml.YAMLError, UnicodeDecodeError) as error:
-        message = str(error).splitlines()[0]
-        raise ConfigError(f"{output.path(CONFIG)}: unreadable ({message}); move it away") from None
-
-
-def check_output(output: Output, config: Config) -> None:
-    """Raise ConfigError, writing nothing, if `output` holds another config's results or is not
-    an echo-study output at all."""
-    previous = read_config(output)
-    if previous is not None:
-        differing = config.differences(previous)
-        if differing:
-            key = differing[0]
-            raise ConfigError(
-                f"output {output.location} holds results of another config ({key}: "
-                f"{previous.value(key)!r} there, {config.value(key)!r} here); "
-                "choose another --output or remove that folder"
-            )
-    elif output.exists() and _has_entries(output):
-        raise ConfigError(
-            f"output {output.location} exists and is not an echo-study output (no {CONFIG}); "
-            "choose another --output"
-        )
-
-
-def claim_output(output: Output, config: Config) -> None:
-    """Make `output` this config's: check it (see check_output), then write config.yaml."""
-    check_output(output, config)
-    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
-    try:
-        output.write_bytes(CONFIG, text.encode())
-    except OSError as error:
-        raise ConfigError(_cannot_create(output, error)) from None
-
-
-def _cannot_create(output: Output, error: OSError) -> str:
-    reason = error.strerror or str(error).splitlines()[0]
-    return f"output {output.location} cannot be created here ({reason}); choose another --output"
-
-
-def _has_entries(output: Output) -> bool:
-    """Whether the folder holds anything but hidden files (such as a study's lock)."""
-    infos = output.fs.get_file_info(pafs.FileSelector(output.root))
-    return any(not info.base_name.startswith(".") for info in infos)
 
 
 def steps_file(trials: Sequence[int]) -> str:

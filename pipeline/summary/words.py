@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 import pandas as pd
 import yaml
 
-from pipeline.data import LN2
-from pipeline.results import TRIAL_STATES
+from pipeline.results.tables import TRIAL_STATES
+from pipeline.training.data import LN2
 
 if TYPE_CHECKING:
-    from pipeline.summary import Comparison, Summary
+    from pipeline.summary.groups import Comparison, Summary
 
 _HEADERS = {
     "num_layers": "layers",

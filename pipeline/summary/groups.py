@@ -36,45 +36,19 @@ converged, even if its moving average had dipped below the threshold first. From
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pipeline.config import Config, ConfigError, ConvergenceConfig
-from pipeline.forked import start_in_child
-from pipeline.report import findings, render_markdown, title
-from pipeline.results import (
-    PARAM_TYPES,
-    TRIALS,
-    Output,
-    load_steps,
-    read_config,
-    read_steps_outcomes,
-)
+from pipeline.config import Config
+from pipeline.summary.survival import Survival, kaplan_meier, median_bounds
 
 GROUP = ["num_layers", "state_size", "echo_step"]
 # A factor the summary knows only when the study searches it.
 TRUNCATION = "truncation"
-SUMMARY = "summary.parquet"
-SUMMARY_BY_FACTOR = "summary_by_factor.parquet"
-SUMMARY_MD = "summary.md"
-PLOTS = {
-    "loss_curves": "plots/loss_curves.png",
-    "steps_to_converge": "plots/steps_to_converge.png",
-    "converged_fraction": "plots/converged_fraction.png",
-    "time_to_converge": "plots/time_to_converge.png",
-    "truncation_frontier": "plots/truncation_frontier.png",
-}
-# The normal quantile of a two-sided 95 % interval.
-Z95 = 1.959963984540054
-# Fractions this close are equal: Kaplan–Meier products of ratios are not exact.
-_TOLERANCE = 1e-9
 # Statistics of a set of trials, in the order of the Parquet columns.
 STATISTICS = {
     "trials": pa.int32(),
@@ -95,174 +69,6 @@ STATISTICS = {
     "horizon_step": pa.int32(),
     "median_final_loss": pa.float64(),
 }
-
-
-@dataclass(frozen=True)
-class TrialMetrics:
-    """How one trial's loss evolved; every field is derived from its per-step losses."""
-
-    final_loss: float
-    """Mean loss over the last epoch the trial reached."""
-    mean_loss: float
-    """Mean loss over every step."""
-    steps_to_converge: int | None
-    """First step at which the moving-average loss is below the threshold; None if never."""
-
-    @property
-    def converged(self) -> bool:
-        return self.steps_to_converge is not None
-
-
-def trial_metrics(
-    losses: np.ndarray, windows_per_epoch: int, convergence: ConvergenceConfig
-) -> TrialMetrics:
-    """Metrics of one trial's losses. A trial that ran no step has NaN losses; a trial whose
-    last loss is not finite diverged and never counts as converged, even if it had been
-    below the threshold before."""
-    if len(losses) == 0:
-        return TrialMetrics(float("nan"), float("nan"), None)
-    last_epoch_start = (len(losses) - 1) // windows_per_epoch * windows_per_epoch
-    diverged = not np.isfinite(losses[-1])
-    return TrialMetrics(
-        final_loss=float(np.mean(losses[last_epoch_start:])),
-        mean_loss=float(np.mean(losses)),
-        steps_to_converge=None
-        if diverged
-        else steps_to_converge(losses, convergence.threshold, convergence.window),
-    )
-
-
-def steps_to_converge(losses: np.ndarray, threshold: float, window: int) -> int | None:
-    """The first step s at which the mean loss over steps (s - window, s] is below `threshold`.
-
-    A non-finite loss makes every average that includes it non-finite, so it never counts as
-    converged; a trial shorter than `window` never converges.
-    """
-    if len(losses) < window:
-        return None
-    averages = np.convolve(np.asarray(losses, np.float64), np.full(window, 1.0 / window), "valid")
-    below = np.flatnonzero(averages < threshold)
-    return int(below[0]) + window - 1 if below.size else None
-
-
-def objective_value(metrics: TrialMetrics, objective: str) -> float:
-    """The value a study minimizes: `final_loss` or `mean_loss`."""
-    return getattr(metrics, objective)
-
-
-def wilson_interval(fraction: float, n: float, z: float = Z95) -> tuple[float, float]:
-    """Wilson's score interval of a binomial fraction observed in `n` trials (n may be an
-    effective, fractional size); NaN for n = 0. It always contains `fraction`."""
-    if not n > 0 or np.isnan(fraction):
-        return float("nan"), float("nan")
-    scale = 1 + z * z / n
-    centre = (fraction + z * z / (2 * n)) / scale
-    half = z * np.sqrt(fraction * (1 - fraction) / n + z * z / (4 * n * n)) / scale
-    # Rounding must not push an end past the estimate (at 0 and 1 they coincide).
-    return float(min(max(centre - half, 0.0), fraction)), float(
-        max(min(centre + half, 1.0), fraction)
-    )
-
-
-@dataclass(frozen=True)
-class Survival:
-    """The Kaplan–Meier fraction converged of a set of trials, a step function of the step.
-
-    Arrays are over the distinct steps at which some trial converged, ascending.
-    """
-
-    steps: np.ndarray
-    """Steps at which at least one trial converged."""
-    fraction: np.ndarray
-    """Estimated fraction converged by each of those steps."""
-    low: np.ndarray
-    """Pointwise 95 % Wilson interval of `fraction`, at Greenwood's effective sample size."""
-    high: np.ndarray
-    censored: np.ndarray
-    """Steps at which trials were censored (never seen to converge), one per trial."""
-    horizon: int
-    """The last step any trial was followed to; -1 for no trial."""
-    trials: int
-
-    def fraction_by(self, step: float) -> float:
-        """Estimated fraction converged by `step`."""
-        index = np.searchsorted(self.steps, step, side="right")
-        return float(self.fraction[index - 1]) if index else 0.0
-
-    @property
-    def final(self) -> float:
-        """The fraction converged by the horizon; NaN for no trial."""
-        return self.fraction_by(self.horizon) if self.trials else float("nan")
-
-    @property
-    def final_interval(self) -> tuple[float, float]:
-        if not self.trials:
-            return float("nan"), float("nan")
-        if not self.steps.size:
-            return wilson_interval(0.0, self.trials)
-        return float(self.low[-1]), float(self.high[-1])
-
-    def quantile(self, p: float) -> float:
-        """The first step by which a fraction p converged; NaN if it never did. Where the
-        fraction equals p exactly up to the next convergence, the midpoint of the two steps,
-        so that with no censoring the median is the ordinary sample median."""
-        reached = np.flatnonzero(self.fraction >= p - _TOLERANCE)
-        if not reached.size:
-            return float("nan")
-        k = reached[0]
-        if abs(self.fraction[k] - p) < _TOLERANCE and k + 1 < len(self.steps):
-            return float(self.steps[k] + self.steps[k + 1]) / 2
-        return float(self.steps[k])
-
-    def median_interval(self) -> tuple[float, float]:
-        """95 % interval of the median steps to converge, read off the pointwise band: from
-        the first step where the band's upper end reaches one half to the first where its
-        lower end does (Brookmeyer and Crowley's construction); an end never reached is NaN
-        (read: beyond the horizon). Chosen over a bootstrap because it uses the censored
-        trials as the estimate does, is deterministic and costs one pass."""
-        return _first_step_at(self.steps, self.high, 0.5), _first_step_at(self.steps, self.low, 0.5)
-
-
-def kaplan_meier(steps: np.ndarray, converged: np.ndarray, horizon: int | None = None) -> Survival:
-    """The Kaplan–Meier fraction converged of trials that converged at `steps` where
-    `converged`, and were censored there otherwise. At a tied step, convergences count first:
-    a trial censored at step s was at risk of converging at s. `horizon`: the last step the
-    trials ran to (default: the largest of `steps`)."""
-    steps = np.asarray(steps, np.int64)
-    converged = np.asarray(converged, bool)
-    trials = len(steps)
-    order = np.lexsort((~converged, steps))
-    steps, converged = steps[order], converged[order]
-    distinct, first = np.unique(steps, return_index=True)
-    at_risk = trials - first
-    events = np.add.reduceat(converged.astype(np.int64), first) if trials else first
-    keep = events > 0
-    distinct, at_risk, events = distinct[keep], at_risk[keep], events[keep]
-    survival = np.cumprod(1.0 - events / at_risk)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        greenwood = survival**2 * np.cumsum(events / (at_risk * (at_risk - events)))
-        effective = np.where(
-            (greenwood > 0) & np.isfinite(greenwood),
-            survival * (1 - survival) / greenwood,
-            float(trials),
-        )
-    fraction = 1.0 - survival
-    bands = [wilson_interval(f, min(n, trials)) for f, n in zip(fraction, effective, strict=True)]
-    low, high = (np.array(end, float) for end in zip(*bands, strict=True)) if bands else ([], [])
-    return Survival(
-        steps=distinct,
-        fraction=fraction,
-        low=np.asarray(low, float),
-        high=np.asarray(high, float),
-        censored=steps[~converged],
-        horizon=(int(steps.max()) if horizon is None else int(horizon)) if trials else -1,
-        trials=trials,
-    )
-
-
-def _first_step_at(steps: np.ndarray, fractions: np.ndarray, p: float) -> float:
-    reached = np.flatnonzero(fractions >= p - _TOLERANCE)
-    return float(steps[reached[0]]) if reached.size else float("nan")
 
 
 @dataclass(frozen=True)
@@ -362,63 +168,9 @@ class Summary:
         return tuple(PLOTS[name] for name in names)
 
 
-def write_summary(output: str) -> Summary:
-    """Summarize the finished trials in `output` (a study, running, interrupted or done, or a
-    single `train` run) and write summary.parquet, summary_by_factor.parquet, summary.md and
-    plots/*.png there. Raises ConfigError, writing nothing, if `output` is no echo-study output
-    or holds no finished trial."""
-    location = Output(output)
-    config = _read_config(location)
-    trials = finished_trials(location)
-    if trials.empty:
-        raise ConfigError(f"{output}: no finished trials yet, nothing to summarize")
-    summary = summarize(config, trials)
-    # Everything is computed before the first write, so bad data leaves the folder untouched.
-    keys = list(summary.factors)
-    tables = {
-        SUMMARY: _arrow_table(summary.table, _schema(keys)),
-        SUMMARY_BY_FACTOR: _arrow_table(
-            summary.by_factor, pa.schema([("factor", pa.string()), ("value", pa.int32())])
-        ),
-    }
-    # The loss curves (every step read back, each trial's moving average, the quartiles) and
-    # their figure took half of the summary's time: a child draws them on another core while
-    # this process draws the others (see pipeline/forked.py).
-    loss_curves_png = start_in_child(functools.partial(_loss_curves_png, location, summary))
-    # matplotlib (a quarter of a second to import) only here, where figures are drawn: a study
-    # imports it in the background while Ray starts (study.py).
-    from pipeline.plots import png_bytes
-
-    blobs = {name: png_bytes(figure) for name, figure in _figures(summary).items()}
-    blobs[PLOTS["loss_curves"]] = loss_curves_png()
-    blobs[SUMMARY_MD] = render_markdown(summary).encode()
-    for name, table in tables.items():
-        location.write_table(name, table)
-    for name, data in blobs.items():
-        location.write_bytes(name, data)
-    return dataclasses.replace(summary, files=(*tables, SUMMARY_MD, *summary.plots))
-
-
-def finished_trials(output: Output) -> pd.DataFrame:
-    """One row per finished trial: trials.parquet, updated by the outcome that each steps file
-    records, so that a trial whose steps were written after trials.parquet still counts."""
-    rows: dict[int, dict] = {}
-    if output.exists(TRIALS):
-        with output.fs.open_input_file(output.path(TRIALS)) as file:
-            rows = {row["trial"]: row for row in pq.read_table(file).to_pylist()}
-    rows.update(read_steps_outcomes(output))
-    trials = pd.DataFrame([rows[number] for number in sorted(rows)])
-    if trials.empty:
-        return trials
-    trials["steps_to_converge"] = trials["steps_to_converge"].astype("Int64")
-    trials["final_loss"] = trials["final_loss"].astype(float)
-    trials["converged"] = trials["converged"].eq(True)
-    return trials
-
-
-def summarize(config: Config, trials: pd.DataFrame) -> Summary:
+def summary_numbers(config: Config, trials: pd.DataFrame) -> Summary:
     """The numbers of a study's finished trials (rows as in trials.parquet, with `status`),
-    and the findings that report.py words from them."""
+    without the findings (write.summarize adds those, in words.py's sentences)."""
     factors = _factors(config)
     trials = _with_counting_rule(config, trials)
     table = group_table(trials, factors)
@@ -435,7 +187,7 @@ def summarize(config: Config, trials: pd.DataFrame) -> Summary:
     fixed = TRUNCATION not in factors
     frontier = None if fixed else group_table(trials, [TRUNCATION, "echo_step"])
     unreachable = tuple(int(e) for e in by_echo["value"] if fixed and e >= config.task.truncation)
-    summary = Summary(
+    return Summary(
         config=config,
         factors=tuple(factors),
         trials=trials,
@@ -460,7 +212,6 @@ def summarize(config: Config, trials: pd.DataFrame) -> Summary:
             for factor in factors
         },
     )
-    return dataclasses.replace(summary, findings=findings(summary))
 
 
 def group_table(trials: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
@@ -514,8 +265,8 @@ def fastest_group(table: pd.DataFrame) -> Fastest | None:
         ["median_steps_to_converge", "converged_fraction"], ascending=[True, False]
     )
     best = ranked.iloc[0]
-    _, best_high = _median_bounds(best)
-    overlapping = sum(_median_bounds(row)[0] <= best_high for _, row in ranked.iloc[1:].iterrows())
+    _, best_high = median_bounds(best)
+    overlapping = sum(median_bounds(row)[0] <= best_high for _, row in ranked.iloc[1:].iterrows())
     return Fastest(best, int(overlapping), len(majority))
 
 
@@ -625,15 +376,6 @@ def _factors(config: Config) -> list[str]:
     return [*GROUP, *([TRUNCATION] if searched else [])]
 
 
-def _read_config(output: Output) -> Config:
-    if not output.exists():
-        raise ConfigError(f"{output.location}: no such folder")
-    config = read_config(output)
-    if config is None:
-        raise ConfigError(f"{output.location}: not an echo-study output (no config.yaml in it)")
-    return config
-
-
 def _with_counting_rule(config: Config, trials: pd.DataFrame) -> pd.DataFrame:
     """Add `diverged`, `trained`, `reached`, `event_step` and `reachable`: see the module
     docstring."""
@@ -707,21 +449,13 @@ def _statistics(trials: pd.DataFrame) -> dict[str, float | int]:
     }
 
 
-def _median_bounds(row: pd.Series) -> tuple[float, float]:
-    """A group's 95 % interval of the median as numbers: an end never reached lies beyond
-    the horizon (a lower end) or at infinity (an upper end)."""
-    low, high = row["median_steps_to_converge_low"], row["median_steps_to_converge_high"]
-    beyond = row["horizon_step"] + 1 if pd.notna(row["horizon_step"]) else np.inf
-    return (beyond if pd.isna(low) else low), (np.inf if pd.isna(high) else high)
-
-
 def _verdict(smallest: pd.Series, largest: pd.Series) -> str:
     if pd.isna(smallest["median_steps_to_converge_low"]) and pd.isna(
         largest["median_steps_to_converge_low"]
     ):
         return "none converged"
-    small_low, small_high = _median_bounds(smallest)
-    large_low, large_high = _median_bounds(largest)
+    small_low, small_high = median_bounds(smallest)
+    large_low, large_high = median_bounds(largest)
     if small_high < large_low:
         return "more"
     if large_high < small_low:
@@ -729,70 +463,10 @@ def _verdict(smallest: pd.Series, largest: pd.Series) -> str:
     return "unclear"
 
 
-def _schema(keys: Sequence[str]) -> pa.Schema:
-    return pa.schema([(key, PARAM_TYPES[key]) for key in keys])
-
-
-def _arrow_table(frame: pd.DataFrame, keys: pa.Schema) -> pa.Table:
-    """The frame as a Parquet table: the keys' types, then STATISTICS; NaN becomes null."""
-    schema = pa.schema([*keys, *STATISTICS.items()])
-    return pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
-
-
-def _loss_curves_png(location: Output, summary: Summary) -> bytes:
-    from pipeline.plots import loss_curves_figure, png_bytes  # see write_summary
-
-    config, truncation = summary.config, summary.truncation
-    curves = loss_curves(
-        _steps(location), summary.trials, config.convergence.window, summary.factors
-    )
-    figure = loss_curves_figure(
-        curves,
-        threshold=config.convergence.threshold,
-        window=config.convergence.window,
-        truncation=truncation,
-        epoch_steps=config.task.windows_per_epoch if truncation is not None else None,
-        title=title(summary),
-    )
-    return png_bytes(figure)
-
-
-def _figures(summary: Summary) -> dict[str, object]:
-    """The summary's figures but the loss curves' (`_loss_curves_png`)."""
-    from pipeline.plots import (  # see write_summary
-        converged_fraction_figure,
-        steps_to_converge_figure,
-        time_to_converge_figure,
-        truncation_frontier_figure,
-    )
-
-    heading = title(summary)
-    truncation = summary.truncation
-    figures = {
-        PLOTS["converged_fraction"]: converged_fraction_figure(
-            group_table(
-                summary.trials,
-                ["num_layers" if truncation is not None else TRUNCATION, "echo_step"],
-            ),
-            truncation=truncation,
-            title=heading,
-        ),
-        PLOTS["time_to_converge"]: time_to_converge_figure(summary.survival, title=heading),
-    }
-    if truncation is None:
-        figures[PLOTS["truncation_frontier"]] = truncation_frontier_figure(
-            summary.frontier, title=heading
-        )
-    else:
-        figures[PLOTS["steps_to_converge"]] = steps_to_converge_figure(
-            summary.table, truncation=truncation, title=heading
-        )
-    return figures
-
-
-def _steps(output: Output) -> pd.DataFrame:
-    """Every trial's losses, or none when no steps file was written (trials.parquet alone)."""
-    try:
-        return load_steps(output.location, columns=["trial", "step", "loss"])
-    except FileNotFoundError:
-        return pd.DataFrame({"trial": [], "step": [], "loss": []})
+PLOTS = {
+    "loss_curves": "plots/loss_curves.png",
+    "steps_to_converge": "plots/steps_to_converge.png",
+    "converged_fraction": "plots/converged_fraction.png",
+    "time_to_converge": "plots/time_to_converge.png",
+    "truncation_frontier": "plots/truncation_frontier.png",
+}

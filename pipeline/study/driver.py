@@ -2,7 +2,7 @@
 
 The driver (this process) owns the study: it alone asks for trials, tells their outcomes and
 writes the results, so a journal file in the output folder needs no other writer. Trials run in
-trainers, one Ray actor per `ray.cpus_per_trial` CPUs, each holding lanes (see lanes.py): a lane
+trainers, one Ray actor per `ray.cpus_per_trainer` CPUs, each holding lanes (see lanes.py): a lane
 whose trial ends takes the next one at its next window. The driver asks Optuna for a trial only
 when a lane can take it, so an adaptive sampler (TPE) samples each trial knowing every trial
 finished so far; it relays the running losses that trainers report to Optuna's pruner and the
@@ -20,63 +20,56 @@ is the driver's, the only one that imports Optuna.
 
 from __future__ import annotations
 
-import functools
 import importlib
-import itertools
 import logging
 import math
 import os
-import signal
-import socket
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import optuna
 import ray
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from pipeline import compile_ahead
 from pipeline.config import (
     Config,
     ConfigError,
-    ModelConfig,
-    SearchParam,
-    ray_address,
+    first_line,
     short_name,
 )
-from pipeline.cost import COST_KEYS, lanes_window_cost
-from pipeline.data import trial_seed
-from pipeline.embedded_ray import start_embedded_ray, stop_embedded_ray
-from pipeline.exchange import Finished, LaneTrial, Report, first_line
-from pipeline.exchange import trainer_key as lanes_key
-from pipeline.progress import Progress
-from pipeline.record import TrialResult, record_trials
-from pipeline.results import (
-    FIXED_COLUMNS,
-    TRIALS,
-    Output,
-    check_output,
-    claim_output,
-    read_steps_outcomes,
-    trials_table,
+from pipeline.results.output import TRIALS, Output, check_output, claim_output
+from pipeline.results.record import TrialResult, record_trials
+from pipeline.results.tables import FIXED_COLUMNS, read_steps_outcomes, trials_table
+from pipeline.study.failpoints import failpoint
+from pipeline.study.launch import Launch, prepare
+from pipeline.study.optuna_setup import (
+    JOURNAL,
+    distribution,
+    make_pruner,
+    make_sampler,
+    open_storage,
+    told_value,
 )
-from pipeline.summary import write_summary
-from pipeline.trainer import gpus_per_trainer, start_trainer
+from pipeline.study.placement import TrialWork, Workload, grid_points, place
+from pipeline.study.progress import Progress
+from pipeline.study.ray_connection import (
+    check_gpus,
+    connect_ray,
+    stop_embedded_ray,
+    stop_in_background,
+)
+from pipeline.study.trainer import start_trainer
+from pipeline.summary.write import write_summary
+from pipeline.training.data import trial_seed
+from pipeline.training.trial import Finished, LaneTrial, Report, lanes_key
 
 log = logging.getLogger(__name__)
 
-JOURNAL = "study.journal"
-# A trainer that already trains a trial's architecture takes it unless another would then have
-# more than this fraction less work left: the cost estimate is rough, and a set of lanes it
-# steps anyway saves a step of its own.
-PLACE_TOLERANCE = 0.05
 # Lanes per trainer when the config leaves it open: many for samplers that gain nothing from
 # waiting (grid, random), few for TPE, which learns from every trial finished before it asks.
 DEFAULT_LANES = {"grid": 64, "random": 64, "tpe": 8}
@@ -93,11 +86,6 @@ TRIALS_TABLE_EVERY_SECONDS = 10.0
 TRAINER_START_SECONDS = 180.0
 # How long a trainer holds a call when it has nothing to tell yet.
 EXCHANGE_WAIT_SECONDS = 0.5
-# Fault injection for tests: "NAME:N" makes the driver SIGKILL itself the N-th time it passes
-# the failpoint NAME, a moment no outside timing can hit reliably (asked, written, told,
-# recovering).
-FAILPOINT = "ECHO_STUDY_FAILPOINT"
-_failpoint_passes: Counter[str] = Counter()
 
 
 @dataclass(frozen=True)
@@ -132,11 +120,14 @@ class PlannedTrial:
     """Its searched values in search order: what identifies a grid point."""
 
 
-def run_study(config: Config, progress: bool | None = None) -> StudyOutcome:
+def run_study(
+    config: Config, progress: bool | None = None, launch: Launch | None = None
+) -> StudyOutcome:
     """Run (or resume) the study of `config` until it has `study.n_trials` finished trials.
 
     Ray: the cluster at `ray_address(config)`, else Ray embedded in this process (unless it
-    already runs Ray). `progress`: a bar (True), a line per finished trial (False), or a bar on
+    already runs Ray), as `launch.prepare` decides (the command line calls it first, to start
+    compiling sooner). `progress`: a bar (True), a line per finished trial (False), or a bar on
     a terminal only (None). Bad input raises ConfigError before anything is written.
     """
     started, started_cpu = time.perf_counter(), time.process_time()
@@ -146,27 +137,27 @@ def run_study(config: Config, progress: bool | None = None) -> StudyOutcome:
     output.check_writable()
     check_output(output, config)
     output.check_free()
-    custom_storage = _open_storage(config.study.storage) if config.study.storage else None
-    compile_ahead.start(config)
-    _import_in_background("pipeline.plots")  # for the summary, while Ray starts
-    embedded = connect_ray(config)
+    custom_storage = open_storage(config.study.storage) if config.study.storage else None
+    launch = launch or prepare(config)
+    _import_in_background("pipeline.summary.plots")  # for the summary, while Ray starts
+    embedded = connect_ray(config, launch)
     try:
         with output.lock(only_writer=config.study.only_writer):
             claim_output(output, config)
-            storage = custom_storage or _open_storage(output.path(JOURNAL))
+            storage = custom_storage or open_storage(output.path(JOURNAL))
             study = optuna.create_study(
                 storage=storage,
                 study_name=config.study.name,
-                sampler=_sampler(config),
-                pruner=_pruner(config),
+                sampler=make_sampler(config),
+                pruner=make_pruner(config),
                 direction="minimize",
                 load_if_exists=True,
             )
-            driver = _Driver(config, output, study, progress)
+            driver = _Driver(config, launch, output, study, progress)
             driver.recover()
             ran = driver.run()
             # An embedded Ray takes a second or two to stop: let it while the summary is drawn.
-            stopping = _stop_in_background(embedded)
+            stopping = stop_in_background(embedded)
             embedded = False
             if driver.rows:
                 write_summary(config.output)
@@ -195,110 +186,6 @@ def param_columns(config: Config) -> list[str]:
     """The parameter columns of a study's Parquet files, in order."""
     searched = [p.short_name for p in config.study.search if p.short_name not in FIXED_COLUMNS]
     return [*FIXED_COLUMNS, *searched]
-
-
-def grid_points(config: Config) -> list[tuple]:
-    """Every point of a grid study, costliest first (deep, wide, long trials), so that no
-    trainer is left with a long trial at the end; the order never changes a trial's losses."""
-    search = config.study.search
-    points = list(itertools.product(*(p.choices for p in search)))
-    # What a trial costs depends on few keys: a config is built once per distinct cost key.
-    shaping = [i for i, p in enumerate(search) if p.key in COST_KEYS]
-
-    @functools.cache
-    def cost_of(values: tuple) -> float:
-        trial = config.with_params({search[i].key: v for i, v in zip(shaping, values, strict=True)})
-        return trial.total_steps * lanes_window_cost(trial.model, 1)
-
-    return sorted(points, key=lambda point: cost_of(tuple(point[i] for i in shaping)), reverse=True)
-
-
-class TrialWork(NamedTuple):
-    """A trial as placement sees it."""
-
-    architecture: tuple
-    """Its `trainer_key`: the trials that share it share one set of lanes in a trainer."""
-    model: ModelConfig
-    windows: int
-    """Windows it has left to train."""
-
-
-@dataclass
-class _Group:
-    """One architecture's lanes on a trainer, as placement estimates them."""
-
-    model: ModelConfig
-    trials: int
-    windows: int
-    """Windows its lanes still step: its longest trial's windows left, as far as known."""
-
-    def cost(self) -> float:
-        return lanes_window_cost(self.model, self.trials) * self.windows
-
-
-class Workload:
-    """A trainer's work left, as the driver estimates it to place trials: for each architecture
-    it trains, the cost of a window of its lanes (`cost.lanes_window_cost`) × the windows its
-    longest trial has left. A trial's windows count down as its trainer reports windows
-    stepped; a trial that leaves early (pruned) leaves its group's estimate as it was until the
-    group empties."""
-
-    def __init__(self) -> None:
-        self.groups: dict[tuple, _Group] = {}
-
-    @property
-    def trials(self) -> int:
-        return sum(group.trials for group in self.groups.values())
-
-    def load(self, adding: TrialWork | None = None) -> float:
-        """Work left, after adding the trial `adding` if given."""
-        total = sum(group.cost() for group in self.groups.values())
-        if adding is None:
-            return total
-        group = self.groups.get(adding.architecture)
-        if group is None:
-            return total + _Group(adding.model, 1, adding.windows).cost()
-        grown = _Group(group.model, group.trials + 1, max(group.windows, adding.windows))
-        return total - group.cost() + grown.cost()
-
-    def add(self, trial: TrialWork) -> None:
-        group = self.groups.setdefault(trial.architecture, _Group(trial.model, 0, 0))
-        group.trials += 1
-        group.windows = max(group.windows, trial.windows)
-
-    def remove(self, architecture: tuple) -> None:
-        group = self.groups[architecture]
-        group.trials -= 1
-        if group.trials == 0:
-            del self.groups[architecture]
-
-    def stepped(self, windows: dict[tuple, int]) -> None:
-        """Count down the windows each architecture's lanes stepped."""
-        for architecture, count in windows.items():
-            if architecture in self.groups:
-                group = self.groups[architecture]
-                group.windows = max(0, group.windows - count)
-
-
-def place(workloads: Sequence[Workload], trial: TrialWork) -> int:
-    """The index of the trainer (by its workload) to place `trial` on.
-
-    The trainer with the least work left after taking it, so that trainers end together: asked
-    costliest first, a grid then splits like a greedy partition. A trainer that already trains
-    the trial's architecture adds lanes to a set it steps anyway, and is preferred when it
-    would have at most PLACE_TOLERANCE more than the least; so an architecture is split across
-    trainers only when that evens out their work. Remaining ties go to the trainer with the
-    fewest trials.
-    """
-    after = [workload.load(trial) for workload in workloads]
-    least = min(after)
-
-    def rank(i: int) -> tuple:
-        near = after[i] <= least * (1 + PLACE_TOLERANCE)
-        new_lanes = trial.architecture not in workloads[i].groups
-        return (not near, new_lanes, after[i], workloads[i].trials)
-
-    return min(range(len(workloads)), key=rank)
 
 
 @dataclass
@@ -336,13 +223,21 @@ class _Driver:
     """The study's one loop: ask trials when lanes can take them, place them on trainers,
     relay pruning, record outcomes."""
 
-    def __init__(self, config: Config, output: Output, study: optuna.Study, progress: bool | None):
+    def __init__(
+        self,
+        config: Config,
+        launch: Launch,
+        output: Output,
+        study: optuna.Study,
+        progress: bool | None,
+    ) -> None:
         self.config = config
+        self.launch = launch
         self.output = output
         self.study = study
         self.columns = param_columns(config)
         grid = config.study.sampler == "grid"
-        self.distributions = {p.short_name: _distribution(p, grid) for p in config.study.search}
+        self.distributions = {p.short_name: distribution(p, grid) for p in config.study.search}
         # Optuna refuses another kind of distribution for a parameter its trials already have.
         for trial in study.get_trials(deepcopy=False)[:1]:
             self.distributions.update(
@@ -380,8 +275,8 @@ class _Driver:
                 log.warning("trial %d was left running by a stopped study", frozen.number)
                 self.study.tell(frozen.number, state=TrialState.FAIL)
             else:
-                self.study.tell(frozen.number, _told_value(row), state=TrialState[row["state"]])
-            _failpoint("recovering")
+                self.study.tell(frozen.number, told_value(row), state=TrialState[row["state"]])
+            failpoint("recovering")
         self.recorded_points = {self._point_of(row) for row in self.rows.values()}
         if self.config.study.sampler == "grid":
             self.points = iter(grid_points(self.config))
@@ -391,7 +286,7 @@ class _Driver:
     def run(self) -> int:
         """Run trials until the study has its count of finished trials; returns how many ran."""
         before = len(self.rows)
-        _check_gpus(self.config)
+        check_gpus(self.config)
         self.trainers = [self._new_trainer() for _ in range(self._slots())]
         try:
             while True:
@@ -421,10 +316,10 @@ class _Driver:
 
     def _slots(self) -> int:
         cpus = ray.cluster_resources().get("CPU", 1)
-        return max(1, int(cpus // self.config.ray.cpus_per_trial))
+        return max(1, int(cpus // self.config.ray.cpus_per_trainer))
 
     def _new_trainer(self) -> _Trainer:
-        actor = start_trainer(self.config, self.report_every, self.judge_from)
+        actor = start_trainer(self.config, self.launch, self.report_every, self.judge_from)
         return _Trainer(actor, time.monotonic())
 
     def _in_flight(self) -> int:
@@ -453,7 +348,7 @@ class _Driver:
                 return None
             self.study.sampler.point = dict(zip(self.distributions, point, strict=True))
         trial = self.study.ask(self.distributions)
-        _failpoint("asked")
+        failpoint("asked")
         params = {p.key: trial.params[p.short_name] for p in search}
         trial_config = self.config.with_params(params)
         seed = trial_seed(self.config.study.seed, {**params, "train.seed": trial_config.train.seed})
@@ -501,10 +396,9 @@ class _Driver:
         then step side by side instead of leaving cores idle. On a cluster the idle CPUs may be
         on another node, and nothing is lent."""
         busy = [trainer for trainer in self.trainers if trainer.trials]
-        idle_cpus = (len(self.trainers) - len(busy)) * self.config.ray.cpus_per_trial
+        idle_cpus = (len(self.trainers) - len(busy)) * self.config.ray.cpus_per_trainer
         at_the_end = not self.queue and self._wanted() <= 0
-        one_machine = ray_address(self.config) is None
-        share = idle_cpus // len(busy) if busy and at_the_end and one_machine else 0
+        share = idle_cpus // len(busy) if busy and at_the_end and self.launch.embedded else 0
         for trainer in self.trainers:
             lent = share if trainer.trials else 0
             if trainer.lent != lent:  # taken back when trials are placed again (a retry)
@@ -623,11 +517,11 @@ class _Driver:
         results, self.unrecorded = self.unrecorded, []
         self.last_recorded = time.monotonic()
         rows = record_trials(self.output, results)
-        _failpoint("written")
+        failpoint("written")
         for result, row in zip(results, rows, strict=True):
             trial = self.asked.pop(result.number)
-            self.study.tell(trial, _told_value(row), state=TrialState[row["state"]])
-            _failpoint("told")
+            self.study.tell(trial, told_value(row), state=TrialState[row["state"]])
+            failpoint("told")
             self.rows[result.number] = row
             self.recorded_points.add(self._point_of(row))
             self.progress.record(row, self.columns)
@@ -646,102 +540,6 @@ def _import_in_background(module: str) -> None:
     Ray's processes, and an import beside it (matplotlib, for the summary's figures: a quarter
     of a second) takes none of its time; a later import of the module waits for this one."""
     threading.Thread(target=importlib.import_module, args=(module,), daemon=True).start()
-
-
-def _stop_in_background(embedded: bool) -> threading.Thread:
-    thread = threading.Thread(target=stop_embedded_ray if embedded else lambda: None, daemon=True)
-    thread.start()
-    return thread
-
-
-def _failpoint(name: str) -> None:
-    wanted, _, count = os.environ.get(FAILPOINT, "").partition(":")
-    if wanted != name:
-        return
-    _failpoint_passes[name] += 1
-    if _failpoint_passes[name] == int(count or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _check_gpus(config: Config) -> None:
-    """Refuse at once a study whose trainers ask for GPUs that the cluster does not have:
-    they would wait for them forever."""
-    wanted, present = gpus_per_trainer(config), ray.cluster_resources().get("GPU", 0)
-    if wanted > present:
-        raise ConfigError(
-            f"train.device = {config.train.device!r} asks {wanted:g} GPU per trainer of Ray, "
-            f"but the Ray cluster has {present:g}: use train.device=cpu (or auto), or set "
-            "ray.gpus_per_trainer"
-        )
-
-
-def _told_value(row: dict[str, Any]) -> float | None:
-    """Optuna takes a value only with COMPLETE."""
-    return row["value"] if row["state"] == "COMPLETE" else None
-
-
-def _distribution(param: SearchParam, grid: bool) -> optuna.distributions.BaseDistribution:
-    """The Optuna distribution of a searched key. A numeric axis of a grid (whose points the
-    driver picks itself) is given as the range of its choices: Optuna stores a trial's
-    distributions with its parameters, and a list of 100 choices in every trial made a
-    10,000-trial journal 2.4× as large and slow to replay."""
-    choices = param.choices
-    if grid and _numbers(choices):
-        if all(isinstance(c, int) for c in choices):
-            return optuna.distributions.IntDistribution(min(choices), max(choices))
-        return optuna.distributions.FloatDistribution(min(choices), max(choices))
-    if choices is not None:
-        return optuna.distributions.CategoricalDistribution(list(param.choices))
-    if isinstance(param.low, int) and isinstance(param.high, int):
-        return optuna.distributions.IntDistribution(
-            param.low, param.high, step=int(param.step or 1), log=param.log
-        )
-    return optuna.distributions.FloatDistribution(
-        param.low, param.high, step=param.step, log=param.log
-    )
-
-
-def _numbers(choices: tuple) -> bool:
-    return all(isinstance(c, int | float) and not isinstance(c, bool) for c in choices)
-
-
-def _sampler(config: Config) -> optuna.samplers.BaseSampler:
-    study = config.study
-    if study.sampler == "grid":
-        return _GridPoint()
-    if study.sampler == "tpe":
-        # Trials in flight are taken as scoring their worst (Optuna's advice for parallel TPE),
-        # so the sampler does not ask the same promising spot again while it trains.
-        return optuna.samplers.TPESampler(seed=study.seed, constant_liar=True)
-    return optuna.samplers.RandomSampler(seed=study.seed)
-
-
-class _GridPoint(optuna.samplers.BaseSampler):
-    """The grid, as the driver walks it: Optuna's GridSampler picks points at random and scans
-    the whole grid and every trial on each ask; the driver instead walks the points in a fixed
-    order, skipping those recorded, and hands each one to Optuna through this sampler."""
-
-    def __init__(self) -> None:
-        self.point: dict[str, Any] = {}
-
-    def infer_relative_search_space(self, study, trial) -> dict:
-        return {}
-
-    def sample_relative(self, study, trial, search_space) -> dict:
-        return {}
-
-    def sample_independent(self, study, trial, param_name, param_distribution) -> Any:
-        return self.point[param_name]
-
-
-def _pruner(config: Config) -> optuna.pruners.BasePruner:
-    # No trial is judged during its first epoch (see judge_from).
-    epoch = config.task.windows_per_epoch
-    if config.study.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=epoch)
-    if config.study.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=epoch, max_resource=config.total_steps)
-    return optuna.pruners.NopPruner()
 
 
 def _check_search(config: Config) -> None:
@@ -770,79 +568,3 @@ def _check_output_location(config: Config, output: Output) -> None:
             f"output {config.output!r} is not a local folder, where the default journal file "
             "cannot live: set study.storage to an Optuna storage URL (e.g. postgresql://...)"
         )
-
-
-class _Journal(JournalStorage):
-    """Optuna's journal storage, minus a scan of every trial on each ask.
-
-    `Study.ask` first looks for enqueued (WAITING) trials, and the journal answers by going over
-    all of the study's trials: at 10^5 trials, asks alone grew quadratic. This driver never
-    enqueues a trial, so none is ever waiting."""
-
-    def get_all_trials(self, study_id, deepcopy=True, states=None):
-        if states is not None and tuple(states) == (TrialState.WAITING,):
-            return []
-        return super().get_all_trials(study_id, deepcopy, states)
-
-
-def _open_storage(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna storage: a database URL, or a path to a journal file."""
-    try:
-        if "://" not in url:
-            return _Journal(JournalFileBackend(url))
-        return optuna.storages.get_storage(url)
-    except Exception as error:  # whatever the backend raises, the URL is what the user fixes
-        raise ConfigError(
-            f"study.storage = {url!r}: cannot be opened ({first_line(error)})"
-        ) from None
-
-
-def connect_ray(config: Config) -> bool:
-    """Join the cluster at `ray_address(config)`, or start Ray embedded; True when embedded.
-    A Ray this process already runs is used as it is."""
-    address = ray_address(config)
-    if address is not None:
-        _check_reachable(address)
-    if ray.is_initialized():
-        return False
-    if address is None:
-        start_embedded_ray(config.ray.num_cpus, config.ray.dashboard)
-        return True
-    try:
-        ray.init(address=address, logging_level=logging.WARNING)
-    except (ConnectionError, RuntimeError, ValueError) as error:
-        raise ConfigError(_no_cluster(address, first_line(error))) from None
-    return False
-
-
-def _check_reachable(address: str) -> None:
-    """Fail fast, and say how to start a cluster, when nothing listens at the address (Ray
-    itself would retry for minutes)."""
-    target = address
-    if address == "auto":
-        # What Ray would join: the cluster last started on this machine (a private helper of
-        # Ray's, so without it Ray's own search decides).
-        try:
-            target = ray._private.services.canonicalize_bootstrap_address("auto")
-        except ConnectionError as error:
-            raise ConfigError(_no_cluster(address, first_line(error))) from None
-        except (AttributeError, TypeError):
-            return
-    host, colon, port = target.removeprefix("ray://").rpartition(":")
-    if not colon or not port.isdigit() or "/" in host:
-        raise ConfigError(
-            f"ray.address = {address!r}: expected auto, host:port or ray://host:port "
-            "(the GCS address that `ray start --head` prints, not the dashboard's http:// URL)"
-        )
-    try:
-        with socket.create_connection((host, int(port)), timeout=5):
-            return
-    except OSError as error:
-        raise ConfigError(_no_cluster(address, f"{target}: {first_line(error)}")) from None
-
-
-def _no_cluster(address: str, reason: str) -> str:
-    return (
-        f"ray.address = {address!r}: no Ray cluster answers there ({reason}); start one with "
-        "`ray start --head`, or leave ray.address unset to run Ray embedded"
-    )

@@ -21,9 +21,9 @@ import threading
 from collections import Counter
 from pathlib import Path
 
-from pipeline import kernel_cache
-from pipeline.config import Config, ModelConfig, ray_address
-from pipeline.cost import COST_KEYS, models_to_vectorize_over
+from pipeline.config import Config, ModelConfig
+from pipeline.training import kernel_cache
+from pipeline.training.cost import COST_KEYS, models_to_vectorize_over
 
 # Layer-model-windows (a model's window, times its layers) that repay compiling the kernels
 # vectorized over the models (about 5 s of a core) where one model at a time would do: past
@@ -32,36 +32,32 @@ from pipeline.cost import COST_KEYS, models_to_vectorize_over
 # about 1.3 million of them.
 LANE_FAMILY_PAYBACK = 1_300_000
 
-_started: set[tuple[str, ...]] = set()
+_KERNEL_COMPILE = "import pipeline.training.kernel_compile as k"
 
 
 def start(config: Config) -> None:
-    """With Ray embedded on a machine whose cache lacks the CPU kernels that the study wants
-    (`kernel_families`), start compiling them, in a process per family (see
-    `kernels.compile_all`), so the families compile at once; the trainers, starting a second
-    or two later, then load the kernels from the cache instead of compiling them
-    (`kernels.load_only_cached`). One process compiling the families in turn made a cold
-    configs/study.yaml slower (34.3 and 35.5 s against 32.9 and 34.2). Once per process: a
-    second call for the same families (run_study after the command line) starts nothing.
+    """With Ray embedded (launch.prepare decides) on a machine whose cache lacks the CPU kernels
+    that the study wants (`kernel_families`), start compiling them, in a process per family
+    (see `kernel_compile.compile_all`), so the families compile at once; the trainers, starting
+    a second or two later, then load the kernels from the cache instead of compiling them
+    (`kernel_compile.load_only_cached`). One process compiling the families in turn made a cold
+    configs/study.yaml slower (34.3 and 35.5 s against 32.9 and 34.2).
 
     Processes, not a thread of the driver: numba compiles mostly in Python, holding the GIL,
     and a compiling thread delayed the driver's own work (starting Ray and its trainers) by
     seconds. A warm machine skips it all. So does a device set to CUDA: asking torch whether
     "auto" finds a GPU would import torch into the driver, most of a second, while compiling in
     vain on a GPU machine costs only cores that wait for Ray anyway."""
-    if ray_address(config) is not None or config.train.compile is False:
+    if config.train.compile is False:
         return
     families = kernel_families(config)
-    if config.train.device.startswith("cuda") or families in _started:
+    if config.train.device.startswith("cuda") or kernel_cache.compiled(families):
         return
-    if kernel_cache.compiled(families):
-        return
-    _started.add(families)
     # pipeline.kernels itself, not model.numba_kernels: the same compile without torch. A
     # failure is the trainers' to report: each falls back and says so.
     compiling = [
         subprocess.Popen(
-            [sys.executable, "-c", f"import pipeline.kernels as k; k.compile_all({families!r})"],
+            [sys.executable, "-c", f"{_KERNEL_COMPILE}; k.compile_all({families!r})"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -15,8 +15,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from pipeline.cost import models_to_vectorize_over
-from pipeline.layout import State, WindowResult, WindowStep, layer_of, warn_fallback
+from pipeline.training.arrays import State, WindowResult, WindowStep, layer_of, warn_fallback
+from pipeline.training.cost import models_to_vectorize_over
 
 BY_LANE, BY_MODEL = "by_lane", "by_model"
 
@@ -40,9 +40,9 @@ def numba_kernels() -> ModuleType | None:
     that no other is compiling, or waits for the first to be done, and each window takes the
     faster family once it is ready (see `_ready_family`)."""
     try:
-        from pipeline import kernels
+        from pipeline.training import kernel_compile, kernels
 
-        kernels.first_ready()
+        kernel_compile.first_ready()
     except Exception as error:
         warn_fallback("numba", error)
         return None
@@ -116,9 +116,11 @@ def numba_window(
     if by_model is None:
         # The models that train: those kernels skip the others, these compute every lane.
         running = int(arrays.active.sum())
-        by_model = _ready_family(kernels, prefer_by_model=_by_model(arrays.h.shape[2], running))
+        by_model = _ready_family(prefer_by_model=_by_model(arrays.h.shape[2], running))
     else:
-        kernels.require(BY_MODEL if by_model else BY_LANE)
+        from pipeline.training import kernel_compile  # loaded by numba_kernels already
+
+        kernel_compile.require(BY_MODEL if by_model else BY_LANE)
     losses, margin, still = _window_by(_family(kernels, by_model), arrays, tapes or Tapes())
     return losses, margin, weights, accum, state, still
 
@@ -132,13 +134,15 @@ def _by_model(units: int, models: int) -> bool:
     return models < models_to_vectorize_over(units)
 
 
-def _ready_family(kernels: ModuleType, prefer_by_model: bool) -> bool:
+def _ready_family(prefer_by_model: bool) -> bool:
     """Whether a window runs on the kernels that run one model at a time: the preferred family
     when it is ready, else the other while another process compiles the preferred one (on a
     cold machine, trainers train as soon as one family is compiled). Both give the same bits,
     so a trial's losses do not depend on which family was ready when."""
+    from pipeline.training import kernel_compile  # loaded by numba_kernels already
+
     order = (BY_MODEL, BY_LANE) if prefer_by_model else (BY_LANE, BY_MODEL)
-    return kernels.first_ready(order) == BY_MODEL
+    return kernel_compile.first_ready(order) == BY_MODEL
 
 
 class _NumbaWindow(NamedTuple):

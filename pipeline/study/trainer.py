@@ -12,37 +12,23 @@ and one that trains on the CPU with the numba kernels never imports torch (its i
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import ray
 
-from pipeline.config import Config, ray_address
-from pipeline.exchange import Finished, LaneTrial, Report, first_line
-from pipeline.exchange import trainer_key as lanes_key
+from pipeline.config import Config, TrainConfig, first_line
+from pipeline.study.exchange import TrainerEvents
+from pipeline.study.launch import Launch
+from pipeline.training.device import load_cpu_kernels, window_step
+from pipeline.training.trial import LaneTrial, lanes_key
 
 if TYPE_CHECKING:
-    from pipeline.lanes import Lanes
-    from pipeline.layout import WindowStep
-
-
-@dataclass(frozen=True)
-class TrainerEvents:
-    """What a trainer tells the driver in one exchange."""
-
-    finished: list[Finished]
-    reports: list[Report]
-    errors: list[tuple[int, str]]
-    """Trials that raised (trial, one-line error): they are FAIL, the trainer goes on."""
-    windows: dict[tuple, int] = field(default_factory=dict)
-    """Windows each architecture's lanes stepped (training every running lane at once)."""
-    lane_windows: int = 0
+    from pipeline.training.lanes import Lanes
 
 
 @ray.remote
@@ -51,23 +37,21 @@ class Trainer:
     thread of its own, so that it trains while the driver records and asks. The driver talks
     to it through `exchange` alone, one call at a time.
 
-    `compile_mode` and `device` are the study's train.compile and train.device: on the CPU the
-    thread loads the numba kernels as soon as it starts, while the first trials are on their
-    way; `compile_missing`: whether it compiles the kernels its windows want that no process
-    compiled ahead (see `_load_cpu_kernels`)."""
+    `train` is the study's train section: on the CPU the thread loads the numba kernels as soon
+    as it starts, while the first trials are on their way; `compile_missing`: whether it
+    compiles the kernels its windows want that no process compiled ahead (see
+    `device.load_cpu_kernels`)."""
 
     def __init__(
         self,
+        train: TrainConfig,
         cpus: int,
         report_every: int | None,
         judge_from: int,
-        compile_mode: bool | str,
-        device: str,
         compile_missing: bool = True,
     ) -> None:
+        self.train = train
         self.cpus = cpus
-        self.compile_mode = compile_mode
-        self.device = device
         self.compile_missing = compile_missing
         self.report_every = report_every
         self.judge_from = judge_from
@@ -122,7 +106,7 @@ class Trainer:
 
     def _train(self) -> None:
         try:
-            _load_cpu_kernels(self.compile_mode, self.device, self.compile_missing)
+            load_cpu_kernels(self.train, _gpu_from_ray(), self.compile_missing)
             self._train_forever()
         except BaseException as error:  # the driver must hear of it, never wait on a dead thread
             text = f"{type(error).__name__}: {first_line(error)}"
@@ -159,9 +143,7 @@ class Trainer:
         return self.stepping[1]
 
     def _busy(self) -> bool:
-        return any(
-            lanes.occupied.any() and not lanes.waiting.all() for lanes in self.lanes.values()
-        )
+        return any(lanes.running.any() for lanes in self.lanes.values())
 
     def _apply(self, inbox: list[LaneTrial], verdicts: dict[int, bool]) -> None:
         for lanes in self.lanes.values():
@@ -178,7 +160,7 @@ class Trainer:
                 self._publish([], [], [(trial.key, f"{type(error).__name__}: {first_line(error)}")])
 
     def _step(self, key: tuple, lanes: Lanes) -> None:
-        running = int((lanes.occupied & ~lanes.waiting).sum())
+        running = int(lanes.running.sum())
         try:
             finished, reports = lanes.step()
         except Exception as error:  # these lanes' trials fail; other architectures go on
@@ -204,11 +186,11 @@ class Trainer:
             self.changed.notify_all()
 
     def _lanes_for(self, config: Config) -> Lanes:
-        from pipeline.lanes import Lanes
+        from pipeline.training.lanes import Lanes
 
         key = lanes_key(config)
         if key not in self.lanes:
-            step, device = _window_step(config, self.cpus)
+            step, device = window_step(config, self.cpus, _gpu_from_ray())
             self.lanes[key] = Lanes(config, step, device, self.report_every, self.judge_from)
         return self.lanes[key]
 
@@ -217,49 +199,27 @@ def _all_numba(sets: list[tuple[tuple, Lanes]]) -> bool:
     return all(lanes.step_fn.backend == "numba" for _, lanes in sets)
 
 
-def _window_step(config: Config, cpus: int) -> tuple[WindowStep, Any]:
-    """The step of a trainer's lanes for `config`, and the device of their arrays: the numba
-    step on numpy arrays where the trainer trains on the CPU and numba runs, without torch;
-    else torch's step, eager on the CPU or compiled on the GPU Ray gave the trainer."""
-    on_the_cpu = _on_the_cpu(config.train.device)
-    if on_the_cpu:
-        from pipeline.numba_step import cpu_step
-
-        step = cpu_step(config.train.compile)
-        if step is not None:
-            return step, "cpu"
-    import torch
-
-    from pipeline.model import step_function
-    from pipeline.train import resolve_device
-
-    # Ray sets OMP_NUM_THREADS per worker, but torch read it when the process started.
-    torch.set_num_threads(cpus)
-    device = resolve_device("cpu" if on_the_cpu else config.train.device)
-    return step_function(config.train.compile, device), device
+def _gpu_from_ray() -> bool:
+    """Whether Ray gave this trainer a GPU: `auto` trains there, else on the CPU."""
+    return bool(ray.get_gpu_ids())
 
 
-def _on_the_cpu(device: str) -> bool:
-    """Whether a trainer trains on the CPU: asked to, or `auto` without a GPU from Ray (never
-    one taken behind Ray's back; see `gpus_per_trainer`)."""
-    return device == "cpu" or (device == "auto" and not ray.get_gpu_ids())
-
-
-def start_trainer(config: Config, report_every: int | None = None, judge_from: int = 0) -> Any:
+def start_trainer(
+    config: Config, launch: Launch, report_every: int | None = None, judge_from: int = 0
+) -> Any:
     """A Trainer actor with the CPUs and GPUs the config asks of Ray for each trainer."""
     return Trainer.options(
-        num_cpus=config.ray.cpus_per_trial,
+        num_cpus=config.ray.cpus_per_trainer,
         num_gpus=gpus_per_trainer(config),
         max_restarts=0,
         max_concurrency=2,  # one call waits for events while the trainer thread trains
     ).remote(
-        config.ray.cpus_per_trial,
+        config.train,
+        config.ray.cpus_per_trainer,
         report_every,
         judge_from,
-        config.train.compile,
-        config.train.device,
         # With Ray embedded, the driver compiles ahead the kernels the study wants.
-        ray_address(config) is not None,
+        compile_missing=not launch.embedded,
     )
 
 
@@ -275,22 +235,3 @@ def gpus_per_trainer(config: Config) -> float:
     if device == "auto" and ray.cluster_resources().get("GPU", 0) > 0:
         return 1.0
     return 0.0
-
-
-def _load_cpu_kernels(compile_mode: bool | str, device: str, compile_missing: bool) -> None:
-    """Load (or compile) the numba kernels of a trainer that trains on the CPU before its first
-    trial arrives: once per process (`numba_kernels` is cached), so the trials' `step_function`
-    finds them loaded. On a cold machine, a family at least: the windows take up the others
-    as they are compiled (`model._ready_family`). Without `compile_missing` (Ray embedded: the
-    driver compiles ahead the families its study wants), a family is compiled here only when
-    none is anywhere."""
-    if compile_mode is False or not _on_the_cpu(device):
-        return
-    from pipeline.numba_step import numba_kernels
-
-    if not compile_missing:
-        with contextlib.suppress(ImportError):  # no numba: numba_kernels says so
-            from pipeline import kernels
-
-            kernels.load_only_cached()
-    numba_kernels()

@@ -31,13 +31,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
+import threading
 import time
 from collections.abc import Iterator
 
 import ray
 
+from pipeline.config import Config, ConfigError, first_line
+from pipeline.study.launch import Launch
+from pipeline.study.trainer import gpus_per_trainer
+
 log = logging.getLogger(__name__)
 
+LOOPBACK = "127.0.0.1"
 REGISTRATION_POLL_S = 0.02
 REGISTRATION_TIMEOUT_S = 30.0  # as long as Ray itself waits for a raylet to register
 
@@ -59,7 +66,10 @@ def start_embedded_ray(num_cpus: int | None, dashboard: bool) -> None:
             address="local",
             num_cpus=num_cpus,
             include_dashboard=dashboard,
-            dashboard_host="127.0.0.1",  # never beyond this machine by default
+            # Every server on the loopback interface, whichever entry point started Ray (see
+            # launch.SINGLE_NODE_RAY for Ray's own processes).
+            _node_ip_address=LOOPBACK,
+            dashboard_host=LOOPBACK,
             configure_logging=True,
             logging_level=logging.WARNING,
             _system_config=CONNECT_RETRY,
@@ -135,3 +145,72 @@ def wait_until_registered(gcs_address: str, node_id: str, timeout: float) -> boo
             return False
         time.sleep(REGISTRATION_POLL_S)
     return True
+
+
+def stop_in_background(embedded: bool) -> threading.Thread:
+    thread = threading.Thread(target=stop_embedded_ray if embedded else lambda: None, daemon=True)
+    thread.start()
+    return thread
+
+
+def check_gpus(config: Config) -> None:
+    """Refuse at once a study whose trainers ask for GPUs that the cluster does not have:
+    they would wait for them forever."""
+    wanted, present = gpus_per_trainer(config), ray.cluster_resources().get("GPU", 0)
+    if wanted > present:
+        raise ConfigError(
+            f"train.device = {config.train.device!r} asks {wanted:g} GPU per trainer of Ray, "
+            f"but the Ray cluster has {present:g}: use train.device=cpu (or auto), or set "
+            "ray.gpus_per_trainer"
+        )
+
+
+def connect_ray(config: Config, launch: Launch) -> bool:
+    """Join the cluster `launch` names, or start Ray embedded; True when this call started
+    Ray (and the study stops it). A Ray this process already runs is used as it is."""
+    address = launch.address
+    if address is not None:
+        _check_reachable(address)
+    if ray.is_initialized():
+        return False
+    if address is None:
+        start_embedded_ray(config.ray.num_cpus, config.ray.dashboard)
+        return True
+    try:
+        ray.init(address=address, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        raise ConfigError(_no_cluster(address, first_line(error))) from None
+    return False
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast, and say how to start a cluster, when nothing listens at the address (Ray
+    itself would retry for minutes)."""
+    target = address
+    if address == "auto":
+        # What Ray would join: the cluster last started on this machine (a private helper of
+        # Ray's, so without it Ray's own search decides).
+        try:
+            target = ray._private.services.canonicalize_bootstrap_address("auto")
+        except ConnectionError as error:
+            raise ConfigError(_no_cluster(address, first_line(error))) from None
+        except (AttributeError, TypeError):
+            return
+    host, colon, port = target.removeprefix("ray://").rpartition(":")
+    if not colon or not port.isdigit() or "/" in host:
+        raise ConfigError(
+            f"ray.address = {address!r}: expected auto, host:port or ray://host:port "
+            "(the GCS address that `ray start --head` prints, not the dashboard's http:// URL)"
+        )
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            return
+    except OSError as error:
+        raise ConfigError(_no_cluster(address, f"{target}: {first_line(error)}")) from None
+
+
+def _no_cluster(address: str, reason: str) -> str:
+    return (
+        f"ray.address = {address!r}: no Ray cluster answers there ({reason}); start one with "
+        "`ray start --head`, or leave ray.address unset to run Ray embedded"
+    )

@@ -21,9 +21,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from pipeline.config import ModelConfig
-from pipeline.data import INIT_STREAM, rng_for
+from pipeline.training.data import INIT_STREAM, rng_for
 
-log = logging.getLogger("pipeline.model")  # where the fallback warnings have always come from
+log = logging.getLogger(__name__)
 
 # TensorFlow's LSTMCell adds 1.0 to the forget gate, and its AdagradOptimizer starts every
 # accumulator at 0.1; both matter for matching the tutorial's convergence.

@@ -50,14 +50,8 @@ class Report:
     value: float
 
 
-def trainer_key(config: Config) -> tuple:
+def lanes_key(config: Config) -> tuple:
     """What the trials in one trainer's lanes must share: the keys that fix tensor shapes and
     data layout (the SHARED scope of config fields), and the device and kernels they run on."""
     shared = tuple(config.value(key) for key in keys_of_scope(SHARED))
     return (*shared, config.train.device, config.train.compile)
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an error's message, for one-line reports."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

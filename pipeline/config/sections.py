@@ -1,10 +1,6 @@
-"""The study's configuration: frozen dataclasses loaded from YAML, with `--set key=value` overrides.
-
-Every value is checked when the config is loaded, so a typo or an impossible value fails at once
-with one line that names the key, the value and what is allowed, before anything is written.
-The dotted keys (`task.echo_step`, `model.num_layers`, ...) are the public vocabulary: the CLI's
-`--set`, the search space and the Parquet column names all use them.
-"""
+"""The config's sections: frozen dataclasses, each field checked when it is built, with the
+field's scope (what it means to a trainer) kept on the field itself, and the dotted keys
+derived from them."""
 
 from __future__ import annotations
 
@@ -13,23 +9,21 @@ import difflib
 import functools
 import math
 import os
-import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
-import yaml
-
-
-class ConfigError(ValueError):
-    """A config, override or path that cannot be used; the message is one line for the user."""
-
-
-def _fail(key: str, value: Any, allowed: str) -> typing.NoReturn:
-    raise ConfigError(f"{key} = {value!r}: {allowed}")
-
+from pipeline.config.checks import (
+    ConfigError,
+    coerce,
+    fail,
+    kind_of,
+    require_bool,
+    require_choice,
+    require_float,
+    require_int,
+)
 
 # What a key means to a trainer, kept on the field itself so that every list of keys below
 # derives from one source (a new field cannot be forgotten in one of them):
@@ -60,24 +54,24 @@ class TaskConfig:
     """Columns per truncated-BPTT window; no gradient crosses a window boundary."""
 
     def __post_init__(self) -> None:
-        _require_int(self, "series_length", minimum=1)
-        _require_int(self, "batch_size", minimum=1)
-        _require_int(self, "truncation", minimum=1)
-        _require_int(self, "echo_step", minimum=0)
+        require_int(self, "series_length", minimum=1)
+        require_int(self, "batch_size", minimum=1)
+        require_int(self, "truncation", minimum=1)
+        require_int(self, "echo_step", minimum=0)
         if self.echo_step >= self.series_length:
-            _fail(
+            fail(
                 "task.echo_step",
                 self.echo_step,
                 f"must be < task.series_length ({self.series_length})",
             )
         if self.series_length % self.batch_size:
-            _fail(
+            fail(
                 "task.series_length",
                 self.series_length,
                 f"must be a multiple of task.batch_size ({self.batch_size})",
             )
         if self.windows_per_epoch < 1:
-            _fail(
+            fail(
                 "task.series_length",
                 self.series_length,
                 f"too short for one window: needs at least batch_size × truncation "
@@ -107,8 +101,8 @@ class ModelConfig:
     """Units per LSTM layer."""
 
     def __post_init__(self) -> None:
-        _require_int(self, "num_layers", minimum=1)
-        _require_int(self, "state_size", minimum=1)
+        require_int(self, "num_layers", minimum=1)
+        require_int(self, "state_size", minimum=1)
 
 
 @dataclass(frozen=True)
@@ -137,20 +131,20 @@ class TrainConfig:
     """The `train` command prints a loss line every this many windows, as the tutorial does."""
 
     def __post_init__(self) -> None:
-        _require_int(self, "epochs", minimum=1)
-        _require_float(self, "lr")
+        require_int(self, "epochs", minimum=1)
+        require_float(self, "lr")
         if not self.lr > 0:
-            _fail("train.lr", self.lr, "must be a finite number > 0")
-        _require_int(self, "seed", minimum=0, maximum=2**63 - 1)
-        _require_bool(self, "carry_state")
+            fail("train.lr", self.lr, "must be a finite number > 0")
+        require_int(self, "seed", minimum=0, maximum=2**63 - 1)
+        require_bool(self, "carry_state")
         if not isinstance(self.device, str) or not (
             self.device in self.DEVICES
             or (self.device.startswith("cuda:") and self.device[5:].isdigit())
         ):
-            _fail("train.device", self.device, "must be one of auto, cpu, cuda, cuda:N")
+            fail("train.device", self.device, "must be one of auto, cpu, cuda, cuda:N")
         if not (self.compile is True or self.compile is False or self.compile == "auto"):
-            _fail("train.compile", self.compile, "must be true, false or auto")
-        _require_int(self, "log_every", minimum=1)
+            fail("train.compile", self.compile, "must be true, false or auto")
+        require_int(self, "log_every", minimum=1)
 
 
 SAMPLERS = ("grid", "tpe", "random")
@@ -220,29 +214,29 @@ class StudyConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
-            _fail("study.name", self.name, "must be a non-empty string")
+            fail("study.name", self.name, "must be a non-empty string")
         if self.trials is not None:
-            _require_int(self, "trials", minimum=1)
-        _require_choice(self, "sampler", SAMPLERS)
-        _require_choice(self, "pruner", PRUNERS)
-        _require_choice(self, "objective", OBJECTIVES)
-        _require_int(self, "seed", minimum=0, maximum=2**32 - 1)
+            require_int(self, "trials", minimum=1)
+        require_choice(self, "sampler", SAMPLERS)
+        require_choice(self, "pruner", PRUNERS)
+        require_choice(self, "objective", OBJECTIVES)
+        require_int(self, "seed", minimum=0, maximum=2**32 - 1)
         if self.storage is not None and (not isinstance(self.storage, str) or not self.storage):
-            _fail("study.storage", self.storage, "must be an Optuna storage URL or null")
+            fail("study.storage", self.storage, "must be an Optuna storage URL or null")
         if self.lanes_per_trainer is not None:
-            _require_int(self, "lanes_per_trainer", minimum=1, maximum=4096)
-        _require_int(self, "report_every", minimum=1)
-        _require_bool(self, "only_writer")
+            require_int(self, "lanes_per_trainer", minimum=1, maximum=4096)
+        require_int(self, "report_every", minimum=1)
+        require_bool(self, "only_writer")
         if self.sampler == "grid":
             ranges = [p.key for p in self.search if p.choices is None]
             if ranges:
-                _fail(
+                fail(
                     f"study.search.{ranges[0]}",
                     self.search_param(ranges[0]).to_yaml(),
                     "the grid sampler needs a list of choices, not a range",
                 )
             if self.trials is not None and self.trials > self.grid_size:
-                _fail(
+                fail(
                     "study.trials",
                     self.trials,
                     f"must be <= the grid's size ({self.grid_size})",
@@ -276,10 +270,10 @@ class ConvergenceConfig:
     """Steps in that moving average."""
 
     def __post_init__(self) -> None:
-        _require_float(self, "threshold")
+        require_float(self, "threshold")
         if not self.threshold > 0:
-            _fail("convergence.threshold", self.threshold, "must be a finite number > 0")
-        _require_int(self, "window", minimum=1)
+            fail("convergence.threshold", self.threshold, "must be a finite number > 0")
+        require_int(self, "window", minimum=1)
 
 
 @dataclass(frozen=True)
@@ -290,7 +284,7 @@ class RayConfig:
 
     address: str | None = _field(None, RUN)
     """null: start Ray embedded here; `auto`, `ray://host:port` or host:port: join that cluster."""
-    cpus_per_trial: int = _field(1, RUN)
+    cpus_per_trainer: int = _field(1, RUN)
     """CPUs each trainer asks of Ray (a trainer trains many trials side by side), and torch's
     thread count inside it."""
     gpus_per_trainer: float | None = _field(None, RUN)
@@ -305,20 +299,20 @@ class RayConfig:
 
     def __post_init__(self) -> None:
         if self.address is not None and (not isinstance(self.address, str) or not self.address):
-            _fail(
+            fail(
                 "ray.address",
                 self.address,
                 "must be auto, ray://host:port, host:port or null",
             )
-        _require_int(self, "cpus_per_trial", minimum=1)
+        require_int(self, "cpus_per_trainer", minimum=1)
         if self.gpus_per_trainer is not None:
-            _require_float(self, "gpus_per_trainer")
+            require_float(self, "gpus_per_trainer")
             if not 0 <= self.gpus_per_trainer <= 64:
-                _fail("ray.gpus_per_trainer", self.gpus_per_trainer, "must be between 0 and 64")
+                fail("ray.gpus_per_trainer", self.gpus_per_trainer, "must be between 0 and 64")
         if self.num_cpus is not None:
-            _require_int(self, "num_cpus", minimum=1)
-        _require_int(self, "max_retries", minimum=0)
-        _require_bool(self, "dashboard")
+            require_int(self, "num_cpus", minimum=1)
+        require_int(self, "max_retries", minimum=0)
+        require_bool(self, "dashboard")
 
 
 SECTIONS = (
@@ -346,7 +340,7 @@ class Config:
 
     def __post_init__(self) -> None:
         if not isinstance(self.output, str) or not self.output.strip():
-            _fail("output", self.output, "must be a folder path or a URI")
+            fail("output", self.output, "must be a folder path or a URI")
 
     def check_search(self) -> Config:
         """This config, once every searched value is valid in it (each section is valid with
@@ -393,7 +387,7 @@ class Config:
         raw: dict[str, Any] = {}
         for section in SECTIONS:
             values = getattr(self, section.SECTION)
-            raw[section.SECTION] = {f.name: getattr(values, f.name) for f in _fields(section)}
+            raw[section.SECTION] = {f.name: getattr(values, f.name) for f in fields_of(section)}
         raw["study"]["search"] = {p.key: p.to_yaml() for p in self.study.search}
         raw["output"] = self.output
         return raw
@@ -406,13 +400,13 @@ class Config:
         if param.choices is not None:
             return
         if not param.low < param.high:
-            _fail(where, param.to_yaml(), "needs low < high")
+            fail(where, param.to_yaml(), "needs low < high")
         if param.log and param.low <= 0:
-            _fail(where, param.to_yaml(), "a log range needs low > 0")
+            fail(where, param.to_yaml(), "a log range needs low > 0")
         if param.log and param.step is not None:
-            _fail(where, param.to_yaml(), "takes log or step, not both")
+            fail(where, param.to_yaml(), "takes log or step, not both")
         if param.step is not None and not param.step > 0:
-            _fail(where, param.to_yaml(), "needs step > 0")
+            fail(where, param.to_yaml(), "needs step > 0")
 
     def _check_value(self, where: str, key: str, value: Any) -> None:
         """A searched value is valid when its section is valid with that value in it."""
@@ -460,141 +454,38 @@ def short_name(key: str) -> str:
 
 def searchable_keys() -> list[str]:
     """Dotted keys a study may vary: what a trial computes, never how or where it runs."""
-    keys = [f"{s.SECTION}.{f.name}" for s in SEARCHABLE_SECTIONS for f in _fields(s)]
+    keys = [f"{s.SECTION}.{f.name}" for s in SEARCHABLE_SECTIONS for f in fields_of(s)]
     return [k for k in keys if k not in RUN_KEYS]
 
 
 def all_keys() -> list[str]:
     """Every dotted key of the vocabulary."""
-    return [f"{s.SECTION}.{f.name}" for s in SECTIONS for f in _fields(s)] + ["output"]
-
-
-def config_from_dict(raw: Any, source: str = "config") -> Config:
-    """Build and validate a Config from the plain mapping of a YAML file."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{source}: must be a mapping of sections, got {_kind(raw)}")
-    known = [s.SECTION for s in SECTIONS] + ["output"]
-    for name in raw:
-        if name not in known:
-            raise ConfigError(_unknown_key(str(name), known))
-    sections = {s.SECTION: _build_section(s, raw.get(s.SECTION)) for s in SECTIONS}
-    output = raw.get("output", Config.output)
-    return Config(**sections, output=output).check_search()
-
-
-def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
-    """Read a YAML config and apply `key=value` overrides; raise ConfigError on any problem."""
-    raw = read_yaml(path)
-    for override in overrides:
-        key, value = parse_override(override)
-        _set_dotted(raw, key, value)
-    return config_from_dict(raw, source=str(path))
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """The mapping in a YAML file, with unreadable and malformed files reported in one line."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a folder, not a config file") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a text file; expected a YAML config") from None
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot be read ({_reason(error)})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(error, "problem", None) or "malformed"
-        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: must be a mapping of sections, got {_kind(raw)}")
-    return raw
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """`model.num_layers=2` → ("model.num_layers", 2); the value is read as YAML."""
-    key, sep, value = text.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError(f"--set {text!r}: expected key=value, e.g. model.num_layers=2")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
-        raise ConfigError(f"--set {text!r}: the value is not valid YAML") from None
-    search_prefix = "study.search."
-    if key.startswith(search_prefix):
-        searched = key[len(search_prefix) :]
-        if searched not in searchable_keys():
-            raise ConfigError(_unknown_key(searched, searchable_keys(), what="searchable key"))
-    elif key not in all_keys():
-        raise ConfigError(_unknown_key(key, all_keys()))
-    return key, parsed
-
-
-def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    if key == "output":
-        raw["output"] = value
-        return
-    section, name = key.split(".", 1)
-    target = raw.setdefault(section, {})
-    if not isinstance(target, dict):
-        raise ConfigError(f"{section}: must be a mapping, got {_kind(target)}")
-    if name.startswith("search."):
-        search = target.setdefault("search", {})
-        if not isinstance(search, dict):
-            raise ConfigError(f"study.search: must be a mapping, got {_kind(search)}")
-        search[name[len("search.") :]] = value
-    else:
-        target[name] = value
-
-
-def _build_section(cls: type, raw: Any) -> Any:
-    section = cls.SECTION
-    if raw is None:
-        return cls()
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{section}: must be a mapping of keys to values, got {_kind(raw)}")
-    names = [f.name for f in _fields(cls)]
-    values = {}
-    for name, value in raw.items():
-        if name not in names:
-            raise ConfigError(_unknown_key(f"{section}.{name}", [f"{section}.{n}" for n in names]))
-        values[name] = _coerce_field(f"{section}.{name}", value)
-    return cls(**values)
+    return [f"{s.SECTION}.{f.name}" for s in SECTIONS for f in fields_of(s)] + ["output"]
 
 
 def _parse_search(raw: Any) -> tuple[SearchParam, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"study.search: must be a mapping of dotted keys, got {_kind(raw)}")
+        raise ConfigError(f"study.search: must be a mapping of dotted keys, got {kind_of(raw)}")
     params = []
     for key, spec in raw.items():
         key = str(key)
         if key not in searchable_keys():
-            raise ConfigError(_unknown_key(key, searchable_keys(), what="searchable key"))
+            raise ConfigError(unknown_key(key, searchable_keys(), what="searchable key"))
         where = f"study.search.{key}"
         if isinstance(spec, list | tuple):
             if not spec:
-                _fail(where, spec, "needs at least one choice")
+                fail(where, spec, "needs at least one choice")
             if len(set(map(repr, spec))) != len(spec):
-                _fail(where, spec, "lists a choice twice")
+                fail(where, spec, "lists a choice twice")
             kind = _field_type(key)
-            choices = tuple(_coerce(where, choice, kind) for choice in spec)
+            choices = tuple(coerce(where, choice, kind) for choice in spec)
             params.append(SearchParam(key, choices=choices))
         elif isinstance(spec, Mapping):
             params.append(_parse_range(where, key, spec))
         else:
-            _fail(where, spec, "must be a list of choices or a range {low: .., high: ..}")
+            fail(where, spec, "must be a list of choices or a range {low: .., high: ..}")
     return tuple(params)
 
 
@@ -602,110 +493,26 @@ def _parse_range(where: str, key: str, spec: Mapping[str, Any]) -> SearchParam:
     allowed = ("low", "high", "log", "step")
     for name in spec:
         if name not in allowed:
-            raise ConfigError(_unknown_key(f"{where}.{name}", [f"{where}.{a}" for a in allowed]))
+            raise ConfigError(unknown_key(f"{where}.{name}", [f"{where}.{a}" for a in allowed]))
     if "low" not in spec or "high" not in spec:
-        _fail(where, dict(spec), "a range needs both low and high")
+        fail(where, dict(spec), "a range needs both low and high")
     kind = _field_type(key)
     if kind not in (int, float):
-        _fail(
+        fail(
             where,
             dict(spec),
             "a range {low, high} needs a numeric key; give a list of choices",
         )
-    low = _coerce(f"{where}.low", spec["low"], kind)
-    high = _coerce(f"{where}.high", spec["high"], kind)
-    log = _coerce(f"{where}.log", spec.get("log", False), bool)
+    low = coerce(f"{where}.low", spec["low"], kind)
+    high = coerce(f"{where}.high", spec["high"], kind)
+    log = coerce(f"{where}.log", spec.get("log", False), bool)
     step = spec.get("step")
     if step is not None:
-        step = _coerce(f"{where}.step", step, kind)
+        step = coerce(f"{where}.step", step, kind)
     return SearchParam(key, low=low, high=high, log=log, step=step)
 
 
-def _coerce(key: str, value: Any, kind: Any) -> Any:
-    """Check a YAML value against a field's type; numbers in strings like "1e-3" are accepted,
-    since YAML 1.1 reads an exponent without a dot as a string."""
-    kinds = (
-        typing.get_args(kind)
-        if typing.get_origin(kind) in (typing.Union, types.UnionType)
-        else (kind,)
-    )
-    if value is None:
-        if type(None) in kinds:
-            return None
-        _fail(key, value, f"must be {_describe(kinds)}")
-    if bool in kinds and isinstance(value, bool):
-        return value
-    if str in kinds and isinstance(value, str) and not (float in kinds or int in kinds):
-        return value
-    if int in kinds and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if float in kinds and not isinstance(value, bool):
-        number = _as_float(value)
-        if number is not None and math.isfinite(number):
-            return number
-        if number is not None:
-            _fail(key, value, "must be a finite number")
-    if int in kinds and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if str in kinds and isinstance(value, str):
-        return value
-    _fail(key, value, f"must be {_describe(kinds)}")
-
-
-def _as_float(value: Any) -> float | None:
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
-
-
-def _describe(kinds: tuple[Any, ...]) -> str:
-    names = {
-        int: "an integer",
-        float: "a number",
-        str: "a string",
-        bool: "true or false",
-    }
-    words = [names[k] for k in kinds if k in names]
-    if type(None) in kinds:
-        words.append("null")
-    return " or ".join(words)
-
-
-def _require_int(obj: Any, name: str, minimum: int, maximum: int | None = None) -> None:
-    value = getattr(obj, name)
-    key = f"{obj.SECTION}.{name}"
-    if not isinstance(value, int) or isinstance(value, bool):
-        _fail(key, value, "must be an integer")
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
-        _fail(key, value, f"must be an integer {bound}")
-
-
-def _require_float(obj: Any, name: str) -> None:
-    value = getattr(obj, name)
-    key = f"{obj.SECTION}.{name}"
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        _fail(key, value, "must be a finite number")
-
-
-def _require_bool(obj: Any, name: str) -> None:
-    value = getattr(obj, name)
-    if not isinstance(value, bool):
-        _fail(f"{obj.SECTION}.{name}", value, "must be true or false")
-
-
-def _require_choice(obj: Any, name: str, choices: tuple[str, ...]) -> None:
-    value = getattr(obj, name)
-    if value not in choices:
-        _fail(f"{obj.SECTION}.{name}", value, f"must be one of {', '.join(choices)}")
-
-
-def _unknown_key(key: str, known: list[str], what: str = "key") -> str:
+def unknown_key(key: str, known: list[str], what: str = "key") -> str:
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]}?" if close else f"; allowed: {', '.join(known)}"
     return f"{key}: unknown {what}{hint}"
@@ -713,22 +520,22 @@ def _unknown_key(key: str, known: list[str], what: str = "key") -> str:
 
 def _split_key(key: str) -> tuple[str, str]:
     if key not in all_keys():
-        raise ConfigError(_unknown_key(key, all_keys()))
+        raise ConfigError(unknown_key(key, all_keys()))
     section, _, name = key.partition(".")
     return section, name or key
 
 
 def _coerced(section: str, values: Mapping[str, Any]) -> dict[str, Any]:
-    return {name: _coerce_field(f"{section}.{name}", value) for name, value in values.items()}
+    return {name: coerce_field(f"{section}.{name}", value) for name, value in values.items()}
 
 
-def _coerce_field(key: str, value: Any) -> Any:
+def coerce_field(key: str, value: Any) -> Any:
     if key == "study.search":
         return _parse_search(value)
-    return _coerce(key, value, _field_type(key))
+    return coerce(key, value, _field_type(key))
 
 
-def _fields(cls: type) -> tuple[dataclasses.Field, ...]:
+def fields_of(cls: type) -> tuple[dataclasses.Field, ...]:
     return dataclasses.fields(cls)
 
 
@@ -737,13 +544,3 @@ def _field_type(key: str) -> Any:
     section, name = key.split(".", 1)
     cls = next(s for s in SECTIONS if s.SECTION == section)
     return typing.get_type_hints(cls)[name]
-
-
-def _kind(value: Any) -> str:
-    return {list: "a list", dict: "a mapping", str: "a string"}.get(
-        type(value), type(value).__name__
-    )
-
-
-def _reason(error: BaseException) -> str:
-    return getattr(error, "strerror", None) or type(error).__name__

@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Config
-from pipeline.results import Output, steps_table, trial_row, write_steps
-from pipeline.summary import objective_value, trial_metrics
+from pipeline.results.metrics import objective_value, trial_metrics
+from pipeline.results.output import Output
+from pipeline.results.tables import steps_table, trial_row, write_steps
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Config
-from pipeline.cost import models_to_vectorize_over
-from pipeline.data import epoch_windows
-from pipeline.exchange import Finished, LaneTrial, Report, Status, trainer_key
-from pipeline.layout import (
+from pipeline.training.arrays import (
     ADAGRAD_INITIAL_ACCUMULATOR,
     Array,
     State,
@@ -36,6 +33,9 @@ from pipeline.layout import (
     WindowStep,
     initial_weights,
 )
+from pipeline.training.cost import models_to_vectorize_over
+from pipeline.training.data import epoch_windows
+from pipeline.training.trial import Finished, LaneTrial, Report, Status, lanes_key
 
 # Floats in the widest CPU vector (AVX-512) and a divisor of GPU warps: lanes come in
 # multiples of it where a kernel vectorized over the models runs them, so that it runs whole
@@ -87,7 +87,7 @@ class Lanes:
         """Start `trial` in a free lane, from fresh weights and a zero state, at its window 0."""
         if trial.key in self.lane_of:
             raise ValueError(f"trial {trial.key} is already in a lane")
-        if trainer_key(trial.config) != trainer_key(self.shared):
+        if lanes_key(trial.config) != lanes_key(self.shared):
             raise ValueError(f"trial {trial.key} differs in architecture from this trainer's")
         free = np.flatnonzero(~self.occupied)
         if free.size == 0:
@@ -129,12 +129,17 @@ class Lanes:
             return max(1, count)
         return _round_up(count)
 
+    @property
+    def running(self) -> np.ndarray:
+        """The lanes that train at the next window: occupied, and not waiting for a verdict."""
+        return self.occupied & ~self.waiting
+
     def step(self) -> tuple[list[Finished], list[Report]]:
         """Train every running, non-waiting lane on its next window."""
         count = len(self)
         if count and 2 * count <= self.capacity and self._whole(count) < self.capacity:
             self._resize(self._whole(count))
-        running = self.occupied & ~self.waiting
+        running = self.running
         if not running.any():
             return [], []
         window = self.position % self.windows

@@ -17,10 +17,10 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import MaxNLocator, NullLocator, PercentFormatter
 
-from pipeline.data import LN2
+from pipeline.training.data import LN2
 
 if TYPE_CHECKING:
-    from pipeline.summary import Survival
+    from pipeline.summary.survival import Survival
 
 
 def png_bytes(figure: Figure) -> bytes:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ModelConfig
-from pipeline.layout import (
+from pipeline.training.arrays import (
     ADAGRAD_INITIAL_ACCUMULATOR,
     FORGET_BIAS,
     State,
@@ -33,19 +33,18 @@ from pipeline.layout import (
     layer_of,
     num_layers,
 )
-from pipeline.numba_step import cpu_step, numba_kernels
 
 __all__ = [
     "ADAGRAD_INITIAL_ACCUMULATOR",
     "FORGET_BIAS",
     "State",
     "WindowStep",
+    "eager_step",
     "forward",
+    "inductor_step",
     "init_adagrad",
     "init_state",
     "init_weights",
-    "numba_kernels",
-    "step_function",
     "train_window",
 ]
 
@@ -286,23 +285,13 @@ def _adagrad(
 EAGER = Kernels(_layer_forward, _head_update, _layer_backward_update)
 
 
-def step_function(mode: bool | str, device: torch.device) -> WindowStep:
-    """The training step for `train.compile` = mode (True, False or "auto") on this device.
-
-    On the CPU, True and "auto" give the numba kernels (pipeline/kernels.py: compiled once per
-    machine for every shape, then loaded from disk in a fraction of a second), a step on numpy
-    arrays (its `arrays` says so); on CUDA they give torch.compile's kernels. False, or a
-    compiler that fails, gives eager torch; a failure warns once per process.
-    """
-    if mode is False:
-        return WindowStep("eager", _eager_window)
-    if device.type == "cpu":
-        return cpu_step(mode) or WindowStep("eager", _eager_window)
-    return _inductor_step()
+def eager_step() -> WindowStep:
+    """torch's step without a compiler."""
+    return WindowStep("eager", _eager_window)
 
 
 @functools.cache
-def _inductor_step() -> WindowStep:
+def inductor_step() -> WindowStep:
     """One torch.compile step per process, so that a Ray worker compiles once for all its
     tasks, and a compile that failed is not tried again."""
     window = functools.partial(_torch_window, kernels=compiled_kernels())

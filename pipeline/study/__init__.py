@@ -1,0 +1,22 @@
+"""The study: an Optuna study whose trials run in trainers on Ray.
+
+- launch.py: embedded Ray or a cluster, decided once before Ray is imported; compile ahead.
+- driver.py: `run_study` and the driver loop (ask, place, relay pruning, record, tell).
+- placement.py: which trainer takes a trial; a grid's order.
+- optuna_setup.py: samplers, pruners, distributions and storages.
+- ray_connection.py: starting an embedded Ray on 127.0.0.1, or joining a cluster.
+- trainer.py: the trainer actor; exchange.py: what it tells the driver.
+- compile_ahead.py: the CPU kernels' compile while the driver starts.
+- progress.py: the progress bar or lines; failpoints.py: fault injection for tests.
+
+`from pipeline.study import run_study` works; importing this package imports no Ray, so that
+the command line can start compiling before Ray's import.
+"""
+
+
+def __getattr__(name: str):
+    if name in ("run_study", "StudyOutcome"):
+        from pipeline.study import driver
+
+        return getattr(driver, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

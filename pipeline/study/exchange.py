@@ -1,0 +1,21 @@
+"""What a trainer tells the driver in one exchange (the trials' values live in
+training/trial.py, which the trainers' lanes use)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.training.trial import Finished, Report
+
+
+@dataclass(frozen=True)
+class TrainerEvents:
+    """What a trainer tells the driver in one exchange."""
+
+    finished: list[Finished]
+    reports: list[Report]
+    errors: list[tuple[int, str]]
+    """Trials that raised (trial, one-line error): they are FAIL, the trainer goes on."""
+    windows: dict[tuple, int] = field(default_factory=dict)
+    """Windows each architecture's lanes stepped (training every running lane at once)."""
+    lane_windows: int = 0

@@ -1,0 +1,43 @@
+"""What a study settles before Ray is imported, once, for every entry point (the command line
+and `run_study` alike): whether Ray runs embedded on this machine or is a cluster to join, and
+the compile ahead of a cold machine's CPU kernels.
+
+This module imports neither Ray nor numba nor torch: the command line calls `prepare` straight
+after reading the config, so that the compile runs beside the imports of Optuna, pandas and
+Ray, on cores that would otherwise wait.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from pipeline.config import Config, ray_address
+from pipeline.study import compile_ahead
+
+# Ray binds its servers to this machine's network address unless it believes it runs a
+# single-node Ray, which an embedded one is. Ray's processes read this when they start; the
+# driver also passes the address to `ray.init` (see ray_connection.start_embedded_ray).
+SINGLE_NODE_RAY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where a study's trials run, decided once and passed down."""
+
+    address: str | None
+    """The cluster to join; None: Ray embedded on this machine, every server on 127.0.0.1."""
+
+    @property
+    def embedded(self) -> bool:
+        return self.address is None
+
+
+def prepare(config: Config) -> Launch:
+    """Decide where the study runs; with Ray embedded, keep Ray's servers on the loopback
+    interface and start compiling the CPU kernels the study wants, if this machine lacks them."""
+    launch = Launch(ray_address(config))
+    if launch.embedded:
+        os.environ.setdefault(SINGLE_NODE_RAY, "0")
+        compile_ahead.start(config)
+    return launch
