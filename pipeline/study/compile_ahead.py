@@ -53,7 +53,7 @@ def start(config: Config) -> None:
     families = kernel_families(config)
     if config.train.device.startswith("cuda") or kernel_cache.compiled(families):
         return
-    # pipeline.kernels itself, not model.numba_kernels: the same compile without torch. A
+    # kernels.py itself, not cpu_step.numba_kernels: the same compile without torch. A
     # failure is the trainers' to report: each falls back and says so.
     compiling = [
         subprocess.Popen(
@@ -69,7 +69,7 @@ def start(config: Config) -> None:
 
 
 def kernel_families(config: Config) -> tuple[str, ...]:
-    """The families of CPU kernels that a study's windows will want (pipeline/kernels.py).
+    """The families of CPU kernels that a study's windows will want (kernels.py).
 
     For a grid, from its plan: each architecture with all of its trials in one trainer's lanes
     (as placement tends to put them); the kernels vectorized over the models only where lanes

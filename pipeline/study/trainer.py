@@ -1,4 +1,4 @@
-"""The trainer: a long-lived Ray actor that trains the trials the driver (study.py) places on
+"""The trainer: a long-lived Ray actor that trains the trials the driver (study/driver.py) places on
 it, in lanes (lanes.py), and tells it what happened.
 
 Ray imports this module in every worker process that runs a trainer, so it imports only what

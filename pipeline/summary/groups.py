@@ -7,10 +7,10 @@ learning rates), and writes into the output folder:
     summary.parquet            one row per group
     summary_by_factor.parquet  the same statistics over each factor alone: `factor` names it,
                                `value` is its value
-    summary.md                 what was run, the findings in sentences, the tables (report.py)
+    summary.md                 what was run, the findings in sentences, the tables (words.py)
     plots/*.png                see PLOTS
 
-This module computes the numbers; `pipeline.report` words them.
+This module computes the numbers; words.py words them.
 
 Which trials count: every finished trial is in `trials` and in the counts by state. A trial
 that trained to an outcome (status complete, pruned or diverged) is in `trained`; a trial that
@@ -145,7 +145,7 @@ class Summary:
     survival: dict[str, dict[int, Survival]]
     """Fraction converged against step for each level of each factor."""
     findings: tuple[str, ...] = ()
-    """The headline findings, in sentences derived from the numbers (report.findings)."""
+    """The headline findings, in sentences derived from the numbers (words.findings)."""
     files: tuple[str, ...] = ()
     """What was written, relative to the output folder."""
 

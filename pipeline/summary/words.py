@@ -1,6 +1,6 @@
 """The summary in words: findings as sentences and summary.md, from a summary.Summary.
 
-Every number here was computed by pipeline.summary; this module only chooses which to say and
+Every number here was computed by groups.py; this module only chooses which to say and
 how. It imports nothing of summary at run time (summary imports it), only the type.
 """
 

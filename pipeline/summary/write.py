@@ -63,10 +63,10 @@ def write_summary(output: str) -> Summary:
     }
     # The loss curves (every step read back, each trial's moving average, the quartiles) and
     # their figure took half of the summary's time: a child draws them on another core while
-    # this process draws the others (see pipeline/forked.py).
+    # this process draws the others (see forked.py).
     loss_curves_png = start_in_child(functools.partial(_loss_curves_png, location, summary))
     # matplotlib (a quarter of a second to import) only here, where figures are drawn: a study
-    # imports it in the background while Ray starts (study.py).
+    # imports it in the background while Ray starts (study/driver.py).
     from pipeline.summary.plots import png_bytes
 
     blobs = {name: png_bytes(figure) for name, figure in _figures(summary).items()}

@@ -1,5 +1,5 @@
-"""The arrays of K stacked LSTMs, whatever holds them: torch tensors (model.py's steps, on the CPU
-or a GPU) or numpy arrays (the numba kernels' step, numba_step.py, which never imports torch).
+"""The arrays of K stacked LSTMs, whatever holds them: torch tensors (torch_step.py's steps, on
+the CPU or a GPU) or numpy arrays (the numba kernels' step, cpu_step.py, which never imports torch).
 
 Every weight has shape (..., K); model k owns the slice [..., k] and no operation mixes two
 models, so a model follows the same arithmetic whatever else is in its batch.
@@ -48,7 +48,7 @@ WindowResult = tuple[Array, Array, Weights, Weights, State, Array]
 
 
 class WindowStep:
-    """`train_window` (model.py) on one backend: call it as `(weights, accum, x, y, state, lr,
+    """`train_window` (torch_step.py) on one backend: call it as `(weights, accum, x, y, state, lr,
     active) -> (losses, margin, weights, accum, state, active_after)`, with train_window's
     meaning, on arrays of the kind `arrays` names: "torch" tensors or "numpy" arrays.
 

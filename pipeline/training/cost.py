@@ -1,8 +1,8 @@
 """What a window of lanes costs on the CPU, by the kernels that will run it: one cost model
-for the choice of kernels (model.py) and for the driver's placement of trials (study.py).
+for the choice of kernels (cpu_step.py) and for the driver's placement of trials
+(study/placement.py).
 
-It has a module of its own so that the driver need not import torch (model.py) or numba
-(kernels.py) to place trials.
+It has a module of its own so that the driver need not import torch or numba to place trials.
 """
 
 from __future__ import annotations

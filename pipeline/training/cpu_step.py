@@ -3,7 +3,7 @@
 It never imports torch: a trainer that trains on the CPU imports numpy, numba and its kernels
 only (torch's import took each trainer 0.8 s of a core at its start, before its first window),
 and its lanes hold numpy arrays that the kernels update in place, with nothing to convert per
-window. model.py's `step_function` hands out this step too, for torch tensors on the CPU.
+window. device.step_function hands out this step too, for torch tensors on the CPU.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def cpu_step(mode: bool | str) -> WindowStep | None:
 
 @functools.cache
 def numba_kernels() -> ModuleType | None:
-    """pipeline.kernels with at least one family of kernels compiled or loaded from its cache;
+    """kernels.py with at least one family of kernels compiled or loaded from its cache;
     None (after one warning) where numba is missing, disabled or cannot compile. Once per
     process: a failure is not retried.
 
@@ -159,7 +159,7 @@ class _NumbaWindow(NamedTuple):
 
 
 class _Family(NamedTuple):
-    """One family of numba kernels (pipeline/kernels.py), and where its tape holds the models."""
+    """One family of numba kernels (kernels.py), and where its tape holds the models."""
 
     forward: Callable[..., None]
     head: Callable[..., None]

@@ -6,14 +6,14 @@ epoch draws new data and resets that lane's state to zeros, and within an epoch 
 carried from window to window. A lane whose trial completes, is pruned or diverges takes the
 next trial at the next window, so trials flow through a trainer one by one (continuous
 batching, as LLM servers batch requests), while the window step itself runs every lane at once
-(the model axis is the last axis of every array, see layout.py). No operation mixes two lanes,
+(the model axis is the last axis of every array, see arrays.py). No operation mixes two lanes,
 so a trial's losses do not depend on which lane it got or on what the others do.
 
 The lanes hold the arrays their step takes: numpy arrays for the numba step on the CPU, and
 then this module, like the step, never imports torch (a trainer on the CPU starts without it);
 torch tensors on the step's device otherwise. This module never imports Ray either: the study
 runs `Lanes` inside Ray actors. The values lanes take and give (`LaneTrial`, `Finished`,
-`Report`) live in exchange.py.
+`Report`) live in trial.py.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Small LSTMs are overhead-bound: a window of state 4 costs about what one of state 16 does, so
 instead of one model per call we stack K models on a trailing "trial" axis and vectorize over it
-(the arrays' layout: layout.py).
+(the arrays' layout: arrays.py).
 
 `train_window` is the hot path: forward, the backward written out by hand, and Adagrad, in one
 function without autograd, which torch.compile turns into a few fused loops. Writing the
@@ -10,7 +10,7 @@ backward by hand also makes the truncation structural: it starts every window wi
 gradient on the final state and never computes one for the initial state, so no gradient can
 cross a window boundary and the carried state never holds a graph. `forward` is the same model
 for predictions and for checking those hand-written gradients against autograd. On the CPU the
-same update runs as numba kernels, on numpy arrays (numba_step.py).
+same update runs as numba kernels, on numpy arrays (cpu_step.py).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""What the driver (study.py) and its trainers (trainer.py) hand each other: the trials to
-train, what became of them, and which trials may share a trainer's lanes.
+"""What a set of lanes takes and gives: the trials to train, what became of them, and which
+trials may share a trainer's lanes (`lanes_key`). The study's driver and its trainers hand
+these to each other.
 
 These are plain values, apart from the engine that trains them (lanes.py), so that the
 driver, which never trains, never imports torch: its import took most of a second of a short
