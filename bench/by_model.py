@@ -20,6 +20,7 @@ import this_checkout  # noqa: F401  (first on the path: this checkout's pipeline
 
 from pipeline.config import ModelConfig
 from pipeline.training import cpu_step as numba_step
+from pipeline.training import kernel_compile
 from pipeline.training.arrays import initial_weights
 
 BATCH, STEPS = 5, 15
@@ -86,7 +87,7 @@ def main() -> None:
     args = parser.parse_args()
     kernels = numba_step.numba_kernels()
     for family in kernels.FAMILIES:
-        kernels.require(family)
+        kernel_compile.require(family)
     if args.save or args.check:
         got = outputs(kernels, by_model=True)
         if args.save:
