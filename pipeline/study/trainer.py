@@ -23,6 +23,7 @@ import ray
 
 from pipeline.config import Config, TrainConfig, first_line
 from pipeline.study.exchange import TrainerEvents
+from pipeline.study.failpoints import TrainerFailpoint, die, trainer_failpoint
 from pipeline.study.launch import Launch
 from pipeline.training.device import load_cpu_kernels, window_step
 from pipeline.training.trial import LaneTrial, lanes_key
@@ -40,7 +41,7 @@ class Trainer:
     `train` is the study's train section: on the CPU the thread loads the numba kernels as soon
     as it starts, while the first trials are on their way; `compile_missing`: whether it
     compiles the kernels its windows want that no process compiled ahead (see
-    `device.load_cpu_kernels`)."""
+    `device.load_cpu_kernels`); `failpoint`: when to kill itself, in tests (failpoints.py)."""
 
     def __init__(
         self,
@@ -49,6 +50,7 @@ class Trainer:
         report_every: int | None,
         judge_from: int,
         compile_missing: bool = True,
+        failpoint: TrainerFailpoint | None = None,
     ) -> None:
         self.train = train
         self.cpus = cpus
@@ -66,6 +68,7 @@ class Trainer:
         self.stepping: tuple[int, ThreadPoolExecutor] | None = None
         self.broken: str | None = None
         """Why the training thread died, if it did: trials handed over later fail with it."""
+        self.failpoint = failpoint
         threading.Thread(target=self._train, daemon=True).start()
 
     def exchange(
@@ -173,8 +176,19 @@ class Trainer:
             if running:
                 self.stepped[key] += 1
             self.trained += running
+        if self.failpoint is not None:
+            self._pass_failpoint(lanes)
         if finished or reports:
             self._publish(finished, reports, [])
+
+    def _pass_failpoint(self, lanes: Lanes) -> None:
+        """Die once the failpoint's trial, on its first attempt, has run its windows (fewer
+        than it has: a trial that ends is gone from its lane)."""
+        lane = lanes.lane_of.get(self.failpoint.trial)
+        if lane is None or lanes.trials[lane].attempt > 0:
+            return
+        if lanes.position[lane] >= self.failpoint.windows:
+            die()
 
     def _publish(self, finished: list, reports: list, errors: list) -> None:
         if not (finished or reports or errors):
@@ -220,6 +234,7 @@ def start_trainer(
         judge_from,
         # With Ray embedded, the driver compiles ahead the kernels the study wants.
         compile_missing=not launch.embedded,
+        failpoint=trainer_failpoint(),
     )
 
 
