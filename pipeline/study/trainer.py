@@ -64,6 +64,7 @@ class Trainer:
         self.events = TrainerEvents([], [], [])
         self.stepped: Counter[tuple] = Counter()
         self.trained = 0
+        self.side_by_side = 0
         self.lent_cpus = 0
         self.stepping: tuple[int, ThreadPoolExecutor] | None = None
         self.broken: str | None = None
@@ -85,9 +86,13 @@ class Trainer:
             self.changed.notify_all()
             self.changed.wait_for(self._has_events, timeout=wait)
             events = dataclasses.replace(
-                self.events, windows=dict(self.stepped), lane_windows=self.trained
+                self.events,
+                windows=dict(self.stepped),
+                lane_windows=self.trained,
+                side_by_side=self.side_by_side,
             )
             self.events, self.stepped, self.trained = TrainerEvents([], [], []), Counter(), 0
+            self.side_by_side = 0
             return events
 
     def lend(self, cpus: int) -> None:
@@ -133,7 +138,9 @@ class Trainer:
             sets = list(self.lanes.items())
             if threads > 1 and len(sets) > 1 and _all_numba(sets):
                 # The numba kernels release the GIL: sets of lanes step side by side.
-                list(self._stepping(threads).map(lambda item: self._step(*item), sets))
+                stepped = sum(self._stepping(threads).map(lambda item: self._step(*item), sets))
+                with self.changed:
+                    self.side_by_side += stepped
             else:
                 for key, lanes in sets:
                     self._step(key, lanes)
@@ -162,7 +169,8 @@ class Trainer:
             except Exception as error:  # a trial that cannot start is FAIL; the rest go on
                 self._publish([], [], [(trial.key, f"{type(error).__name__}: {first_line(error)}")])
 
-    def _step(self, key: tuple, lanes: Lanes) -> None:
+    def _step(self, key: tuple, lanes: Lanes) -> bool:
+        """Step `lanes` on their next window; whether any lane ran."""
         running = int(lanes.running.sum())
         try:
             finished, reports = lanes.step()
@@ -171,7 +179,7 @@ class Trainer:
             keys = [trial.key for trial in lanes.trials if trial is not None]
             del self.lanes[key]
             self._publish([], [], [(k, text) for k in keys])
-            return
+            return False
         with self.changed:
             if running:
                 self.stepped[key] += 1
@@ -180,6 +188,7 @@ class Trainer:
             self._pass_failpoint(lanes)
         if finished or reports:
             self._publish(finished, reports, [])
+        return running > 0
 
     def _pass_failpoint(self, lanes: Lanes) -> None:
         """Die once the failpoint's trial, on its first attempt, has run its windows (fewer
