@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,36 +22,14 @@ from pipeline.results.output import Output, claim_output
 from pipeline.results.record import TrialResult, record_trials
 from pipeline.results.tables import read_steps_outcomes
 from pipeline.study.driver import run_study
-from pipeline.study.failpoints import FAILPOINT
+from pipeline.study.failpoints import FAILPOINT, TRAINER_FAILPOINT
 from pipeline.study.optuna_setup import JOURNAL
 from tests.conftest import study_config
 
-# 666 windows per epoch: long enough to kill a task in the middle of its trials.
-LONG = {"task.series_length": 50000, "train.epochs": 2}
 TWO_BY_TWO = {"task.echo_step": [1, 20], "train.seed": [0, 1]}
-
-
-def _kill_first_trainer_of(parent: psutil.Process, killed: list[int], delay: float = 0.5) -> None:
-    """Wait for a Ray worker of `parent` that runs a trainer, then SIGKILL it."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        for process in parent.children(recursive=True):
-            try:
-                running = process.cmdline()[0].startswith("ray::Trainer")
-            except psutil.Error:
-                continue
-            if running:
-                time.sleep(delay)  # into the middle of its trials
-                process.send_signal(signal.SIGKILL)
-                killed.append(process.pid)
-                return
-        time.sleep(0.05)
-
-
-def _in_background(target, *args) -> threading.Thread:
-    thread = threading.Thread(target=target, args=args, daemon=True)
-    thread.start()
-    return thread
+# The trainer of trial 0 kills its own Ray worker after 50 of the trial's 200 windows, while
+# its other trial (two lanes a trainer) trains beside it.
+KILL_TRIAL_0 = "trial:0:windows:50"
 
 
 def _optuna_trials(config):
@@ -67,36 +44,39 @@ def _visible_and_hidden(steps: Path) -> tuple[list[str], list[str]]:
     return [n for n in names if not n.startswith(".")], [n for n in names if n.startswith(".")]
 
 
-def test_faults_killed_trainer_has_its_trials_run_again_and_recorded_once(tmp_path, ray_session):
-    config = study_config(tmp_path, search=TWO_BY_TWO, **LONG, **{"study.lanes_per_trainer": 2})
-    killed: list[int] = []
-    killer = _in_background(_kill_first_trainer_of, psutil.Process(), killed)
+def test_faults_killed_trainer_has_its_trials_run_again_and_recorded_once(
+    tmp_path, ray_session, monkeypatch
+):
+    monkeypatch.setenv(TRAINER_FAILPOINT, KILL_TRIAL_0)
+    config = study_config(tmp_path, search=TWO_BY_TWO, **{"study.lanes_per_trainer": 2})
     outcome = run_study(config, progress=False)
-    killer.join()
-    assert len(killed) == 1
-    # The killed trainer's trials ran again elsewhere (ray.max_retries = 2): all completed, once.
+    # The fault happened: both trials of the lost trainer were placed again (ray.max_retries 2).
+    assert outcome.run_again == 2
+    # They ran again elsewhere: all completed, once, with every step once.
     assert outcome.counts == {"COMPLETE": 4}
     steps = pd.read_parquet(config.output + "/steps")
-    assert steps.groupby("trial").size().to_dict() == dict.fromkeys(range(4), 1332)
+    assert steps.groupby("trial")["step"].apply(sorted).to_dict() == {
+        trial: list(range(200)) for trial in range(4)
+    }
     visible, hidden = _visible_and_hidden(tmp_path / "study" / "steps")
     assert visible and hidden == []
     assert [t.state.name for t in _optuna_trials(config)] == ["COMPLETE"] * 4
 
 
 def test_faults_killed_trainer_past_its_retries_fails_its_trials_and_the_study_goes_on(
-    tmp_path, ray_session
+    tmp_path, ray_session, monkeypatch
 ):
+    monkeypatch.setenv(TRAINER_FAILPOINT, KILL_TRIAL_0)
     config = study_config(
-        tmp_path, search=TWO_BY_TWO, **LONG, **{"study.lanes_per_trainer": 2, "ray.max_retries": 0}
+        tmp_path, search=TWO_BY_TWO, **{"study.lanes_per_trainer": 2, "ray.max_retries": 0}
     )
-    killed: list[int] = []
-    killer = _in_background(_kill_first_trainer_of, psutil.Process(), killed)
     outcome = run_study(config, progress=False)
-    killer.join()
-    assert len(killed) == 1
+    # With no retry, the lost trainer's two trials, trial 0 among them, are FAIL; none ran again.
+    assert outcome.run_again == 0
     assert outcome.counts == {"FAIL": 2, "COMPLETE": 2}
     trials = pd.read_parquet(config.output + "/trials.parquet")
     failed = trials[trials["state"] == "FAIL"]
+    assert 0 in set(failed["trial"])
     assert failed["error"].str.contains("Worker|worker|died", regex=True).all()
     assert (failed["steps"] == 0).all() and (failed["status"] == "error").all()
     recorded = read_steps_outcomes(Output(config.output))
@@ -129,6 +109,7 @@ def _study_process(
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     env.pop(FAILPOINT, None)
+    env.pop(TRAINER_FAILPOINT, None)
     if failpoint:
         env[FAILPOINT] = failpoint
     command = [sys.executable, "-m", "pipeline", "study", str(config_path), "--output", str(output)]
@@ -159,19 +140,19 @@ def _wait_for(condition, timeout: float = 120) -> None:
 
 def test_faults_killed_driver_resumes_to_a_complete_grid(tmp_path):
     search = {"task.echo_step": [1, 2, 20], "train.seed": [0, 1]}
-    # Wide, long trials (1,998 windows of state 16), so that the kill lands while they train.
-    slow = {"train.epochs": 3, "model.state_size": 16, "study.lanes_per_trainer": 1}
-    config = study_config(tmp_path, search=search, **{**LONG, **slow})
+    # Two trainers of one lane each: the third trial is asked once the first finished, which
+    # is recorded at once, while the second still trains.
+    config = study_config(tmp_path, search=search, **{"study.lanes_per_trainer": 1})
     path, output = _write_config(tmp_path, config), tmp_path / "study"
-    driver = _study_process(path, output)
+    # Killed the moment it has asked for the third trial.
+    driver = _study_process(path, output, failpoint="asked:3")
     try:
-        _wait_for(lambda: len(read_steps_outcomes(Output(str(output)))) >= 2)
-        driver.send_signal(signal.SIGKILL)
-        driver.wait()
+        code = driver.wait(timeout=300)
     finally:
         _reap(driver)
+    assert code == -signal.SIGKILL, driver.stderr.read()[-2000:]
     done_before = len(read_steps_outcomes(Output(str(output))))
-    assert 2 <= done_before < 6
+    assert 1 <= done_before <= 2
     again = _study_process(path, output)
     _, err = again.communicate(timeout=300)
     _reap(again)
@@ -181,7 +162,7 @@ def test_faults_killed_driver_resumes_to_a_complete_grid(tmp_path):
     # Every grid point finished exactly once, in the storage and in steps/.
     assert len(trials) == 6 and (trials["state"] == "COMPLETE").all()
     assert not trials.duplicated(["echo_step", "seed"]).any()
-    assert steps.groupby("trial").size().to_dict() == dict.fromkeys(trials["trial"], 1998)
+    assert steps.groupby("trial").size().to_dict() == dict.fromkeys(trials["trial"], 200)
     states = [t.state.name for t in _optuna_trials(config)]
     assert states.count("COMPLETE") == 6
     # The trials the dead driver left running were marked FAIL, and their points run again.
@@ -255,11 +236,13 @@ def test_faults_trial_written_but_not_told_is_completed_from_its_steps(tmp_path,
 
 
 def test_faults_second_study_into_a_busy_output_is_refused(tmp_path):
-    config = study_config(tmp_path, search=TWO_BY_TWO, **LONG)
+    config = study_config(tmp_path, search=TWO_BY_TWO)
     path, output = _write_config(tmp_path, config), tmp_path / "study"
-    first = _study_process(path, output)
+    # The first study stops itself once it asked for its first trial, holding the output's
+    # lock until it is let go on, however long the second takes to start.
+    first = _study_process(path, output, failpoint="asked:1:stop")
     try:
-        _wait_for(lambda: (output / "config.yaml").exists())
+        _wait_for(lambda: psutil.Process(first.pid).status() == psutil.STATUS_STOPPED)
         # While it runs, its embedded Ray listens on the loopback interface only.
         addresses = {c.laddr.ip for p in psutil.Process(first.pid).children(recursive=True)
                      for c in _listening(p)}  # fmt: skip
@@ -267,6 +250,7 @@ def test_faults_second_study_into_a_busy_output_is_refused(tmp_path):
         second = _study_process(path, output)
         _, err = second.communicate(timeout=120)
         _reap(second)
+        first.send_signal(signal.SIGCONT)
         assert second.returncode == 2
         assert err.strip().splitlines()[-1].startswith("error: output")
         assert "in use by another running study" in err

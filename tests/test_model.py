@@ -418,17 +418,17 @@ config = config_from_dict({
 losses = train([config]).runs[0].losses
 print(json.dumps({"loaded": sorted(kernel_compile._loaded), "losses": losses.tolist()}))
 """
-    from pipeline.training.kernel_cache import cache_dir
+    cache = _copy_of_the_kernel_cache(tmp_path / "cache")
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache)}
 
     def run() -> dict:
         done = subprocess.run(
-            [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
         )
         assert done.returncode == 0, done.stderr[-2000:]
         return json.loads(done.stdout.strip().splitlines()[-1])
 
-    cache_dir().mkdir(parents=True, exist_ok=True)
-    with open(cache_dir() / "compile-by_model.lock", "a+") as lock:
+    with open(cache / "compile-by_model.lock", "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # as a process compiling it would
         meanwhile = run()
         fcntl.flock(lock, fcntl.LOCK_UN)
@@ -472,10 +472,34 @@ print(json.dumps({"loaded": sorted(kernel_compile._loaded), "steps": steps}))
         trainer = subprocess.Popen(
             [sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True
         )
-        time.sleep(3)  # the trainer has found the family locked: it waits
+        # Let go only once the trainer waits on the lock: the path this test is about.
+        _wait_until_blocked_on_a_lock(trainer.pid)
         fcntl.flock(lock, fcntl.LOCK_UN)
     out, _ = trainer.communicate(timeout=300)
     assert trainer.returncode == 0
     ran = json.loads(out.strip().splitlines()[-1])
     assert ran == {"loaded": ["by_model"], "steps": [4] * 8}
     assert not list((tmp_path / "cache").glob("kernels-*/compiled-by_lane-*"))
+
+
+def _copy_of_the_kernel_cache(folder: Path) -> Path:
+    """A kernel cache of the test's own at `folder`, holding what this machine's cache holds
+    of this version of the kernels (so nothing compiles again), whose locks no other process
+    on the machine takes."""
+    from pipeline.training.kernel_cache import kernels_folder
+
+    folder.mkdir(parents=True)
+    if kernels_folder().is_dir():
+        shutil.copytree(kernels_folder(), folder / kernels_folder().name)
+    return folder
+
+
+def _wait_until_blocked_on_a_lock(pid: int, timeout: float = 120) -> None:
+    """Wait until process `pid` waits for a file lock (a "->" line of /proc/locks)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        waiters = [line.split() for line in Path("/proc/locks").read_text().splitlines()]
+        if any(fields[1] == "->" and fields[5] == str(pid) for fields in waiters):
+            return
+        assert time.monotonic() < deadline, f"process {pid} never waited for a lock"
+        time.sleep(0.05)

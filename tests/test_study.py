@@ -274,8 +274,10 @@ for dashboard in (False, True):
     assert "dashboard" in with_dashboard["kinds"]
     assert "monitor" not in with_dashboard["kinds"]
     assert _processes_naming(plain["session"]) == []
-    # The dashboard's module processes notice on their own, a moment later, that it has gone.
-    deadline = time.monotonic() + 10
+    # The dashboard's module processes notice on their own, a moment later, that it has gone:
+    # the test waits for them to exit, the deadline only bounds a failure (on a loaded machine
+    # they took more than 10 s).
+    deadline = time.monotonic() + 120
     while _processes_naming(with_dashboard["session"]) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _processes_naming(with_dashboard["session"]) == []

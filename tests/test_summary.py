@@ -111,8 +111,10 @@ def test_summarize_counts_a_diverged_trial_as_trained_but_never_converged(tmp_pa
     trials = _hand_made_trials(
         [
             ("complete", 3, 0.01, 40, 200),
-            # Its moving average fell below the threshold before the loss became infinite.
-            ("diverged", 3, np.nan, 30, 90),
+            # Its moving average fell below the threshold before the loss became infinite; its
+            # final loss is finite (the mean over an epoch that ended before it diverged), so
+            # only leaving FAIL trials out keeps it from the median final loss.
+            ("diverged", 3, 0.5, 30, 90),
         ]
     )
     row = summarize(study_config(tmp_path), trials).table.iloc[0]
@@ -120,6 +122,7 @@ def test_summarize_counts_a_diverged_trial_as_trained_but_never_converged(tmp_pa
     assert row["converged"] == 1 and row["converged_fraction"] == 0.5
     # Half converged by step 40, and the diverged one never will: the median is step 40.
     assert row["median_steps_to_converge"] == 40
+    # The median final loss is over COMPLETE and PRUNED trials: a diverged one is FAIL.
     assert row["median_final_loss"] == pytest.approx(0.01)
 
 

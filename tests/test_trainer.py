@@ -21,20 +21,23 @@ def _configs() -> list:
     ]  # fmt: skip
 
 
-def _train(lent: int) -> dict[int, np.ndarray]:
-    """The trials' losses from a trainer actor lent `lent` CPUs, by trial."""
+def _train(lent: int) -> tuple[dict[int, np.ndarray], int]:
+    """The trials' losses from a trainer actor lent `lent` CPUs, by trial, and the windows it
+    stepped on the lent CPUs' threads."""
     configs = _configs()
     trainer = start_trainer(configs[0], Launch(None))
     ray.get(trainer.lend.remote(lent))
     admit = [LaneTrial(key, config) for key, config in enumerate(configs)]
     losses: dict[int, np.ndarray] = {}
+    side_by_side = 0
     while len(losses) < len(configs):
         events = ray.get(trainer.exchange.remote(admit, {}, 1.0))
         admit = []
         assert not events.errors
         losses.update({finished.key: finished.losses for finished in events.finished})
+        side_by_side += events.side_by_side
     ray.kill(trainer)
-    return losses
+    return losses, side_by_side
 
 
 def test_a_trainer_lent_cpus_steps_its_architectures_side_by_side_with_the_same_losses(
@@ -44,7 +47,9 @@ def test_a_trainer_lent_cpus_steps_its_architectures_side_by_side_with_the_same_
     assert len({lanes_key(config) for config in configs}) == 3
     alone = [train_alone(config) for config in configs]
     for lent in (0, 1):
-        losses = _train(lent)
+        losses, side_by_side = _train(lent)
+        # Lent a CPU, it steps its architectures on two threads at once; else on one.
+        assert (side_by_side > 0) == (lent > 0)
         for key, want in enumerate(alone):
             assert len(losses[key]) == configs[key].total_steps
             assert np.array_equal(losses[key], want)

@@ -105,6 +105,8 @@ class StudyOutcome:
     """Window steps the trainers ran in this run (each trains every running lane at once)."""
     lane_windows: int
     """Windows trained summed over lanes: the trials' steps, counting those run again."""
+    run_again: int = 0
+    """Times a trial was placed again because its trainer was lost (ray.max_retries)."""
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,7 @@ def run_study(
         driver_cpu_seconds=time.process_time() - started_cpu,
         windows_stepped=driver.windows_stepped,
         lane_windows=driver.lane_windows,
+        run_again=driver.run_again,
     )
 
 
@@ -262,6 +265,7 @@ class _Driver:
         self.recorded_points: set[tuple] = set()
         self.windows_stepped = 0
         self.lane_windows = 0
+        self.run_again = 0
 
     def recover(self) -> None:
         """Pick up what earlier runs left. A trial a dead driver left running is told from its
@@ -409,7 +413,9 @@ class _Driver:
         """Start an exchange with every trainer that has something to do and none in flight."""
         for trainer in self.trainers:
             if trainer.call is None and (trainer.trials or trainer.inbox or not trainer.answered):
-                admit = [LaneTrial(t.number, t.config) for t in trainer.inbox]
+                admit = [
+                    LaneTrial(t.number, t.config, self.attempts[t.number]) for t in trainer.inbox
+                ]
                 trainer.call = trainer.actor.exchange.remote(
                     admit, trainer.verdicts, EXCHANGE_WAIT_SECONDS
                 )
@@ -479,6 +485,7 @@ class _Driver:
                 self._failed(planned, text)
             else:
                 self.queue.appendleft(planned)
+                self.run_again += 1
         # Ray marks a lost node's CPUs gone within seconds; a trainer asked for too early
         # waits for room and is given up after TRAINER_START_SECONDS.
         time.sleep(0.5)

@@ -19,3 +19,6 @@ class TrainerEvents:
     windows: dict[tuple, int] = field(default_factory=dict)
     """Windows each architecture's lanes stepped (training every running lane at once)."""
     lane_windows: int = 0
+    side_by_side: int = 0
+    """Of `windows`, those stepped on threads of CPUs lent to this trainer (`Trainer.lend`),
+    beside other architectures' lanes."""

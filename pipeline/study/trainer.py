@@ -23,6 +23,7 @@ import ray
 
 from pipeline.config import Config, TrainConfig, first_line
 from pipeline.study.exchange import TrainerEvents
+from pipeline.study.failpoints import TrainerFailpoint, die, trainer_failpoint
 from pipeline.study.launch import Launch
 from pipeline.training.device import load_cpu_kernels, window_step
 from pipeline.training.trial import LaneTrial, lanes_key
@@ -40,7 +41,7 @@ class Trainer:
     `train` is the study's train section: on the CPU the thread loads the numba kernels as soon
     as it starts, while the first trials are on their way; `compile_missing`: whether it
     compiles the kernels its windows want that no process compiled ahead (see
-    `device.load_cpu_kernels`)."""
+    `device.load_cpu_kernels`); `failpoint`: when to kill itself, in tests (failpoints.py)."""
 
     def __init__(
         self,
@@ -49,6 +50,7 @@ class Trainer:
         report_every: int | None,
         judge_from: int,
         compile_missing: bool = True,
+        failpoint: TrainerFailpoint | None = None,
     ) -> None:
         self.train = train
         self.cpus = cpus
@@ -62,10 +64,12 @@ class Trainer:
         self.events = TrainerEvents([], [], [])
         self.stepped: Counter[tuple] = Counter()
         self.trained = 0
+        self.side_by_side = 0
         self.lent_cpus = 0
         self.stepping: tuple[int, ThreadPoolExecutor] | None = None
         self.broken: str | None = None
         """Why the training thread died, if it did: trials handed over later fail with it."""
+        self.failpoint = failpoint
         threading.Thread(target=self._train, daemon=True).start()
 
     def exchange(
@@ -82,9 +86,13 @@ class Trainer:
             self.changed.notify_all()
             self.changed.wait_for(self._has_events, timeout=wait)
             events = dataclasses.replace(
-                self.events, windows=dict(self.stepped), lane_windows=self.trained
+                self.events,
+                windows=dict(self.stepped),
+                lane_windows=self.trained,
+                side_by_side=self.side_by_side,
             )
             self.events, self.stepped, self.trained = TrainerEvents([], [], []), Counter(), 0
+            self.side_by_side = 0
             return events
 
     def lend(self, cpus: int) -> None:
@@ -130,7 +138,9 @@ class Trainer:
             sets = list(self.lanes.items())
             if threads > 1 and len(sets) > 1 and _all_numba(sets):
                 # The numba kernels release the GIL: sets of lanes step side by side.
-                list(self._stepping(threads).map(lambda item: self._step(*item), sets))
+                stepped = sum(self._stepping(threads).map(lambda item: self._step(*item), sets))
+                with self.changed:
+                    self.side_by_side += stepped
             else:
                 for key, lanes in sets:
                     self._step(key, lanes)
@@ -159,7 +169,8 @@ class Trainer:
             except Exception as error:  # a trial that cannot start is FAIL; the rest go on
                 self._publish([], [], [(trial.key, f"{type(error).__name__}: {first_line(error)}")])
 
-    def _step(self, key: tuple, lanes: Lanes) -> None:
+    def _step(self, key: tuple, lanes: Lanes) -> bool:
+        """Step `lanes` on their next window; whether any lane ran."""
         running = int(lanes.running.sum())
         try:
             finished, reports = lanes.step()
@@ -168,13 +179,25 @@ class Trainer:
             keys = [trial.key for trial in lanes.trials if trial is not None]
             del self.lanes[key]
             self._publish([], [], [(k, text) for k in keys])
-            return
+            return False
         with self.changed:
             if running:
                 self.stepped[key] += 1
             self.trained += running
+        if self.failpoint is not None:
+            self._pass_failpoint(lanes)
         if finished or reports:
             self._publish(finished, reports, [])
+        return running > 0
+
+    def _pass_failpoint(self, lanes: Lanes) -> None:
+        """Die once the failpoint's trial, on its first attempt, has run its windows (fewer
+        than it has: a trial that ends is gone from its lane)."""
+        lane = lanes.lane_of.get(self.failpoint.trial)
+        if lane is None or lanes.trials[lane].attempt > 0:
+            return
+        if lanes.position[lane] >= self.failpoint.windows:
+            die()
 
     def _publish(self, finished: list, reports: list, errors: list) -> None:
         if not (finished or reports or errors):
@@ -220,6 +243,7 @@ def start_trainer(
         judge_from,
         # With Ray embedded, the driver compiles ahead the kernels the study wants.
         compile_missing=not launch.embedded,
+        failpoint=trainer_failpoint(),
     )
 
 

@@ -27,6 +27,8 @@ class LaneTrial:
     """The trial's number in its study (its index in `train`)."""
     config: Config
     """Its own config: its parameters, and in train.seed the seed it runs with."""
+    attempt: int = 0
+    """How often it ran before, on trainers that were lost (0 the first time)."""
 
 
 @dataclass(frozen=True)
