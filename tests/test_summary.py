@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +201,148 @@ def test_kaplan_meier_without_censoring_is_the_empirical_fraction():
     # At a tied step a convergence counts before a censoring: 3 of 5 by step 9.
     assert curve.fraction_by(9) == pytest.approx(0.6) and curve.final == pytest.approx(0.6)
     assert curve.horizon == 12 and sorted(curve.censored) == [9, 12]
+
+
+# z² of a 95 % interval: Wilson's interval of a fraction 1 (or 0) in n trials has its other end
+# at n / (n + z²) (or z² / (n + z²)).
+Z2 = 1.959963984540054**2
+
+
+def test_kaplan_meier_interval_at_zero_survivors_is_as_wide_as_the_trials_followed():
+    # 9 pruned at step 100, 1 followed on and converged at 500: the estimate is 1, on one trial.
+    curve = kaplan_meier(np.array([100] * 9 + [500]), np.array([False] * 9 + [True]))
+    low, high = curve.final_interval
+    # At 0 survivors the effective sample size is the one trial followed, not all ten.
+    assert curve.final == 1.0 and high == 1.0
+    assert low == pytest.approx(1 / (1 + Z2)) and round(low, 2) == 0.21
+
+
+THREE_PRUNED_THREE_FOLLOWED = (
+    np.array([1700] * 3 + [1800, 1900, 2000]),
+    np.array([False] * 3 + [True] * 3),
+)
+
+
+def test_kaplan_meier_median_upper_limit_at_zero_survivors_of_three_followed_is_beyond():
+    # 3 pruned at 1700; the 3 followed on converge at 1800, 1900 and 2000.
+    curve = kaplan_meier(*THREE_PRUNED_THREE_FOLLOWED)
+    # Three trials followed cannot put the median below 2000 with 95 % confidence: no upper limit
+    # (NaN: beyond the horizon).
+    assert np.isnan(curve.median_interval()[1])
+    assert curve.final_interval[0] == pytest.approx(3 / (3 + Z2))
+
+
+def test_kaplan_meier_interval_with_none_converged_is_as_wide_as_the_trials_followed():
+    # 9 of 10 pruned at step 100, 1 followed to step 500, none converged.
+    curve = kaplan_meier(np.array([100] * 9 + [500]), np.array([False] * 10))
+    low, high = curve.final_interval
+    # Nothing converged among the one trial followed to the end: the interval is one trial's.
+    assert low == 0.0 and high == pytest.approx(Z2 / (1 + Z2)) and round(high, 2) == 0.79
+
+
+def test_kaplan_meier_median_lower_limit_of_three_trials_is_unbounded():
+    curve = kaplan_meier(np.array([50, 60, 70]), np.array([True] * 3))
+    # With 3 trials the band's upper end is z² / (3 + z²) = 0.56 before any converged, so the
+    # median may lie anywhere from step 0 (and 3 of 3 cannot bound it above: 3 / (3 + z²) < ½).
+    np.testing.assert_array_equal(curve.median_interval(), (0.0, np.nan))
+
+
+def test_kaplan_meier_median_lower_limit_is_where_censoring_leaves_three_at_risk():
+    curve = kaplan_meier(*THREE_PRUNED_THREE_FOLLOWED)
+    # Six at risk keep the band's upper end at 0.39 until step 1700; after it three are left.
+    assert curve.median_interval()[0] == 1701.0
+
+
+def test_kaplan_meier_greenwood_variance_and_bands_match_a_worked_example():
+    # Converged at 1, 2, 3, 5; censored at 2 (after the tied convergence) and 4.
+    curve = kaplan_meier(np.array([1, 2, 2, 3, 4, 5]), np.array([1, 1, 0, 1, 0, 1], bool))
+    # Survivors 5/6, 2/3, 4/9, 0; Greenwood: S² Σ d / (n (n − d)) = 1/36, 1/27, 4/81.
+    np.testing.assert_allclose(curve.fraction, [1 / 6, 1 / 3, 5 / 9, 1.0], rtol=1e-15)
+    np.testing.assert_allclose(curve.variance[:3], [25 / 36 / 30, 1 / 27, 4 / 81], rtol=1e-14)
+    # Effective sizes S (1 − S) / variance: 6, 6, 5; at 0 survivors n / S before = 1 / (4/9).
+    np.testing.assert_allclose(curve.effective, [6, 6, 5, 9 / 4], rtol=1e-14)
+    # Wilson's interval at those sizes: 1/6 of 6 is [0.0301, 0.5635].
+    assert (round(curve.low[0], 4), round(curve.high[0], 4)) == (0.0301, 0.5635)
+    assert curve.low[-1] == pytest.approx(9 / 4 / (9 / 4 + Z2)) and curve.high[-1] == 1.0
+    # The band's upper end first reaches ½ at step 1 (0.5635); its lower end never does (0.37
+    # at step 5, where 2.25 trials' worth converged): no upper limit.
+    assert curve.low[-1] < 0.5
+    np.testing.assert_array_equal(curve.median_interval(), (1.0, np.nan))
+
+
+@pytest.mark.parametrize("k, n", [(0, 1), (0, 7), (1, 6), (3, 6), (8, 10), (10, 10), (17, 40)])
+def test_wilson_interval_matches_scipy_binomtest(k, n):
+    from scipy.stats import binomtest
+
+    expected = binomtest(k, n).proportion_ci(0.95, method="wilson")
+    # Same formula, an independent implementation: equal to rounding.
+    np.testing.assert_allclose(wilson_interval(k / n, n), (expected.low, expected.high), atol=1e-12)
+
+
+def test_kaplan_meier_matches_scipy_ecdf_on_censored_samples_with_ties():
+    from scipy.stats import CensoredData, ecdf
+
+    rng = np.random.default_rng(23)
+    for _ in range(200):
+        trials = int(rng.integers(1, 40))
+        steps = rng.integers(0, 12, trials)  # few distinct steps: many ties
+        converged = rng.random(trials) < rng.random()
+        curve = kaplan_meier(steps, converged)
+        reference = ecdf(CensoredData(uncensored=steps[converged], right=steps[~converged]))
+        at_events = np.isin(reference.cdf.quantiles, curve.steps)
+        # The curve: SciPy's Kaplan–Meier fraction at every step where a trial converged.
+        np.testing.assert_array_equal(reference.cdf.quantiles[at_events], curve.steps)
+        np.testing.assert_allclose(curve.fraction, reference.cdf.probabilities[at_events],
+                                   rtol=0, atol=1e-12)  # fmt: skip
+        # Greenwood's variance: SciPy's linear interval is fraction ± z √variance.
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            band = reference.cdf.confidence_interval(0.95, method="linear")
+        half = (band.high.probabilities - band.low.probabilities)[at_events] / 2
+        inside = (band.low.probabilities[at_events] > 0) & (band.high.probabilities[at_events] < 1)
+        np.testing.assert_allclose(
+            curve.variance[inside], (half[inside] / 1.959963984540054) ** 2, rtol=1e-9, atol=1e-15
+        )
+        # Wilson's band at the effective size, and the median's interval read off it.
+        low, high, median = _reference_band(steps, converged, reference)
+        np.testing.assert_allclose(curve.low, low, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(curve.high, high, rtol=0, atol=1e-12)
+        np.testing.assert_array_equal(curve.median_interval(), median)
+
+
+def _reference_band(steps, converged, reference):
+    """The 95 % band and the median's interval, from SciPy's curve and counts made here:
+    Wilson's interval at Greenwood's effective sample size (n / S before it at 0 survivors);
+    the median's ends where the band's ends reach ½, before the first convergence at the
+    trials at risk."""
+    times = reference.cdf.quantiles
+    at_risk = np.array([(steps >= t).sum() for t in times])
+    events = np.array([((steps == t) & converged).sum() for t in times])
+    survivors = reference.sf.probabilities
+    before = np.concatenate([[1.0], survivors[:-1]])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        variance = survivors**2 * np.cumsum(events / (at_risk * (at_risk - events)))
+        effective = np.where(
+            survivors > 0, survivors * (1 - survivors) / variance, at_risk / before
+        )
+    fraction = 1 - survivors
+
+    def wilson(p, n):
+        centre = (p + Z2 / (2 * n)) / (1 + Z2 / n)
+        half = np.sqrt(Z2 * p * (1 - p) / n + Z2 * Z2 / (4 * n * n)) / (1 + Z2 / n)
+        return np.clip(centre - half, 0, p), np.clip(centre + half, p, 1)
+
+    keep = events > 0
+    low, high = wilson(fraction[keep], effective[keep])
+    first = times[keep][0] if keep.any() else np.inf
+    # Before the first convergence the band is [0, z² / (n + z²)] with n the trials at risk.
+    starts = np.concatenate([[0], np.unique(steps[~converged]) + 1])
+    early = [t for t in starts if t < first and (steps >= t).sum() <= Z2]
+    reached = times[keep][high >= 0.5 - 1e-9]
+    median_low = early[0] if early else (reached[0] if reached.size else np.nan)
+    settled = times[keep][low >= 0.5 - 1e-9]
+    median_high = settled[0] if settled.size else np.nan
+    return low, high, (float(median_low), float(median_high))
 
 
 def test_fastest_group_needs_a_majority_of_its_trials_converged(tmp_path):

@@ -27,7 +27,9 @@ converged, even if its moving average had dipped below the threshold first. From
   the end it is the plain fraction converged/trained; a pruned trial counts until it stopped);
 - `converged_fraction` is that estimate at the group's last step, with a 95 % Wilson interval
   (for a Kaplan–Meier estimate, Wilson's interval at the effective sample size that Greenwood's
-  variance implies, which is the number of trials when none was censored early);
+  variance implies, which is the number of trials when none was censored early; where the
+  last trials followed all converged, its limit, and with none converged, the trials followed
+  to the end: a pruned trial adds no certainty);
 - `median_steps_to_converge` (and the quartiles) are the steps at which that fraction reaches
   one half (a quarter, three quarters): null when it never does, which reads "more than
   `horizon_step` steps". Its 95 % interval comes from the same pointwise band (see
@@ -450,8 +452,10 @@ def _statistics(trials: pd.DataFrame) -> dict[str, float | int]:
 
 
 def _verdict(smallest: pd.Series, largest: pd.Series) -> str:
-    if pd.isna(smallest["median_steps_to_converge_low"]) and pd.isna(
-        largest["median_steps_to_converge_low"]
+    # Fewer than half converged with either: no median to compare (its interval may still
+    # have a lower end, where few trials were followed).
+    if pd.isna(smallest["median_steps_to_converge"]) and pd.isna(
+        largest["median_steps_to_converge"]
     ):
         return "none converged"
     small_low, small_high = median_bounds(smallest)
