@@ -351,8 +351,8 @@ def test_fastest_group_needs_a_majority_of_its_trials_converged(tmp_path):
     rows += [("complete", 3, 0.01, s, 200) for s in (50, 60, 70)]
     rows += [("complete", 3, 0.6, None, 200)]
     summary = summarize(study_config(tmp_path), _hand_made_trials(rows))
-    assert summary.fastest.row["echo_step"] == 3
-    assert summary.fastest.candidates == 1
+    assert [f.row["echo_step"] for f in summary.fastest] == [3]
+    assert summary.fastest[0].candidates == 1
     assert "Fastest group, among the 1 where a majority converged" in " ".join(summary.findings)
 
 
@@ -360,8 +360,82 @@ def test_fastest_group_is_none_when_no_group_has_a_majority(tmp_path):
     rows = [("complete", 1, 0.01, 10, 200)] + [("complete", 1, 0.6, None, 200)] * 3
     rows += [("complete", 3, 0.6, None, 200)] * 2
     summary = summarize(study_config(tmp_path), _hand_made_trials(rows))
-    assert summary.fastest is None
+    assert summary.fastest == ()
     assert "No group had a majority of its trials converged" in " ".join(summary.findings)
+
+
+def test_fastest_group_decides_a_majority_by_the_kaplan_meier_estimate(tmp_path):
+    # Echo 1: 2 of 4 converged at 40 and 45, the other 2 pruned at step 20 before they could;
+    # echo 3: 3 of 4 converged, at 60 to 80.
+    rows = [("complete", 1, 0.01, s, 200) for s in (40, 45)] + [("pruned", 1, 0.5, None, 21)] * 2
+    rows += [("complete", 3, 0.01, s, 200) for s in (60, 70, 80)]
+    rows += [("complete", 3, 0.6, None, 200)]
+    summary = summarize(study_config(tmp_path), _hand_made_trials(rows))
+    # The table shows 100 % converged (Kaplan–Meier) at echo 1: a majority, so a candidate.
+    assert summary.table["converged_fraction"].tolist() == [1.0, 0.75]
+    assert [(f.row["echo_step"], f.candidates) for f in summary.fastest] == [(1, 2)]
+
+
+def test_fastest_group_is_chosen_within_each_truncation(tmp_path):
+    config = study_config(tmp_path, search={"task.echo_step": [2, 3], "task.truncation": [5, 10]})
+    # A step at truncation 5 covers 5 time steps, at 10 ten: steps compare within a truncation,
+    # where echo 3 is the faster at 5 and echo 2 at 10.
+    rows = [("complete", 2, 0.01, 50 + k, 200, 5) for k in range(4)]
+    rows += [("complete", 3, 0.01, 30 + k, 200, 5) for k in range(4)]
+    rows += [("complete", 2, 0.01, 60 + k, 100, 10) for k in range(4)]
+    rows += [("complete", 3, 0.01, 90 + k, 100, 10) for k in range(4)]
+    trials = _hand_made_trials([row[:5] for row in rows], truncation=[row[5] for row in rows])
+    summary = summarize(config, trials)
+    # One fastest group per truncation, each among that truncation's groups alone.
+    assert [(f.truncation, f.row["truncation"], f.row["echo_step"]) for f in summary.fastest] == [
+        (5, 5, 3),
+        (10, 10, 2),
+    ]
+    text = " ".join(summary.findings)
+    assert "At truncation 5, fastest group, among the 2" in text
+    assert "At truncation 10, fastest group, among the 2" in text
+
+
+def _pruned_trials() -> pd.DataFrame:
+    """Echo 1: 2 converged at 40 and 45, 3 pruned at step 20; echo 3: 3 of 4 converged, none
+    pruned."""
+    rows = [("complete", 1, 0.01, s, 200) for s in (40, 45)] + [("pruned", 1, 0.5, None, 21)] * 3
+    rows += [("complete", 3, 0.01, s, 200) for s in (60, 70, 80)]
+    rows += [("complete", 3, 0.6, None, 200)]
+    return _hand_made_trials(rows)
+
+
+def test_summarize_reports_the_fraction_with_pruned_trials_counted_as_never_converging(tmp_path):
+    table = summarize(study_config(tmp_path), _pruned_trials()).table
+    echo1, echo3 = table.iloc[0], table.iloc[1]
+    # Pruned trials censored (Kaplan–Meier): 2 of the 2 followed; counted as failures: 2 of 5.
+    assert echo1["converged_fraction"] == 1.0
+    assert echo1["converged_fraction_pruned_never"] == pytest.approx(0.4)
+    low, high = wilson_interval(0.4, 5)
+    assert (
+        echo1["converged_fraction_pruned_never_low"],
+        echo1["converged_fraction_pruned_never_high"],
+    ) == (
+        pytest.approx(low),
+        pytest.approx(high),
+    )
+    # With nothing pruned the two bounds are one.
+    assert echo3["converged_fraction_pruned_never"] == echo3["converged_fraction"] == 0.75
+
+
+def test_findings_say_where_pruning_decides_whether_a_majority_converged(tmp_path):
+    summary = summarize(study_config(tmp_path), _pruned_trials())
+    bias = next(s for s in summary.findings if s.startswith("Pruning"))
+    # Echo 1: a majority by Kaplan–Meier (100 %), not with the pruned counted as failures (40 %).
+    assert "1 of the 1 groups with pruned trials" in bias
+    assert "echo step 1 (100% against 40%)" in bias
+
+
+def test_render_markdown_shows_both_bounds_and_why_when_trials_were_pruned(tmp_path):
+    markdown = render_markdown(summarize(study_config(tmp_path), _pruned_trials()))
+    # The reader learns why there are two: a pruner stops the trials that looked bad.
+    assert "A pruner stops trials because they looked bad" in markdown
+    assert "pruned as never converged" in markdown and "| 40% (" in markdown
 
 
 def _depth_trials(deep_steps: list[int], shallow_steps: list[int], echo: int = 3) -> list:
@@ -439,6 +513,8 @@ def test_write_summary_of_a_study_has_one_row_per_group_with_its_counts(study, s
     assert table["converged"].tolist() == converged.tolist()
     by_factor = pd.read_parquet(f"{study.output}/summary_by_factor.parquet")
     assert by_factor.groupby("factor")["trials"].sum().to_dict() == dict.fromkeys(keys, 8)
+    # Without a pruner the fraction with pruned trials counted as failures is Kaplan–Meier's.
+    assert table["converged_fraction_pruned_never"].tolist() == table["converged_fraction"].tolist()
 
 
 def test_write_summary_finds_the_echo_step_beyond_the_truncation_never_converged(summary):

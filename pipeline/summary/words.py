@@ -16,7 +16,10 @@ from pipeline.results.tables import TRIAL_STATES
 from pipeline.training.data import LN2
 
 if TYPE_CHECKING:
-    from pipeline.summary.groups import Comparison, Summary
+    from pipeline.summary.groups import Comparison, Fastest, Summary
+
+# Fractions this close are equal (as survival.TOLERANCE; words imports nothing of summary).
+_TOLERANCE = 1e-9
 
 _HEADERS = {
     "num_layers": "layers",
@@ -44,7 +47,8 @@ def findings(summary: Summary) -> tuple[str, ...]:
         *(_frontier_findings(summary) if summary.truncation is None else ()),
         _comparison_finding(summary, "num_layers"),
         _comparison_finding(summary, "state_size"),
-        _fastest_finding(summary),
+        *_fastest_findings(summary),
+        _pruning_finding(summary),
         _failure_finding(summary),
     ]
     return tuple(sentence for sentence in sentences if sentence)
@@ -58,11 +62,14 @@ def render_markdown(summary: Summary) -> str:
     lines += ["## Findings", "", *(f"- {sentence}" for sentence in summary.findings), ""]
     lines += [f"## By {_and([_HEADERS[f] for f in factors])}", ""]
     lines += [_READING, ""]
-    lines += _markdown_table(summary.table, factors)
+    pruned = bool(summary.table["pruned"].sum())
+    if pruned:
+        lines += [_PRUNED_READING, ""]
+    lines += _markdown_table(summary.table, factors, pruned)
     if summary.frontier is not None:
         lines += ["", "## By truncation and echo step", ""]
         lines += ["Pooled over the architectures and seeds.", ""]
-        lines += _markdown_table(summary.frontier, ["truncation", "echo_step"])
+        lines += _markdown_table(summary.frontier, ["truncation", "echo_step"], pruned)
     lines += ["", "## By each factor alone", ""]
     lines += [
         "Pooled over the other factors; the same numbers are in `summary_by_factor.parquet`"
@@ -72,7 +79,7 @@ def render_markdown(summary: Summary) -> str:
     for factor in factors:
         rows = summary.by_factor[summary.by_factor["factor"] == factor]
         rows = rows.rename(columns={"value": factor})
-        lines += [f"### {factor}", "", *_markdown_table(rows, [factor]), ""]
+        lines += [f"### {factor}", "", *_markdown_table(rows, [factor], pruned), ""]
     lines += ["## Plots", ""]
     for path in summary.plots:
         name = path.removeprefix("plots/").removesuffix(".png")
@@ -85,6 +92,14 @@ _READING = (
     "by the last step with its 95 % Wilson interval. `median steps`: the step by which half "
     "converged, with its 95 % interval; `> N` where fewer than half converged within the N "
     "steps the trials were followed. Pruned trials count until they stopped (censored)."
+)
+
+
+_PRUNED_READING = (
+    "A pruner stops trials because they looked bad, so Kaplan–Meier, which lets a pruned trial "
+    "converge as often as those followed on, gives an upper estimate; `pruned as never "
+    "converged` counts each pruned trial that had not converged as a failure, a lower one. The "
+    "truth lies between them."
 )
 
 
@@ -252,15 +267,21 @@ def _comparison_finding(summary: Summary, factor: str) -> str | None:
     )
 
 
-def _fastest_finding(summary: Summary) -> str | None:
-    fastest = summary.fastest
-    if fastest is None:
+def _fastest_findings(summary: Summary) -> list[str]:
+    """The fastest group, within each truncation when it varies."""
+    if not summary.fastest:
         if len(summary.table) > 1:
-            return "No group had a majority of its trials converged, so none is the fastest."
-        return None
+            return ["No group had a majority of its trials converged, so none is the fastest."]
+        return []
+    return [_fastest_finding(summary, fastest) for fastest in summary.fastest]
+
+
+def _fastest_finding(summary: Summary, fastest: Fastest) -> str:
     row = fastest.row
     where = ", ".join(
-        f"{_HEADERS[f]} {row[f]:g}" for f in summary.factors if f not in _FACTOR_WORDS
+        f"{_HEADERS[f]} {row[f]:g}"
+        for f in summary.factors
+        if f not in _FACTOR_WORDS and f != "truncation"
     )
     caveat = (
         f"; the intervals of {fastest.overlapping} of the other {fastest.candidates - 1} groups "
@@ -268,12 +289,56 @@ def _fastest_finding(summary: Summary) -> str | None:
         if fastest.overlapping
         else ""
     )
-    return (
-        f"Fastest group, among the {fastest.candidates} where a majority converged: "
-        f"{_architecture(row['num_layers'], row['state_size'])} at {where}, median "
-        f"{_median_with_interval(row)} steps to converge ({row['converged']:.0f}/"
-        f"{row['trained']:.0f} converged){caveat}."
+    heading = (
+        "Fastest group"
+        if fastest.truncation is None
+        else (f"At truncation {fastest.truncation}, fastest group")
     )
+    return (
+        f"{heading}, among the {fastest.candidates} where a majority converged: "
+        f"{_architecture(row['num_layers'], row['state_size'])} at {where}, median "
+        f"{_median_with_interval(row)} steps to converge ({_converged_cell(row)} converged)"
+        f"{caveat}."
+    )
+
+
+def _pruning_finding(summary: Summary) -> str | None:
+    """Where counting pruned trials as never converging, rather than censoring them, decides
+    whether a majority converged."""
+    table = summary.table
+    pruned = table[table["pruned"] > 0]
+    if pruned.empty:
+        return None
+    upper, lower = pruned["converged_fraction"], pruned["converged_fraction_pruned_never"]
+    changed = pruned[(upper > 0.5 + _TOLERANCE) & (lower <= 0.5 + _TOLERANCE)]
+    groups = f"of the {len(pruned)} groups with pruned trials"
+    if changed.empty:
+        return (
+            f"Pruning's bias changes no conclusion: in each {groups}, the converged fraction "
+            f"with pruned trials counted as never converging (down by up to "
+            f"{(upper - lower).max():.0%}) is on the same side of one half as Kaplan–Meier's."
+        )
+    cells = [
+        f"{_group_name(summary, row)} ({row['converged_fraction']:.0%} against "
+        f"{row['converged_fraction_pruned_never']:.0%})"
+        for row in changed.to_dict("records")
+    ]
+    return (
+        f"Pruning decides whether a majority converged in {len(changed)} {groups}: a majority "
+        f"by Kaplan–Meier (pruned trials censored) but not with pruned trials counted as never "
+        f"converging, at {_and(cells)}; the truth lies between the two."
+    )
+
+
+def _group_name(summary: Summary, row: dict) -> str:
+    """A group by its factors that vary: `echo step 3`, `2 layers × 8 units at echo step 3`."""
+    varying = [f for f in summary.factors if summary.table[f].nunique() > 1]
+    architecture = [f for f in varying if f in _FACTOR_WORDS]
+    rest = ", ".join(f"{_HEADERS[f]} {row[f]:g}" for f in varying if f not in _FACTOR_WORDS)
+    if not architecture:
+        return rest
+    name = _architecture(row["num_layers"], row["state_size"])
+    return f"{name} at {rest}" if rest else name
 
 
 def _failure_finding(summary: Summary) -> str:
@@ -361,11 +426,14 @@ def _what_was_run(summary: Summary) -> list[str]:
     return lines
 
 
-def _markdown_table(frame: pd.DataFrame, keys: Sequence[str]) -> list[str]:
+def _markdown_table(frame: pd.DataFrame, keys: Sequence[str], pruned: bool = False) -> list[str]:
+    """The statistics of each row of `frame` by `keys`; with `pruned`, the converged fraction
+    with pruned trials counted as never converging beside Kaplan–Meier's."""
     headers = [
         *(_HEADERS[key] for key in keys),
         "trials",
         "converged",
+        *(["pruned as never converged"] if pruned else []),
         "median steps (95 % CI)",
         "quartiles of steps",
         "median final loss",
@@ -376,6 +444,7 @@ def _markdown_table(frame: pd.DataFrame, keys: Sequence[str]) -> list[str]:
         cells += [
             _trial_counts(row),
             _converged_cell(row),
+            *([_fraction_with_interval(row, "converged_fraction_pruned_never")] if pruned else []),
             _median_with_interval(row),
             _quartiles(row),
             _number(row["median_final_loss"]),
@@ -388,10 +457,18 @@ def _converged_cell(row: dict | pd.Series) -> str:
     counts = f"{row['converged']}/{row['trained']}"
     if pd.isna(row["converged_fraction"]):
         return counts
-    return (
-        f"{counts} ({row['converged_fraction']:.0%}; {row['converged_fraction_low']:.0%}–"
-        f"{row['converged_fraction_high']:.0%})"
-    )
+    return f"{counts} ({row['converged_fraction']:.0%}; {_interval(row, 'converged_fraction')})"
+
+
+def _fraction_with_interval(row: dict | pd.Series, column: str) -> str:
+    """`40% (12%–77%)`: a fraction and its 95 % interval; – when no trial trained."""
+    if pd.isna(row[column]):
+        return "–"
+    return f"{row[column]:.0%} ({_interval(row, column)})"
+
+
+def _interval(row: dict | pd.Series, column: str) -> str:
+    return f"{row[f'{column}_low']:.0%}–{row[f'{column}_high']:.0%}"
 
 
 def _median_with_interval(row: dict | pd.Series) -> str:
