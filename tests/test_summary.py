@@ -540,7 +540,9 @@ def test_write_summary_markdown_says_what_ran_and_holds_the_findings(study, summ
 
 
 def test_write_summary_plots_are_readable_pngs(study, summary):
-    assert summary.files[-4:] == summary.plots and len(summary.plots) == 4
+    # Its state sizes (3, 4) and echo steps (1, 20) vary: the capacity frontier is drawn too.
+    assert summary.files[-5:] == summary.plots and len(summary.plots) == 5
+    assert "plots/capacity_frontier.png" in summary.plots
     for name in summary.plots:
         path = f"{study.output}/{name}"
         with open(path, "rb") as file:
@@ -677,3 +679,77 @@ def test_loss_curves_are_pandas_rolling_means_and_quantiles_of_ragged_trials():
         for column in got.columns:
             expected = want[column].to_numpy(float)
             np.testing.assert_allclose(got[column].to_numpy(float), expected, rtol=1e-12)
+
+
+def _capacity_trials() -> pd.DataFrame:
+    """6 seeds per group. Converged of 6 by echo step 1, 2, 3, 4: 1 layer × 1 unit 6, 0, 0, 0;
+    1 × 4: 6, 6, 6, 0; 2 × 1: 6, 6, 2, 0; 2 × 4: 6, 6, 6, 6."""
+    learned = {(1, 1): [6, 0, 0, 0], (1, 4): [6, 6, 6, 0], (2, 1): [6, 6, 2, 0], (2, 4): [6] * 4}
+    rows, layers, sizes = [], [], []
+    for (depth, size), counts in learned.items():
+        for echo, count in enumerate(counts, start=1):
+            for seed in range(6):
+                rows.append(("complete", echo, 0.01, 50 + seed, 200) if seed < count else
+                            ("complete", echo, 0.6, None, 200))  # fmt: skip
+                layers.append(depth)
+                sizes.append(size)
+    return _hand_made_trials(rows).assign(num_layers=layers, state_size=sizes)
+
+
+def test_capacity_table_holds_the_largest_echo_step_a_majority_learned(tmp_path):
+    capacity = summarize(study_config(tmp_path), _capacity_trials()).capacity
+    keys = ["num_layers", "state_size", "largest_echo_step", "next_echo_step"]
+    # 2 of 6 at echo 3 is no majority, so 2 × 1 reaches 2; 2 × 4 learned every echo step run.
+    np.testing.assert_array_equal(
+        capacity[keys].to_numpy(float),
+        [[1, 1, 1, 2], [1, 4, 3, 4], [2, 1, 2, 3], [2, 4, 4, np.nan]],
+    )
+    # The fractions there and at the next step are the group table's, with their intervals.
+    row = capacity.iloc[2]
+    assert row["converged_fraction"] == 1.0 and row["next_converged_fraction"] == pytest.approx(
+        1 / 3
+    )
+    low, high = wilson_interval(1 / 3, 6)
+    assert (row["next_converged_fraction_low"], row["next_converged_fraction_high"]) == (
+        pytest.approx(low),
+        pytest.approx(high),
+    )
+
+
+def test_capacity_finding_says_how_the_frontier_grows_with_state_size_and_depth(tmp_path):
+    summary = summarize(study_config(tmp_path), _capacity_trials())
+    finding = next(s for s in summary.findings if s.startswith("Capacity frontier"))
+    assert "1 layer: 1 at 1, 3 at 4 units; 2 layers: 2 at 1, 4 at 4 units" in finding
+    # 0 of 6 past 1 × 1's frontier (interval below ½) against 6 of 6 at 1 × 4's (above): clear;
+    # 2 of 6 past 2 × 1's frontier is an interval across ½: not clear.
+    assert (
+        "1 layer from 1 at 1 to 3 at 4 units: 1 of 1 steps up in state size reach further "
+        "(1 clearly)" in finding
+    )
+    assert (
+        "2 layers from 2 at 1 to 4 at 4 units: 1 of 1 steps up in state size reach further "
+        "(0 clearly)" in finding
+    )
+    assert "2 layers against 1 layer: further at 1 and 4 units (1 and 4 units clearly)" in finding
+
+
+def test_capacity_is_left_out_when_the_study_varies_no_state_size(tmp_path):
+    trials = _capacity_trials()
+    summary = summarize(study_config(tmp_path), trials[trials["state_size"] == 4])
+    # One state size: no frontier to draw over it.
+    assert summary.capacity is None and "plots/capacity_frontier.png" not in summary.plots
+    assert not any(s.startswith("Capacity frontier") for s in summary.findings)
+
+
+def test_capacity_frontier_figure_draws_a_line_per_depth_and_the_truncation(tmp_path):
+    from pipeline.summary.plots import capacity_frontier_figure, png_bytes
+
+    capacity = summarize(study_config(tmp_path), _capacity_trials()).capacity
+    figure = capacity_frontier_figure(capacity, truncation=15, title="t")
+    lines = {line.get_label(): line for line in figure.axes[0].get_lines()}
+    # Echo step reached against state size, one line per depth; the truncation at 15.
+    assert lines["1 layer"].get_xdata().tolist() == [1, 4]
+    assert lines["1 layer"].get_ydata().tolist() == [1, 3]
+    assert lines["2 layers"].get_ydata().tolist() == [2, 4]
+    assert list(lines["truncation (15)"].get_ydata()) == [15, 15]
+    assert png_bytes(figure)[:8] == PNG_SIGNATURE

@@ -51,6 +51,7 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline.config import Config
+from pipeline.summary.capacity import ARCHITECTURE, capacity_table, varies_capacity
 from pipeline.summary.survival import TOLERANCE, Survival, kaplan_meier, median_bounds
 
 GROUP = ["num_layers", "state_size", "echo_step"]
@@ -158,6 +159,9 @@ class Summary:
     """When truncation varies: one per truncation."""
     survival: dict[str, dict[int, Survival]]
     """Fraction converged against step for each level of each factor."""
+    capacity: pd.DataFrame | None = None
+    """When the study varies state size and echo step: per depth and state size (and
+    truncation), the largest echo step where a majority converged (capacity.capacity_table)."""
     findings: tuple[str, ...] = ()
     """The headline findings, in sentences derived from the numbers (report.findings)."""
     files: tuple[str, ...] = ()
@@ -179,6 +183,8 @@ class Summary:
         map over layers × state size per echo step would mix truncations, and is left out."""
         names = ["loss_curves", "converged_fraction", "time_to_converge"]
         names.insert(1, "truncation_frontier" if self.truncation is None else "steps_to_converge")
+        if self.capacity is not None:
+            names.append("capacity_frontier")
         return tuple(PLOTS[name] for name in names)
 
 
@@ -218,6 +224,9 @@ def summary_numbers(config: Config, trials: pd.DataFrame) -> Summary:
         by_reach=group_table(trials, ["reachable"]),
         frontier=frontier,
         slowdowns=() if frontier is None else tuple(slowdowns(frontier)),
+        capacity=capacity_table(table, [*ARCHITECTURE, *([] if fixed else [TRUNCATION])])
+        if varies_capacity(table)
+        else None,
         survival={
             factor: {
                 int(level): _survival(group)
@@ -509,4 +518,5 @@ PLOTS = {
     "converged_fraction": "plots/converged_fraction.png",
     "time_to_converge": "plots/time_to_converge.png",
     "truncation_frontier": "plots/truncation_frontier.png",
+    "capacity_frontier": "plots/capacity_frontier.png",
 }

@@ -13,13 +13,13 @@ import pandas as pd
 import yaml
 
 from pipeline.results.tables import TRIAL_STATES
+from pipeline.summary.capacity import capacity_finding, capacity_markdown
+from pipeline.summary.pruning import PRUNED_READING, pruning_finding
 from pipeline.training.data import LN2
 
 if TYPE_CHECKING:
     from pipeline.summary.groups import Comparison, Fastest, Summary
 
-# Fractions this close are equal (as survival.TOLERANCE; words imports nothing of summary).
-_TOLERANCE = 1e-9
 
 _HEADERS = {
     "num_layers": "layers",
@@ -35,6 +35,7 @@ _CAPTIONS = {
     "truncation",
     "converged_fraction": "Converged fraction versus echo step",
     "time_to_converge": "Fraction converged by step (Kaplan–Meier), per level of each factor",
+    "capacity_frontier": "Largest echo step learned against state size, per depth",
 }
 _NO_GRADIENT = "no gradient links an input to its target there"
 
@@ -47,8 +48,9 @@ def findings(summary: Summary) -> tuple[str, ...]:
         *(_frontier_findings(summary) if summary.truncation is None else ()),
         _comparison_finding(summary, "num_layers"),
         _comparison_finding(summary, "state_size"),
+        _capacity_finding(summary),
         *_fastest_findings(summary),
-        _pruning_finding(summary),
+        pruning_finding(summary.table, lambda row: _group_name(summary, row)),
         _failure_finding(summary),
     ]
     return tuple(sentence for sentence in sentences if sentence)
@@ -64,8 +66,11 @@ def render_markdown(summary: Summary) -> str:
     lines += [_READING, ""]
     pruned = bool(summary.table["pruned"].sum())
     if pruned:
-        lines += [_PRUNED_READING, ""]
+        lines += [PRUNED_READING, ""]
     lines += _markdown_table(summary.table, factors, pruned)
+    if summary.capacity is not None:
+        lines += ["", "## Capacity frontier", "", _CAPACITY_READING, ""]
+        lines += capacity_markdown(summary.capacity)
     if summary.frontier is not None:
         lines += ["", "## By truncation and echo step", ""]
         lines += ["Pooled over the architectures and seeds.", ""]
@@ -95,12 +100,17 @@ _READING = (
 )
 
 
-_PRUNED_READING = (
-    "A pruner stops trials because they looked bad, so Kaplan–Meier, which lets a pruned trial "
-    "converge as often as those followed on, gives an upper estimate; `pruned as never "
-    "converged` counts each pruned trial that had not converged as a failure, a lower one. The "
-    "truth lies between them."
+_CAPACITY_READING = (
+    "Per depth and state size, pooled over seeds: the largest echo step where a majority of "
+    "the trials converged (Kaplan–Meier), with that fraction and its 95 % interval there and "
+    "at the next echo step run."
 )
+
+
+def _capacity_finding(summary: Summary) -> str | None:
+    if summary.capacity is None or summary.capacity.empty:
+        return None
+    return capacity_finding(summary.capacity, summary.config.train.epochs, summary.truncation)
 
 
 def _progress_finding(summary: Summary) -> str:
@@ -297,36 +307,10 @@ def _fastest_finding(summary: Summary, fastest: Fastest) -> str:
     return (
         f"{heading}, among the {fastest.candidates} where a majority converged: "
         f"{_architecture(row['num_layers'], row['state_size'])} at {where}, median "
-        f"{_median_with_interval(row)} steps to converge ({_converged_cell(row)} converged)"
+        f"{_median_with_interval(row)} steps to converge ({row['converged_fraction']:.0%} "
+        f"converged by Kaplan–Meier; {row['converged']:.0f} of {row['trained']:.0f} trials seen "
+        "to converge)"
         f"{caveat}."
-    )
-
-
-def _pruning_finding(summary: Summary) -> str | None:
-    """Where counting pruned trials as never converging, rather than censoring them, decides
-    whether a majority converged."""
-    table = summary.table
-    pruned = table[table["pruned"] > 0]
-    if pruned.empty:
-        return None
-    upper, lower = pruned["converged_fraction"], pruned["converged_fraction_pruned_never"]
-    changed = pruned[(upper > 0.5 + _TOLERANCE) & (lower <= 0.5 + _TOLERANCE)]
-    groups = f"of the {len(pruned)} groups with pruned trials"
-    if changed.empty:
-        return (
-            f"Pruning's bias changes no conclusion: in each {groups}, the converged fraction "
-            f"with pruned trials counted as never converging (down by up to "
-            f"{(upper - lower).max():.0%}) is on the same side of one half as Kaplan–Meier's."
-        )
-    cells = [
-        f"{_group_name(summary, row)} ({row['converged_fraction']:.0%} against "
-        f"{row['converged_fraction_pruned_never']:.0%})"
-        for row in changed.to_dict("records")
-    ]
-    return (
-        f"Pruning decides whether a majority converged in {len(changed)} {groups}: a majority "
-        f"by Kaplan–Meier (pruned trials censored) but not with pruned trials counted as never "
-        f"converging, at {_and(cells)}; the truth lies between the two."
     )
 
 
