@@ -179,6 +179,16 @@ def test_study_median_pruner_stops_hopeless_trials_and_keeps_their_steps(tmp_pat
     # With one lane per trainer, every window a trainer stepped trained exactly one trial's
     # step: a pruned trial's lane went straight on to the next trial instead of idling.
     assert outcome.windows_stepped == outcome.lane_windows == trials["steps"].sum()
+    # The summary shows both bounds where trials were pruned: Kaplan–Meier (pruned censored)
+    # above, pruned counted as never converging below, and says why.
+    summary = pd.read_parquet(config.output + "/summary.parquet")
+    hopeless = summary[summary["pruned"] > 0]
+    assert len(hopeless) >= 1
+    assert (hopeless["converged_fraction_pruned_never"] <= hopeless["converged_fraction"]).all()
+    assert (
+        "A pruner stops trials because they looked bad"
+        in Path(config.output, "summary.md").read_text()
+    )
 
 
 def test_study_refuses_cuda_trainers_on_a_cluster_without_gpus(tmp_path, ray_session):

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -205,14 +206,156 @@ def test_kaplan_meier_without_censoring_is_the_empirical_fraction():
     assert curve.horizon == 12 and sorted(curve.censored) == [9, 12]
 
 
+# z² of a 95 % interval: Wilson's interval of a fraction 1 (or 0) in n trials has its other end
+# at n / (n + z²) (or z² / (n + z²)).
+Z2 = 1.959963984540054**2
+
+
+def test_kaplan_meier_interval_at_zero_survivors_is_as_wide_as_the_trials_followed():
+    # 9 pruned at step 100, 1 followed on and converged at 500: the estimate is 1, on one trial.
+    curve = kaplan_meier(np.array([100] * 9 + [500]), np.array([False] * 9 + [True]))
+    low, high = curve.final_interval
+    # At 0 survivors the effective sample size is the one trial followed, not all ten.
+    assert curve.final == 1.0 and high == 1.0
+    assert low == pytest.approx(1 / (1 + Z2)) and round(low, 2) == 0.21
+
+
+THREE_PRUNED_THREE_FOLLOWED = (
+    np.array([1700] * 3 + [1800, 1900, 2000]),
+    np.array([False] * 3 + [True] * 3),
+)
+
+
+def test_kaplan_meier_median_upper_limit_at_zero_survivors_of_three_followed_is_beyond():
+    # 3 pruned at 1700; the 3 followed on converge at 1800, 1900 and 2000.
+    curve = kaplan_meier(*THREE_PRUNED_THREE_FOLLOWED)
+    # Three trials followed cannot put the median below 2000 with 95 % confidence: no upper limit
+    # (NaN: beyond the horizon).
+    assert np.isnan(curve.median_interval()[1])
+    assert curve.final_interval[0] == pytest.approx(3 / (3 + Z2))
+
+
+def test_kaplan_meier_interval_with_none_converged_is_as_wide_as_the_trials_followed():
+    # 9 of 10 pruned at step 100, 1 followed to step 500, none converged.
+    curve = kaplan_meier(np.array([100] * 9 + [500]), np.array([False] * 10))
+    low, high = curve.final_interval
+    # Nothing converged among the one trial followed to the end: the interval is one trial's.
+    assert low == 0.0 and high == pytest.approx(Z2 / (1 + Z2)) and round(high, 2) == 0.79
+
+
+def test_kaplan_meier_median_lower_limit_of_three_trials_is_unbounded():
+    curve = kaplan_meier(np.array([50, 60, 70]), np.array([True] * 3))
+    # With 3 trials the band's upper end is z² / (3 + z²) = 0.56 before any converged, so the
+    # median may lie anywhere from step 0 (and 3 of 3 cannot bound it above: 3 / (3 + z²) < ½).
+    np.testing.assert_array_equal(curve.median_interval(), (0.0, np.nan))
+
+
+def test_kaplan_meier_median_lower_limit_is_where_censoring_leaves_three_at_risk():
+    curve = kaplan_meier(*THREE_PRUNED_THREE_FOLLOWED)
+    # Six at risk keep the band's upper end at 0.39 until step 1700; after it three are left.
+    assert curve.median_interval()[0] == 1701.0
+
+
+def test_kaplan_meier_greenwood_variance_and_bands_match_a_worked_example():
+    # Converged at 1, 2, 3, 5; censored at 2 (after the tied convergence) and 4.
+    curve = kaplan_meier(np.array([1, 2, 2, 3, 4, 5]), np.array([1, 1, 0, 1, 0, 1], bool))
+    # Survivors 5/6, 2/3, 4/9, 0; Greenwood: S² Σ d / (n (n − d)) = 1/36, 1/27, 4/81.
+    np.testing.assert_allclose(curve.fraction, [1 / 6, 1 / 3, 5 / 9, 1.0], rtol=1e-15)
+    np.testing.assert_allclose(curve.variance[:3], [25 / 36 / 30, 1 / 27, 4 / 81], rtol=1e-14)
+    # Effective sizes S (1 − S) / variance: 6, 6, 5; at 0 survivors n / S before = 1 / (4/9).
+    np.testing.assert_allclose(curve.effective, [6, 6, 5, 9 / 4], rtol=1e-14)
+    # Wilson's interval at those sizes: 1/6 of 6 is [0.0301, 0.5635].
+    assert (round(curve.low[0], 4), round(curve.high[0], 4)) == (0.0301, 0.5635)
+    assert curve.low[-1] == pytest.approx(9 / 4 / (9 / 4 + Z2)) and curve.high[-1] == 1.0
+    # The band's upper end first reaches ½ at step 1 (0.5635); its lower end never does (0.37
+    # at step 5, where 2.25 trials' worth converged): no upper limit.
+    assert curve.low[-1] < 0.5
+    np.testing.assert_array_equal(curve.median_interval(), (1.0, np.nan))
+
+
+@pytest.mark.parametrize("k, n", [(0, 1), (0, 7), (1, 6), (3, 6), (8, 10), (10, 10), (17, 40)])
+def test_wilson_interval_matches_scipy_binomtest(k, n):
+    from scipy.stats import binomtest
+
+    expected = binomtest(k, n).proportion_ci(0.95, method="wilson")
+    # Same formula, an independent implementation: equal to rounding.
+    np.testing.assert_allclose(wilson_interval(k / n, n), (expected.low, expected.high), atol=1e-12)
+
+
+def test_kaplan_meier_matches_scipy_ecdf_on_censored_samples_with_ties():
+    from scipy.stats import CensoredData, ecdf
+
+    rng = np.random.default_rng(23)
+    for _ in range(200):
+        trials = int(rng.integers(1, 40))
+        steps = rng.integers(0, 12, trials)  # few distinct steps: many ties
+        converged = rng.random(trials) < rng.random()
+        curve = kaplan_meier(steps, converged)
+        reference = ecdf(CensoredData(uncensored=steps[converged], right=steps[~converged]))
+        at_events = np.isin(reference.cdf.quantiles, curve.steps)
+        # The curve: SciPy's Kaplan–Meier fraction at every step where a trial converged.
+        np.testing.assert_array_equal(reference.cdf.quantiles[at_events], curve.steps)
+        np.testing.assert_allclose(curve.fraction, reference.cdf.probabilities[at_events],
+                                   rtol=0, atol=1e-12)  # fmt: skip
+        # Greenwood's variance: SciPy's linear interval is fraction ± z √variance.
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            band = reference.cdf.confidence_interval(0.95, method="linear")
+        half = (band.high.probabilities - band.low.probabilities)[at_events] / 2
+        inside = (band.low.probabilities[at_events] > 0) & (band.high.probabilities[at_events] < 1)
+        np.testing.assert_allclose(
+            curve.variance[inside], (half[inside] / 1.959963984540054) ** 2, rtol=1e-9, atol=1e-15
+        )
+        # Wilson's band at the effective size, and the median's interval read off it.
+        low, high, median = _reference_band(steps, converged, reference)
+        np.testing.assert_allclose(curve.low, low, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(curve.high, high, rtol=0, atol=1e-12)
+        np.testing.assert_array_equal(curve.median_interval(), median)
+
+
+def _reference_band(steps, converged, reference):
+    """The 95 % band and the median's interval, from SciPy's curve and counts made here:
+    Wilson's interval at Greenwood's effective sample size (n / S before it at 0 survivors);
+    the median's ends where the band's ends reach ½, before the first convergence at the
+    trials at risk."""
+    times = reference.cdf.quantiles
+    at_risk = np.array([(steps >= t).sum() for t in times])
+    events = np.array([((steps == t) & converged).sum() for t in times])
+    survivors = reference.sf.probabilities
+    before = np.concatenate([[1.0], survivors[:-1]])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        variance = survivors**2 * np.cumsum(events / (at_risk * (at_risk - events)))
+        effective = np.where(
+            survivors > 0, survivors * (1 - survivors) / variance, at_risk / before
+        )
+    fraction = 1 - survivors
+
+    def wilson(p, n):
+        centre = (p + Z2 / (2 * n)) / (1 + Z2 / n)
+        half = np.sqrt(Z2 * p * (1 - p) / n + Z2 * Z2 / (4 * n * n)) / (1 + Z2 / n)
+        return np.clip(centre - half, 0, p), np.clip(centre + half, p, 1)
+
+    keep = events > 0
+    low, high = wilson(fraction[keep], effective[keep])
+    first = times[keep][0] if keep.any() else np.inf
+    # Before the first convergence the band is [0, z² / (n + z²)] with n the trials at risk.
+    starts = np.concatenate([[0], np.unique(steps[~converged]) + 1])
+    early = [t for t in starts if t < first and (steps >= t).sum() <= Z2]
+    reached = times[keep][high >= 0.5 - 1e-9]
+    median_low = early[0] if early else (reached[0] if reached.size else np.nan)
+    settled = times[keep][low >= 0.5 - 1e-9]
+    median_high = settled[0] if settled.size else np.nan
+    return low, high, (float(median_low), float(median_high))
+
+
 def test_fastest_group_needs_a_majority_of_its_trials_converged(tmp_path):
     # Echo 1: one lucky trial of four at step 10; echo 3: three of four, around step 60.
     rows = [("complete", 1, 0.01, 10, 200)] + [("complete", 1, 0.6, None, 200)] * 3
     rows += [("complete", 3, 0.01, s, 200) for s in (50, 60, 70)]
     rows += [("complete", 3, 0.6, None, 200)]
     summary = summarize(study_config(tmp_path), _hand_made_trials(rows))
-    assert summary.fastest.row["echo_step"] == 3
-    assert summary.fastest.candidates == 1
+    assert [f.row["echo_step"] for f in summary.fastest] == [3]
+    assert summary.fastest[0].candidates == 1
     assert "Fastest group, among the 1 where a majority converged" in " ".join(summary.findings)
 
 
@@ -220,8 +363,82 @@ def test_fastest_group_is_none_when_no_group_has_a_majority(tmp_path):
     rows = [("complete", 1, 0.01, 10, 200)] + [("complete", 1, 0.6, None, 200)] * 3
     rows += [("complete", 3, 0.6, None, 200)] * 2
     summary = summarize(study_config(tmp_path), _hand_made_trials(rows))
-    assert summary.fastest is None
+    assert summary.fastest == ()
     assert "No group had a majority of its trials converged" in " ".join(summary.findings)
+
+
+def test_fastest_group_decides_a_majority_by_the_kaplan_meier_estimate(tmp_path):
+    # Echo 1: 2 of 4 converged at 40 and 45, the other 2 pruned at step 20 before they could;
+    # echo 3: 3 of 4 converged, at 60 to 80.
+    rows = [("complete", 1, 0.01, s, 200) for s in (40, 45)] + [("pruned", 1, 0.5, None, 21)] * 2
+    rows += [("complete", 3, 0.01, s, 200) for s in (60, 70, 80)]
+    rows += [("complete", 3, 0.6, None, 200)]
+    summary = summarize(study_config(tmp_path), _hand_made_trials(rows))
+    # The table shows 100 % converged (Kaplan–Meier) at echo 1: a majority, so a candidate.
+    assert summary.table["converged_fraction"].tolist() == [1.0, 0.75]
+    assert [(f.row["echo_step"], f.candidates) for f in summary.fastest] == [(1, 2)]
+
+
+def test_fastest_group_is_chosen_within_each_truncation(tmp_path):
+    config = study_config(tmp_path, search={"task.echo_step": [2, 3], "task.truncation": [5, 10]})
+    # A step at truncation 5 covers 5 time steps, at 10 ten: steps compare within a truncation,
+    # where echo 3 is the faster at 5 and echo 2 at 10.
+    rows = [("complete", 2, 0.01, 50 + k, 200, 5) for k in range(4)]
+    rows += [("complete", 3, 0.01, 30 + k, 200, 5) for k in range(4)]
+    rows += [("complete", 2, 0.01, 60 + k, 100, 10) for k in range(4)]
+    rows += [("complete", 3, 0.01, 90 + k, 100, 10) for k in range(4)]
+    trials = _hand_made_trials([row[:5] for row in rows], truncation=[row[5] for row in rows])
+    summary = summarize(config, trials)
+    # One fastest group per truncation, each among that truncation's groups alone.
+    assert [(f.truncation, f.row["truncation"], f.row["echo_step"]) for f in summary.fastest] == [
+        (5, 5, 3),
+        (10, 10, 2),
+    ]
+    text = " ".join(summary.findings)
+    assert "At truncation 5, fastest group, among the 2" in text
+    assert "At truncation 10, fastest group, among the 2" in text
+
+
+def _pruned_trials() -> pd.DataFrame:
+    """Echo 1: 2 converged at 40 and 45, 3 pruned at step 20; echo 3: 3 of 4 converged, none
+    pruned."""
+    rows = [("complete", 1, 0.01, s, 200) for s in (40, 45)] + [("pruned", 1, 0.5, None, 21)] * 3
+    rows += [("complete", 3, 0.01, s, 200) for s in (60, 70, 80)]
+    rows += [("complete", 3, 0.6, None, 200)]
+    return _hand_made_trials(rows)
+
+
+def test_summarize_reports_the_fraction_with_pruned_trials_counted_as_never_converging(tmp_path):
+    table = summarize(study_config(tmp_path), _pruned_trials()).table
+    echo1, echo3 = table.iloc[0], table.iloc[1]
+    # Pruned trials censored (Kaplan–Meier): 2 of the 2 followed; counted as failures: 2 of 5.
+    assert echo1["converged_fraction"] == 1.0
+    assert echo1["converged_fraction_pruned_never"] == pytest.approx(0.4)
+    low, high = wilson_interval(0.4, 5)
+    assert (
+        echo1["converged_fraction_pruned_never_low"],
+        echo1["converged_fraction_pruned_never_high"],
+    ) == (
+        pytest.approx(low),
+        pytest.approx(high),
+    )
+    # With nothing pruned the two bounds are one.
+    assert echo3["converged_fraction_pruned_never"] == echo3["converged_fraction"] == 0.75
+
+
+def test_findings_say_where_pruning_decides_whether_a_majority_converged(tmp_path):
+    summary = summarize(study_config(tmp_path), _pruned_trials())
+    bias = next(s for s in summary.findings if s.startswith("Pruning"))
+    # Echo 1: a majority by Kaplan–Meier (100 %), not with the pruned counted as failures (40 %).
+    assert "1 of the 1 groups with pruned trials" in bias
+    assert "echo step 1 (100% against 40%)" in bias
+
+
+def test_render_markdown_shows_both_bounds_and_why_when_trials_were_pruned(tmp_path):
+    markdown = render_markdown(summarize(study_config(tmp_path), _pruned_trials()))
+    # The reader learns why there are two: a pruner stops the trials that looked bad.
+    assert "A pruner stops trials because they looked bad" in markdown
+    assert "pruned as never converged" in markdown and "| 40% (" in markdown
 
 
 def _depth_trials(deep_steps: list[int], shallow_steps: list[int], echo: int = 3) -> list:
@@ -299,6 +516,8 @@ def test_write_summary_of_a_study_has_one_row_per_group_with_its_counts(study, s
     assert table["converged"].tolist() == converged.tolist()
     by_factor = pd.read_parquet(f"{study.output}/summary_by_factor.parquet")
     assert by_factor.groupby("factor")["trials"].sum().to_dict() == dict.fromkeys(keys, 8)
+    # Without a pruner the fraction with pruned trials counted as failures is Kaplan–Meier's.
+    assert table["converged_fraction_pruned_never"].tolist() == table["converged_fraction"].tolist()
 
 
 def test_write_summary_finds_the_echo_step_beyond_the_truncation_never_converged(summary):
@@ -324,7 +543,9 @@ def test_write_summary_markdown_says_what_ran_and_holds_the_findings(study, summ
 
 
 def test_write_summary_plots_are_readable_pngs(study, summary):
-    assert summary.files[-4:] == summary.plots and len(summary.plots) == 4
+    # Its state sizes (3, 4) and echo steps (1, 20) vary: the capacity frontier is drawn too.
+    assert summary.files[-5:] == summary.plots and len(summary.plots) == 5
+    assert "plots/capacity_frontier.png" in summary.plots
     for name in summary.plots:
         path = f"{study.output}/{name}"
         with open(path, "rb") as file:
@@ -461,3 +682,77 @@ def test_loss_curves_are_pandas_rolling_means_and_quantiles_of_ragged_trials():
         for column in got.columns:
             expected = want[column].to_numpy(float)
             np.testing.assert_allclose(got[column].to_numpy(float), expected, rtol=1e-12)
+
+
+def _capacity_trials() -> pd.DataFrame:
+    """6 seeds per group. Converged of 6 by echo step 1, 2, 3, 4: 1 layer × 1 unit 6, 0, 0, 0;
+    1 × 4: 6, 6, 6, 0; 2 × 1: 6, 6, 2, 0; 2 × 4: 6, 6, 6, 6."""
+    learned = {(1, 1): [6, 0, 0, 0], (1, 4): [6, 6, 6, 0], (2, 1): [6, 6, 2, 0], (2, 4): [6] * 4}
+    rows, layers, sizes = [], [], []
+    for (depth, size), counts in learned.items():
+        for echo, count in enumerate(counts, start=1):
+            for seed in range(6):
+                rows.append(("complete", echo, 0.01, 50 + seed, 200) if seed < count else
+                            ("complete", echo, 0.6, None, 200))  # fmt: skip
+                layers.append(depth)
+                sizes.append(size)
+    return _hand_made_trials(rows).assign(num_layers=layers, state_size=sizes)
+
+
+def test_capacity_table_holds_the_largest_echo_step_a_majority_learned(tmp_path):
+    capacity = summarize(study_config(tmp_path), _capacity_trials()).capacity
+    keys = ["num_layers", "state_size", "largest_echo_step", "next_echo_step"]
+    # 2 of 6 at echo 3 is no majority, so 2 × 1 reaches 2; 2 × 4 learned every echo step run.
+    np.testing.assert_array_equal(
+        capacity[keys].to_numpy(float),
+        [[1, 1, 1, 2], [1, 4, 3, 4], [2, 1, 2, 3], [2, 4, 4, np.nan]],
+    )
+    # The fractions there and at the next step are the group table's, with their intervals.
+    row = capacity.iloc[2]
+    assert row["converged_fraction"] == 1.0 and row["next_converged_fraction"] == pytest.approx(
+        1 / 3
+    )
+    low, high = wilson_interval(1 / 3, 6)
+    assert (row["next_converged_fraction_low"], row["next_converged_fraction_high"]) == (
+        pytest.approx(low),
+        pytest.approx(high),
+    )
+
+
+def test_capacity_finding_says_how_the_frontier_grows_with_state_size_and_depth(tmp_path):
+    summary = summarize(study_config(tmp_path), _capacity_trials())
+    finding = next(s for s in summary.findings if s.startswith("Capacity frontier"))
+    assert "1 layer: 1 at 1, 3 at 4 units; 2 layers: 2 at 1, 4 at 4 units" in finding
+    # 0 of 6 past 1 × 1's frontier (interval below ½) against 6 of 6 at 1 × 4's (above): clear;
+    # 2 of 6 past 2 × 1's frontier is an interval across ½: not clear.
+    assert (
+        "1 layer from 1 at 1 to 3 at 4 units: 1 of 1 steps up in state size reach further "
+        "(1 clearly)" in finding
+    )
+    assert (
+        "2 layers from 2 at 1 to 4 at 4 units: 1 of 1 steps up in state size reach further "
+        "(0 clearly)" in finding
+    )
+    assert "2 layers against 1 layer: further at 1 and 4 units (1 and 4 units clearly)" in finding
+
+
+def test_capacity_is_left_out_when_the_study_varies_no_state_size(tmp_path):
+    trials = _capacity_trials()
+    summary = summarize(study_config(tmp_path), trials[trials["state_size"] == 4])
+    # One state size: no frontier to draw over it.
+    assert summary.capacity is None and "plots/capacity_frontier.png" not in summary.plots
+    assert not any(s.startswith("Capacity frontier") for s in summary.findings)
+
+
+def test_capacity_frontier_figure_draws_a_line_per_depth_and_the_truncation(tmp_path):
+    from pipeline.summary.plots import capacity_frontier_figure, png_bytes
+
+    capacity = summarize(study_config(tmp_path), _capacity_trials()).capacity
+    figure = capacity_frontier_figure(capacity, truncation=15, title="t")
+    lines = {line.get_label(): line for line in figure.axes[0].get_lines()}
+    # Echo step reached against state size, one line per depth; the truncation at 15.
+    assert lines["1 layer"].get_xdata().tolist() == [1, 4]
+    assert lines["1 layer"].get_ydata().tolist() == [1, 3]
+    assert lines["2 layers"].get_ydata().tolist() == [2, 4]
+    assert list(lines["truncation (15)"].get_ydata()) == [15, 15]
+    assert png_bytes(figure)[:8] == PNG_SIGNATURE

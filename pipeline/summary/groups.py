@@ -27,7 +27,14 @@ converged, even if its moving average had dipped below the threshold first. From
   the end it is the plain fraction converged/trained; a pruned trial counts until it stopped);
 - `converged_fraction` is that estimate at the group's last step, with a 95 % Wilson interval
   (for a Kaplan–Meier estimate, Wilson's interval at the effective sample size that Greenwood's
-  variance implies, which is the number of trials when none was censored early);
+  variance implies, which is the number of trials when none was censored early; where the
+  last trials followed all converged, its limit, and with none converged, the trials followed
+  to the end: a pruned trial adds no certainty);
+- `converged_fraction_pruned_never` (and its interval) is the same estimate with every pruned
+  trial that had not converged counted as never converging, followed to the planned end. A
+  pruner stops trials because they looked bad, so the Kaplan–Meier fraction, which lets a
+  pruned trial converge as often as those followed on, is an upper estimate, and this one a
+  lower estimate; without pruned trials the two are one;
 - `median_steps_to_converge` (and the quartiles) are the steps at which that fraction reaches
   one half (a quarter, three quarters): null when it never does, which reads "more than
   `horizon_step` steps". Its 95 % interval comes from the same pointwise band (see
@@ -44,7 +51,8 @@ import pandas as pd
 import pyarrow as pa
 
 from pipeline.config import Config
-from pipeline.summary.survival import Survival, kaplan_meier, median_bounds
+from pipeline.summary.capacity import ARCHITECTURE, capacity_table, varies_capacity
+from pipeline.summary.survival import TOLERANCE, Survival, kaplan_meier, median_bounds
 
 GROUP = ["num_layers", "state_size", "echo_step"]
 # A factor the summary knows only when the study searches it.
@@ -61,6 +69,9 @@ STATISTICS = {
     "converged_fraction": pa.float64(),
     "converged_fraction_low": pa.float64(),
     "converged_fraction_high": pa.float64(),
+    "converged_fraction_pruned_never": pa.float64(),
+    "converged_fraction_pruned_never_low": pa.float64(),
+    "converged_fraction_pruned_never_high": pa.float64(),
     "median_steps_to_converge": pa.float64(),
     "median_steps_to_converge_low": pa.float64(),
     "median_steps_to_converge_high": pa.float64(),
@@ -87,13 +98,16 @@ class Comparison:
 
 @dataclass(frozen=True)
 class Fastest:
-    """The group with the fewest median steps to converge among those where most converged."""
+    """The group with the fewest median steps to converge among those where most converged,
+    within one truncation (a step at truncation T covers T time steps)."""
 
+    truncation: int | None
+    """The truncation compared within when the study searches it, else None."""
     row: pd.Series
     overlapping: int
     """Other such groups whose median interval overlaps this one's: not clearly slower."""
     candidates: int
-    """Groups where a majority of the trained trials converged."""
+    """Groups where a majority converged (Kaplan–Meier, as the table shows)."""
 
 
 @dataclass(frozen=True)
@@ -135,7 +149,8 @@ class Summary:
     """Echo steps run that are at or beyond the (fixed) truncation length."""
     comparisons: tuple[Comparison, ...]
     """Depth and width, each compared within every reachable echo step."""
-    fastest: Fastest | None
+    fastest: tuple[Fastest, ...]
+    """One per truncation (one in all when it is fixed)."""
     by_reach: pd.DataFrame
     """Statistics by `reachable` (echo step below its truncation or not)."""
     frontier: pd.DataFrame | None
@@ -144,6 +159,9 @@ class Summary:
     """When truncation varies: one per truncation."""
     survival: dict[str, dict[int, Survival]]
     """Fraction converged against step for each level of each factor."""
+    capacity: pd.DataFrame | None = None
+    """When the study varies state size and echo step: per depth and state size (and
+    truncation), the largest echo step where a majority converged (capacity.capacity_table)."""
     findings: tuple[str, ...] = ()
     """The headline findings, in sentences derived from the numbers (words.findings)."""
     files: tuple[str, ...] = ()
@@ -165,6 +183,8 @@ class Summary:
         map over layers × state size per echo step would mix truncations, and is left out."""
         names = ["loss_curves", "converged_fraction", "time_to_converge"]
         names.insert(1, "truncation_frontier" if self.truncation is None else "steps_to_converge")
+        if self.capacity is not None:
+            names.append("capacity_frontier")
         return tuple(PLOTS[name] for name in names)
 
 
@@ -200,10 +220,13 @@ def summary_numbers(config: Config, trials: pd.DataFrame) -> Summary:
             for factor in ("num_layers", "state_size")
             for comparison in compare_within_echo_steps(trials, factor, factors)
         ),
-        fastest=fastest_group(table),
+        fastest=tuple(fastest_groups(table)),
         by_reach=group_table(trials, ["reachable"]),
         frontier=frontier,
         slowdowns=() if frontier is None else tuple(slowdowns(frontier)),
+        capacity=capacity_table(table, [*ARCHITECTURE, *([] if fixed else [TRUNCATION])])
+        if varies_capacity(table)
+        else None,
         survival={
             factor: {
                 int(level): _survival(group)
@@ -252,13 +275,21 @@ def compare_within_echo_steps(
     return comparisons
 
 
-def fastest_group(table: pd.DataFrame) -> Fastest | None:
-    """The group with the fewest median steps to converge among those where a majority of
-    the trained trials converged (one of four converging fast is luck, not speed); None when
-    no such group, or only one group, exists."""
-    majority = table[(2 * table["converged"] > table["trained"])].dropna(
-        subset=["median_steps_to_converge"]
-    )
+def fastest_groups(table: pd.DataFrame) -> list[Fastest]:
+    """Within each truncation, the fastest group (see fastest_group); steps at different
+    truncations cover different time steps, so they are never ranked together."""
+    if TRUNCATION not in table:
+        found = fastest_group(table)
+        return [found] if found else []
+    found = (fastest_group(rows, int(t)) for t, rows in table.groupby(TRUNCATION, sort=True))
+    return [fastest for fastest in found if fastest]
+
+
+def fastest_group(table: pd.DataFrame, truncation: int | None = None) -> Fastest | None:
+    """The group with the fewest median steps to converge among those where a majority
+    converged (one of four converging fast is luck, not speed), a majority by the Kaplan–Meier
+    fraction that the table shows; None when no such group, or only one group, exists."""
+    majority = table[converged_by_majority(table)].dropna(subset=["median_steps_to_converge"])
     if majority.empty or len(table) < 2:
         return None
     ranked = majority.sort_values(
@@ -267,7 +298,13 @@ def fastest_group(table: pd.DataFrame) -> Fastest | None:
     best = ranked.iloc[0]
     _, best_high = median_bounds(best)
     overlapping = sum(median_bounds(row)[0] <= best_high for _, row in ranked.iloc[1:].iterrows())
-    return Fastest(best, int(overlapping), len(majority))
+    return Fastest(truncation, best, int(overlapping), len(majority))
+
+
+def converged_by_majority(rows: pd.DataFrame) -> pd.Series:
+    """Where more than half converged, by the Kaplan–Meier fraction (`converged_fraction`):
+    the one estimate the tables show, so that a finding never contradicts them."""
+    return rows["converged_fraction"] > 0.5 + TOLERANCE
 
 
 def slowdowns(frontier: pd.DataFrame) -> list[Slowdown]:
@@ -279,12 +316,10 @@ def slowdowns(frontier: pd.DataFrame) -> list[Slowdown]:
         if below.empty:
             continue
         below = below.sort_values("echo_step")
-        majority = below[2 * below["converged"] > below["trained"]]
+        majority = below[converged_by_majority(below)]
         first = below.iloc[0]
         last = majority.iloc[-1] if len(majority) else first
-        stalled = tuple(
-            int(e) for e in below.loc[2 * below["converged"] <= below["trained"], "echo_step"]
-        )
+        stalled = tuple(int(e) for e in below.loc[~converged_by_majority(below), "echo_step"])
         same = last["echo_step"] == first["echo_step"]
         verdict = "unclear" if same else _verdict(first, last)
         result.append(Slowdown(int(truncation), first, last, stalled, verdict))
@@ -390,6 +425,7 @@ def _with_counting_rule(config: Config, trials: pd.DataFrame) -> pd.DataFrame:
     truncation = _column_or(config, trials, TRUNCATION, "task.truncation")
     trials = trials.assign(
         last_step=last,
+        planned_last_step=planned - 1,
         diverged=diverged,
         trained=trained,
         reached=reached,
@@ -414,17 +450,25 @@ def _column_or(config: Config, trials: pd.DataFrame, column: str, key: str) -> p
     return pd.Series(config.value(key), index=trials.index, dtype="int64")
 
 
-def _survival(trials: pd.DataFrame) -> Survival:
+def _survival(trials: pd.DataFrame, pruned_never: bool = False) -> Survival:
+    """The Kaplan–Meier curve of the trained trials; with `pruned_never`, a pruned trial that
+    had not converged counts as never converging, followed to its planned end."""
     trained = trials[trials["trained"]]
+    event_step = trained["event_step"]
+    if pruned_never:
+        failed = (trained["status"] == "pruned") & ~trained["reached"]
+        event_step = event_step.where(~failed, trained["planned_last_step"])
     # Trials run on after they converge: the horizon is the last step any of them ran.
-    horizon = int(trained["last_step"].max()) if len(trained) else None
-    return kaplan_meier(trained["event_step"].to_numpy(), trained["reached"].to_numpy(), horizon)
+    horizon = int(max(trained["last_step"].max(), event_step.max())) if len(trained) else None
+    return kaplan_meier(event_step.to_numpy(), trained["reached"].to_numpy(), horizon)
 
 
 def _statistics(trials: pd.DataFrame) -> dict[str, float | int]:
     state = trials["state"]
     survival = _survival(trials)
     low, high = survival.final_interval
+    pessimistic = _survival(trials, pruned_never=True) if (state == "PRUNED").any() else survival
+    never_low, never_high = pessimistic.final_interval
     median_low, median_high = survival.median_interval()
     finished = trials.loc[state.isin(["COMPLETE", "PRUNED"]), "final_loss"].to_numpy(float)
     finished = finished[np.isfinite(finished)]
@@ -439,6 +483,9 @@ def _statistics(trials: pd.DataFrame) -> dict[str, float | int]:
         "converged_fraction": survival.final,
         "converged_fraction_low": low,
         "converged_fraction_high": high,
+        "converged_fraction_pruned_never": pessimistic.final,
+        "converged_fraction_pruned_never_low": never_low,
+        "converged_fraction_pruned_never_high": never_high,
         "median_steps_to_converge": survival.quantile(0.5),
         "median_steps_to_converge_low": median_low,
         "median_steps_to_converge_high": median_high,
@@ -450,8 +497,10 @@ def _statistics(trials: pd.DataFrame) -> dict[str, float | int]:
 
 
 def _verdict(smallest: pd.Series, largest: pd.Series) -> str:
-    if pd.isna(smallest["median_steps_to_converge_low"]) and pd.isna(
-        largest["median_steps_to_converge_low"]
+    # Fewer than half converged with either: no median to compare (its interval may still
+    # have a lower end, where few trials were followed).
+    if pd.isna(smallest["median_steps_to_converge"]) and pd.isna(
+        largest["median_steps_to_converge"]
     ):
         return "none converged"
     small_low, small_high = median_bounds(smallest)
@@ -469,4 +518,5 @@ PLOTS = {
     "converged_fraction": "plots/converged_fraction.png",
     "time_to_converge": "plots/time_to_converge.png",
     "truncation_frontier": "plots/truncation_frontier.png",
+    "capacity_frontier": "plots/capacity_frontier.png",
 }

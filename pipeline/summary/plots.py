@@ -428,3 +428,37 @@ def _median_norm(values: np.ndarray) -> Normalize:
         return Normalize(0, 1)
     low, high = float(finite.min()), float(finite.max())
     return Normalize(low - 1, high + 1) if low == high else Normalize(low, high)
+
+
+def capacity_frontier_figure(capacity: pd.DataFrame, truncation: int | None, title: str) -> Figure:
+    """The largest echo step where a majority converged against state size, one line per depth
+    (a hollow marker: no echo step had a majority, drawn at 0), with the truncation drawn (at
+    and beyond it no gradient links an input to its target) and the line echo step = state
+    size (one echo step per unit). `capacity` as capacity.capacity_table."""
+    figure = Figure(figsize=(6.4, 4.4), layout="constrained")
+    figure.suptitle(f"{title}: the capacity frontier")
+    ax = figure.subplots()
+    sizes = sorted(capacity["state_size"].unique())
+    for i, (layers, rows) in enumerate(capacity.groupby("num_layers", sort=True)):
+        rows = rows.sort_values("state_size")
+        reached = rows["largest_echo_step"].to_numpy(float)
+        colour = colormaps["tab10"](i % 10)
+        ax.plot(rows["state_size"], np.nan_to_num(reached), color=colour, linewidth=1.6,
+                marker=_MARKERS[i % len(_MARKERS)], label=_legend(layers, "layer"))  # fmt: skip
+        none = np.isnan(reached)
+        ax.plot(rows["state_size"][none], np.zeros(none.sum()), linestyle="none", marker="o",
+                markerfacecolor="white", markeredgecolor=colour)  # fmt: skip
+    ax.plot(sizes, sizes, color="0.6", linestyle=":", label="echo step = state size")
+    if truncation is not None:
+        ax.axhline(truncation, color="crimson", linestyle="--", linewidth=1.5,
+                   label=f"truncation ({truncation})")  # fmt: skip
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [f"{s:g}" for s in sizes])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    top = max(float(np.nanmax(capacity["largest_echo_step"].to_numpy(float), initial=0)), 1.0)
+    ax.set_ylim(-0.5, max(top, truncation or 0) + 1)
+    ax.set(xlabel="state size (units)", ylabel="largest echo step where most converged")
+    ax.grid(color="0.92")
+    ax.legend(fontsize="small")
+    return figure

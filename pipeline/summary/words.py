@@ -13,10 +13,13 @@ import pandas as pd
 import yaml
 
 from pipeline.results.tables import TRIAL_STATES
+from pipeline.summary.capacity import capacity_finding, capacity_markdown
+from pipeline.summary.pruning import PRUNED_READING, pruning_finding
 from pipeline.training.data import LN2
 
 if TYPE_CHECKING:
-    from pipeline.summary.groups import Comparison, Summary
+    from pipeline.summary.groups import Comparison, Fastest, Summary
+
 
 _HEADERS = {
     "num_layers": "layers",
@@ -32,6 +35,7 @@ _CAPTIONS = {
     "truncation",
     "converged_fraction": "Converged fraction versus echo step",
     "time_to_converge": "Fraction converged by step (Kaplan–Meier), per level of each factor",
+    "capacity_frontier": "Largest echo step learned against state size, per depth",
 }
 _NO_GRADIENT = "no gradient links an input to its target there"
 
@@ -44,7 +48,9 @@ def findings(summary: Summary) -> tuple[str, ...]:
         *(_frontier_findings(summary) if summary.truncation is None else ()),
         _comparison_finding(summary, "num_layers"),
         _comparison_finding(summary, "state_size"),
-        _fastest_finding(summary),
+        _capacity_finding(summary),
+        *_fastest_findings(summary),
+        pruning_finding(summary.table, lambda row: _group_name(summary, row)),
         _failure_finding(summary),
     ]
     return tuple(sentence for sentence in sentences if sentence)
@@ -58,11 +64,17 @@ def render_markdown(summary: Summary) -> str:
     lines += ["## Findings", "", *(f"- {sentence}" for sentence in summary.findings), ""]
     lines += [f"## By {_and([_HEADERS[f] for f in factors])}", ""]
     lines += [_READING, ""]
-    lines += _markdown_table(summary.table, factors)
+    pruned = bool(summary.table["pruned"].sum())
+    if pruned:
+        lines += [PRUNED_READING, ""]
+    lines += _markdown_table(summary.table, factors, pruned)
+    if summary.capacity is not None:
+        lines += ["", "## Capacity frontier", "", _CAPACITY_READING, ""]
+        lines += capacity_markdown(summary.capacity)
     if summary.frontier is not None:
         lines += ["", "## By truncation and echo step", ""]
         lines += ["Pooled over the architectures and seeds.", ""]
-        lines += _markdown_table(summary.frontier, ["truncation", "echo_step"])
+        lines += _markdown_table(summary.frontier, ["truncation", "echo_step"], pruned)
     lines += ["", "## By each factor alone", ""]
     lines += [
         "Pooled over the other factors; the same numbers are in `summary_by_factor.parquet`"
@@ -72,7 +84,7 @@ def render_markdown(summary: Summary) -> str:
     for factor in factors:
         rows = summary.by_factor[summary.by_factor["factor"] == factor]
         rows = rows.rename(columns={"value": factor})
-        lines += [f"### {factor}", "", *_markdown_table(rows, [factor]), ""]
+        lines += [f"### {factor}", "", *_markdown_table(rows, [factor], pruned), ""]
     lines += ["## Plots", ""]
     for path in summary.plots:
         name = path.removeprefix("plots/").removesuffix(".png")
@@ -86,6 +98,19 @@ _READING = (
     "converged, with its 95 % interval; `> N` where fewer than half converged within the N "
     "steps the trials were followed. Pruned trials count until they stopped (censored)."
 )
+
+
+_CAPACITY_READING = (
+    "Per depth and state size, pooled over seeds: the largest echo step where a majority of "
+    "the trials converged (Kaplan–Meier), with that fraction and its 95 % interval there and "
+    "at the next echo step run."
+)
+
+
+def _capacity_finding(summary: Summary) -> str | None:
+    if summary.capacity is None or summary.capacity.empty:
+        return None
+    return capacity_finding(summary.capacity, summary.config.train.epochs, summary.truncation)
 
 
 def _progress_finding(summary: Summary) -> str:
@@ -252,15 +277,21 @@ def _comparison_finding(summary: Summary, factor: str) -> str | None:
     )
 
 
-def _fastest_finding(summary: Summary) -> str | None:
-    fastest = summary.fastest
-    if fastest is None:
+def _fastest_findings(summary: Summary) -> list[str]:
+    """The fastest group, within each truncation when it varies."""
+    if not summary.fastest:
         if len(summary.table) > 1:
-            return "No group had a majority of its trials converged, so none is the fastest."
-        return None
+            return ["No group had a majority of its trials converged, so none is the fastest."]
+        return []
+    return [_fastest_finding(summary, fastest) for fastest in summary.fastest]
+
+
+def _fastest_finding(summary: Summary, fastest: Fastest) -> str:
     row = fastest.row
     where = ", ".join(
-        f"{_HEADERS[f]} {row[f]:g}" for f in summary.factors if f not in _FACTOR_WORDS
+        f"{_HEADERS[f]} {row[f]:g}"
+        for f in summary.factors
+        if f not in _FACTOR_WORDS and f != "truncation"
     )
     caveat = (
         f"; the intervals of {fastest.overlapping} of the other {fastest.candidates - 1} groups "
@@ -268,12 +299,30 @@ def _fastest_finding(summary: Summary) -> str | None:
         if fastest.overlapping
         else ""
     )
-    return (
-        f"Fastest group, among the {fastest.candidates} where a majority converged: "
-        f"{_architecture(row['num_layers'], row['state_size'])} at {where}, median "
-        f"{_median_with_interval(row)} steps to converge ({row['converged']:.0f}/"
-        f"{row['trained']:.0f} converged){caveat}."
+    heading = (
+        "Fastest group"
+        if fastest.truncation is None
+        else (f"At truncation {fastest.truncation}, fastest group")
     )
+    return (
+        f"{heading}, among the {fastest.candidates} where a majority converged: "
+        f"{_architecture(row['num_layers'], row['state_size'])} at {where}, median "
+        f"{_median_with_interval(row)} steps to converge ({row['converged_fraction']:.0%} "
+        f"converged by Kaplan–Meier; {row['converged']:.0f} of {row['trained']:.0f} trials seen "
+        "to converge)"
+        f"{caveat}."
+    )
+
+
+def _group_name(summary: Summary, row: dict) -> str:
+    """A group by its factors that vary: `echo step 3`, `2 layers × 8 units at echo step 3`."""
+    varying = [f for f in summary.factors if summary.table[f].nunique() > 1]
+    architecture = [f for f in varying if f in _FACTOR_WORDS]
+    rest = ", ".join(f"{_HEADERS[f]} {row[f]:g}" for f in varying if f not in _FACTOR_WORDS)
+    if not architecture:
+        return rest
+    name = _architecture(row["num_layers"], row["state_size"])
+    return f"{name} at {rest}" if rest else name
 
 
 def _failure_finding(summary: Summary) -> str:
@@ -361,11 +410,14 @@ def _what_was_run(summary: Summary) -> list[str]:
     return lines
 
 
-def _markdown_table(frame: pd.DataFrame, keys: Sequence[str]) -> list[str]:
+def _markdown_table(frame: pd.DataFrame, keys: Sequence[str], pruned: bool = False) -> list[str]:
+    """The statistics of each row of `frame` by `keys`; with `pruned`, the converged fraction
+    with pruned trials counted as never converging beside Kaplan–Meier's."""
     headers = [
         *(_HEADERS[key] for key in keys),
         "trials",
         "converged",
+        *(["pruned as never converged"] if pruned else []),
         "median steps (95 % CI)",
         "quartiles of steps",
         "median final loss",
@@ -376,6 +428,7 @@ def _markdown_table(frame: pd.DataFrame, keys: Sequence[str]) -> list[str]:
         cells += [
             _trial_counts(row),
             _converged_cell(row),
+            *([_fraction_with_interval(row, "converged_fraction_pruned_never")] if pruned else []),
             _median_with_interval(row),
             _quartiles(row),
             _number(row["median_final_loss"]),
@@ -388,10 +441,18 @@ def _converged_cell(row: dict | pd.Series) -> str:
     counts = f"{row['converged']}/{row['trained']}"
     if pd.isna(row["converged_fraction"]):
         return counts
-    return (
-        f"{counts} ({row['converged_fraction']:.0%}; {row['converged_fraction_low']:.0%}–"
-        f"{row['converged_fraction_high']:.0%})"
-    )
+    return f"{counts} ({row['converged_fraction']:.0%}; {_interval(row, 'converged_fraction')})"
+
+
+def _fraction_with_interval(row: dict | pd.Series, column: str) -> str:
+    """`40% (12%–77%)`: a fraction and its 95 % interval; – when no trial trained."""
+    if pd.isna(row[column]):
+        return "–"
+    return f"{row[column]:.0%} ({_interval(row, column)})"
+
+
+def _interval(row: dict | pd.Series, column: str) -> str:
+    return f"{row[f'{column}_low']:.0%}–{row[f'{column}_high']:.0%}"
 
 
 def _median_with_interval(row: dict | pd.Series) -> str:

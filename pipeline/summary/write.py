@@ -35,6 +35,9 @@ SUMMARY_BY_FACTOR = "summary_by_factor.parquet"
 SUMMARY_MD = "summary.md"
 
 
+SUMMARY_CAPACITY = "summary_capacity.parquet"
+
+
 def summarize(config: Config, trials: pd.DataFrame) -> Summary:
     """The numbers of a study's finished trials (rows as in trials.parquet, with `status`),
     and the findings that words.py says of them."""
@@ -45,7 +48,8 @@ def summarize(config: Config, trials: pd.DataFrame) -> Summary:
 def write_summary(output: str) -> Summary:
     """Summarize the finished trials in `output` (a study, running, interrupted or done, or a
     single `train` run) and write summary.parquet, summary_by_factor.parquet, summary.md and
-    plots/*.png there. Raises ConfigError, writing nothing, if `output` is no echo-study output
+    plots/*.png there (and summary_capacity.parquet when the study varies state size and echo
+    step). Raises ConfigError, writing nothing, if `output` is no echo-study output
     or holds no finished trial."""
     location = Output(output)
     config = _read_config(location)
@@ -61,6 +65,8 @@ def write_summary(output: str) -> Summary:
             summary.by_factor, pa.schema([("factor", pa.string()), ("value", pa.int32())])
         ),
     }
+    if summary.capacity is not None:
+        tables[SUMMARY_CAPACITY] = pa.Table.from_pandas(summary.capacity, preserve_index=False)
     # The loss curves (every step read back, each trial's moving average, the quartiles) and
     # their figure took half of the summary's time: a child draws them on another core while
     # this process draws the others (see forked.py).
@@ -136,6 +142,7 @@ def _loss_curves_png(location: Output, summary: Summary) -> bytes:
 def _figures(summary: Summary) -> dict[str, object]:
     """The summary's figures but the loss curves' (`_loss_curves_png`)."""
     from pipeline.summary.plots import (
+        capacity_frontier_figure,
         converged_fraction_figure,
         steps_to_converge_figure,
         time_to_converge_figure,
@@ -162,6 +169,10 @@ def _figures(summary: Summary) -> dict[str, object]:
     else:
         figures[PLOTS["steps_to_converge"]] = steps_to_converge_figure(
             summary.table, truncation=truncation, title=heading
+        )
+    if summary.capacity is not None:
+        figures[PLOTS["capacity_frontier"]] = capacity_frontier_figure(
+            summary.capacity, truncation=truncation, title=heading
         )
     return figures
 
