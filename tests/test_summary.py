@@ -734,6 +734,8 @@ def test_capacity_finding_says_how_the_frontier_grows_with_state_size_and_depth(
         "(0 clearly)" in finding
     )
     assert "2 layers against 1 layer: further at 1 and 4 units (1 and 4 units clearly)" in finding
+    # 2 × 4 learned echo 4, the largest run: the frontier there is the grid's, not its own.
+    assert "2 layers × 4 units learned every echo step run" in finding
 
 
 def test_capacity_is_left_out_when_the_study_varies_no_state_size(tmp_path):

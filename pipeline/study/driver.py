@@ -142,6 +142,7 @@ def run_study(
     custom_storage = open_storage(config.study.storage) if config.study.storage else None
     launch = launch or prepare(config)
     _import_in_background("pipeline.summary.plots")  # for the summary, while Ray starts
+    _import_in_background("scipy.stats")  # the summary's Kaplan–Meier (half a second or more)
     embedded = connect_ray(config, launch)
     try:
         with output.lock(only_writer=config.study.only_writer):

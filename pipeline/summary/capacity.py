@@ -73,6 +73,13 @@ def capacity_finding(capacity: pd.DataFrame, epochs: int, truncation: int | None
         f"epochs{boundary} (– where none did): {'; '.join(parts)}. With state size, "
         f"{'; '.join(growth)}."
     )
+    capped = capacity[capacity["largest_echo_step"].notna() & capacity["next_echo_step"].isna()]
+    if len(capped):
+        names = [f"{_layers(r['num_layers'])} × {r['state_size']:g} units" for r in _rows(capped)]
+        sentence += (
+            f" {_and(names)} learned every echo step run, "
+            "so the grid, not the network, stops the frontier there."
+        )
     depth = _depth_clause(capacity)
     return f"{sentence} {depth}" if depth else sentence
 
@@ -144,6 +151,10 @@ def _depth_clause(capacity: pd.DataFrame) -> str:
     return f"{_layers(deep)} against {_layers(shallow)}: {', '.join(parts)}."
 
 
+def _rows(frame: pd.DataFrame) -> list[dict]:
+    return frame.to_dict("records")
+
+
 def _reach(row: dict | pd.Series) -> float:
     return -1.0 if pd.isna(row["largest_echo_step"]) else float(row["largest_echo_step"])
 
@@ -168,9 +179,13 @@ def _layers(count: float) -> str:
     return f"{count:g} layer{'' if count == 1 else 's'}"
 
 
+def _and(parts: Sequence[str]) -> str:
+    parts = list(parts)
+    return parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
+
+
 def _sizes(sizes: Sequence[float]) -> str:
     values = [f"{size:g}" for size in sizes]
     if not values:
         return "no state size"
-    listed = values[0] if len(values) == 1 else f"{', '.join(values[:-1])} and {values[-1]}"
-    return f"{listed} unit{'' if values == ['1'] else 's'}"
+    return f"{_and(values)} unit{'' if values == ['1'] else 's'}"
