@@ -208,6 +208,17 @@ def test_study_refuses_a_relative_output_inside_a_ray_job(tmp_path, ray_session,
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.parametrize("storage", ["study.journal", "sqlite:///study.db"])
+def test_study_refuses_a_relative_storage_path_inside_a_ray_job(tmp_path, monkeypatch, storage):
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    monkeypatch.chdir(tmp_path)
+    config = study_config(tmp_path, **{"study.storage": storage})
+    # A relative storage would land in the job's temporary copy: refused before it is opened.
+    with pytest.raises(ConfigError, match=r"study.storage = .* is relative, but this runs as a"):
+        run_study(config, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_study_refuses_an_output_holding_another_config(tmp_path, ray_session):
     config = study_config(tmp_path, **{"study.trials": 1})
     run_study(config, progress=False)

@@ -542,6 +542,15 @@ def _import_in_background(module: str) -> None:
     threading.Thread(target=importlib.import_module, args=(module,), daemon=True).start()
 
 
+def _relative_file(storage: str) -> bool:
+    """Whether a storage is a file at a relative path: a journal file's path, or an SQLite URL
+    with three slashes (four for an absolute path)."""
+    if storage.startswith("sqlite:///"):
+        path = storage.removeprefix("sqlite:///")
+        return bool(path) and not path.startswith(("/", ":memory:"))
+    return "://" not in storage and not os.path.isabs(storage)
+
+
 def _check_search(config: Config) -> None:
     if not config.study.search:
         raise ConfigError(
@@ -549,16 +558,25 @@ def _check_search(config: Config) -> None:
         )
 
 
+# What a relative path would be relative to inside a Ray job: said by every refusal of one.
+IN_A_JOB = (
+    "but this runs as a Ray job, in a temporary copy of the working directory that is deleted "
+    "afterwards"
+)
+
+
 def _check_output_location(config: Config, output: Output) -> None:
-    if (
-        os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-        and "://" not in config.output
-        and (not os.path.isabs(config.output))
-    ):
+    in_a_job = bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+    if in_a_job and "://" not in config.output and not os.path.isabs(config.output):
         raise ConfigError(
-            f"output {config.output!r} is relative, but this runs as a Ray job, in a temporary "
-            "copy of the working directory that is deleted afterwards: give an absolute path "
+            f"output {config.output!r} is relative, {IN_A_JOB}: give an absolute path "
             "(--output /data/echo-grid) or a URI (s3://bucket/echo-grid)"
+        )
+    storage = config.study.storage
+    if in_a_job and storage is not None and _relative_file(storage):
+        raise ConfigError(
+            f"study.storage = {storage!r} is relative, {IN_A_JOB}: give an absolute path "
+            "(/data/echo.journal, sqlite:////data/echo.db) or a database URL"
         )
     if not output.is_local and not config.study.only_writer:
         with output.lock():  # refuses at once, before Ray starts
