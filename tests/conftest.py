@@ -62,13 +62,16 @@ def small() -> Config:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A real embedded Ray with two CPUs, shared by the tests that run studies in-process."""
+    """A real embedded Ray with two CPUs, shared by the tests that run studies in-process,
+    started (on 127.0.0.1) and stopped as a study's own."""
     import ray
 
+    from pipeline.study.ray_connection import start_embedded_ray, stop_embedded_ray
+
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    start_embedded_ray(num_cpus=2, dashboard=False)
     yield ray
-    ray.shutdown()
+    stop_embedded_ray()
 
 
 def study_config(tmp_path, search: dict | None = None, **params: object) -> Config:

@@ -51,7 +51,7 @@ def ray_env() -> dict[str, str]:
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
     }
     env.pop("RAY_ADDRESS", None)
-    # What `python -m pipeline study` sets for an embedded Ray; a multi-node Ray refuses it.
+    # Set for a single-node Ray (Ray then binds 127.0.0.1 only); a multi-node Ray refuses it.
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
     return env
 

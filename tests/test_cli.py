@@ -200,7 +200,6 @@ def test_cli_train_falls_back_to_eager_when_compiling_fails(tmp_path):
 
 @pytest.mark.parametrize("command", ["train", "study"])
 def test_cli_output_that_is_a_file_is_one_line_exit_2(tmp_path, capsys, monkeypatch, command):
-    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # what the CLI sets; restored
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     config = _small_config_file(tmp_path, study={"search": {"task.echo_step": [1, 2]}})
     notes = tmp_path / "notes.txt"
@@ -256,3 +255,25 @@ def test_cli_summarize_refuses_steps_of_an_older_layout_in_one_line(tmp_path, ca
     assert main(["summarize", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "written by an older echo-study" in err
+
+
+QUICK = Path(__file__).parent.parent / "configs" / "quick.yaml"
+TOO_LARGE_TRAINERS = {
+    "CPUs": (["ray.cpus_per_trainer=3"], "ray.cpus_per_trainer = 3: a trainer asks 3 CPU of "
+             "one node, but the largest node has 2 CPU"),
+    "GPUs": (["ray.gpus_per_trainer=1"], "ray.gpus_per_trainer = 1: a trainer asks 1 GPU of "
+             "one node, but the largest node has 0 GPU"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("overrides, line", TOO_LARGE_TRAINERS.values(), ids=TOO_LARGE_TRAINERS)
+def test_cli_study_whose_trainer_fits_no_node_is_one_line_exit_2(tmp_path, overrides, line):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    sets = [arg for override in ["ray.num_cpus=2", *overrides] for arg in ("--set", override)]
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "pipeline", "study", str(QUICK), *sets, "--output", str(out)]
+    # Its trainers would wait for Ray forever: refused at once (the timeout only guards a hang).
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (2, f"error: {line}\n")
+    assert not out.exists()

@@ -2,6 +2,8 @@
 it: a head and a worker node, each its own `ray start` with its own temp dir and ports and one
 CPU. Trials must run on both nodes, and losing the worker node mid-study must lose no trial."""
 
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -171,3 +173,21 @@ def test_cluster_job_submit_refuses_a_relative_output(cluster, tmp_path):
         _reap(job)
     assert job.returncode != 0
     assert "is relative, but this runs as a Ray job" in log.read_text()
+
+
+def test_cluster_study_waits_for_a_node_that_fits_a_trainer_then_stops(cluster, tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "pipeline", "study", "configs/quick.yaml", "--address",
+               cluster.gcs_address, "--set", "ray.cpus_per_trainer=2",
+               "--set", "ray.placement_timeout_s=2", "--output", str(out)]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, env=cluster.env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    lack = "ray.cpus_per_trainer = 2: a trainer asks 2 CPU of one node, but the largest node has 1"
+    # A node may still join a cluster: the study says what it waits for, then stops in one line.
+    assert f"{lack} CPU; waiting up to 2 s (ray.placement_timeout_s)" in done.stderr
+    last = done.stderr.splitlines()[-1]
+    assert (done.returncode, last) == (
+        2,
+        f"error: {lack} CPU; none joined in 2 s (ray.placement_timeout_s)",
+    )
+    assert not out.exists()

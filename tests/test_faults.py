@@ -345,7 +345,6 @@ BAD_STUDIES = {
 def test_faults_bad_study_input_is_one_line_exit_2_and_nothing_written(
     tmp_path, capsys, monkeypatch, raw, args, message
 ):
-    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # what the CLI sets; restored
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(raw))

@@ -1,6 +1,9 @@
+import contextlib
 import dataclasses
+import ipaddress
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -8,12 +11,15 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
+import psutil
 import pytest
+import yaml
 
 from pipeline.config import ConfigError
 from pipeline.results.output import Output
 from pipeline.study.compile_ahead import kernel_families
 from pipeline.study.driver import param_columns, run_study
+from pipeline.study.failpoints import FAILPOINT
 from pipeline.study.optuna_setup import JOURNAL
 from pipeline.study.placement import TrialWork, Workload, grid_points, place
 from pipeline.training.trial import lanes_key
@@ -194,8 +200,27 @@ def test_study_median_pruner_stops_hopeless_trials_and_keeps_their_steps(tmp_pat
 def test_study_refuses_cuda_trainers_on_a_cluster_without_gpus(tmp_path, ray_session):
     # Each trainer would ask Ray for a GPU that never comes.
     config = study_config(tmp_path, **{"train.device": "cuda"})
-    with pytest.raises(ConfigError, match="the Ray cluster has 0"):
+    with pytest.raises(ConfigError, match="asks 1 GPU of one node, but the largest node has 0"):
         run_study(config, progress=False)
+
+
+def test_study_whose_trainers_ray_never_places_says_so_and_stops(tmp_path, ray_session, caplog):
+    # Both CPUs of the node are held by someone else: trainers fit the node but never start.
+    holder = ray_session.remote(num_cpus=2)(_Holder).remote()
+    ray_session.get(holder.ready.remote())
+    config = study_config(tmp_path, **{"ray.placement_timeout_s": 2})
+    try:
+        with pytest.raises(ConfigError, match=r"no trainer was placed by Ray in 2 s \(ray.pla"):
+            run_study(config, progress=False)
+    finally:
+        ray_session.kill(holder)
+    # Before it stops, the study says what its trainers wait for.
+    assert "2 trainer(s) wait for Ray to place them, each asking 1 CPU" in caplog.text
+
+
+class _Holder:
+    def ready(self) -> bool:
+        return True
 
 
 def test_study_records_trials_that_raise_as_failed_and_goes_on(tmp_path, ray_session):
@@ -216,6 +241,17 @@ def test_study_refuses_a_relative_output_inside_a_ray_job(tmp_path, ray_session,
     with pytest.raises(ConfigError, match="relative, but this runs as a Ray job"):
         run_study(config, progress=False)
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("storage", ["study.journal", "sqlite:///study.db"])
+def test_study_refuses_a_relative_storage_path_inside_a_ray_job(tmp_path, monkeypatch, storage):
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    monkeypatch.chdir(tmp_path)
+    config = study_config(tmp_path, **{"study.storage": storage})
+    # A relative storage would land in the job's temporary copy: refused before it is opened.
+    with pytest.raises(ConfigError, match=r"study.storage = .* is relative, but this runs as a"):
+        run_study(config, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_study_refuses_an_output_holding_another_config(tmp_path, ray_session):
@@ -308,3 +344,70 @@ def _processes_naming(text: str) -> list[str]:
         if state != "Z" and (text in command or any(text in f for f in files)):
             found.append(command[:200])
     return found
+
+
+# A study run from Python, as the benchmarks run it: Ray imported before anything is decided.
+RUN_STUDY_FROM_PYTHON = """
+import sys
+from pipeline.config import load_config
+from pipeline.study import run_study
+run_study(load_config(sys.argv[1], ["output=" + sys.argv[2]]), progress=False)
+"""
+ENTRY_POINTS = {
+    "command line": lambda config, out: ["-m", "pipeline", "study", config, "--output", out],
+    "run_study": lambda config, out: ["-c", RUN_STUDY_FROM_PYTHON, config, out],
+}
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS.values(), ids=ENTRY_POINTS.keys())
+def test_embedded_ray_listens_on_loopback_only_from_every_entry_point(tmp_path, entry):
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study_config(tmp_path, **{"study.trials": 2}).to_dict()))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", FAILPOINT: "written:1:stop"}
+    for name in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
+        env.pop(name, None)
+    # The driver stops itself once a trial is recorded: its Ray and trainers are all up.
+    command = [sys.executable, *entry(str(path), str(tmp_path / "out"))]
+    driver = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)  # fmt: skip
+    try:
+        stopped = _wait_for(lambda: psutil.Process(driver.pid).status() == psutil.STATUS_STOPPED)
+        assert stopped, driver.stderr.read()[-2000:] if driver.poll() is not None else "no stop"
+        listening = _listening(psutil.Process(driver.pid))
+        os.kill(driver.pid, signal.SIGCONT)
+        assert driver.wait(timeout=120) == 0, driver.stderr.read()[-2000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    titles = {title for title, _ in listening}
+    assert {"gcs_server", "raylet", "ray::Trainer"} <= titles, listening
+    # Every server of the driver, Ray's processes and the trainers is on the loopback interface.
+    assert [(t, a) for t, a in listening if not _loopback(a)] == []
+
+
+def _wait_for(condition, timeout: float = 120) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _listening(driver: psutil.Process) -> set[tuple[str, str]]:
+    """(title, address) of every listening TCP socket of the driver and its descendants."""
+    found = set()
+    for process in [driver, *driver.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            title = process.cmdline()[0].split()[0]
+            for socket in process.net_connections(kind="tcp"):
+                if socket.status == psutil.CONN_LISTEN:
+                    found.add((os.path.basename(title), socket.laddr.ip))
+    return found
+
+
+def _loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1, a dual-stack socket's
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)

@@ -292,6 +292,10 @@ class RayConfig:
     CUDA, or is auto on a cluster with GPUs, else 0."""
     num_cpus: int | None = _field(None, RUN)
     """CPUs of the embedded Ray (default: all of this machine's); ignored on a cluster."""
+    placement_timeout_s: float = _field(300.0, RUN)
+    """Seconds a trainer waits for Ray to place it, saying what it waits for, before the study
+    stops (or, while other trainers run, gives that one up); on a cluster, also how long a study
+    waits for a node that can hold a trainer to join."""
     max_retries: int = _field(2, RUN)
     """Times a trial whose trainer died (worker or node lost) runs again before it is FAIL."""
     dashboard: bool = _field(False, RUN)
@@ -311,6 +315,9 @@ class RayConfig:
                 fail("ray.gpus_per_trainer", self.gpus_per_trainer, "must be between 0 and 64")
         if self.num_cpus is not None:
             require_int(self, "num_cpus", minimum=1)
+        require_float(self, "placement_timeout_s")
+        if not self.placement_timeout_s > 0:
+            fail("ray.placement_timeout_s", self.placement_timeout_s, "must be a number > 0")
         require_int(self, "max_retries", minimum=0)
         require_bool(self, "dashboard")
 

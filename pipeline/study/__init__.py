@@ -4,7 +4,9 @@
 - driver.py: `run_study` and the driver loop (ask, place, relay pruning, record, tell).
 - placement.py: which trainer takes a trial; a grid's order.
 - optuna_setup.py: samplers, pruners, distributions and storages.
-- ray_connection.py: starting an embedded Ray on 127.0.0.1, or joining a cluster.
+- ray_connection.py: starting an embedded Ray on 127.0.0.1, or joining a cluster; whether a
+  trainer fits on a node.
+- locations.py: outputs and storages that a study could not keep, refused before Ray starts.
 - trainer.py: the trainer actor; exchange.py: what it tells the driver.
 - compile_ahead.py: the CPU kernels' compile while the driver starts.
 - progress.py: the progress bar or lines; failpoints.py: fault injection for tests.

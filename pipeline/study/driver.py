@@ -23,7 +23,6 @@ from __future__ import annotations
 import importlib
 import logging
 import math
-import os
 import threading
 import time
 from collections import Counter, deque
@@ -47,6 +46,7 @@ from pipeline.results.record import TrialResult, record_trials
 from pipeline.results.tables import FIXED_COLUMNS, read_steps_outcomes, trials_table
 from pipeline.study.failpoints import failpoint
 from pipeline.study.launch import Launch, prepare
+from pipeline.study.locations import check_output_location
 from pipeline.study.optuna_setup import (
     JOURNAL,
     distribution,
@@ -58,10 +58,12 @@ from pipeline.study.optuna_setup import (
 from pipeline.study.placement import TrialWork, Workload, grid_points, place
 from pipeline.study.progress import Progress
 from pipeline.study.ray_connection import (
-    check_gpus,
+    check_placement,
     connect_ray,
+    describe_asks,
     stop_embedded_ray,
     stop_in_background,
+    trainers_that_fit,
 )
 from pipeline.study.trainer import start_trainer
 from pipeline.summary.write import write_summary
@@ -81,9 +83,9 @@ RECORD_EVERY_SECONDS = 1.0
 # trials.parquet is rewritten at most this often while a study runs (and once at its end);
 # the steps files' footers hold every row meanwhile.
 TRIALS_TABLE_EVERY_SECONDS = 10.0
-# A trainer that has not answered this long after it was started is given up (its node may
-# have gone), and its trials placed elsewhere.
-TRAINER_START_SECONDS = 180.0
+# A trainer that Ray has not placed this long after it was started says what it waits for
+# (or sooner, at half of ray.placement_timeout_s).
+WAIT_NOTICE_SECONDS = 10.0
 # How long a trainer holds a call when it has nothing to tell yet.
 EXCHANGE_WAIT_SECONDS = 0.5
 
@@ -135,7 +137,7 @@ def run_study(
     started, started_cpu = time.perf_counter(), time.process_time()
     output = Output(config.output)
     _check_search(config)
-    _check_output_location(config, output)
+    check_output_location(config, output)
     output.check_writable()
     check_output(output, config)
     output.check_free()
@@ -145,6 +147,7 @@ def run_study(
     _import_in_background("scipy.stats")  # the summary's Kaplan–Meier (half a second or more)
     embedded = connect_ray(config, launch)
     try:
+        check_placement(config, launch.embedded)
         with output.lock(only_writer=config.study.only_writer):
             claim_output(output, config)
             storage = custom_storage or open_storage(output.path(JOURNAL))
@@ -211,6 +214,8 @@ class _Trainer:
     """The estimated work left in its trials."""
     lent: int = 0
     """CPUs of idle trainers it may use (`_Driver._lend`)."""
+    noticed: bool = False
+    """Whether the user was told that it waits for Ray to place it."""
 
     def take(self, planned: PlannedTrial, work: TrialWork) -> None:
         self.trials[planned.number] = planned
@@ -291,7 +296,6 @@ class _Driver:
     def run(self) -> int:
         """Run trials until the study has its count of finished trials; returns how many ran."""
         before = len(self.rows)
-        check_gpus(self.config)
         self.trainers = [self._new_trainer() for _ in range(self._slots())]
         try:
             while True:
@@ -308,7 +312,7 @@ class _Driver:
                 ready, _ = ray.wait(calls, num_returns=len(calls), timeout=0)
                 for trainer in [t for t in self.trainers if t.call in ready]:
                     self._collect(trainer)
-                self._give_up_on_silent_trainers()
+                self._watch_unplaced_trainers()
                 self._record_if_due()
                 self.progress.tick()
             self._record()
@@ -320,8 +324,8 @@ class _Driver:
         return len(self.rows) - before
 
     def _slots(self) -> int:
-        cpus = ray.cluster_resources().get("CPU", 1)
-        return max(1, int(cpus // self.config.ray.cpus_per_trainer))
+        """Trainers to run: as many as the live nodes hold, each trainer on one node."""
+        return max(1, trainers_that_fit(self.config))
 
     def _new_trainer(self) -> _Trainer:
         actor = start_trainer(self.config, self.launch, self.report_every, self.judge_from)
@@ -488,24 +492,43 @@ class _Driver:
                 self.queue.appendleft(planned)
                 self.run_again += 1
         # Ray marks a lost node's CPUs gone within seconds; a trainer asked for too early
-        # waits for room and is given up after TRAINER_START_SECONDS.
+        # waits for room and is given up after ray.placement_timeout_s.
         time.sleep(0.5)
         while len(self.trainers) < self._slots():
             self.trainers.append(self._new_trainer())
 
-    def _give_up_on_silent_trainers(self) -> None:
-        """A trainer that never answered (placed on a node that went away, or waiting for room
-        that never comes) hands its trials back, while other trainers run."""
-        now = time.monotonic()
-        for trainer in list(self.trainers):
-            silent = not trainer.answered and now - trainer.started > TRAINER_START_SECONDS
-            if silent and len(self.trainers) > 1:
-                log.warning(
-                    "a trainer did not start in %.0f s; giving it up", now - trainer.started
-                )
-                ray.kill(trainer.actor)
-                self.trainers.remove(trainer)
-                self.queue.extendleft(trainer.trials.values())
+    def _watch_unplaced_trainers(self) -> None:
+        """A trainer that never answered (Ray found no room for it, or its node went away) is
+        never waited for in silence: it says what it waits for, and after
+        ray.placement_timeout_s it is given up, its trials handed to the trainers that run; when
+        none runs, the study stops."""
+        now, timeout = time.monotonic(), self.config.ray.placement_timeout_s
+        unplaced = [trainer for trainer in self.trainers if not trainer.answered]
+        notice = [t for t in unplaced if not t.noticed and now - t.started > self._notice_after()]
+        if notice:
+            free = ray.available_resources()
+            log.warning(
+                "%d trainer(s) wait for Ray to place them, each asking %s; free now: %g CPU, "
+                "%g GPU; given up after %g s (ray.placement_timeout_s)",
+                len(notice), describe_asks(self.config), free.get("CPU", 0), free.get("GPU", 0),
+                timeout,
+            )  # fmt: skip
+            for trainer in notice:
+                trainer.noticed = True
+        overdue = [trainer for trainer in unplaced if now - trainer.started > timeout]
+        if overdue and len(overdue) == len(self.trainers):
+            raise ConfigError(
+                f"no trainer was placed by Ray in {timeout:g} s (ray.placement_timeout_s): each "
+                f"asks {describe_asks(self.config)}, and the cluster never had that free"
+            )
+        for trainer in overdue:
+            log.warning("a trainer was not placed in %g s; giving it up", timeout)
+            ray.kill(trainer.actor)
+            self.trainers.remove(trainer)
+            self.queue.extendleft(trainer.trials.values())
+
+    def _notice_after(self) -> float:
+        return min(WAIT_NOTICE_SECONDS, self.config.ray.placement_timeout_s / 2)
 
     def _record_if_due(self) -> None:
         since = time.monotonic() - self.last_recorded
@@ -554,25 +577,4 @@ def _check_search(config: Config) -> None:
     if not config.study.search:
         raise ConfigError(
             "study.search is empty: list at least one key to vary, e.g. task.echo_step: [3, 15]"
-        )
-
-
-def _check_output_location(config: Config, output: Output) -> None:
-    if (
-        os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-        and "://" not in config.output
-        and (not os.path.isabs(config.output))
-    ):
-        raise ConfigError(
-            f"output {config.output!r} is relative, but this runs as a Ray job, in a temporary "
-            "copy of the working directory that is deleted afterwards: give an absolute path "
-            "(--output /data/echo-grid) or a URI (s3://bucket/echo-grid)"
-        )
-    if not output.is_local and not config.study.only_writer:
-        with output.lock():  # refuses at once, before Ray starts
-            pass
-    if not output.is_local and config.study.storage is None:
-        raise ConfigError(
-            f"output {config.output!r} is not a local folder, where the default journal file "
-            "cannot live: set study.storage to an Optuna storage URL (e.g. postgresql://...)"
         )

@@ -9,16 +9,10 @@ Ray, on cores that would otherwise wait.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from pipeline.config import Config, ray_address
 from pipeline.study import compile_ahead
-
-# Ray binds its servers to this machine's network address unless it believes it runs a
-# single-node Ray, which an embedded one is. Ray's processes read this when they start; the
-# driver also passes the address to `ray.init` (see ray_connection.start_embedded_ray).
-SINGLE_NODE_RAY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 @dataclass(frozen=True)
@@ -34,10 +28,10 @@ class Launch:
 
 
 def prepare(config: Config) -> Launch:
-    """Decide where the study runs; with Ray embedded, keep Ray's servers on the loopback
-    interface and start compiling the CPU kernels the study wants, if this machine lacks them."""
+    """Decide where the study runs; with Ray embedded, start compiling the CPU kernels the
+    study wants, if this machine lacks them. (An embedded Ray's servers are kept on the loopback
+    interface where it starts: ray_connection.start_embedded_ray.)"""
     launch = Launch(ray_address(config))
     if launch.embedded:
-        os.environ.setdefault(SINGLE_NODE_RAY, "0")
         compile_ahead.start(config)
     return launch

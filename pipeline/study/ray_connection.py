@@ -61,14 +61,15 @@ def start_embedded_ray(num_cpus: int | None, dashboard: bool) -> None:
     """Start a Ray of this process's own on this machine (even where `ray start` runs one):
     without an API server unless `dashboard`, and without an autoscaler (see the module's
     docs)."""
-    with _waiting_for_the_node_briskly(), _starting_only_what_a_study_uses(dashboard):
+    with (
+        _waiting_for_the_node_briskly(),
+        _starting_only_what_a_study_uses(dashboard),
+        _on_loopback_only(),
+    ):
         ray.init(
             address="local",
             num_cpus=num_cpus,
             include_dashboard=dashboard,
-            # Every server on the loopback interface, whichever entry point started Ray (see
-            # launch.SINGLE_NODE_RAY for Ray's own processes).
-            _node_ip_address=LOOPBACK,
             dashboard_host=LOOPBACK,
             configure_logging=True,
             logging_level=logging.WARNING,
@@ -83,6 +84,28 @@ def stop_embedded_ray() -> None:
         monitor = ray._private.ray_constants.PROCESS_TYPE_MONITOR
         node._kill_process_type(monitor, check_alive=False)
     ray.shutdown()
+
+
+@contextlib.contextmanager
+def _on_loopback_only() -> Iterator[None]:
+    """While Ray starts, it takes this machine for a single-node Ray, whose node address is
+    127.0.0.1: the GCS, the raylet, the agents and every worker (the driver included) then
+    listen on the loopback interface only, whichever entry point started Ray.
+
+    Ray decides this from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, but reads it once, when `ray` is
+    first imported (`ray_constants.ENABLE_RAY_CLUSTER`), which from Python is before any study
+    code runs; and `ray.init(_node_ip_address="127.0.0.1")` is turned back into this machine's
+    network address while that constant is true. So the constant itself is set for the start."""
+    constants = getattr(ray._private, "ray_constants", None)
+    if not hasattr(constants, "ENABLE_RAY_CLUSTER"):
+        yield  # Ray's private API changed: test_study's loopback test says so
+        return
+    original = constants.ENABLE_RAY_CLUSTER
+    constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        constants.ENABLE_RAY_CLUSTER = original
 
 
 @contextlib.contextmanager
@@ -153,16 +176,75 @@ def stop_in_background(embedded: bool) -> threading.Thread:
     return thread
 
 
-def check_gpus(config: Config) -> None:
-    """Refuse at once a study whose trainers ask for GPUs that the cluster does not have:
-    they would wait for them forever."""
-    wanted, present = gpus_per_trainer(config), ray.cluster_resources().get("GPU", 0)
-    if wanted > present:
-        raise ConfigError(
-            f"train.device = {config.train.device!r} asks {wanted:g} GPU per trainer of Ray, "
-            f"but the Ray cluster has {present:g}: use train.device=cpu (or auto), or set "
-            "ray.gpus_per_trainer"
-        )
+def trainer_asks(config: Config) -> dict[str, tuple[float, str]]:
+    """What each trainer asks of one node, by Ray resource: (amount, the setting that asks it,
+    e.g. `ray.cpus_per_trainer = 3` or, for GPUs derived from it, `train.device = 'cuda'`)."""
+    cpus = config.ray.cpus_per_trainer
+    asks = {"CPU": (float(cpus), f"ray.cpus_per_trainer = {cpus}")}
+    gpus = gpus_per_trainer(config)
+    if gpus > 0:
+        derived = config.ray.gpus_per_trainer is None
+        key = f"train.device = {config.train.device!r}" if derived else "ray.gpus_per_trainer"
+        asks["GPU"] = (gpus, key if derived else f"{key} = {gpus:g}")
+    return asks
+
+
+def describe_asks(config: Config) -> str:
+    """What a trainer asks of Ray, in words: '1 CPU (ray.cpus_per_trainer = 1)'."""
+    asks = trainer_asks(config).items()
+    return " and ".join(f"{amount:g} {name} ({why})" for name, (amount, why) in asks)
+
+
+def trainers_that_fit(config: Config) -> int:
+    """Trainers the cluster's live nodes can hold at once, each on one node."""
+    asks = trainer_asks(config)
+    return sum(
+        int(min(node.get(name, 0.0) // amount for name, (amount, _) in asks.items()))
+        for node in _node_resources()
+    )
+
+
+def check_placement(config: Config, embedded: bool) -> None:
+    """Refuse a study whose trainer fits on no node, before anything is written: its trainers
+    would wait for Ray forever. Ray embedded here has all the nodes it will have; on a cluster a
+    node may still join (an autoscaler's), so the study waits for one up to
+    ray.placement_timeout_s, saying what it waits for."""
+    shortfall = _shortfall(config)
+    if shortfall is not None and not embedded:
+        timeout = config.ray.placement_timeout_s
+        log.warning("%s; waiting up to %g s (ray.placement_timeout_s) for a node that has them "
+                    "to join", shortfall, timeout)  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while shortfall is not None and time.monotonic() < deadline:
+            time.sleep(1.0)
+            shortfall = _shortfall(config)
+        if shortfall is not None:
+            shortfall += f"; none joined in {timeout:g} s (ray.placement_timeout_s)"
+    if shortfall is not None:
+        raise ConfigError(shortfall)
+
+
+def _shortfall(config: Config) -> str | None:
+    """Why no live node can hold a trainer, in one line naming the setting, what it asks and
+    what the largest node has; None when one can."""
+    nodes = _node_resources()
+    asks = trainer_asks(config)
+    if any(all(node.get(name, 0.0) >= amount for name, (amount, _) in asks.items())
+           for node in nodes):  # fmt: skip
+        return None
+    for name, (amount, why) in asks.items():
+        largest = max((node.get(name, 0.0) for node in nodes), default=0.0)
+        if amount > largest:
+            return (
+                f"{why}: a trainer asks {amount:g} {name} of one node, but the largest node "
+                f"has {largest:g} {name}"
+            )
+    return f"a trainer asks {describe_asks(config)} of one node, but no node has them all"
+
+
+def _node_resources() -> list[dict[str, float]]:
+    """The total resources of each live node (ray.cluster_resources sums them over nodes)."""
+    return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
 
 
 def connect_ray(config: Config, launch: Launch) -> bool:
