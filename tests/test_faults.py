@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from pipeline.__main__ import main
+from pipeline.config import ConfigError
 from pipeline.results.output import Output, claim_output
 from pipeline.results.record import TrialResult, record_trials
 from pipeline.results.tables import read_steps_outcomes
@@ -397,3 +398,47 @@ def test_faults_study_into_an_output_of_another_config_is_refused(tmp_path, caps
     err = capsys.readouterr().err
     assert "holds results of another config (train.lr: 0.1 there, 0.3 here)" in err
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+
+
+def _steps_bytes(output: str) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(Path(output, "steps").iterdir())}
+
+
+def test_faults_output_whose_storage_was_lost_is_refused(tmp_path, ray_session):
+    config = study_config(tmp_path)
+    run_study(config.with_params({"study.trials": 2}), progress=False)
+    before = _steps_bytes(config.output)
+    (tmp_path / "study" / JOURNAL).unlink()  # the storage lost: it knows no trial
+    # Its trial numbers would start again at 0, over the trials steps/ holds: refused.
+    with pytest.raises(ConfigError, match=r"holds 2 trials .* does not know"):
+        run_study(config, progress=False)
+    assert _steps_bytes(config.output) == before and not (tmp_path / "study" / JOURNAL).exists()
+
+
+def test_faults_steps_file_is_never_overwritten(tmp_path):
+    config = study_config(tmp_path)
+    output = Output(config.output)
+    columns = {"num_layers": 1, "state_size": 4, "echo_step": 1, "lr": 0.3}
+
+    def record(loss: float) -> None:
+        losses = np.full(200, loss, np.float32)
+        record_trials(output, [TrialResult(0, config, columns, losses, "complete")])
+
+    record(0.5)
+    before = _steps_bytes(config.output)
+    # A second file of the same trials is refused, and the first stays as it was.
+    with pytest.raises(FileExistsError):
+        record(0.7)
+    assert _steps_bytes(config.output) == before
+
+
+def test_faults_second_output_of_a_database_study_is_refused(tmp_path, ray_session):
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+    config = study_config(tmp_path, **{"study.storage": storage, "study.trials": 2})
+    run_study(config, progress=False)
+    second = config.with_params({"output": str(tmp_path / "second")})
+    # The study writes to the first output: a second one would mark its running trials FAIL.
+    with pytest.raises(ConfigError, match=r"writes to output .*/study, not .*/second"):
+        run_study(second, progress=False)
+    assert not (tmp_path / "second").exists()
+    assert run_study(config.with_params({"study.trials": 4}), progress=False).ran == 2

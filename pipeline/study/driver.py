@@ -28,7 +28,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -49,13 +49,17 @@ from pipeline.study.failpoints import failpoint
 from pipeline.study.launch import Launch, prepare
 from pipeline.study.optuna_setup import (
     JOURNAL,
+    bind_output,
+    check_output_bound,
+    check_storage_knows,
     distribution,
+    judge_attempt,
     make_pruner,
     make_sampler,
     open_storage,
     told_value,
 )
-from pipeline.study.placement import TrialWork, Workload, grid_points, place
+from pipeline.study.placement import TrialWork, grid_points, place
 from pipeline.study.progress import Progress
 from pipeline.study.ray_connection import (
     check_gpus,
@@ -63,6 +67,7 @@ from pipeline.study.ray_connection import (
     stop_embedded_ray,
     stop_in_background,
 )
+from pipeline.study.records import PlannedTrial, TrainerRecord
 from pipeline.study.trainer import start_trainer
 from pipeline.summary.write import write_summary
 from pipeline.training.data import trial_seed
@@ -81,6 +86,8 @@ RECORD_EVERY_SECONDS = 1.0
 # trials.parquet is rewritten at most this often while a study runs (and once at its end);
 # the steps files' footers hold every row meanwhile.
 TRIALS_TABLE_EVERY_SECONDS = 10.0
+# A sampler that draws this many points in a row that were run before has spent its space.
+DUPLICATE_ASKS = 50
 # A trainer that has not answered this long after it was started is given up (its node may
 # have gone), and its trials placed elsewhere.
 TRAINER_START_SECONDS = 180.0
@@ -107,19 +114,6 @@ class StudyOutcome:
     """Windows trained summed over lanes: the trials' steps, counting those run again."""
 
 
-@dataclass(frozen=True)
-class PlannedTrial:
-    """A trial asked of Optuna, with everything its trainer needs."""
-
-    number: int
-    config: Config
-    """The study's config with the trial's parameters and its own seed in train.seed."""
-    param_values: dict[str, Any]
-    """Its parameter values by short name: the parameter columns of its Parquet rows."""
-    point: tuple
-    """Its searched values in search order: what identifies a grid point."""
-
-
 def run_study(
     config: Config, progress: bool | None = None, launch: Launch | None = None
 ) -> StudyOutcome:
@@ -138,13 +132,18 @@ def run_study(
     check_output(output, config)
     output.check_free()
     custom_storage = open_storage(config.study.storage) if config.study.storage else None
+    if custom_storage is not None:
+        check_output_bound(config, output, custom_storage)
     launch = launch or prepare(config)
     _import_in_background("pipeline.summary.plots")  # for the summary, while Ray starts
     embedded = connect_ray(config, launch)
     try:
         with output.lock(only_writer=config.study.only_writer):
+            journal = output.path(JOURNAL) if output.exists(JOURNAL) else None
+            storage = custom_storage or (journal and open_storage(journal))
+            check_storage_knows(config, output, read_steps_outcomes(output), storage)
             claim_output(output, config)
-            storage = custom_storage or open_storage(output.path(JOURNAL))
+            storage = storage or open_storage(output.path(JOURNAL))
             study = optuna.create_study(
                 storage=storage,
                 study_name=config.study.name,
@@ -153,6 +152,8 @@ def run_study(
                 direction="minimize",
                 load_if_exists=True,
             )
+            if custom_storage is not None:
+                bind_output(study, output)
             driver = _Driver(config, launch, output, study, progress)
             driver.recover()
             ran = driver.run()
@@ -188,37 +189,6 @@ def param_columns(config: Config) -> list[str]:
     return [*FIXED_COLUMNS, *searched]
 
 
-@dataclass
-class _Trainer:
-    """The driver's view of one trainer actor."""
-
-    actor: Any
-    started: float
-    trials: dict[int, PlannedTrial] = field(default_factory=dict)
-    """Trials placed on it and not finished."""
-    inbox: list[PlannedTrial] = field(default_factory=list)
-    """Trials to admit with the next exchange."""
-    verdicts: dict[int, bool] = field(default_factory=dict)
-    """Pruner verdicts to send with the next exchange: trial → prune."""
-    call: Any = None
-    """The exchange in flight, if any."""
-    answered: bool = False
-    work: Workload = field(default_factory=Workload)
-    """The estimated work left in its trials."""
-    lent: int = 0
-    """CPUs of idle trainers it may use (`_Driver._lend`)."""
-
-    def take(self, planned: PlannedTrial, work: TrialWork) -> None:
-        self.trials[planned.number] = planned
-        self.inbox.append(planned)
-        self.work.add(work)
-
-    def release(self, number: int) -> PlannedTrial:
-        planned = self.trials.pop(number)
-        self.work.remove(lanes_key(planned.config))
-        return planned
-
-
 class _Driver:
     """The study's one loop: ask trials when lanes can take them, place them on trainers,
     relay pruning, record outcomes."""
@@ -249,10 +219,15 @@ class _Driver:
         self.asked: dict[int, optuna.Trial] = {}
         self.attempts: Counter[int] = Counter()
         self.last_report: dict[int, tuple[int, float]] = {}
+        """Each trial's last report (step, value) in its current attempt."""
+        self.attempt_reports: dict[int, dict[int, float]] = {}
+        """Each trial's reports in its current attempt: what the pruner judges it on."""
+        self.told_up_to: dict[int, int] = {}
+        """The last step each trial reported to Optuna, in any attempt."""
         self.unrecorded: list[TrialResult] = []
         self.last_recorded = -math.inf
         self.trials_written = time.monotonic()
-        self.trainers: list[_Trainer] = []
+        self.trainers: list[TrainerRecord] = []
         self.progress = Progress(config.study.n_trials, progress)
         # The loss sits near ln 2 for hundreds of windows before a model finds the echo, so no
         # trial is judged (nor reports) during its first epoch; without a pruner, none reports.
@@ -260,6 +235,8 @@ class _Driver:
         self.report_every = config.study.report_every if config.study.pruner != "none" else None
         self.points: Iterator[tuple] = iter(())
         self.recorded_points: set[tuple] = set()
+        self.spent = False
+        """Whether the sampler keeps drawing points run before (`_ask_new_point`)."""
         self.windows_stepped = 0
         self.lane_windows = 0
 
@@ -318,9 +295,9 @@ class _Driver:
         cpus = ray.cluster_resources().get("CPU", 1)
         return max(1, int(cpus // self.config.ray.cpus_per_trainer))
 
-    def _new_trainer(self) -> _Trainer:
+    def _new_trainer(self) -> TrainerRecord:
         actor = start_trainer(self.config, self.launch, self.report_every, self.judge_from)
-        return _Trainer(actor, time.monotonic())
+        return TrainerRecord(actor, time.monotonic())
 
     def _in_flight(self) -> int:
         return len(self.queue) + sum(len(t.trials) for t in self.trainers)
@@ -341,13 +318,43 @@ class _Driver:
         return self.config.study.n_trials - done - self._in_flight()
 
     def _ask_one(self) -> PlannedTrial | None:
-        search = self.config.study.search
+        """The next trial to run, or None when the search space has no point left to run."""
         if self.config.study.sampler == "grid":
             point = self._next_grid_point()
             if point is None:
                 return None
             self.study.sampler.point = dict(zip(self.distributions, point, strict=True))
-        trial = self.study.ask(self.distributions)
+            return self._planned(self.study.ask(self.distributions))
+        return self._ask_new_point()
+
+    def _ask_new_point(self) -> PlannedTrial | None:
+        """A trial of the sampler at a point not yet run: a point's seed derives from its
+        parameters, so a second run of it would only copy the first. A point drawn again is
+        told FAIL (samplers ignore those) and the sampler asked once more, up to
+        DUPLICATE_ASKS times in a row; then the space is taken as spent."""
+        if self.spent:
+            return None
+        taken = self.recorded_points | {t.point for t in self._unfinished()}
+        for _ in range(DUPLICATE_ASKS):
+            trial = self.study.ask(self.distributions)
+            planned = self._planned(trial)
+            if planned.point not in taken:
+                return planned
+            trial.set_user_attr("skipped", "its point was run before")
+            self.study.tell(self.asked.pop(trial.number), state=TrialState.FAIL)
+        self.spent = True
+        log.warning(
+            "the sampler drew %d points in a row that were run before: the search space looks "
+            "spent, so no more trials are asked (study.trials = %d)",
+            DUPLICATE_ASKS,
+            self.config.study.n_trials,
+        )
+        return None
+
+    def _planned(self, trial: optuna.Trial) -> PlannedTrial:
+        """What a trainer needs of an asked trial: its config, with its seed from its
+        parameters."""
+        search = self.config.study.search
         failpoint("asked")
         params = {p.key: trial.params[p.short_name] for p in search}
         trial_config = self.config.with_params(params)
@@ -415,11 +422,13 @@ class _Driver:
                 )
                 trainer.inbox, trainer.verdicts = [], {}
 
-    def _collect(self, trainer: _Trainer) -> None:
+    def _collect(self, trainer: TrainerRecord) -> None:
         call, trainer.call = trainer.call, None
         try:
             events = ray.get(call)
-        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, OSError) as error:
+        except (ray.exceptions.RayError, OSError) as error:
+            # Whatever Ray raises for a lost worker, node or object (a dead actor, an object
+            # lost with its node or owner, a fetch that timed out): the trainer is lost.
             self._lost(trainer, error)
             return
         trainer.answered = True
@@ -438,12 +447,14 @@ class _Driver:
         trial = self.asked.get(report.key)
         if trial is None:  # recorded meanwhile: nothing left to judge
             return False
-        last_step, _ = self.last_report.get(report.key, (-1, math.nan))
-        # A trial run again after its trainer was lost reports its first steps again.
-        if report.step > last_step:
+        self.last_report[report.key] = (report.step, report.value)
+        self.attempt_reports.setdefault(report.key, {})[report.step] = report.value
+        if report.step > self.told_up_to.get(report.key, -1):
             trial.report(report.value, report.step)
-            self.last_report[report.key] = (report.step, report.value)
-        return trial.should_prune()
+            self.told_up_to[report.key] = report.step
+            return trial.should_prune()
+        # Run again after its trainer was lost, at a step its first attempt reported.
+        return judge_attempt(self.study, report.key, self.attempt_reports[report.key])
 
     def _finished(self, planned: PlannedTrial, finished: Finished) -> None:
         _, last_value = self.last_report.get(planned.number, (-1, None))
@@ -467,14 +478,17 @@ class _Driver:
     def _hold(self, result: TrialResult) -> None:
         self.unrecorded.append(result)
 
-    def _lost(self, trainer: _Trainer, error: BaseException) -> None:
+    def _lost(self, trainer: TrainerRecord, error: BaseException) -> None:
         """A trainer died with its worker or node: run its trials again elsewhere, up to
         ray.max_retries times each, and start a trainer in its place if the cluster has room."""
         text = f"{type(error).__name__}: {first_line(error)}"
         log.warning("a trainer was lost (%s); its %d trials run again", text, len(trainer.trials))
         self.trainers.remove(trainer)
+        ray.kill(trainer.actor)  # gone, or at least gone for us: its CPUs go to its successor
         for planned in trainer.trials.values():
             self.attempts[planned.number] += 1
+            self.last_report.pop(planned.number, None)
+            self.attempt_reports.pop(planned.number, None)
             if self.attempts[planned.number] > self.config.ray.max_retries:
                 self._failed(planned, text)
             else:
@@ -520,6 +534,8 @@ class _Driver:
         failpoint("written")
         for result, row in zip(results, rows, strict=True):
             trial = self.asked.pop(result.number)
+            for reports in (self.last_report, self.attempt_reports, self.told_up_to):
+                reports.pop(result.number, None)
             self.study.tell(trial, told_value(row), state=TrialState[row["state"]])
             failpoint("told")
             self.rows[result.number] = row
