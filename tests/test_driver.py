@@ -58,7 +58,7 @@ def test_driver_judges_a_trial_run_again_on_its_own_attempts_reports(tmp_path, r
     assert not driver._judge(Report(planned.number, 150, 1.0))  # as good as the others
     assert driver._judge(Report(planned.number, 200, 0.5))  # worse than every other: pruned
     try:
-        driver._lost(trainer, RuntimeError("lost before the verdict came"))
+        driver._lost(trainer, "lost before the verdict came")
         # Run again, it is judged at step 150 on this attempt's report: its first attempt's
         # step 200, which this attempt has not reached, does not count.
         assert not driver._judge(Report(planned.number, 150, 1.0))
@@ -91,6 +91,9 @@ def test_driver_runs_again_the_trials_of_an_exchange_whose_owner_died(tmp_path, 
         # An object lost with its owner is a lost trainer: its trial runs again elsewhere.
         assert trainer not in driver.trainers
         assert [p.number for p in driver.queue] == [planned.number]
+        # The trainer given up is killed, so that its CPUs go to the one in its place.
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(trainer.actor.where.remote(), timeout=60)
         with pytest.raises(ray.exceptions.OwnerDiedError):
             ray.get(lost)
     finally:

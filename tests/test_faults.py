@@ -24,7 +24,7 @@ from pipeline.results.output import Output, claim_output
 from pipeline.results.record import TrialResult, record_trials
 from pipeline.results.tables import read_steps_outcomes
 from pipeline.study.driver import run_study
-from pipeline.study.failpoints import FAILPOINT
+from pipeline.study.failpoints import FAILPOINT, TRAINER_BREAK
 from pipeline.study.optuna_setup import JOURNAL
 from tests.conftest import study_config
 
@@ -123,15 +123,22 @@ def test_faults_diverging_loss_fails_its_trial_while_its_batch_goes_on(tmp_path,
 
 
 def _study_process(
-    config_path: Path, output: Path, *args: str, failpoint: str | None = None
+    config_path: Path,
+    output: Path,
+    *args: str,
+    failpoint: str | None = None,
+    trainer_break: str | None = None,
 ) -> subprocess.Popen:
     """`python -m pipeline study` in a session of its own, so that what its embedded Ray leaves
     after a SIGKILL can be stopped by process group, never by a machine-wide kill."""
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     env.pop(FAILPOINT, None)
+    env.pop(TRAINER_BREAK, None)
     if failpoint:
         env[FAILPOINT] = failpoint
+    if trainer_break:
+        env[TRAINER_BREAK] = trainer_break
     command = [sys.executable, "-m", "pipeline", "study", str(config_path), "--output", str(output)]
     return subprocess.Popen(
         [*command, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -442,3 +449,31 @@ def test_faults_second_output_of_a_database_study_is_refused(tmp_path, ray_sessi
         run_study(second, progress=False)
     assert not (tmp_path / "second").exists()
     assert run_study(config.with_params({"study.trials": 4}), progress=False).ran == 2
+
+
+def test_faults_trainer_that_cannot_train_has_its_trials_run_elsewhere(tmp_path):
+    config = study_config(tmp_path, search=TWO_BY_TWO)
+    path, output = _write_config(tmp_path, config), tmp_path / "study"
+    # The first trainer started breaks (its training thread dies), the others train.
+    driver = _study_process(path, output, trainer_break=str(tmp_path / "broken"))
+    _, err = driver.communicate(timeout=300)
+    _reap(driver)
+    assert driver.returncode == 0, err[-2000:]
+    trials = pd.read_parquet(output / "trials.parquet")
+    # Its trials ran on a trainer that could train: every one completed, none failed.
+    assert len(trials) == 4 and (trials["state"] == "COMPLETE").all()
+    assert (tmp_path / "broken").exists() and "cannot train" in err
+
+
+def test_faults_study_where_no_trainer_can_train_stops_with_one_line(tmp_path):
+    config = study_config(tmp_path, search=TWO_BY_TWO)
+    path, output = _write_config(tmp_path, config), tmp_path / "study"
+    driver = _study_process(path, output, trainer_break="all")
+    _, err = driver.communicate(timeout=300)
+    _reap(driver)
+    # Every trainer breaks: the study stops with one line, and records no trial as failed.
+    assert driver.returncode == 2, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("error: no trainer can train here")
+    assert not (output / "steps").exists()
+    states = Counter(t.state.name for t in _optuna_trials(config))
+    assert set(states) == {"FAIL"}  # asked, never run: a rerun runs them

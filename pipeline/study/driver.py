@@ -20,11 +20,9 @@ is the driver's, the only one that imports Optuna.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import os
-import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -46,7 +44,7 @@ from pipeline.results.output import TRIALS, Output, check_output, claim_output
 from pipeline.results.record import TrialResult, record_trials
 from pipeline.results.tables import FIXED_COLUMNS, read_steps_outcomes, trials_table
 from pipeline.study.failpoints import failpoint
-from pipeline.study.launch import Launch, prepare
+from pipeline.study.launch import Launch, import_in_background, prepare
 from pipeline.study.optuna_setup import (
     JOURNAL,
     bind_output,
@@ -95,6 +93,10 @@ TRAINER_START_SECONDS = 180.0
 EXCHANGE_WAIT_SECONDS = 0.5
 
 
+class NoTrainerCanTrain(ConfigError):
+    """Every trainer started breaks before training a trial (`_Driver._broken`)."""
+
+
 @dataclass(frozen=True)
 class StudyOutcome:
     """What a `run_study` call achieved."""
@@ -135,7 +137,7 @@ def run_study(
     if custom_storage is not None:
         check_output_bound(config, output, custom_storage)
     launch = launch or prepare(config)
-    _import_in_background("pipeline.summary.plots")  # for the summary, while Ray starts
+    import_in_background("pipeline.summary.plots")  # for the summary, while Ray starts
     embedded = connect_ray(config, launch)
     try:
         with output.lock(only_writer=config.study.only_writer):
@@ -218,12 +220,11 @@ class _Driver:
         self.queue: deque[PlannedTrial] = deque()
         self.asked: dict[int, optuna.Trial] = {}
         self.attempts: Counter[int] = Counter()
+        # Each trial's last report (step, value) and all its reports in its current attempt
+        # (what the pruner judges it on), and the last step it reported to Optuna in any.
         self.last_report: dict[int, tuple[int, float]] = {}
-        """Each trial's last report (step, value) in its current attempt."""
         self.attempt_reports: dict[int, dict[int, float]] = {}
-        """Each trial's reports in its current attempt: what the pruner judges it on."""
         self.told_up_to: dict[int, int] = {}
-        """The last step each trial reported to Optuna, in any attempt."""
         self.unrecorded: list[TrialResult] = []
         self.last_recorded = -math.inf
         self.trials_written = time.monotonic()
@@ -235,8 +236,8 @@ class _Driver:
         self.report_every = config.study.report_every if config.study.pruner != "none" else None
         self.points: Iterator[tuple] = iter(())
         self.recorded_points: set[tuple] = set()
-        self.spent = False
-        """Whether the sampler keeps drawing points run before (`_ask_new_point`)."""
+        self.spent = False  # the sampler draws only points run before (`_ask_new_point`)
+        self.broken_in_a_row = 0  # trainers that broke (`_broken`) since a trial finished
         self.windows_stepped = 0
         self.lane_windows = 0
 
@@ -429,7 +430,7 @@ class _Driver:
         except (ray.exceptions.RayError, OSError) as error:
             # Whatever Ray raises for a lost worker, node or object (a dead actor, an object
             # lost with its node or owner, a fetch that timed out): the trainer is lost.
-            self._lost(trainer, error)
+            self._lost(trainer, f"{type(error).__name__}: {first_line(error)}")
             return
         trainer.answered = True
         self.windows_stepped += sum(events.windows.values())
@@ -441,6 +442,26 @@ class _Driver:
             self._finished(trainer.release(finished.key), finished)
         for key, text in events.errors:
             self._failed(trainer.release(key), text)
+        if events.finished:
+            self.broken_in_a_row = 0
+        if events.broken is not None:
+            self._broken(trainer, events.broken)
+
+    def _broken(self, trainer: TrainerRecord, text: str) -> None:
+        """A trainer whose own machinery failed (not a trial's training): its trials run
+        elsewhere, as a lost worker's, without counting against their retries; when more
+        trainers than the study has break in a row, none can train here and the study stops."""
+        self.broken_in_a_row += 1
+        if self.broken_in_a_row > self._slots():
+            self._record()
+            for trial in self.asked.values():  # not run: a rerun runs them
+                self.study.tell(trial, state=TrialState.FAIL)
+            raise NoTrainerCanTrain(
+                f"no trainer can train here: {self.broken_in_a_row} trainers in a row failed "
+                f"before any trial finished ({text}); what finished is kept, so fix that and "
+                "run the study again"
+            )
+        self._lost(trainer, f"it cannot train ({text})", retry=False)
 
     def _judge(self, report: Report) -> bool:
         """Report a running loss to Optuna; True when its pruner stops the trial."""
@@ -478,15 +499,15 @@ class _Driver:
     def _hold(self, result: TrialResult) -> None:
         self.unrecorded.append(result)
 
-    def _lost(self, trainer: TrainerRecord, error: BaseException) -> None:
-        """A trainer died with its worker or node: run its trials again elsewhere, up to
-        ray.max_retries times each, and start a trainer in its place if the cluster has room."""
-        text = f"{type(error).__name__}: {first_line(error)}"
+    def _lost(self, trainer: TrainerRecord, text: str, retry: bool = True) -> None:
+        """A trainer died with its worker or node (`text` says how): run its trials again
+        elsewhere, up to ray.max_retries times each (`retry`: whether this counts as one), and
+        start a trainer in its place if the cluster has room."""
         log.warning("a trainer was lost (%s); its %d trials run again", text, len(trainer.trials))
         self.trainers.remove(trainer)
         ray.kill(trainer.actor)  # gone, or at least gone for us: its CPUs go to its successor
         for planned in trainer.trials.values():
-            self.attempts[planned.number] += 1
+            self.attempts[planned.number] += retry
             self.last_report.pop(planned.number, None)
             self.attempt_reports.pop(planned.number, None)
             if self.attempts[planned.number] > self.config.ray.max_retries:
@@ -549,13 +570,6 @@ class _Driver:
 
     def _point_of(self, row: dict[str, Any]) -> tuple:
         return tuple(row[p.short_name] for p in self.config.study.search)
-
-
-def _import_in_background(module: str) -> None:
-    """Import `module` in a thread of its own. While Ray starts, this process mostly waits on
-    Ray's processes, and an import beside it (matplotlib, for the summary's figures: a quarter
-    of a second) takes none of its time; a later import of the module waits for this one."""
-    threading.Thread(target=importlib.import_module, args=(module,), daemon=True).start()
 
 
 def _check_search(config: Config) -> None:

@@ -19,3 +19,7 @@ class TrainerEvents:
     windows: dict[tuple, int] = field(default_factory=dict)
     """Windows each architecture's lanes stepped (training every running lane at once)."""
     lane_windows: int = 0
+    broken: str | None = None
+    """Why this trainer cannot train any more (its training thread died, an error of its own
+    machinery rather than of a trial's training): the driver gives it up and runs its trials
+    elsewhere, as for a lost worker."""
