@@ -19,6 +19,9 @@ class TrainerEvents:
     windows: dict[tuple, int] = field(default_factory=dict)
     """Windows each architecture's lanes stepped (training every running lane at once)."""
     lane_windows: int = 0
+    turns: int = 0
+    """Turns the trainer's thread took (each steps every running lane once): none while
+    every lane it holds waits for a verdict."""
     broken: str | None = None
     """Why this trainer cannot train any more (its training thread died, an error of its own
     machinery rather than of a trial's training): the driver gives it up and runs its trials

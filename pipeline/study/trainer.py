@@ -63,6 +63,7 @@ class Trainer:
         self.events = TrainerEvents([], [], [])
         self.stepped: Counter[tuple] = Counter()
         self.trained = 0
+        self.turns = 0
         self.lent_cpus = 0
         self.stepping: tuple[int, ThreadPoolExecutor] | None = None
         self.broken: str | None = None
@@ -84,9 +85,11 @@ class Trainer:
                 self.events,
                 windows=dict(self.stepped),
                 lane_windows=self.trained,
+                turns=self.turns,
                 broken=self.broken,
             )
             self.events, self.stepped, self.trained = TrainerEvents([], [], []), Counter(), 0
+            self.turns = 0
             return events
 
     def lend(self, cpus: int) -> None:
@@ -127,6 +130,7 @@ class Trainer:
         while True:
             with self.changed:
                 self.changed.wait_for(lambda: self.inbox or self.verdicts or self._busy())
+                self.turns += 1
                 inbox, self.inbox = self.inbox, []
                 verdicts, self.verdicts = self.verdicts, {}
                 threads = 1 + self.lent_cpus
