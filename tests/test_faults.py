@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from pipeline.__main__ import main
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, config_from_dict
 from pipeline.results.output import Output, claim_output
 from pipeline.results.record import TrialResult, record_trials
 from pipeline.results.tables import read_steps_outcomes
@@ -477,3 +477,25 @@ def test_faults_study_where_no_trainer_can_train_stops_with_one_line(tmp_path):
     assert not (output / "steps").exists()
     states = Counter(t.state.name for t in _optuna_trials(config))
     assert set(states) == {"FAIL"}  # asked, never run: a rerun runs them
+
+
+def test_faults_killed_and_rerun_random_study_asks_new_points(tmp_path):
+    raw = study_config(tmp_path, **{"task.series_length": 1500, "train.epochs": 1}).to_dict()
+    search = {
+        "train.lr": {"low": 0.01, "high": 1.0, "log": True},
+        "train.seed": {"low": 0, "high": 1000},
+    }
+    raw["study"].update(sampler="random", trials=8, search=search, lanes_per_trainer=1)
+    path, output = _write_config(tmp_path, config_from_dict(raw)), tmp_path / "study"
+    killed = _study_process(path, output, failpoint="told:4")
+    try:
+        assert killed.wait(timeout=300) == -signal.SIGKILL
+    finally:
+        _reap(killed)
+    again = _study_process(path, output)
+    _, err = again.communicate(timeout=300)
+    _reap(again)
+    assert again.returncode == 0, err[-2000:]
+    trials = pd.read_parquet(output / "trials.parquet")
+    # The rerun drew new points: none of the killed run's again.
+    assert len(trials) == 8 and not trials.duplicated(["lr", "seed"]).any()
