@@ -18,11 +18,13 @@ import pytest
 import yaml
 
 from pipeline.__main__ import main
+from pipeline.config.checks import ConfigError
+from pipeline.config.files import config_from_dict
 from pipeline.results.output import Output, claim_output
 from pipeline.results.record import TrialResult, record_trials
 from pipeline.results.tables import read_steps_outcomes
 from pipeline.study.driver import run_study
-from pipeline.study.failpoints import FAILPOINT, TRAINER_FAILPOINT
+from pipeline.study.failpoints import FAILPOINT, TRAINER_BREAK, TRAINER_FAILPOINT
 from pipeline.study.optuna_setup import JOURNAL
 from tests.conftest import study_config
 
@@ -102,7 +104,11 @@ def test_faults_diverging_loss_fails_its_trial_while_its_batch_goes_on(tmp_path,
 
 
 def _study_process(
-    config_path: Path, output: Path, *args: str, failpoint: str | None = None
+    config_path: Path,
+    output: Path,
+    *args: str,
+    failpoint: str | None = None,
+    trainer_break: str | None = None,
 ) -> subprocess.Popen:
     """`python -m pipeline study` in a session of its own, so that what its embedded Ray leaves
     after a SIGKILL can be stopped by process group, never by a machine-wide kill."""
@@ -110,8 +116,11 @@ def _study_process(
     env.pop("RAY_ADDRESS", None)
     env.pop(FAILPOINT, None)
     env.pop(TRAINER_FAILPOINT, None)
+    env.pop(TRAINER_BREAK, None)
     if failpoint:
         env[FAILPOINT] = failpoint
+    if trainer_break:
+        env[TRAINER_BREAK] = trainer_break
     command = [sys.executable, "-m", "pipeline", "study", str(config_path), "--output", str(output)]
     return subprocess.Popen(
         [*command, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -380,3 +389,97 @@ def test_faults_study_into_an_output_of_another_config_is_refused(tmp_path, caps
     err = capsys.readouterr().err
     assert "holds results of another config (train.lr: 0.1 there, 0.3 here)" in err
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+
+
+def _steps_bytes(output: str) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(Path(output, "steps").iterdir())}
+
+
+def test_faults_output_whose_storage_was_lost_is_refused(tmp_path, ray_session):
+    config = study_config(tmp_path)
+    run_study(config.with_params({"study.trials": 2}), progress=False)
+    before = _steps_bytes(config.output)
+    (tmp_path / "study" / JOURNAL).unlink()  # the storage lost: it knows no trial
+    # Its trial numbers would start again at 0, over the trials steps/ holds: refused.
+    with pytest.raises(ConfigError, match=r"holds 2 trials .* does not know"):
+        run_study(config, progress=False)
+    assert _steps_bytes(config.output) == before and not (tmp_path / "study" / JOURNAL).exists()
+
+
+def test_faults_steps_file_is_never_overwritten(tmp_path):
+    config = study_config(tmp_path)
+    output = Output(config.output)
+    columns = {"num_layers": 1, "state_size": 4, "echo_step": 1, "lr": 0.3}
+
+    def record(loss: float) -> None:
+        losses = np.full(200, loss, np.float32)
+        record_trials(output, [TrialResult(0, config, columns, losses, "complete")])
+
+    record(0.5)
+    before = _steps_bytes(config.output)
+    # A second file of the same trials is refused, and the first stays as it was.
+    with pytest.raises(FileExistsError):
+        record(0.7)
+    assert _steps_bytes(config.output) == before
+
+
+def test_faults_second_output_of_a_database_study_is_refused(tmp_path, ray_session):
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+    config = study_config(tmp_path, **{"study.storage": storage, "study.trials": 2})
+    run_study(config, progress=False)
+    second = config.with_params({"output": str(tmp_path / "second")})
+    # The study writes to the first output: a second one would mark its running trials FAIL.
+    with pytest.raises(ConfigError, match=r"writes to output .*/study, not .*/second"):
+        run_study(second, progress=False)
+    assert not (tmp_path / "second").exists()
+    assert run_study(config.with_params({"study.trials": 4}), progress=False).ran == 2
+
+
+def test_faults_trainer_that_cannot_train_has_its_trials_run_elsewhere(tmp_path):
+    config = study_config(tmp_path, search=TWO_BY_TWO)
+    path, output = _write_config(tmp_path, config), tmp_path / "study"
+    # The first trainer started breaks (its training thread dies), the others train.
+    driver = _study_process(path, output, trainer_break=str(tmp_path / "broken"))
+    _, err = driver.communicate(timeout=300)
+    _reap(driver)
+    assert driver.returncode == 0, err[-2000:]
+    trials = pd.read_parquet(output / "trials.parquet")
+    # Its trials ran on a trainer that could train: every one completed, none failed.
+    assert len(trials) == 4 and (trials["state"] == "COMPLETE").all()
+    assert (tmp_path / "broken").exists() and "cannot train" in err
+
+
+def test_faults_study_where_no_trainer_can_train_stops_with_one_line(tmp_path):
+    config = study_config(tmp_path, search=TWO_BY_TWO)
+    path, output = _write_config(tmp_path, config), tmp_path / "study"
+    driver = _study_process(path, output, trainer_break="all")
+    _, err = driver.communicate(timeout=300)
+    _reap(driver)
+    # Every trainer breaks: the study stops with one line, and records no trial as failed.
+    assert driver.returncode == 2, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("error: no trainer can train here")
+    assert not (output / "steps").exists()
+    states = Counter(t.state.name for t in _optuna_trials(config))
+    assert set(states) == {"FAIL"}  # asked, never run: a rerun runs them
+
+
+def test_faults_killed_and_rerun_random_study_asks_new_points(tmp_path):
+    raw = study_config(tmp_path, **{"task.series_length": 1500, "train.epochs": 1}).to_dict()
+    search = {
+        "train.lr": {"low": 0.01, "high": 1.0, "log": True},
+        "train.seed": {"low": 0, "high": 1000},
+    }
+    raw["study"].update(sampler="random", trials=8, search=search, lanes_per_trainer=1)
+    path, output = _write_config(tmp_path, config_from_dict(raw)), tmp_path / "study"
+    killed = _study_process(path, output, failpoint="told:4")
+    try:
+        assert killed.wait(timeout=300) == -signal.SIGKILL
+    finally:
+        _reap(killed)
+    again = _study_process(path, output)
+    _, err = again.communicate(timeout=300)
+    _reap(again)
+    assert again.returncode == 0, err[-2000:]
+    trials = pd.read_parquet(output / "trials.parquet")
+    # The rerun drew new points: none of the killed run's again.
+    assert len(trials) == 8 and not trials.duplicated(["lr", "seed"]).any()

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import optuna
+import pytest
 import torch
 
 from pipeline.results.output import Output
@@ -144,3 +145,18 @@ def test_lanes_packing_empty_lanes_keeps_every_running_trials_losses():
     assert max(capacities) == 2 * LANES and 2 in capacities and capacities[-1] == 1
     for index, config in [(3, long[0]), (19, long[1])]:
         assert np.array_equal(together[index], _run_lanes([(0, config)])[0])
+
+
+def test_lanes_admission_that_raises_frees_its_lane():
+    config = _config()
+    lanes = Lanes(config, step_function(True, CPU), CPU)
+    lanes.admit(LaneTrial(0, config))
+    # 10^9 epochs: the loss trace of 16 lanes cannot be allocated.
+    huge = config.with_params({"train.epochs": 10**9, "train.seed": 1})
+    with pytest.raises(MemoryError):
+        lanes.admit(LaneTrial(1, huge))
+    finished = []
+    while len(lanes):
+        finished += lanes.step()[0]
+    # The failed admission left no trial behind: only trial 0 trains and finishes.
+    assert 1 not in lanes.lane_of and [f.key for f in finished] == [0]

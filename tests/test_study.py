@@ -15,10 +15,12 @@ import psutil
 import pytest
 import yaml
 
-from pipeline.config import ConfigError
+from pipeline.config.checks import ConfigError
+from pipeline.config.files import config_from_dict
 from pipeline.results.output import Output
+from pipeline.results.tables import param_columns
 from pipeline.study.compile_ahead import kernel_families
-from pipeline.study.driver import param_columns, run_study
+from pipeline.study.driver import run_study
 from pipeline.study.failpoints import FAILPOINT
 from pipeline.study.optuna_setup import JOURNAL
 from pipeline.study.placement import TrialWork, Workload, grid_points, place
@@ -411,3 +413,36 @@ def _loopback(address: str) -> bool:
     ip = ipaddress.ip_address(address)
     mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1, a dual-stack socket's
     return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def _random_study(tmp_path, search: dict, trials: int):
+    """A random study of tiny trials (20 windows) over `search`."""
+    raw = study_config(tmp_path, **{"task.series_length": 1500, "train.epochs": 1}).to_dict()
+    raw["study"].update(sampler="random", trials=trials, search=search)
+    return config_from_dict(raw)
+
+
+RANDOM_SEARCH = {
+    "train.lr": {"low": 0.01, "high": 1.0, "log": True},
+    "train.seed": {"low": 0, "high": 1000},
+}
+
+
+def test_study_extended_random_study_asks_new_points(tmp_path, ray_session):
+    config = _random_study(tmp_path, RANDOM_SEARCH, trials=12)
+    run_study(config, progress=False)
+    run_study(config.with_params({"study.trials": 24}), progress=False)
+    trials = pd.read_parquet(config.output + "/trials.parquet").sort_values("trial")
+    first, second = trials[trials["trial"] < 12], trials[trials["trial"] >= 12]
+    # The extension drew new points, not the first run's again: no two trials share them.
+    assert len(first) == len(second) == 12
+    assert not trials.duplicated(["lr", "seed"]).any()
+
+
+def test_study_random_sampler_never_runs_a_point_twice(tmp_path, ray_session):
+    config = _random_study(tmp_path, {"task.echo_step": [1, 2, 3]}, trials=3)
+    run_study(config, progress=False)
+    more = run_study(config.with_params({"study.trials": 5}), progress=False)
+    trials = pd.read_parquet(config.output + "/trials.parquet")
+    # Each of the 3 points once; asked for 5, the study stops when the space is spent.
+    assert sorted(trials["echo_step"]) == [1, 2, 3] and more.ran == 0

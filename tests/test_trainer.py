@@ -53,3 +53,20 @@ def test_a_trainer_lent_cpus_steps_its_architectures_side_by_side_with_the_same_
         for key, want in enumerate(alone):
             assert len(losses[key]) == configs[key].total_steps
             assert np.array_equal(losses[key], want)
+
+
+def test_trainer_whose_running_lanes_all_wait_for_a_verdict_sleeps(ray_session):
+    config = small_config()  # eager torch: 16 lanes, all but one of them empty
+    trainer = start_trainer(config, Launch(None), report_every=5, judge_from=0)
+    try:
+        events = ray.get(trainer.exchange.remote([LaneTrial(0, config)], {}, 60.0))
+        while not events.reports:
+            events = ray.get(trainer.exchange.remote([], {}, 60.0))
+        waiting = ray.get(trainer.exchange.remote([], {}, 1.0))
+        # Its one trial waits for a verdict: the trainer turns no loop until one comes...
+        assert waiting.turns == 0 and not waiting.reports
+        going_on = ray.get(trainer.exchange.remote([], {0: False}, 60.0))
+        # ...and goes on when it comes.
+        assert going_on.turns > 0
+    finally:
+        ray.kill(trainer)

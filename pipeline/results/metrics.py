@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.config import ConvergenceConfig
+from pipeline.config.sections import ConvergenceConfig
 
 
 @dataclass(frozen=True)

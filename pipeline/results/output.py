@@ -27,7 +27,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import yaml
 
-from pipeline.config import Config, ConfigError, config_from_dict
+from pipeline.config.checks import ConfigError
+from pipeline.config.files import config_from_dict
+from pipeline.config.sections import Config
 
 STEPS = "steps"
 TRIALS = "trials.parquet"
@@ -60,11 +62,14 @@ class Output:
         with self.fs.open_input_stream(self.path(*names)) as stream:
             return stream.read().decode()
 
-    def write_bytes(self, name: str, data: bytes) -> None:
-        """Write a whole file so that no reader ever sees part of it."""
+    def write_bytes(self, name: str, data: bytes, replace: bool = True) -> None:
+        """Write a whole file so that no reader ever sees part of it. Without `replace`, a
+        file already there raises FileExistsError and is left as it was."""
         target = self.path(name)
         parent = target.rsplit("/", 1)[0]
         self.fs.create_dir(parent, recursive=True)
+        if not replace and self.exists(name):  # on a local disk, os.link checks it again
+            raise FileExistsError(f"{target} exists: it is never overwritten")
         if not self.is_local:
             with self.fs.open_output_stream(target) as stream:
                 stream.write(data)
@@ -75,15 +80,18 @@ class Output:
                 file.write(data)
                 file.flush()
                 os.fsync(file.fileno())
-            os.replace(temporary, target)
+            if replace:
+                os.replace(temporary, target)
+            else:
+                os.link(temporary, target)  # fails if the name exists, even by a race
         finally:
             if os.path.exists(temporary):
                 os.unlink(temporary)
 
-    def write_table(self, name: str, table: pa.Table) -> None:
+    def write_table(self, name: str, table: pa.Table, replace: bool = True) -> None:
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression="zstd")
-        self.write_bytes(name, buffer.getvalue())
+        self.write_bytes(name, buffer.getvalue(), replace)
 
     def check_writable(self) -> None:
         """Raise ConfigError, writing nothing, when this output cannot be a results folder here:

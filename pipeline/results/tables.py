@@ -20,7 +20,8 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.config import ConfigError
+from pipeline.config import Config
+from pipeline.config.checks import ConfigError
 from pipeline.results.output import STEPS, TRIALS, Output
 
 # Where each steps file keeps its trials' rows, so that steps/ alone can rebuild trials.
@@ -119,10 +120,11 @@ def steps_table(
 
 def write_steps(output: Output, tables: Sequence[pa.Table], rows: Sequence[dict]) -> None:
     """Write the steps of trials recorded together as one file, their rows in its footer, so
-    that steps/ alone can rebuild trials.parquet."""
+    that steps/ alone can rebuild trials.parquet. A steps file is never overwritten: one of
+    the same name raises FileExistsError."""
     metadata = {TRIALS_METADATA_KEY: json.dumps(list(rows)).encode()}
     table = pa.concat_tables(tables).replace_schema_metadata(metadata)
-    output.write_table(steps_file([row["trial"] for row in rows]), table)
+    output.write_table(steps_file([row["trial"] for row in rows]), table, replace=False)
 
 
 def trial_row(
@@ -230,3 +232,9 @@ def load_trials(output: str) -> pd.DataFrame:
     location = Output(output)
     with location.fs.open_input_file(location.path(TRIALS)) as file:
         return pq.read_table(file).to_pandas()
+
+
+def param_columns(config: Config) -> list[str]:
+    """The parameter columns of a study's Parquet files, in order."""
+    searched = [p.short_name for p in config.study.search if p.short_name not in FIXED_COLUMNS]
+    return [*FIXED_COLUMNS, *searched]

@@ -1,7 +1,8 @@
 """The study: an Optuna study whose trials run in trainers on Ray.
 
 - launch.py: embedded Ray or a cluster, decided once before Ray is imported; compile ahead.
-- driver.py: `run_study` and the driver loop (ask, place, relay pruning, record, tell).
+- driver.py: `run_study` and the driver loop (ask, place, relay pruning, record, tell);
+  records.py: the trials it asked and the trainers it placed them on.
 - placement.py: which trainer takes a trial; a grid's order.
 - optuna_setup.py: samplers, pruners, distributions and storages.
 - ray_connection.py: starting an embedded Ray on 127.0.0.1, or joining a cluster; whether a

@@ -20,14 +20,11 @@ is the driver's, the only one that imports Optuna.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
-import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -35,27 +32,27 @@ import optuna
 import ray
 from optuna.trial import TrialState
 
-from pipeline.config import (
-    Config,
-    ConfigError,
-    first_line,
-    short_name,
-)
+from pipeline.config.checks import ConfigError, first_line
+from pipeline.config.sections import Config, short_name
 from pipeline.results.output import TRIALS, Output, check_output, claim_output
 from pipeline.results.record import TrialResult, record_trials
-from pipeline.results.tables import FIXED_COLUMNS, read_steps_outcomes, trials_table
+from pipeline.results.tables import FIXED_COLUMNS, param_columns, read_steps_outcomes, trials_table
 from pipeline.study.failpoints import failpoint
-from pipeline.study.launch import Launch, prepare
+from pipeline.study.launch import Launch, import_in_background, prepare
 from pipeline.study.locations import check_output_location
 from pipeline.study.optuna_setup import (
     JOURNAL,
+    bind_output,
+    check_output_bound,
+    check_storage_knows,
     distribution,
+    judge_attempt,
     make_pruner,
     make_sampler,
     open_storage,
     told_value,
 )
-from pipeline.study.placement import TrialWork, Workload, grid_points, place
+from pipeline.study.placement import TrialWork, grid_points, place
 from pipeline.study.progress import Progress
 from pipeline.study.ray_connection import (
     check_placement,
@@ -65,6 +62,7 @@ from pipeline.study.ray_connection import (
     stop_in_background,
     trainers_that_fit,
 )
+from pipeline.study.records import PlannedTrial, StudyOutcome, TrainerRecord
 from pipeline.study.trainer import start_trainer
 from pipeline.summary.write import write_summary
 from pipeline.training.data import trial_seed
@@ -86,42 +84,14 @@ TRIALS_TABLE_EVERY_SECONDS = 10.0
 # A trainer that Ray has not placed this long after it was started says what it waits for
 # (or sooner, at half of ray.placement_timeout_s).
 WAIT_NOTICE_SECONDS = 10.0
+# A sampler that draws this many points in a row that were run before has spent its space.
+DUPLICATE_ASKS = 50
 # How long a trainer holds a call when it has nothing to tell yet.
 EXCHANGE_WAIT_SECONDS = 0.5
 
 
-@dataclass(frozen=True)
-class StudyOutcome:
-    """What a `run_study` call achieved."""
-
-    counts: dict[str, int]
-    """Finished trials of the study by state (COMPLETE, PRUNED, FAIL), this run and earlier."""
-    ran: int
-    """Trials finished by this run."""
-    best_value: float | None
-    best_params: dict[str, Any] | None
-    seconds: float
-    driver_cpu_seconds: float
-    """CPU time this process (the driver) spent, Ray's own processes not included."""
-    windows_stepped: int
-    """Window steps the trainers ran in this run (each trains every running lane at once)."""
-    lane_windows: int
-    """Windows trained summed over lanes: the trials' steps, counting those run again."""
-    run_again: int = 0
-    """Times a trial was placed again because its trainer was lost (ray.max_retries)."""
-
-
-@dataclass(frozen=True)
-class PlannedTrial:
-    """A trial asked of Optuna, with everything its trainer needs."""
-
-    number: int
-    config: Config
-    """The study's config with the trial's parameters and its own seed in train.seed."""
-    param_values: dict[str, Any]
-    """Its parameter values by short name: the parameter columns of its Parquet rows."""
-    point: tuple
-    """Its searched values in search order: what identifies a grid point."""
+class NoTrainerCanTrain(ConfigError):
+    """Every trainer started breaks before training a trial (`_Driver._broken`)."""
 
 
 def run_study(
@@ -142,15 +112,20 @@ def run_study(
     check_output(output, config)
     output.check_free()
     custom_storage = open_storage(config.study.storage) if config.study.storage else None
+    if custom_storage is not None:
+        check_output_bound(config, output, custom_storage)
     launch = launch or prepare(config)
-    _import_in_background("pipeline.summary.plots")  # for the summary, while Ray starts
-    _import_in_background("scipy.stats")  # the summary's Kaplan–Meier (half a second or more)
+    import_in_background("pipeline.summary.plots")  # for the summary, while Ray starts
+    import_in_background("scipy.stats")  # the summary's Kaplan–Meier (half a second or more)
     embedded = connect_ray(config, launch)
     try:
         check_placement(config, launch.embedded)
         with output.lock(only_writer=config.study.only_writer):
+            journal = output.path(JOURNAL) if output.exists(JOURNAL) else None
+            storage = custom_storage or (journal and open_storage(journal))
+            check_storage_knows(config, output, read_steps_outcomes(output), storage)
             claim_output(output, config)
-            storage = custom_storage or open_storage(output.path(JOURNAL))
+            storage = storage or open_storage(output.path(JOURNAL))
             study = optuna.create_study(
                 storage=storage,
                 study_name=config.study.name,
@@ -159,6 +134,8 @@ def run_study(
                 direction="minimize",
                 load_if_exists=True,
             )
+            if custom_storage is not None:
+                bind_output(study, output)
             driver = _Driver(config, launch, output, study, progress)
             driver.recover()
             ran = driver.run()
@@ -187,45 +164,6 @@ def run_study(
         lane_windows=driver.lane_windows,
         run_again=driver.run_again,
     )
-
-
-def param_columns(config: Config) -> list[str]:
-    """The parameter columns of a study's Parquet files, in order."""
-    searched = [p.short_name for p in config.study.search if p.short_name not in FIXED_COLUMNS]
-    return [*FIXED_COLUMNS, *searched]
-
-
-@dataclass
-class _Trainer:
-    """The driver's view of one trainer actor."""
-
-    actor: Any
-    started: float
-    trials: dict[int, PlannedTrial] = field(default_factory=dict)
-    """Trials placed on it and not finished."""
-    inbox: list[PlannedTrial] = field(default_factory=list)
-    """Trials to admit with the next exchange."""
-    verdicts: dict[int, bool] = field(default_factory=dict)
-    """Pruner verdicts to send with the next exchange: trial → prune."""
-    call: Any = None
-    """The exchange in flight, if any."""
-    answered: bool = False
-    work: Workload = field(default_factory=Workload)
-    """The estimated work left in its trials."""
-    lent: int = 0
-    """CPUs of idle trainers it may use (`_Driver._lend`)."""
-    noticed: bool = False
-    """Whether the user was told that it waits for Ray to place it."""
-
-    def take(self, planned: PlannedTrial, work: TrialWork) -> None:
-        self.trials[planned.number] = planned
-        self.inbox.append(planned)
-        self.work.add(work)
-
-    def release(self, number: int) -> PlannedTrial:
-        planned = self.trials.pop(number)
-        self.work.remove(lanes_key(planned.config))
-        return planned
 
 
 class _Driver:
@@ -257,11 +195,15 @@ class _Driver:
         self.queue: deque[PlannedTrial] = deque()
         self.asked: dict[int, optuna.Trial] = {}
         self.attempts: Counter[int] = Counter()
+        # Each trial's last report (step, value) and all its reports in its current attempt
+        # (what the pruner judges it on), and the last step it reported to Optuna in any.
         self.last_report: dict[int, tuple[int, float]] = {}
+        self.attempt_reports: dict[int, dict[int, float]] = {}
+        self.told_up_to: dict[int, int] = {}
         self.unrecorded: list[TrialResult] = []
         self.last_recorded = -math.inf
         self.trials_written = time.monotonic()
-        self.trainers: list[_Trainer] = []
+        self.trainers: list[TrainerRecord] = []
         self.progress = Progress(config.study.n_trials, progress)
         # The loss sits near ln 2 for hundreds of windows before a model finds the echo, so no
         # trial is judged (nor reports) during its first epoch; without a pruner, none reports.
@@ -269,6 +211,8 @@ class _Driver:
         self.report_every = config.study.report_every if config.study.pruner != "none" else None
         self.points: Iterator[tuple] = iter(())
         self.recorded_points: set[tuple] = set()
+        self.spent = False  # the sampler draws only points run before (`_ask_new_point`)
+        self.broken_in_a_row = 0  # trainers that broke (`_broken`) since a trial finished
         self.windows_stepped = 0
         self.lane_windows = 0
         self.run_again = 0
@@ -327,9 +271,9 @@ class _Driver:
         """Trainers to run: as many as the live nodes hold, each trainer on one node."""
         return max(1, trainers_that_fit(self.config))
 
-    def _new_trainer(self) -> _Trainer:
+    def _new_trainer(self) -> TrainerRecord:
         actor = start_trainer(self.config, self.launch, self.report_every, self.judge_from)
-        return _Trainer(actor, time.monotonic())
+        return TrainerRecord(actor, time.monotonic())
 
     def _in_flight(self) -> int:
         return len(self.queue) + sum(len(t.trials) for t in self.trainers)
@@ -350,13 +294,43 @@ class _Driver:
         return self.config.study.n_trials - done - self._in_flight()
 
     def _ask_one(self) -> PlannedTrial | None:
-        search = self.config.study.search
+        """The next trial to run, or None when the search space has no point left to run."""
         if self.config.study.sampler == "grid":
             point = self._next_grid_point()
             if point is None:
                 return None
             self.study.sampler.point = dict(zip(self.distributions, point, strict=True))
-        trial = self.study.ask(self.distributions)
+            return self._planned(self.study.ask(self.distributions))
+        return self._ask_new_point()
+
+    def _ask_new_point(self) -> PlannedTrial | None:
+        """A trial of the sampler at a point not yet run: a point's seed derives from its
+        parameters, so a second run of it would only copy the first. A point drawn again is
+        told FAIL (samplers ignore those) and the sampler asked once more, up to
+        DUPLICATE_ASKS times in a row; then the space is taken as spent."""
+        if self.spent:
+            return None
+        taken = self.recorded_points | {t.point for t in self._unfinished()}
+        for _ in range(DUPLICATE_ASKS):
+            trial = self.study.ask(self.distributions)
+            planned = self._planned(trial)
+            if planned.point not in taken:
+                return planned
+            trial.set_user_attr("skipped", "its point was run before")
+            self.study.tell(self.asked.pop(trial.number), state=TrialState.FAIL)
+        self.spent = True
+        log.warning(
+            "the sampler drew %d points in a row that were run before: the search space looks "
+            "spent, so no more trials are asked (study.trials = %d)",
+            DUPLICATE_ASKS,
+            self.config.study.n_trials,
+        )
+        return None
+
+    def _planned(self, trial: optuna.Trial) -> PlannedTrial:
+        """What a trainer needs of an asked trial: its config, with its seed from its
+        parameters."""
+        search = self.config.study.search
         failpoint("asked")
         params = {p.key: trial.params[p.short_name] for p in search}
         trial_config = self.config.with_params(params)
@@ -426,12 +400,14 @@ class _Driver:
                 )
                 trainer.inbox, trainer.verdicts = [], {}
 
-    def _collect(self, trainer: _Trainer) -> None:
+    def _collect(self, trainer: TrainerRecord) -> None:
         call, trainer.call = trainer.call, None
         try:
             events = ray.get(call)
-        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, OSError) as error:
-            self._lost(trainer, error)
+        except (ray.exceptions.RayError, OSError) as error:
+            # Whatever Ray raises for a lost worker, node or object (a dead actor, an object
+            # lost with its node or owner, a fetch that timed out): the trainer is lost.
+            self._lost(trainer, f"{type(error).__name__}: {first_line(error)}")
             return
         trainer.answered = True
         self.windows_stepped += sum(events.windows.values())
@@ -443,18 +419,40 @@ class _Driver:
             self._finished(trainer.release(finished.key), finished)
         for key, text in events.errors:
             self._failed(trainer.release(key), text)
+        if events.finished:
+            self.broken_in_a_row = 0
+        if events.broken is not None:
+            self._broken(trainer, events.broken)
+
+    def _broken(self, trainer: TrainerRecord, text: str) -> None:
+        """A trainer whose own machinery failed (not a trial's training): its trials run
+        elsewhere, as a lost worker's, without counting against their retries; when more
+        trainers than the study has break in a row, none can train here and the study stops."""
+        self.broken_in_a_row += 1
+        if self.broken_in_a_row > self._slots():
+            self._record()
+            for trial in self.asked.values():  # not run: a rerun runs them
+                self.study.tell(trial, state=TrialState.FAIL)
+            raise NoTrainerCanTrain(
+                f"no trainer can train here: {self.broken_in_a_row} trainers in a row failed "
+                f"before any trial finished ({text}); what finished is kept, so fix that and "
+                "run the study again"
+            )
+        self._lost(trainer, f"it cannot train ({text})", retry=False)
 
     def _judge(self, report: Report) -> bool:
         """Report a running loss to Optuna; True when its pruner stops the trial."""
         trial = self.asked.get(report.key)
         if trial is None:  # recorded meanwhile: nothing left to judge
             return False
-        last_step, _ = self.last_report.get(report.key, (-1, math.nan))
-        # A trial run again after its trainer was lost reports its first steps again.
-        if report.step > last_step:
+        self.last_report[report.key] = (report.step, report.value)
+        self.attempt_reports.setdefault(report.key, {})[report.step] = report.value
+        if report.step > self.told_up_to.get(report.key, -1):
             trial.report(report.value, report.step)
-            self.last_report[report.key] = (report.step, report.value)
-        return trial.should_prune()
+            self.told_up_to[report.key] = report.step
+            return trial.should_prune()
+        # Run again after its trainer was lost, at a step its first attempt reported.
+        return judge_attempt(self.study, report.key, self.attempt_reports[report.key])
 
     def _finished(self, planned: PlannedTrial, finished: Finished) -> None:
         _, last_value = self.last_report.get(planned.number, (-1, None))
@@ -478,14 +476,17 @@ class _Driver:
     def _hold(self, result: TrialResult) -> None:
         self.unrecorded.append(result)
 
-    def _lost(self, trainer: _Trainer, error: BaseException) -> None:
-        """A trainer died with its worker or node: run its trials again elsewhere, up to
-        ray.max_retries times each, and start a trainer in its place if the cluster has room."""
-        text = f"{type(error).__name__}: {first_line(error)}"
+    def _lost(self, trainer: TrainerRecord, text: str, retry: bool = True) -> None:
+        """A trainer died with its worker or node (`text` says how): run its trials again
+        elsewhere, up to ray.max_retries times each (`retry`: whether this counts as one), and
+        start a trainer in its place if the cluster has room."""
         log.warning("a trainer was lost (%s); its %d trials run again", text, len(trainer.trials))
         self.trainers.remove(trainer)
+        ray.kill(trainer.actor)  # gone, or at least gone for us: its CPUs go to its successor
         for planned in trainer.trials.values():
-            self.attempts[planned.number] += 1
+            self.attempts[planned.number] += retry
+            self.last_report.pop(planned.number, None)
+            self.attempt_reports.pop(planned.number, None)
             if self.attempts[planned.number] > self.config.ray.max_retries:
                 self._failed(planned, text)
             else:
@@ -551,6 +552,8 @@ class _Driver:
         failpoint("written")
         for result, row in zip(results, rows, strict=True):
             trial = self.asked.pop(result.number)
+            for reports in (self.last_report, self.attempt_reports, self.told_up_to):
+                reports.pop(result.number, None)
             self.study.tell(trial, told_value(row), state=TrialState[row["state"]])
             failpoint("told")
             self.rows[result.number] = row
@@ -564,13 +567,6 @@ class _Driver:
 
     def _point_of(self, row: dict[str, Any]) -> tuple:
         return tuple(row[p.short_name] for p in self.config.study.search)
-
-
-def _import_in_background(module: str) -> None:
-    """Import `module` in a thread of its own. While Ray starts, this process mostly waits on
-    Ray's processes, and an import beside it (matplotlib, for the summary's figures: a quarter
-    of a second) takes none of its time; a later import of the module waits for this one."""
-    threading.Thread(target=importlib.import_module, args=(module,), daemon=True).start()
 
 
 def _check_search(config: Config) -> None:

@@ -22,3 +22,10 @@ class TrainerEvents:
     side_by_side: int = 0
     """Of `windows`, those stepped on threads of CPUs lent to this trainer (`Trainer.lend`),
     beside other architectures' lanes."""
+    turns: int = 0
+    """Turns the trainer's thread took (each steps every running lane once): none while
+    every lane it holds waits for a verdict."""
+    broken: str | None = None
+    """Why this trainer cannot train any more (its training thread died, an error of its own
+    machinery rather than of a trial's training): the driver gives it up and runs its trials
+    elsewhere, as for a lost worker."""

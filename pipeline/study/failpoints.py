@@ -8,6 +8,8 @@ instead, holding what it holds (the output's lock) until the test sends SIGCONT.
 first time SIGKILL its own Ray worker once that trial has run N windows: a trainer lost in the
 middle of its trials. The driver reads it and hands it to the trainers it starts; a trial run
 again after the loss runs to its end.
+
+`ECHO_TRAINER_BREAK` breaks trainers as they start (`trainer_breaks`).
 """
 
 from __future__ import annotations
@@ -57,3 +59,21 @@ def trainer_failpoint() -> TrainerFailpoint | None:
 def die() -> None:
     """SIGKILL this process: no handler, no cleanup, as a crash or the OOM killer would."""
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+# "all": every trainer's training thread raises as it starts, as one whose machinery cannot
+# train (a kernel cache it cannot read, a broken GPU); a file path: only the first trainer to
+# create that file does. Read by the trainers, in their Ray workers.
+TRAINER_BREAK = "ECHO_TRAINER_BREAK"
+
+
+def trainer_breaks() -> bool:
+    """Whether this trainer is to break (see TRAINER_BREAK)."""
+    wanted = os.environ.get(TRAINER_BREAK, "")
+    if wanted in ("", "all"):
+        return wanted == "all"
+    try:
+        os.close(os.open(wanted, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True

@@ -9,9 +9,11 @@ Ray, on cores that would otherwise wait.
 
 from __future__ import annotations
 
+import importlib
+import threading
 from dataclasses import dataclass
 
-from pipeline.config import Config, ray_address
+from pipeline.config.sections import Config, ray_address
 from pipeline.study import compile_ahead
 
 
@@ -35,3 +37,10 @@ def prepare(config: Config) -> Launch:
     if launch.embedded:
         compile_ahead.start(config)
     return launch
+
+
+def import_in_background(module: str) -> None:
+    """Import `module` in a thread of its own. While Ray starts, this process mostly waits on
+    Ray's processes, and an import beside it (matplotlib, for the summary's figures: a quarter
+    of a second) takes none of its time; a later import of the module waits for this one."""
+    threading.Thread(target=importlib.import_module, args=(module,), daemon=True).start()

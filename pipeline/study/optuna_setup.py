@@ -3,14 +3,20 @@ and the storages (a journal file in the output folder by default, or a database 
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import optuna
+from optuna.samplers._lazy_random_state import LazyRandomState
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
-from pipeline.config import Config, ConfigError, SearchParam, first_line
+from pipeline.config.checks import ConfigError, first_line
+from pipeline.config.sections import Config, SearchParam
+from pipeline.results.output import Output
 
 JOURNAL = "study.journal"
 
@@ -52,8 +58,50 @@ def make_sampler(config: Config) -> optuna.samplers.BaseSampler:
     if study.sampler == "tpe":
         # Trials in flight are taken as scoring their worst (Optuna's advice for parallel TPE),
         # so the sampler does not ask the same promising spot again while it trains.
-        return optuna.samplers.TPESampler(seed=study.seed, constant_liar=True)
-    return optuna.samplers.RandomSampler(seed=study.seed)
+        return TrialSeededTPE(seed=study.seed, constant_liar=True)
+    return TrialSeededRandom(seed=study.seed)
+
+
+# What a trial's draws are seeded from, besides the study's seed and the trial's number.
+RANDOM_DRAWS, TPE_DRAWS, TPE_STARTUP_DRAWS = 1, 2, 3
+
+
+def reseed(state: LazyRandomState, study_seed: int, number: int, stream: int) -> None:
+    """Seed a sampler's random state for trial `number` alone. A sampler seeded once, when
+    the study starts, draws the same sequence from its start on every run: a study extended
+    or resumed asked its first run's points again. Seeded from the trial's number, it draws
+    what the storage's next trial has never drawn."""
+    words = np.random.SeedSequence([study_seed, stream, number]).generate_state(1)
+    state.rng.seed(int(words[0]))
+
+
+class TrialSeededRandom(optuna.samplers.RandomSampler):
+    """Optuna's random sampler, its draws for trial n seeded from (study seed, n): see
+    `reseed`. It patches the sampler's private `_rng` (tests/test_optuna_setup.py fails if an
+    Optuna upgrade moves it)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed=seed)
+        self.study_seed = seed
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        reseed(self._rng, self.study_seed, trial.number, RANDOM_DRAWS)
+        super().before_trial(study, trial)
+
+
+class TrialSeededTPE(optuna.samplers.TPESampler):
+    """Optuna's TPE sampler, its draws for trial n (the model's, and those of its random
+    start-up trials) seeded from (study seed, n): see `reseed`. It patches the private `_rng`
+    and `_random_sampler._rng` (tests/test_optuna_setup.py fails if an upgrade moves them)."""
+
+    def __init__(self, seed: int, **options: Any) -> None:
+        super().__init__(seed=seed, **options)
+        self.study_seed = seed
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        reseed(self._rng, self.study_seed, trial.number, TPE_DRAWS)
+        reseed(self._random_sampler._rng, self.study_seed, trial.number, TPE_STARTUP_DRAWS)
+        super().before_trial(study, trial)
 
 
 class GridPoint(optuna.samplers.BaseSampler):
@@ -107,3 +155,77 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         raise ConfigError(
             f"study.storage = {url!r}: cannot be opened ({first_line(error)})"
         ) from None
+
+
+# The study's user attribute that names the output it writes to (a database storage's).
+OUTPUT_ATTR = "output"
+
+
+def output_name(output: Output) -> str:
+    """How a storage names an output: its absolute path, or its URI."""
+    return output.root if output.is_local else output.location
+
+
+def check_storage_knows(
+    config: Config, output: Output, rows: Mapping[int, Mapping[str, Any]], storage: Any
+) -> None:
+    """Refuse an output whose steps/ holds trials its storage does not know (the storage was
+    lost or replaced): its trial numbers would start again at 0, over the recorded ones.
+    `storage`: the opened storage, or None for a journal that does not exist yet."""
+    known = _trials_of(storage, config.study.name)
+    searched = [p.short_name for p in config.study.search]
+    unknown = [
+        number
+        for number, row in sorted(rows.items())
+        if number not in known or any(known[number].params.get(k) != row[k] for k in searched)
+    ]
+    if unknown:
+        where = config.study.storage or output.path(JOURNAL)
+        raise ConfigError(
+            f"output {output.location} holds {len(unknown)} trials (trial {unknown[0]} first) "
+            f"that study {config.study.name!r} in {where} does not know: its storage was lost "
+            "or replaced; resume with the storage it was made with, or choose another --output"
+        )
+
+
+def _trials_of(storage: Any, name: str) -> dict[int, FrozenTrial]:
+    if storage is None:
+        return {}
+    try:
+        study_id = storage.get_study_id_from_name(name)
+    except KeyError:
+        return {}
+    return {t.number: t for t in storage.get_all_trials(study_id, deepcopy=False)}
+
+
+def check_output_bound(config: Config, output: Output, storage: Any) -> None:
+    """Refuse a second output for a study of a shared storage that another output's study
+    already writes to: their drivers would each mark the other's running trials FAIL."""
+    try:
+        study_id = storage.get_study_id_from_name(config.study.name)
+    except KeyError:
+        return
+    bound = storage.get_study_user_attrs(study_id).get(OUTPUT_ATTR)
+    if bound is not None and bound != output_name(output):
+        raise ConfigError(
+            f"study {config.study.name!r} in {config.study.storage} writes to output {bound}, "
+            f"not {output.location}: resume it with --output {bound}, or set another "
+            "study.name for this output"
+        )
+
+
+def bind_output(study: optuna.Study, output: Output) -> None:
+    """Name `output` in the study (see check_output_bound)."""
+    if OUTPUT_ATTR not in study.user_attrs:
+        study.set_user_attr(OUTPUT_ATTR, output_name(output))
+
+
+def judge_attempt(study: optuna.Study, number: int, reports: Mapping[int, float]) -> bool:
+    """The pruner's verdict on trial `number` as one attempt of it left it: its own
+    `reports` (step → value) alone. A trial run again after its trainer was lost reports its
+    first steps again, and Optuna keeps a step's first report and judges a trial at its last
+    one, a step the new attempt has not reached."""
+    frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+    attempt = copy.copy(frozen)
+    attempt.intermediate_values = dict(reports)
+    return study.pruner.prune(study, attempt)

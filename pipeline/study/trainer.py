@@ -21,9 +21,16 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from pipeline.config import Config, TrainConfig, first_line
+from pipeline.config.checks import first_line
+from pipeline.config.sections import Config, TrainConfig
 from pipeline.study.exchange import TrainerEvents
-from pipeline.study.failpoints import TrainerFailpoint, die, trainer_failpoint
+from pipeline.study.failpoints import (
+    TRAINER_BREAK,
+    TrainerFailpoint,
+    die,
+    trainer_breaks,
+    trainer_failpoint,
+)
 from pipeline.study.launch import Launch
 from pipeline.training.device import load_cpu_kernels, window_step
 from pipeline.training.trial import LaneTrial, lanes_key
@@ -65,10 +72,11 @@ class Trainer:
         self.stepped: Counter[tuple] = Counter()
         self.trained = 0
         self.side_by_side = 0
+        self.turns = 0
         self.lent_cpus = 0
         self.stepping: tuple[int, ThreadPoolExecutor] | None = None
         self.broken: str | None = None
-        """Why the training thread died, if it did: trials handed over later fail with it."""
+        """Why the training thread died, if it did: the driver then gives this trainer up."""
         self.failpoint = failpoint
         threading.Thread(target=self._train, daemon=True).start()
 
@@ -78,10 +86,8 @@ class Trainer:
         """Hand over trials to admit and pruner verdicts; return what happened since the last
         exchange, waiting up to `wait` seconds for something to happen."""
         with self.changed:
-            if self.broken is not None:  # nothing trains here any more: each trial fails
-                self.events.errors.extend((trial.key, self.broken) for trial in admit)
-                admit = []
-            self.inbox += admit
+            if self.broken is None:  # else nothing trains here: the driver places them again
+                self.inbox += admit
             self.verdicts.update(verdicts)
             self.changed.notify_all()
             self.changed.wait_for(self._has_events, timeout=wait)
@@ -90,9 +96,11 @@ class Trainer:
                 windows=dict(self.stepped),
                 lane_windows=self.trained,
                 side_by_side=self.side_by_side,
+                turns=self.turns,
+                broken=self.broken,
             )
             self.events, self.stepped, self.trained = TrainerEvents([], [], []), Counter(), 0
-            self.side_by_side = 0
+            self.side_by_side = self.turns = 0
             return events
 
     def lend(self, cpus: int) -> None:
@@ -110,27 +118,30 @@ class Trainer:
         }
 
     def _has_events(self) -> bool:
-        return bool(self.events.finished or self.events.reports or self.events.errors)
+        events = self.events
+        return bool(events.finished or events.reports or events.errors or self.broken)
 
     def _train(self) -> None:
         try:
+            if trainer_breaks():
+                raise RuntimeError(f"{TRAINER_BREAK} says this trainer cannot train")
             load_cpu_kernels(self.train, _gpu_from_ray(), self.compile_missing)
             self._train_forever()
         except BaseException as error:  # the driver must hear of it, never wait on a dead thread
-            text = f"{type(error).__name__}: {first_line(error)}"
-            keys = [t.key for lanes in self.lanes.values() for t in lanes.trials if t is not None]
+            # Not a trial's error (those are caught where its lanes step): this trainer's own.
+            # Its trials are not failed here: the driver runs them elsewhere.
             self.lanes.clear()
             with self.changed:
-                self.broken = text
-                keys += [trial.key for trial in self.inbox]
+                self.broken = f"{type(error).__name__}: {first_line(error)}"
                 self.inbox = []
-            self._publish([], [], [(key, text) for key in keys])
+                self.changed.notify_all()
             raise
 
     def _train_forever(self) -> None:
         while True:
             with self.changed:
                 self.changed.wait_for(lambda: self.inbox or self.verdicts or self._busy())
+                self.turns += 1
                 inbox, self.inbox = self.inbox, []
                 verdicts, self.verdicts = self.verdicts, {}
                 threads = 1 + self.lent_cpus

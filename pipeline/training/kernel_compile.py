@@ -16,6 +16,7 @@ import fcntl
 import time
 from collections.abc import Iterator, Sequence
 
+from pipeline.training.arrays import warn_fallback
 from pipeline.training.kernel_cache import FAMILY_NAMES, cache_dir, compiled, mark_compiled
 from pipeline.training.kernels import FAMILIES
 
@@ -39,6 +40,8 @@ LOOK_AGAIN_S = 0.25
 
 
 _compile_missing = True
+# Families whose compile raised in this process: never tried again.
+_unusable: set[str] = set()
 
 
 def load_only_cached() -> None:
@@ -59,14 +62,20 @@ def ready(family: str) -> bool:
     what a trial computes does not depend on which family was ready when."""
     if family in _loaded:
         return True
+    if family in _unusable:
+        return False
     now = time.monotonic()
     if now - _looked.get(family, -LOOK_AGAIN_S) < LOOK_AGAIN_S:
         return False
     _looked[family] = now
     with _compile_lock(family, wait=False) as held:
         if held and (_compile_missing or compiled((family,))):
-            compile_family(family)
-            mark_compiled(family)
+            try:
+                compile_family(family)
+                mark_compiled(family)
+            except Exception as error:  # e.g. a cache numba cannot write: the other family runs
+                warn_fallback(f"numba's {family} kernels", error)
+                _unusable.add(family)
     return family in _loaded
 
 

@@ -39,11 +39,7 @@ import numba
 import numpy as np
 from numba.core import caching
 
-from pipeline.training.kernel_cache import (
-    FAMILY_NAMES,
-    kernels_folder,
-    source_hash,
-)
+from pipeline.training.kernel_cache import FAMILY_NAMES, kernels_folder, source_hash
 
 if numba.config.DISABLE_JIT:
     raise ImportError("numba's JIT is disabled (NUMBA_DISABLE_JIT is set)")

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import Config
+from pipeline.config.sections import Config
 from pipeline.training.arrays import (
     ADAGRAD_INITIAL_ACCUMULATOR,
     Array,
@@ -95,6 +95,11 @@ class Lanes:
             free = np.flatnonzero(~self.occupied)
         lane = int(free[0])
         config = trial.config
+        # What may fail (a trace too long to allocate) comes before the lane is taken.
+        if config.total_steps > self.trace.shape[1]:
+            grown = np.full((self.capacity, config.total_steps), np.nan, np.float32)
+            grown[:, : self.trace.shape[1]] = self.trace
+            self.trace = grown
         fresh = initial_weights(config.model, [config.train.seed])
         for weight, initial in zip(self.weights, fresh, strict=True):
             weight[..., lane] = self.arrays.from_numpy(initial[..., 0])
@@ -106,11 +111,11 @@ class Lanes:
         self.occupied[lane], self.waiting[lane] = True, False
         self.position[lane], self.total[lane] = 0, config.total_steps
         self.started[lane] = time.perf_counter()
-        if config.total_steps > self.trace.shape[1]:
-            grown = np.full((self.capacity, config.total_steps), np.nan, np.float32)
-            grown[:, : self.trace.shape[1]] = self.trace
-            self.trace = grown
-        self._start_epoch(lane, 0)
+        try:
+            self._start_epoch(lane, 0)
+        except BaseException:  # an admission that fails leaves its lane free
+            self._finish(lane, "complete")
+            raise
 
     def reserve(self, count: int) -> None:
         """Make sure `count` trials find a free lane, growing as `_whole` says."""
