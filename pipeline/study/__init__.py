@@ -7,7 +7,7 @@
 - ray_connection.py: starting an embedded Ray on 127.0.0.1, or joining a cluster.
 - trainer.py: the trainer actor; exchange.py: what it tells the driver.
 - compile_ahead.py: the CPU kernels' compile while the driver starts.
-- progress.py: the progress bar or lines; failpoints.py: fault injection for tests.
+- progress.py: the progress bar or lines; failpoints.py (in results): fault injection for tests.
 
 `from pipeline.study import run_study` works; importing this package imports no Ray, so that
 the command line can start compiling before Ray's import.
