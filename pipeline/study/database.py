@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from optuna.storages.journal import BaseJournalBackend
@@ -85,9 +85,12 @@ class JournalTable(BaseJournalBackend):
         self.url = url
         self._conn = connect(url)
         self._conn.execute(_CREATE)
+        self._group: ExitStack | None = None
+        """The open group, if any: its transaction begins with its first log."""
         self._pending: list[str] | None = None
+        """The group's logs, once it has any."""
         self._written = 0
-        """Logs in the table when the current group took its lock."""
+        """Logs in the table when the group took its lock."""
 
     def __getstate__(self) -> dict[str, Any]:
         return {"url": self.url}
@@ -108,29 +111,34 @@ class JournalTable(BaseJournalBackend):
 
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
         texts = [json.dumps(log) for log in logs]
-        if self._pending is not None:
-            self._pending += texts
+        if self._group is None:
+            with self._conn.pipeline(), self._conn.transaction():
+                self._conn.execute(_LOCK)
+                self._conn.execute(_APPEND, [texts])
             return
-        with self._conn.pipeline(), self._conn.transaction():
-            self._conn.execute(_LOCK)
-            self._conn.execute(_APPEND, [texts])
+        if self._pending is None:  # the group's first log: take the lock until its end
+            self._group.enter_context(self._conn.transaction())
+            with self._conn.pipeline():
+                self._conn.execute(_LOCK)
+                written = self._conn.execute(_COUNT)
+            (self._written,) = written.fetchone()
+            self._pending = []
+        self._pending += texts
 
     @contextmanager
     def group(self) -> Iterator[None]:
         """Write every log appended within as one transaction, at the end; nothing if it raises.
 
-        Other appenders wait for the group's end: keep a group to work that takes milliseconds
-        (asking or telling a batch of trials), never to training."""
-        if self._pending is not None:  # nested: the outer group writes
+        Other appenders wait from the group's first log to its end: keep a group to work that
+        takes milliseconds (asking or telling a batch of trials), never to training. A group
+        that appends nothing costs nothing."""
+        if self._group is not None:  # nested: the outer group writes
             yield
             return
-        with self._conn.transaction():
-            self._conn.execute(_LOCK)
-            (self._written,) = self._conn.execute(_COUNT).fetchone()
-            self._pending = []
+        with ExitStack() as self._group:
             try:
                 yield
                 if self._pending:
                     self._conn.execute(_APPEND, [self._pending])
             finally:
-                self._pending = None
+                self._group, self._pending = None, None
