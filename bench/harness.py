@@ -130,14 +130,20 @@ def visible_files(folder: Path) -> int:
     )
 
 
-def load_journal_trials(output: Path, study_name: str) -> list:
-    """The study's trials, from the Optuna journal in its output, as Optuna reads them."""
+def load_journal_trials(output: Path, study_name: str, storage_url: str | None = None) -> list:
+    """The study's trials, from the Optuna journal in its output (or the storage at
+    `storage_url`, opened as the pipeline opens it), as Optuna reads them."""
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = JournalStorage(JournalFileBackend(str(output / "study.journal")))
+    if storage_url:
+        from pipeline.study.optuna_setup import open_storage
+
+        storage = open_storage(storage_url, study_name)
+    else:
+        storage = JournalStorage(JournalFileBackend(str(output / "study.journal")))
     return optuna.load_study(study_name=study_name, storage=storage).get_trials(deepcopy=False)
 
 

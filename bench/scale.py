@@ -30,6 +30,12 @@ in ≤ 3 s, steps files not one per trial.
     python bench/scale.py --quick    # 100 and 400 trials, resume timed at 400 only: about a
                                      # minute on a quiet machine; checks the script
     python bench/scale.py --sizes 1000 --samplers random --set train.compile=false
+    python bench/scale.py --sizes 3000 --samplers random --storage postgresql://u@host/db
+                                     # each study on the journal file, then on the database
+                                     # (a fresh study name each run), side by side
+
+With --storage, "journal MB" is "-" for the database rows, and reopen s is `open_storage`
++ `optuna.load_study` + `get_trials` on the database.
 """
 
 from __future__ import annotations
@@ -77,6 +83,8 @@ GOALS = (
 class ScaleRun:
     """One measured study of `trials` tiny trials."""
 
+    storage: str
+    """"journal" (the file in the output), or "database" (--storage)."""
     sampler: str
     trials: int
     wall: float
@@ -102,11 +110,14 @@ def main(argv: list[str] | None = None) -> None:
     load = machine()
     runs = []
     with work_folder("echo-scale-", args.keep) as folder:
+        storages = [None, args.storage] if args.storage else [None]
+        token = time.strftime("%Y%m%d-%H%M%S")  # a fresh study in a database each run
         for sampler in args.samplers:
             for size in sorted(sizes):
                 # A rerun costs a whole study's fixed costs: a smoke run does the largest only.
                 resume = not args.quick or size == max(sizes)
-                runs.append(_measure(sampler, size, args, folder, resume))
+                for storage in storages:  # side by side, so that both meet the same load
+                    runs.append(_measure(sampler, size, args, folder, resume, storage, token))
         print(_report(args, load, runs))
 
 
@@ -120,6 +131,10 @@ def _parser() -> argparse.ArgumentParser:
         "--samplers", nargs="+", choices=SAMPLERS, default=list(SAMPLERS), help="samplers"
     )
     parser.add_argument("--keep", action="store_true", help="keep the outputs and logs")
+    parser.add_argument(
+        "--storage",
+        help="also run each study on this Optuna storage URL (e.g. postgresql://...)",
+    )
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
     )
@@ -149,11 +164,19 @@ def _child(config_path: str, output: str, overrides: list[str]) -> None:
 
 
 def _measure(
-    sampler: str, size: int, args: argparse.Namespace, folder: Path, resume: bool
+    sampler: str,
+    size: int,
+    args: argparse.Namespace,
+    folder: Path,
+    resume: bool,
+    storage: str | None = None,
+    token: str = "",
 ) -> ScaleRun:
-    name = f"scale-{sampler}-{size}"
-    say(f"{name}: {size:,} tiny trials, {sampler} sampler")
-    config = write_config(folder / f"{name}.yaml", _study_config(sampler, size, args))
+    name = f"scale-{sampler}-{size}" + (f"-db-{token}" if storage else "")
+    say(f"{name}: {size:,} tiny trials, {sampler} sampler, {'database' if storage else 'journal'}")
+    raw = _study_config(sampler, size, args)
+    raw["study"] = {**raw["study"], "name": name, **({"storage": storage} if storage else {})}
+    config = write_config(folder / f"{name}.yaml", raw)
     output = folder / name
     log = folder / f"{name}.log"
     sets = [arg for override in args.set for arg in ("--set", override)]
@@ -167,15 +190,16 @@ def _measure(
     rows = len(steps)
     del steps
     started = time.perf_counter()
-    told = len(load_journal_trials(output, name))
+    told = len(load_journal_trials(output, name, storage))
     reopen = time.perf_counter() - started
 
     resumed = None
     if resume:
         say("  resume: the same study again on its finished output")
         resumed = run_study_cli(config, output, log, args.set).seconds
-    resume_ok = len(load_journal_trials(output, name)) == told
+    resume_ok = len(load_journal_trials(output, name, storage)) == told
     run_result = ScaleRun(
+        storage="database" if storage else "journal",
         sampler=sampler,
         trials=size,
         wall=run.seconds,
@@ -185,7 +209,7 @@ def _measure(
         files=visible_files(output / "steps"),
         read=read,
         rows=rows,
-        journal_bytes=os.path.getsize(output / "study.journal"),
+        journal_bytes=0 if storage else os.path.getsize(output / "study.journal"),
         reopen=reopen,
         resume=resumed,
         resume_ok=resume_ok,
@@ -234,15 +258,15 @@ def _learning_rates(count: int) -> list[float]:
 
 def _report(args: argparse.Namespace, load: str, runs: list[ScaleRun]) -> str:
     rows = []
-    previous: dict[str, ScaleRun] = {}
+    previous: dict[tuple[str, str], ScaleRun] = {}
     for run in runs:
-        before = previous.get(run.sampler)
+        before = previous.get((run.storage, run.sampler))
         extra = (
             f"{1000 * (run.study - before.study) / (run.trials - before.trials):.1f}"
             if before
             else "-"
         )
-        previous[run.sampler] = run
+        previous[(run.storage, run.sampler)] = run
         shape = " × ".join(str(n) for n in grid_shape(run.trials)) if run.sampler == "grid" else ""
         checks = []
         if run.ran != run.trials:
@@ -253,6 +277,7 @@ def _report(args: argparse.Namespace, load: str, runs: list[ScaleRun]) -> str:
             checks.append("resume changed the journal!")
         rows.append(
             [
+                run.storage,
                 f"{run.sampler} {shape}".strip(),
                 f"{run.trials:,}",
                 f"{run.wall:.1f}",
@@ -262,7 +287,7 @@ def _report(args: argparse.Namespace, load: str, runs: list[ScaleRun]) -> str:
                 f"{1000 * run.driver_cpu / max(run.ran, 1):.1f}",
                 f"{run.files:,}",
                 f"{run.read:.2f}",
-                f"{run.journal_bytes / 1e6:.1f}",
+                f"{run.journal_bytes / 1e6:.1f}" if run.storage == "journal" else "-",
                 f"{run.reopen:.2f}",
                 "-" if run.resume is None else f"{run.resume:.1f}",
                 " ".join(checks) or "ok",
@@ -281,6 +306,7 @@ def _report(args: argparse.Namespace, load: str, runs: list[ScaleRun]) -> str:
         "",
         *table(
             [
+                "storage",
                 "sampler",
                 "trials",
                 "wall s",
@@ -298,9 +324,26 @@ def _report(args: argparse.Namespace, load: str, runs: list[ScaleRun]) -> str:
             rows,
         ),
         "",
+        *_storage_ratios(runs),
         GOALS,
     ]
     return "\n".join(lines)
+
+
+def _storage_ratios(runs: list[ScaleRun]) -> list[str]:
+    """A line per study measured on both storages: the database's wall time over the journal's
+    (goal, issue 22: at most 2×)."""
+    journal = {(r.sampler, r.trials): r for r in runs if r.storage == "journal"}
+    lines = [
+        f"- {r.sampler} {r.trials:,}: database {r.wall:.1f} s / journal "
+        f"{journal[(r.sampler, r.trials)].wall:.1f} s wall = "
+        f"{r.wall / journal[(r.sampler, r.trials)].wall:.2f}× (goal ≤ 2×); driver CPU "
+        f"{1000 * r.driver_cpu / max(r.ran, 1):.1f} against "
+        f"{1000 * journal[(r.sampler, r.trials)].driver_cpu / max(r.ran, 1):.1f} ms per trial"
+        for r in runs
+        if r.storage == "database" and (r.sampler, r.trials) in journal
+    ]
+    return [*lines, ""] if lines else []
 
 
 if __name__ == "__main__":

@@ -89,3 +89,54 @@ def study_config(tmp_path, search: dict | None = None, **params: object) -> Conf
         "output": str(tmp_path / "study"),
     }
     return config_from_dict(raw).with_params(params)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL server of the session's own on 127.0.0.1 (tests/servers.py), stopped at the
+    session's end; the tests that need it are skipped only where PostgreSQL is not installed."""
+    from tests.servers import PostgresServer, missing_postgres
+
+    reason = missing_postgres()
+    if reason:
+        pytest.skip(reason)
+    server = PostgresServer.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server of the session's own on 127.0.0.1, stopped at the session's end."""
+    from tests.servers import S3Server, missing_moto
+
+    reason = missing_moto()
+    if reason:
+        pytest.skip(reason)
+    server = S3Server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def database(postgres_server, request) -> str:
+    """The URL of a fresh, empty database on the session's server, named after the test."""
+    name = "t_" + "".join(c if c.isalnum() else "_" for c in request.node.name)[:50].lower()
+    return postgres_server.create_database(f"{name}_{os.urandom(3).hex()}")
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch) -> dict[str, str]:
+    """This process's environment pointed at the session's S3 server (endpoint and keys);
+    returned, for child processes."""
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    return s3_server.env()
+
+
+@pytest.fixture
+def bucket(s3_server, s3_env) -> str:
+    """A fresh, empty bucket on the session's S3 server."""
+    name = f"echo-{os.urandom(4).hex()}"
+    s3_server.create_bucket(name)
+    return name

@@ -20,11 +20,11 @@ import yaml
 from pipeline.__main__ import main
 from pipeline.config.checks import ConfigError
 from pipeline.config.files import config_from_dict
+from pipeline.results.failpoints import FAILPOINT, TRAINER_BREAK, TRAINER_FAILPOINT
 from pipeline.results.output import Output, claim_output
 from pipeline.results.record import TrialResult, record_trials
 from pipeline.results.tables import read_steps_outcomes
 from pipeline.study.driver import run_study
-from pipeline.study.failpoints import FAILPOINT, TRAINER_BREAK, TRAINER_FAILPOINT
 from pipeline.study.optuna_setup import JOURNAL
 from tests.conftest import study_config
 

@@ -17,11 +17,11 @@ import yaml
 
 from pipeline.config.checks import ConfigError
 from pipeline.config.files import config_from_dict
+from pipeline.results.failpoints import FAILPOINT
 from pipeline.results.output import Output
 from pipeline.results.tables import param_columns
 from pipeline.study.compile_ahead import kernel_families
 from pipeline.study.driver import run_study
-from pipeline.study.failpoints import FAILPOINT
 from pipeline.study.optuna_setup import JOURNAL
 from pipeline.study.placement import TrialWork, Workload, grid_points, place
 from pipeline.training.trial import lanes_key

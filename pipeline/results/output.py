@@ -27,9 +27,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import yaml
 
-from pipeline.config.checks import ConfigError
-from pipeline.config.files import config_from_dict
-from pipeline.config.sections import Config
+from pipeline.config import Config, ConfigError, config_from_dict, first_line
+from pipeline.results.failpoints import failpoint
+from pipeline.results.object_store import check_object_store
 
 STEPS = "steps"
 TRIALS = "trials.parquet"
@@ -43,7 +43,10 @@ class Output:
     def __init__(self, location: str) -> None:
         self.location = location
         if "://" in location:
-            self.fs, self.root = pafs.FileSystem.from_uri(location)
+            try:
+                self.fs, self.root = pafs.FileSystem.from_uri(location)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as error:
+                raise ConfigError(f"output {location}: {first_line(error)}") from None
         else:
             self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(location)
         self.root = self.root.rstrip("/")
@@ -71,8 +74,12 @@ class Output:
         if not replace and self.exists(name):  # on a local disk, os.link checks it again
             raise FileExistsError(f"{target} exists: it is never overwritten")
         if not self.is_local:
+            # An object appears when its stream closes: a writer killed before has written
+            # nothing. The data goes in one call, so that no error can leave a part of it to
+            # be published when the stream is closed (or collected).
             with self.fs.open_output_stream(target) as stream:
                 stream.write(data)
+                failpoint(f"writing {name.split('/')[0]}")
             return
         temporary = f"{parent}/.{target.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp"
         try:
@@ -95,7 +102,10 @@ class Output:
 
     def check_writable(self) -> None:
         """Raise ConfigError, writing nothing, when this output cannot be a results folder here:
-        a file in its place, or a local folder (or the nearest existing parent) not writable."""
+        a file in its place, or a local folder (or the nearest existing parent) not writable;
+        on an object store, no credentials, endpoint or bucket (`check_object_store`)."""
+        if not self.is_local:
+            check_object_store(self.fs, self.root, self.location)
         info = self.fs.get_file_info(self.root)
         if info.type == pafs.FileType.File:
             raise ConfigError(

@@ -10,7 +10,7 @@
 - locations.py: outputs and storages that a study could not keep, refused before Ray starts.
 - trainer.py: the trainer actor; exchange.py: what it tells the driver.
 - compile_ahead.py: the CPU kernels' compile while the driver starts.
-- progress.py: the progress bar or lines; failpoints.py: fault injection for tests.
+- progress.py: the progress bar or lines; failpoints.py (in results): fault injection for tests.
 
 `from pipeline.study import run_study` works; importing this package imports no Ray, so that
 the command line can start compiling before Ray's import.

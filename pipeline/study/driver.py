@@ -24,7 +24,8 @@ import logging
 import math
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
@@ -34,10 +35,10 @@ from optuna.trial import TrialState
 
 from pipeline.config.checks import ConfigError, first_line
 from pipeline.config.sections import Config, short_name
+from pipeline.results.failpoints import failpoint
 from pipeline.results.output import TRIALS, Output, check_output, claim_output
 from pipeline.results.record import TrialResult, record_trials
 from pipeline.results.tables import FIXED_COLUMNS, param_columns, read_steps_outcomes, trials_table
-from pipeline.study.failpoints import failpoint
 from pipeline.study.launch import Launch, import_in_background, prepare
 from pipeline.study.locations import check_output_location
 from pipeline.study.optuna_setup import (
@@ -46,6 +47,7 @@ from pipeline.study.optuna_setup import (
     check_output_bound,
     check_storage_knows,
     distribution,
+    grouping,
     judge_attempt,
     make_pruner,
     make_sampler,
@@ -111,7 +113,9 @@ def run_study(
     output.check_writable()
     check_output(output, config)
     output.check_free()
-    custom_storage = open_storage(config.study.storage) if config.study.storage else None
+    custom_storage = (
+        open_storage(config.study.storage, config.study.name) if config.study.storage else None
+    )
     if custom_storage is not None:
         check_output_bound(config, output, custom_storage)
     launch = launch or prepare(config)
@@ -136,7 +140,7 @@ def run_study(
             )
             if custom_storage is not None:
                 bind_output(study, output)
-            driver = _Driver(config, launch, output, study, progress)
+            driver = _Driver(config, launch, output, study, progress, grouping(storage))
             driver.recover()
             ran = driver.run()
             # An embedded Ray takes a second or two to stop: let it while the summary is drawn.
@@ -177,11 +181,14 @@ class _Driver:
         output: Output,
         study: optuna.Study,
         progress: bool | None,
+        group: Callable[[], AbstractContextManager],
     ) -> None:
         self.config = config
         self.launch = launch
         self.output = output
         self.study = study
+        # What is asked, or told, at once is written to the storage at once (`grouping`).
+        self.group = group
         self.columns = param_columns(config)
         grid = config.study.sampler == "grid"
         self.distributions = {p.short_name: distribution(p, grid) for p in config.study.search}
@@ -223,14 +230,15 @@ class _Driver:
         recorded trial runs again). Each step can be repeated: a kill during recovery is
         recovered from the same way."""
         self.rows = read_steps_outcomes(self.output)
-        for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            row = self.rows.get(frozen.number)
-            if row is None:
-                log.warning("trial %d was left running by a stopped study", frozen.number)
-                self.study.tell(frozen.number, state=TrialState.FAIL)
-            else:
-                self.study.tell(frozen.number, told_value(row), state=TrialState[row["state"]])
-            failpoint("recovering")
+        with self.group():
+            for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                row = self.rows.get(frozen.number)
+                if row is None:
+                    log.warning("trial %d was left running by a stopped study", frozen.number)
+                    self.study.tell(frozen.number, state=TrialState.FAIL)
+                else:
+                    self.study.tell(frozen.number, told_value(row), state=TrialState[row["state"]])
+                failpoint("recovering")
         self.recorded_points = {self._point_of(row) for row in self.rows.values()}
         if self.config.study.sampler == "grid":
             self.points = iter(grid_points(self.config))
@@ -254,8 +262,9 @@ class _Driver:
                     break
                 ray.wait(calls, num_returns=1, timeout=0.2)
                 ready, _ = ray.wait(calls, num_returns=len(calls), timeout=0)
-                for trainer in [t for t in self.trainers if t.call in ready]:
-                    self._collect(trainer)
+                with self.group():  # the pruner's reports
+                    for trainer in [t for t in self.trainers if t.call in ready]:
+                        self._collect(trainer)
                 self._watch_unplaced_trainers()
                 self._record_if_due()
                 self.progress.tick()
@@ -282,11 +291,12 @@ class _Driver:
         """Ask Optuna for trials while lanes are free: never more than the trainers can take
         now, so a sampler that learns sees every trial that finished before it asks."""
         capacity = self.lanes * len(self.trainers)
-        while self._in_flight() < capacity and self._wanted() > 0:
-            planned = self._ask_one()
-            if planned is None:
-                return
-            self.queue.append(planned)
+        with self.group():
+            while self._in_flight() < capacity and self._wanted() > 0:
+                planned = self._ask_one()
+                if planned is None:
+                    return
+                self.queue.append(planned)
 
     def _wanted(self) -> int:
         """Trials still to ask for: finished trials are the recorded ones."""
@@ -550,14 +560,16 @@ class _Driver:
         self.last_recorded = time.monotonic()
         rows = record_trials(self.output, results)
         failpoint("written")
-        for result, row in zip(results, rows, strict=True):
-            trial = self.asked.pop(result.number)
-            for reports in (self.last_report, self.attempt_reports, self.told_up_to):
-                reports.pop(result.number, None)
-            self.study.tell(trial, told_value(row), state=TrialState[row["state"]])
-            failpoint("told")
-            self.rows[result.number] = row
-            self.recorded_points.add(self._point_of(row))
+        with self.group():
+            for result, row in zip(results, rows, strict=True):
+                trial = self.asked.pop(result.number)
+                for reports in (self.last_report, self.attempt_reports, self.told_up_to):
+                    reports.pop(result.number, None)
+                self.study.tell(trial, told_value(row), state=TrialState[row["state"]])
+                failpoint("told")
+                self.rows[result.number] = row
+                self.recorded_points.add(self._point_of(row))
+        for row in rows:
             self.progress.record(row, self.columns)
 
     def _write_trials_table(self) -> None:

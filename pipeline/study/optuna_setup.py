@@ -4,19 +4,21 @@ and the storages (a journal file in the output folder by default, or a database 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import optuna
 from optuna.samplers._lazy_random_state import LazyRandomState
 from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal import BaseJournalBackend, JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
-from pipeline.config.checks import ConfigError, first_line
-from pipeline.config.sections import Config, SearchParam
+from pipeline.config import Config, ConfigError, SearchParam, first_line
 from pipeline.results.output import Output
+from pipeline.study.database import JournalTable, is_postgres_url, rdb_holds_study
 
 JOURNAL = "study.journal"
 
@@ -139,22 +141,36 @@ class Journal(JournalStorage):
     all of the study's trials: at 10^5 trials, asks alone grew quadratic. This driver never
     enqueues a trial, so none is ever waiting."""
 
+    def __init__(self, backend: BaseJournalBackend) -> None:
+        self.backend = backend
+        super().__init__(backend)
+
     def get_all_trials(self, study_id, deepcopy=True, states=None):
         if states is not None and tuple(states) == (TrialState.WAITING,):
             return []
         return super().get_all_trials(study_id, deepcopy, states)
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna storage: a database URL, or a path to a journal file."""
+def grouping(storage: optuna.storages.BaseStorage) -> Callable[[], AbstractContextManager]:
+    """Contexts in which what is asked and told is written as one transaction, on a storage
+    that can (a journal in a database); elsewhere, contexts that do nothing."""
+    if isinstance(storage, Journal) and isinstance(storage.backend, JournalTable):
+        return storage.backend.group
+    return nullcontext
+
+
+def open_storage(url: str, study_name: str | None = None) -> optuna.storages.BaseStorage:
+    """An Optuna storage: a database URL, or a path to a journal file. A PostgreSQL database
+    holds the journal in a table, unless Optuna's own tables there already hold `study_name`
+    (a study begun before this storage existed goes on where it is)."""
     try:
         if "://" not in url:
             return Journal(JournalFileBackend(url))
+        if is_postgres_url(url) and not (study_name and rdb_holds_study(url, study_name)):
+            return Journal(JournalTable(url))
         return optuna.storages.get_storage(url)
     except Exception as error:  # whatever the backend raises, the URL is what the user fixes
-        raise ConfigError(
-            f"study.storage = {url!r}: cannot be opened ({first_line(error)})"
-        ) from None
+        raise ConfigError(storage_error(url, error)) from None
 
 
 # The study's user attribute that names the output it writes to (a database storage's).
@@ -229,3 +245,37 @@ def judge_attempt(study: optuna.Study, number: int, reports: Mapping[int, float]
     attempt = copy.copy(frozen)
     attempt.intermediate_values = dict(reports)
     return study.pruner.prune(study, attempt)
+
+
+def storage_error(url: str, error: BaseException) -> str:
+    """One line: the storage URL (its password hidden), what went wrong, what to do."""
+    shown = _without_password(url)
+    if isinstance(error, ImportError) and is_postgres_url(url):
+        return (
+            f"study.storage = {shown!r}: PostgreSQL needs psycopg: "
+            "pip install 'echo-study[postgres]'"
+        )
+    text = first_line(error)
+    reason = text.rsplit(" failed: ", 1)[-1].removeprefix("FATAL:").strip()
+    address = urlsplit(url)
+    if "timeout expired" in text or "Connection refused" in text or "translate host" in text:
+        hint = (
+            f"no database server answers at {address.hostname}:{address.port or 5432}; start "
+            "it, or fix the host and port"
+        )
+    elif "password authentication failed" in text or ("role" in text and "does not exist" in text):
+        hint = "give a user and password the server accepts, in the URL or in ~/.pgpass"
+    elif "database" in text and "does not exist" in text:
+        name = address.path.lstrip("/")
+        hint = f"create it first (createdb {name}) or name one that exists"
+    else:
+        return f"study.storage = {shown!r}: cannot be opened ({reason})"
+    return f"study.storage = {shown!r}: {reason}; {hint}"
+
+
+def _without_password(url: str) -> str:
+    address = urlsplit(url)
+    if address.password is None:
+        return url
+    login = address.netloc.rsplit("@", 1)[0]
+    return url.replace(f"{login}@", f"{address.username}:***@", 1)

@@ -23,14 +23,14 @@ import ray
 
 from pipeline.config.checks import first_line
 from pipeline.config.sections import Config, TrainConfig
-from pipeline.study.exchange import TrainerEvents
-from pipeline.study.failpoints import (
+from pipeline.results.failpoints import (
     TRAINER_BREAK,
     TrainerFailpoint,
     die,
     trainer_breaks,
     trainer_failpoint,
 )
+from pipeline.study.exchange import TrainerEvents
 from pipeline.study.launch import Launch
 from pipeline.training.device import load_cpu_kernels, window_step
 from pipeline.training.trial import LaneTrial, lanes_key

@@ -1,8 +1,11 @@
 """Fault injection for tests, at moments no outside timing can hit reliably.
 
-`ECHO_STUDY_FAILPOINT=NAME:N` makes the driver SIGKILL itself the N-th time it passes the
-failpoint NAME (asked, written, told, recovering); `NAME:N:stop` makes it SIGSTOP itself there
-instead, holding what it holds (the output's lock) until the test sends SIGCONT.
+`ECHO_STUDY_FAILPOINT=NAME:N` makes the process SIGKILL itself the N-th time it passes the
+failpoint NAME: the driver's (asked, written, told, recovering) and the results writer's
+("writing steps": an object-store write handed all its bytes, its object not yet closed);
+`NAME:N:stop` makes it SIGSTOP itself there instead, holding what it holds (the output's lock)
+until the test sends SIGCONT. They live here, below the study, so that the results' writer can
+hold failpoints too.
 
 `ECHO_STUDY_TRAINER_FAILPOINT=trial:T:windows:N` makes the trainer that trains trial T for the
 first time SIGKILL its own Ray worker once that trial has run N windows: a trainer lost in the
