@@ -18,7 +18,7 @@ import time
 import numpy as np
 import this_checkout  # noqa: F401  (first on the path: this checkout's pipeline)
 
-from pipeline.config.sections import ModelConfig
+from pipeline.config import ModelConfig
 from pipeline.training import cpu_step as numba_step
 from pipeline.training import kernel_compile
 from pipeline.training.arrays import initial_weights

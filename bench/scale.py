@@ -145,7 +145,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _child(config_path: str, output: str, overrides: list[str]) -> None:
     """Run one study in-process: `run_study` says how much CPU the driver itself spent."""
-    from pipeline.config.files import load_config
+    from pipeline.config import load_config
     from pipeline.study.driver import run_study
 
     config = load_config(config_path, overrides).with_params({"output": output})

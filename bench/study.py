@@ -50,9 +50,7 @@ import this_checkout  # noqa: F401  (first on the path: this checkout's pipeline
 from baseline import TrialSpec, init_worker, train_trial
 from report import say, times
 
-from pipeline.config.checks import ConfigError
-from pipeline.config.files import load_config
-from pipeline.config.sections import Config
+from pipeline.config import Config, ConfigError, load_config
 from pipeline.results.tables import FIXED_COLUMNS, load_trials
 from pipeline.study.driver import run_study
 

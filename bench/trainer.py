@@ -51,7 +51,7 @@ import torch
 from baseline import TrialSpec, train_trial
 from report import say, times
 
-from pipeline.config.sections import Config
+from pipeline.config import Config
 from pipeline.training.train import train
 
 BATCH_SIZE = 5

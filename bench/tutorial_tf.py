@@ -202,7 +202,7 @@ def main() -> None:
 
     import torch
 
-    from pipeline.config.files import config_from_dict
+    from pipeline.config import config_from_dict
     from pipeline.training.data import echo_series
     from pipeline.training.torch_step import init_weights
     from pipeline.training.train import train

@@ -14,9 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NoReturn
 
-from pipeline.config.checks import ConfigError
-from pipeline.config.files import load_config
-from pipeline.config.sections import Config
+from pipeline.config import Config, ConfigError, load_config
 from pipeline.study.launch import prepare
 
 if TYPE_CHECKING:

@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.config.files import config_from_dict
-from pipeline.config.sections import Config
+from pipeline.config import Config, config_from_dict
 
 # 1,500 values in 5 rows of 300 columns: 20 windows of 15 per epoch.
 SMALL = {

@@ -12,7 +12,7 @@ import optuna
 import pandas as pd
 import pytest
 
-from pipeline.config.files import load_config
+from pipeline.config import load_config
 from tests.ray_nodes import RayCluster, RayNode
 
 REPO = Path(__file__).parent.parent

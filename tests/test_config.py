@@ -1,9 +1,7 @@
 import pytest
 import yaml
 
-from pipeline.config.checks import ConfigError
-from pipeline.config.files import config_from_dict, load_config, parse_override
-from pipeline.config.sections import Config
+from pipeline.config import Config, ConfigError, config_from_dict, load_config, parse_override
 
 
 def test_config_defaults_are_the_tutorials_run():

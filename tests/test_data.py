@@ -1,6 +1,6 @@
 import numpy as np
 
-from pipeline.config.sections import TaskConfig
+from pipeline.config import TaskConfig
 from pipeline.training.data import DATA_STREAM, derive_seed, echo_series, epoch_windows, rng_for
 
 

@@ -7,7 +7,7 @@ import optuna
 import pytest
 import ray
 
-from pipeline.config.files import config_from_dict
+from pipeline.config import config_from_dict
 from pipeline.results.output import Output
 from pipeline.study.driver import _Driver
 from pipeline.study.launch import Launch

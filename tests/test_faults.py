@@ -18,8 +18,7 @@ import pytest
 import yaml
 
 from pipeline.__main__ import main
-from pipeline.config.checks import ConfigError
-from pipeline.config.files import config_from_dict
+from pipeline.config import ConfigError, config_from_dict
 from pipeline.results.failpoints import FAILPOINT, TRAINER_BREAK, TRAINER_FAILPOINT
 from pipeline.results.output import Output, claim_output
 from pipeline.results.record import TrialResult, record_trials

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config.sections import ModelConfig
+from pipeline.config import ModelConfig
 from pipeline.training.arrays import ADAGRAD_INITIAL_ACCUMULATOR, FORGET_BIAS, State
 from pipeline.training.cpu_step import numba_kernels
 from pipeline.training.device import step_function

@@ -15,8 +15,7 @@ import psutil
 import pytest
 import yaml
 
-from pipeline.config.checks import ConfigError
-from pipeline.config.files import config_from_dict
+from pipeline.config import ConfigError, config_from_dict
 from pipeline.results.failpoints import FAILPOINT
 from pipeline.results.output import Output
 from pipeline.results.tables import param_columns

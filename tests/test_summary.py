@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 
 from pipeline.__main__ import main
-from pipeline.config.sections import ConvergenceConfig
+from pipeline.config import ConvergenceConfig
 from pipeline.results.metrics import steps_to_converge, trial_metrics
 from pipeline.results.tables import STATE_OF_STATUS, TRIALS_METADATA_KEY, load_steps
 from pipeline.study.driver import run_study

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.config.files import config_from_dict
+from pipeline.config import config_from_dict
 from pipeline.results.metrics import steps_to_converge
 from pipeline.training.train import Step, train
 from pipeline.training.trial import lanes_key

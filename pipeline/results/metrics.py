@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.config.sections import ConvergenceConfig
+from pipeline.config import ConvergenceConfig
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config.sections import Config
+from pipeline.config import Config
 from pipeline.results.metrics import objective_value, trial_metrics
 from pipeline.results.output import Output
 from pipeline.results.tables import steps_table, trial_row, write_steps

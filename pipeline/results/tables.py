@@ -20,8 +20,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.config import Config
-from pipeline.config.checks import ConfigError
+from pipeline.config import Config, ConfigError
 from pipeline.results.output import STEPS, TRIALS, Output
 
 # Where each steps file keeps its trials' rows, so that steps/ alone can rebuild trials.

@@ -21,7 +21,7 @@ import threading
 from collections import Counter
 from pathlib import Path
 
-from pipeline.config.sections import Config, ModelConfig
+from pipeline.config import Config, ModelConfig
 from pipeline.training import kernel_cache
 from pipeline.training.cost import COST_KEYS, models_to_vectorize_over
 

@@ -33,8 +33,7 @@ import optuna
 import ray
 from optuna.trial import TrialState
 
-from pipeline.config.checks import ConfigError, first_line
-from pipeline.config.sections import Config, short_name
+from pipeline.config import Config, ConfigError, first_line, short_name
 from pipeline.results.failpoints import failpoint
 from pipeline.results.output import TRIALS, Output, check_output, claim_output
 from pipeline.results.record import TrialResult, record_trials

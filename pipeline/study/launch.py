@@ -13,7 +13,7 @@ import importlib
 import threading
 from dataclasses import dataclass
 
-from pipeline.config.sections import Config, ray_address
+from pipeline.config import Config, ray_address
 from pipeline.study import compile_ahead
 
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import os
 
-from pipeline.config.checks import ConfigError
-from pipeline.config.sections import Config
+from pipeline.config import Config, ConfigError
 from pipeline.results.output import Output
 
 # What a relative path would be relative to inside a Ray job: said by every refusal of one.

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from pipeline.config.sections import Config, ModelConfig
+from pipeline.config import Config, ModelConfig
 from pipeline.training.cost import COST_KEYS, lanes_window_cost
 
 # A trainer that already trains a trial's architecture takes it unless another would then have

@@ -38,8 +38,7 @@ from collections.abc import Iterator
 
 import ray
 
-from pipeline.config.checks import ConfigError, first_line
-from pipeline.config.sections import Config
+from pipeline.config import Config, ConfigError, first_line
 from pipeline.study.launch import Launch
 from pipeline.study.trainer import gpus_per_trainer
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.config.sections import Config
+from pipeline.config import Config
 from pipeline.study.placement import TrialWork, Workload
 from pipeline.training.trial import lanes_key
 

@@ -21,8 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from pipeline.config.checks import first_line
-from pipeline.config.sections import Config, TrainConfig
+from pipeline.config import Config, TrainConfig, first_line
 from pipeline.results.failpoints import (
     TRAINER_BREAK,
     TrainerFailpoint,

@@ -50,7 +50,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from pipeline.config.sections import Config
+from pipeline.config import Config
 from pipeline.summary.capacity import ARCHITECTURE, capacity_table, varies_capacity
 from pipeline.summary.survival import TOLERANCE, Survival, kaplan_meier, median_bounds
 

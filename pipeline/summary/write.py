@@ -11,8 +11,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config.checks import ConfigError
-from pipeline.config.sections import Config
+from pipeline.config import Config, ConfigError
 from pipeline.results.output import TRIALS, Output, read_config
 from pipeline.results.tables import PARAM_TYPES, load_steps, read_steps_outcomes
 from pipeline.summary.forked import start_in_child

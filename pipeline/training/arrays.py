@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from pipeline.config.sections import ModelConfig
+from pipeline.config import ModelConfig
 from pipeline.training.data import INIT_STREAM, rng_for
 
 log = logging.getLogger(__name__)

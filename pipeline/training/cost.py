@@ -7,7 +7,7 @@ It has a module of its own so that the driver need not import torch or numba to 
 
 from __future__ import annotations
 
-from pipeline.config.sections import ModelConfig
+from pipeline.config import ModelConfig
 
 # The keys a trial's cost depends on (its windows, depth and width: see `lanes_window_cost`).
 COST_KEYS = frozenset(

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config.sections import TaskConfig
+from pipeline.config import TaskConfig
 
 # The loss of a model that has learned nothing: the target is a fair coin.
 LN2 = math.log(2)

@@ -12,8 +12,7 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config.checks import ConfigError
-from pipeline.config.sections import Config, TrainConfig
+from pipeline.config import Config, ConfigError, TrainConfig
 from pipeline.training.arrays import WindowStep
 from pipeline.training.cpu_step import cpu_step, numba_kernels
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config.sections import Config
+from pipeline.config import Config
 from pipeline.training.arrays import (
     ADAGRAD_INITIAL_ACCUMULATOR,
     Array,

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from pipeline.config.sections import ModelConfig
+from pipeline.config import ModelConfig
 from pipeline.training.arrays import (
     ADAGRAD_INITIAL_ACCUMULATOR,
     FORGET_BIAS,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.config.sections import Config
+from pipeline.config import Config
 from pipeline.training.device import window_step
 from pipeline.training.lanes import Lanes
 from pipeline.training.torch_step import Weights

@@ -14,7 +14,7 @@ from typing import Literal
 
 import numpy as np
 
-from pipeline.config.sections import SHARED, Config, keys_of_scope
+from pipeline.config import SHARED, Config, keys_of_scope
 
 Status = Literal["complete", "pruned", "diverged"]
 
