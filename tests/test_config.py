@@ -70,3 +70,50 @@ def test_config_override_without_a_value_names_the_form():
     with pytest.raises(ConfigError, match="expected key=value"):
         parse_override("model.num_layers")
     assert parse_override("ray.address=null") == ("ray.address", None)
+
+
+def test_config_allows_no_value_that_a_parquet_column_cannot_hold():
+    import pyarrow as pa
+
+    from pipeline.config.sections import INT16_MAX, MAX_WINDOWS_PER_EPOCH
+    from pipeline.results.tables import PARAM_TYPES, STEP_COLUMNS
+
+    # The largest of everything at once: 32,767 epochs of 65,538 windows, the widest model.
+    series = MAX_WINDOWS_PER_EPOCH * 5 * 15
+    largest = Config().with_params({
+        "train.epochs": INT16_MAX, "task.series_length": series, "task.echo_step": series - 1,
+        "model.num_layers": INT16_MAX, "model.state_size": INT16_MAX, "train.seed": 2**63 - 1,
+    })  # fmt: skip
+    steps = largest.total_steps
+    highest = {"epoch": INT16_MAX - 1, "window": MAX_WINDOWS_PER_EPOCH - 1, "step": steps - 1}
+    highest.update({name: largest.value(key) for name, key in _param_keys().items()})
+    # Every column's type holds the highest value the config allows in it...
+    for name, value in highest.items():
+        pa.array([value], type={**STEP_COLUMNS, **PARAM_TYPES}[name])
+    # ...and one more is refused by the config, in one line.
+    for key, value in [
+        ("train.epochs", INT16_MAX + 1),
+        ("model.num_layers", INT16_MAX + 1),
+        ("model.state_size", INT16_MAX + 1),
+        ("task.series_length", series + 75),
+    ]:
+        with pytest.raises(ConfigError, match=f"{key} = {value}"):
+            Config().with_params({key: value})  # fmt: skip
+
+
+def _param_keys() -> dict[str, str]:
+    from pipeline.config.sections import searchable_keys
+
+    return {key.rsplit(".", 1)[1]: key for key in searchable_keys() if key != "train.carry_state"}
+
+
+def test_config_checks_a_large_grid_per_distinct_combination_in_a_fraction_of_a_second():
+    import time
+
+    # 10^5 points, whose keys meet in three sections: 100 + 100 + 10 combinations to check.
+    grid = {"task.echo_step": list(range(100)), "model.state_size": list(range(1, 101)),
+            "train.seed": list(range(10))}  # fmt: skip
+    started = time.perf_counter()
+    config = config_from_dict({"study": {"search": grid}})
+    # Far below what checking each of the grid's points would take (seconds).
+    assert config.study.grid_size == 10**5 and time.perf_counter() - started < 1.0

@@ -331,6 +331,43 @@ BAD_STUDIES = {
                         "search": {"task.echo_step": {"low": 0, "high": 9, "log": True}}}),
         [], "a log range needs low > 0",
     ),
+    "range whose values break a rule between its ends": (
+        _with("study", {"sampler": "random", "trials": 2,
+                        "search": {"task.series_length": {"low": 1000, "high": 50000}}}), [],
+        "study.search: task.series_length=1001: task.series_length = 1001: must be a multiple "
+        "of task.batch_size (5)",
+    ),
+    "range too long to enumerate whose values break a rule": (
+        _with("study", {"sampler": "random", "trials": 2,
+                        "search": {"task.series_length": {"low": 1000, "high": 4_000_000}}}), [],
+        "must be a multiple of task.batch_size (5)",
+    ),
+    "grid point of valid choices that has no window": (
+        _with("study", {"search": {"task.series_length": [50000, 100],
+                                   "task.truncation": [15, 25]}}), [],
+        "study.search: task.series_length=100, task.truncation=25: task.series_length = 100: "
+        "too short for one window",
+    ),
+    "choice repeated as another type": (
+        _with("study", {"search": {"task.echo_step": [4, 4.0]}}), [], "lists 4 twice",
+    ),
+    "choice repeated in another spelling": (
+        _with("study", {"search": {"train.lr": ["1e-3", 0.001]}}), [], "lists 0.001 twice",
+    ),
+    "number too large for a float": (
+        _with("train", {"lr": 10**400}), [], "must be a finite number",
+    ),
+    "integer too large for any column": (
+        _with("study", {"seed": 10**400}), [], "must be an integer between 0 and 4294967295",
+    ),
+    "more epochs than the epoch column holds": (
+        _with("train", {"epochs": 32768}), [],
+        "train.epochs = 32768: must be an integer between 1 and 32767",
+    ),
+    "more windows per epoch than a trial's steps column holds": (
+        _with("task", {"series_length": 5_000_000, "batch_size": 5, "truncation": 15}), [],
+        "task.series_length = 5000000: gives 66666 windows per epoch; at most 65538",
+    ),
     "zero cpus per trial": (_with("ray", {"cpus_per_trainer": 0}), [], "ray.cpus_per_trainer = 0"),
     "bad override": (STUDY, ["--set", "study.trials=0"], "study.trials = 0"),
     "override of unknown search key": (

@@ -8,6 +8,7 @@ The dotted keys (`task.echo_step`, `model.num_layers`, ...) are the public vocab
 
 from pipeline.config.checks import ConfigError, first_line
 from pipeline.config.files import RENAMED_KEYS, config_from_dict, load_config, parse_override
+from pipeline.config.search import SearchParam, short_name
 from pipeline.config.sections import (
     LANE,
     RUN,
@@ -16,13 +17,11 @@ from pipeline.config.sections import (
     ConvergenceConfig,
     ModelConfig,
     RayConfig,
-    SearchParam,
     StudyConfig,
     TaskConfig,
     TrainConfig,
     keys_of_scope,
     ray_address,
-    short_name,
 )
 
 __all__ = [

@@ -49,11 +49,11 @@ def coerce(key: str, value: Any, kind: Any) -> Any:
 
 
 def _as_float(value: Any) -> float | None:
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
+    if isinstance(value, int | float | str):
         try:
             return float(value)
+        except OverflowError:  # an integer of hundreds of digits: no float holds it
+            return math.inf
         except ValueError:
             return None
     return None

@@ -24,6 +24,7 @@ from pipeline.config.checks import (
     require_float,
     require_int,
 )
+from pipeline.config.search import SearchParam, check_combinations
 
 # What a key means to a trainer, kept on the field itself so that every list of keys below
 # derives from one source (a new field cannot be forgotten in one of them):
@@ -32,6 +33,15 @@ from pipeline.config.checks import (
 #   RUN     says how much runs and where, not what is computed: it may change between runs
 #           into one output, and it is never searched.
 LANE, SHARED, RUN = "lane", "shared", "run"
+
+# The largest values the results' Parquet columns hold (results/tables.py): epoch, epochs,
+# num_layers and state_size are int16, series_length and a trial's steps int32. The config
+# refuses more rather than let a column wrap around (test_config ties each to its column).
+INT16_MAX = 2**15 - 1
+INT32_MAX = 2**31 - 1
+# A trial's steps are epochs × windows per epoch: with at most INT16_MAX epochs, at most this
+# many windows per epoch keeps every step in an int32, each rule within its own section.
+MAX_WINDOWS_PER_EPOCH = INT32_MAX // INT16_MAX
 
 
 def _field(default: Any, scope: str) -> Any:
@@ -54,7 +64,7 @@ class TaskConfig:
     """Columns per truncated-BPTT window; no gradient crosses a window boundary."""
 
     def __post_init__(self) -> None:
-        require_int(self, "series_length", minimum=1)
+        require_int(self, "series_length", minimum=1, maximum=INT32_MAX)
         require_int(self, "batch_size", minimum=1)
         require_int(self, "truncation", minimum=1)
         require_int(self, "echo_step", minimum=0)
@@ -76,6 +86,13 @@ class TaskConfig:
                 self.series_length,
                 f"too short for one window: needs at least batch_size × truncation "
                 f"= {self.batch_size * self.truncation}",
+            )
+        if self.windows_per_epoch > MAX_WINDOWS_PER_EPOCH:
+            fail(
+                "task.series_length",
+                self.series_length,
+                f"gives {self.windows_per_epoch} windows per epoch; at most "
+                f"{MAX_WINDOWS_PER_EPOCH}, so that a trial's steps fit the steps table",
             )
 
     @property
@@ -101,8 +118,8 @@ class ModelConfig:
     """Units per LSTM layer."""
 
     def __post_init__(self) -> None:
-        require_int(self, "num_layers", minimum=1)
-        require_int(self, "state_size", minimum=1)
+        require_int(self, "num_layers", minimum=1, maximum=INT16_MAX)
+        require_int(self, "state_size", minimum=1, maximum=INT16_MAX)
 
 
 @dataclass(frozen=True)
@@ -131,7 +148,7 @@ class TrainConfig:
     """The `train` command prints a loss line every this many windows, as the tutorial does."""
 
     def __post_init__(self) -> None:
-        require_int(self, "epochs", minimum=1)
+        require_int(self, "epochs", minimum=1, maximum=INT16_MAX)
         require_float(self, "lr")
         if not self.lr > 0:
             fail("train.lr", self.lr, "must be a finite number > 0")
@@ -151,34 +168,6 @@ SAMPLERS = ("grid", "tpe", "random")
 PRUNERS = ("none", "median", "hyperband")
 OBJECTIVES = ("final_loss", "mean_loss")
 SEARCHABLE_SECTIONS = (TaskConfig, ModelConfig, TrainConfig)
-
-
-@dataclass(frozen=True)
-class SearchParam:
-    """One searched key: a list of choices (a grid axis) or a numeric range."""
-
-    key: str
-    choices: tuple[Any, ...] | None = None
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = None
-
-    @property
-    def short_name(self) -> str:
-        """The column name in Parquet and the parameter name in Optuna: `model.num_layers` →
-        `num_layers`."""
-        return short_name(self.key)
-
-    def to_yaml(self) -> Any:
-        if self.choices is not None:
-            return list(self.choices)
-        spec: dict[str, Any] = {"low": self.low, "high": self.high}
-        if self.log:
-            spec["log"] = True
-        if self.step is not None:
-            spec["step"] = self.step
-        return spec
 
 
 @dataclass(frozen=True)
@@ -355,6 +344,10 @@ class Config:
         study changes, not for each trial's config, which would check the whole grid again."""
         for param in self.study.search:
             self._check_search_param(param)
+        for section in SEARCHABLE_SECTIONS:
+            params = tuple(p for p in self.study.search if _split_key(p.key)[0] == section.SECTION)
+            if params:
+                check_combinations(getattr(self, section.SECTION), params)
         return self
 
     @property
@@ -454,11 +447,6 @@ def ray_address(config: Config) -> str | None:
     return config.ray.address or os.environ.get("RAY_ADDRESS") or None
 
 
-def short_name(key: str) -> str:
-    """The name a dotted key goes by in Parquet columns and Optuna params."""
-    return key.rsplit(".", 1)[-1]
-
-
 def searchable_keys() -> list[str]:
     """Dotted keys a study may vary: what a trial computes, never how or where it runs."""
     keys = [f"{s.SECTION}.{f.name}" for s in SEARCHABLE_SECTIONS for f in fields_of(s)]
@@ -484,10 +472,11 @@ def _parse_search(raw: Any) -> tuple[SearchParam, ...]:
         if isinstance(spec, list | tuple):
             if not spec:
                 fail(where, spec, "needs at least one choice")
-            if len(set(map(repr, spec))) != len(spec):
-                fail(where, spec, "lists a choice twice")
             kind = _field_type(key)
             choices = tuple(coerce(where, choice, kind) for choice in spec)
+            repeated = [c for i, c in enumerate(choices) if c in choices[:i]]
+            if repeated:  # compared as the key's type: 4 and 4.0, 1e-3 and 0.001 are one
+                fail(where, spec, f"lists {repeated[0]!r} twice")
             params.append(SearchParam(key, choices=choices))
         elif isinstance(spec, Mapping):
             params.append(_parse_range(where, key, spec))
