@@ -247,7 +247,7 @@ def _report(
             _ratio_row("TPE / random (no pruner)", by_name, "tpe-none", "random-none", False)
         )
     lines = [
-        f"### TPE and pruning: {trials} trials × {EPOCHS} epochs × {windows} windows "
+        f"### TPE and pruning: {trials} trials × {_epochs(args)} epochs × {windows} windows "
         f"({args.cores} cores)",
         "",
         f"- search: {search}; echo step {TASK['echo_step']}; overrides: "
@@ -288,6 +288,12 @@ def _report(
         ),
     ]
     return "\n".join(lines)
+
+
+def _epochs(args: argparse.Namespace) -> int:
+    """The trials' epochs: EPOCHS, unless `--set train.epochs=N` says otherwise."""
+    given = [s.split("=", 1)[1] for s in args.set if s.startswith("train.epochs=")]
+    return int(given[-1]) if given else EPOCHS
 
 
 def _ratio_row(
