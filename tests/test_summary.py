@@ -461,3 +461,34 @@ def test_loss_curves_are_pandas_rolling_means_and_quantiles_of_ragged_trials():
         for column in got.columns:
             expected = want[column].to_numpy(float)
             np.testing.assert_allclose(got[column].to_numpy(float), expected, rtol=1e-12)
+
+
+def test_width_finding_claims_fewer_steps_only_where_the_intervals_are_apart(tmp_path):
+    # Echo 1: eight trials per width, 8 units clearly faster than 4; echo 3: the widths mixed.
+    def rows(wide: list[int], narrow: list[int], echo: int) -> list:
+        return [("complete", echo, 0.01, s, 200, 4) for s in narrow] + [
+            ("complete", echo, 0.01, s, 200, 8) for s in wide
+        ]
+
+    made = rows([20 + k for k in range(8)], [150 + k for k in range(8)], echo=1)
+    made += rows([40, 60, 80, 100], [50, 70, 90, 110], echo=3)
+    trials = _hand_made_trials([row[:5] for row in made]).assign(
+        state_size=[row[5] for row in made]
+    )
+    summary = summarize(study_config(tmp_path), trials)
+    verdicts = {c.stratum["echo_step"]: c.verdict for c in summary.comparisons}
+    # Width is compared within each echo step; a direction only where the intervals are apart.
+    assert verdicts == {1: "fewer", 3: "unclear"}
+    width = next(s for s in summary.findings if s.startswith("Width"))
+    assert "8 units took fewer steps than 4 units at echo step 1" in width
+    assert "no clear difference at echo step 3" in width
+
+
+def test_summary_leaves_out_the_steps_to_converge_heat_map_when_truncation_varies(tmp_path):
+    config = study_config(tmp_path, search={"task.echo_step": [2], "task.truncation": [5, 10]})
+    rows = [("complete", 2, 0.01, 30 + k, 200) for k in range(4)]
+    trials = _hand_made_trials(rows, truncation=[5, 5, 10, 10])
+    plots = summarize(config, trials).plots
+    # A heat map over layers × state size would mix truncations: it is left out.
+    assert "plots/steps_to_converge.png" not in plots
+    assert "plots/truncation_frontier.png" in plots
