@@ -16,7 +16,6 @@ from pipeline.__main__ import main
 from pipeline.config import ConvergenceConfig
 from pipeline.results.metrics import steps_to_converge, trial_metrics
 from pipeline.results.tables import STATE_OF_STATUS, TRIALS_METADATA_KEY, load_steps
-from pipeline.study.driver import run_study
 from pipeline.summary.groups import loss_curves
 from pipeline.summary.survival import kaplan_meier, wilson_interval
 from pipeline.summary.words import render_markdown
@@ -33,20 +32,9 @@ PLOTS_OF_A_RUN = [
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory, ray_session):
-    """A finished study: echo 1 (within the truncation of 15) and 20 (beyond) × state size 3
-    and 4 × seeds 0 and 1, 2 epochs of 100 windows, converged below a 100-step mean of 0.25."""
-    config = study_config(
-        tmp_path_factory.mktemp("summary"),
-        search={
-            "task.echo_step": [1, 20],
-            "model.state_size": [3, 4],
-            "train.seed": [0, 1],
-        },
-        **{"convergence.threshold": 0.25},
-    )
-    run_study(config, progress=False)
-    return config
+def study(finished_study):
+    """The session's finished study (conftest.finished_study): 8 trials, read only."""
+    return finished_study.config
 
 
 @pytest.fixture(scope="module")
