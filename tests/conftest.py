@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -139,3 +141,31 @@ def bucket(s3_server, s3_env) -> str:
     name = f"echo-{os.urandom(4).hex()}"
     s3_server.create_bucket(name)
     return name
+
+
+@dataclass(frozen=True)
+class FinishedStudy:
+    """A study run to its end, shared read-only by the tests of several files."""
+
+    config: Config
+    outcome: Any
+    """Its run_study's StudyOutcome."""
+
+    @property
+    def output(self) -> str:
+        return self.config.output
+
+
+@pytest.fixture(scope="session")
+def finished_study(tmp_path_factory, ray_session) -> FinishedStudy:
+    """A finished study, run once per test session: echo 1 (within the truncation of 15) and
+    20 (beyond) × state size 3 and 4 × seeds 0 and 1, 2 epochs of 100 windows, converged below
+    a 100-step mean of 0.25. Tests only read it (copy it to change it)."""
+    from pipeline.study.driver import run_study
+
+    config = study_config(
+        tmp_path_factory.mktemp("finished"),
+        search={"task.echo_step": [1, 20], "model.state_size": [3, 4], "train.seed": [0, 1]},
+        **{"convergence.threshold": 0.25},
+    )
+    return FinishedStudy(config, run_study(config, progress=False))

@@ -519,3 +519,32 @@ def test_faults_killed_and_rerun_random_study_asks_new_points(tmp_path):
     trials = pd.read_parquet(output / "trials.parquet")
     # The rerun drew new points: none of the killed run's again.
     assert len(trials) == 8 and not trials.duplicated(["lr", "seed"]).any()
+
+
+def test_faults_a_running_study_is_summarized_and_read_whole_while_it_writes(tmp_path, capsys):
+    search = {"task.echo_step": [1, 2, 3], "train.seed": [0, 1]}
+    config = study_config(tmp_path, search=search, **{"study.lanes_per_trainer": 1})
+    path, output = _write_config(tmp_path, config), tmp_path / "study"
+    # The study stops itself right after writing its first steps file, before telling Optuna.
+    driver = _study_process(path, output, failpoint="written:1:stop")
+    try:
+        _wait_for(lambda: psutil.Process(driver.pid).status() == psutil.STATUS_STOPPED)
+        recorded = len(read_steps_outcomes(Output(str(output))))
+        # `summarize` works on the running study, counting what it recorded so far.
+        assert main(["summarize", str(output)]) == 0
+        summary = pd.read_parquet(output / "summary.parquet")
+        assert summary["trials"].sum() == recorded >= 1
+        driver.send_signal(signal.SIGCONT)
+        # Read while it writes: every read of steps/ finds whole files (each trial with all
+        # its steps). (trials.parquet, rewritten in place, is read once the study ended: a
+        # reader that opens it twice, as pd.read_parquet does, can mix two versions.)
+        reads = 0
+        while driver.poll() is None or reads == 0:
+            steps = pd.read_parquet(output / "steps", columns=["trial", "step"])
+            assert (steps.groupby("trial")["step"].agg(["count", "max"]) == [200, 199]).all().all()
+            reads += 1
+        assert driver.returncode == 0, driver.stderr.read()[-2000:]
+    finally:
+        _reap(driver)
+    capsys.readouterr()
+    assert len(pd.read_parquet(output / "trials.parquet")) == 6

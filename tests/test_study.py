@@ -100,31 +100,35 @@ def test_place_shares_one_architecture_between_idle_trainers(tmp_path):
     assert lanes(48, 16) == [24, 24]
 
 
-def test_study_writes_steps_and_trials_that_agree_with_optuna(tmp_path, ray_session):
-    config = study_config(tmp_path)
-    outcome = run_study(config, progress=False)
-    assert outcome.counts == {"COMPLETE": 4} and outcome.ran == 4
+def test_study_writes_steps_and_trials_that_agree_with_optuna(finished_study):
+    config, outcome = finished_study.config, finished_study.outcome
+    assert outcome.counts == {"COMPLETE": 8}
     steps = pd.read_parquet(config.output + "/steps")
     trials = pd.read_parquet(config.output + "/trials.parquet")
     # One row per trial, one Parquet row per step, with the parameters as columns.
-    assert sorted(trials["trial"]) == [0, 1, 2, 3]
+    assert sorted(trials["trial"]) == list(range(8))
     assert steps.groupby("trial").size().to_dict() == dict(
         zip(trials["trial"], trials["steps"], strict=True)
     )
     assert (trials["steps"] == 200).all()
     assert list(steps.columns[5:]) == param_columns(config)
-    grid = steps.groupby("trial")[["echo_step", "state_size"]].first()
-    assert sorted(map(tuple, grid.to_numpy())) == [(1, 3), (1, 4), (20, 3), (20, 4)]
+    grid = steps.groupby("trial")[["echo_step", "state_size", "seed"]].first()
+    assert sorted(map(tuple, grid.to_numpy())) == [
+        (e, s, seed) for e in (1, 20) for s in (3, 4) for seed in (0, 1)
+    ]
     # Optuna's storage holds the same trials, states and objective values.
     study = _load_optuna(config)
-    assert {t.number: t.state.name for t in study.trials} == dict.fromkeys(range(4), "COMPLETE")
+    assert {t.number: t.state.name for t in study.trials} == dict.fromkeys(range(8), "COMPLETE")
     by_number = trials.set_index("trial")
     for trial in study.trials:
         assert trial.value == pytest.approx(by_number.loc[trial.number, "value"])
         assert trial.params["echo_step"] == by_number.loc[trial.number, "echo_step"]
-    # The echo within reach is learned in two epochs, the one beyond the truncation is not.
-    final = trials.groupby("echo_step")["final_loss"].max()
-    assert final[1] < 0.2 < 0.6 < trials.groupby("echo_step")["final_loss"].min()[20]
+    # duration_s: each trial's wall time in its lane, within the study's.
+    assert ((trials["duration_s"] > 0) & (trials["duration_s"] < outcome.seconds)).all()
+    # The echo within reach is learned in two epochs by most trials (one of state size 3 is
+    # still on its way); the one beyond the truncation by none.
+    final = trials.groupby("echo_step")["final_loss"]
+    assert final.median()[1] < 0.2 and final.max()[1] < 0.6 < final.min()[20]
 
 
 def test_study_same_config_gives_the_same_losses(tmp_path, ray_session):
@@ -183,6 +187,11 @@ def test_study_median_pruner_stops_hopeless_trials_and_keeps_their_steps(tmp_pat
         assert counts[row.trial] == row.steps
     study = _load_optuna(config)
     assert {t.number for t in study.trials if t.state.name == "PRUNED"} == set(pruned["trial"])
+    # A pruned trial's value is the last running loss it reported to the pruner.
+    by_number = pruned.set_index("trial")
+    for trial in (t for t in study.trials if t.state.name == "PRUNED"):
+        last = trial.intermediate_values[max(trial.intermediate_values)]
+        assert by_number.loc[trial.number, "value"] == pytest.approx(last)
     # With one lane per trainer, every window a trainer stepped trained exactly one trial's
     # step: a pruned trial's lane went straight on to the next trial instead of idling.
     assert outcome.windows_stepped == outcome.lane_windows == trials["steps"].sum()

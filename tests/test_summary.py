@@ -17,7 +17,6 @@ from pipeline.__main__ import main
 from pipeline.config import ConvergenceConfig
 from pipeline.results.metrics import steps_to_converge, trial_metrics
 from pipeline.results.tables import STATE_OF_STATUS, TRIALS_METADATA_KEY, load_steps
-from pipeline.study.driver import run_study
 from pipeline.summary.groups import loss_curves
 from pipeline.summary.survival import kaplan_meier, wilson_interval
 from pipeline.summary.words import render_markdown
@@ -34,20 +33,9 @@ PLOTS_OF_A_RUN = [
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory, ray_session):
-    """A finished study: echo 1 (within the truncation of 15) and 20 (beyond) × state size 3
-    and 4 × seeds 0 and 1, 2 epochs of 100 windows, converged below a 100-step mean of 0.25."""
-    config = study_config(
-        tmp_path_factory.mktemp("summary"),
-        search={
-            "task.echo_step": [1, 20],
-            "model.state_size": [3, 4],
-            "train.seed": [0, 1],
-        },
-        **{"convergence.threshold": 0.25},
-    )
-    run_study(config, progress=False)
-    return config
+def study(finished_study):
+    """The session's finished study (conftest.finished_study): 8 trials, read only."""
+    return finished_study.config
 
 
 @pytest.fixture(scope="module")
@@ -758,3 +746,34 @@ def test_capacity_frontier_figure_draws_a_line_per_depth_and_the_truncation(tmp_
     assert lines["2 layers"].get_ydata().tolist() == [2, 4]
     assert list(lines["truncation (15)"].get_ydata()) == [15, 15]
     assert png_bytes(figure)[:8] == PNG_SIGNATURE
+
+
+def test_width_finding_claims_fewer_steps_only_where_the_intervals_are_apart(tmp_path):
+    # Echo 1: eight trials per width, 8 units clearly faster than 4; echo 3: the widths mixed.
+    def rows(wide: list[int], narrow: list[int], echo: int) -> list:
+        return [("complete", echo, 0.01, s, 200, 4) for s in narrow] + [
+            ("complete", echo, 0.01, s, 200, 8) for s in wide
+        ]
+
+    made = rows([20 + k for k in range(8)], [150 + k for k in range(8)], echo=1)
+    made += rows([40, 60, 80, 100], [50, 70, 90, 110], echo=3)
+    trials = _hand_made_trials([row[:5] for row in made]).assign(
+        state_size=[row[5] for row in made]
+    )
+    summary = summarize(study_config(tmp_path), trials)
+    verdicts = {c.stratum["echo_step"]: c.verdict for c in summary.comparisons}
+    # Width is compared within each echo step; a direction only where the intervals are apart.
+    assert verdicts == {1: "fewer", 3: "unclear"}
+    width = next(s for s in summary.findings if s.startswith("Width"))
+    assert "8 units took fewer steps than 4 units at echo step 1" in width
+    assert "no clear difference at echo step 3" in width
+
+
+def test_summary_leaves_out_the_steps_to_converge_heat_map_when_truncation_varies(tmp_path):
+    config = study_config(tmp_path, search={"task.echo_step": [2], "task.truncation": [5, 10]})
+    rows = [("complete", 2, 0.01, 30 + k, 200) for k in range(4)]
+    trials = _hand_made_trials(rows, truncation=[5, 5, 10, 10])
+    plots = summarize(config, trials).plots
+    # A heat map over layers × state size would mix truncations: it is left out.
+    assert "plots/steps_to_converge.png" not in plots
+    assert "plots/truncation_frontier.png" in plots
