@@ -27,6 +27,7 @@ from pipeline.training.arrays import (
     ADAGRAD_INITIAL_ACCUMULATOR,
     FORGET_BIAS,
     State,
+    WindowArrays,
     WindowResult,
     WindowStep,
     initial_weights,
@@ -38,6 +39,7 @@ __all__ = [
     "ADAGRAD_INITIAL_ACCUMULATOR",
     "FORGET_BIAS",
     "State",
+    "WindowArrays",
     "WindowStep",
     "eager_step",
     "forward",
@@ -95,8 +97,8 @@ def forward(weights: Weights, x: torch.Tensor, state: State) -> tuple[torch.Tens
     return _logits(*weights[-2:], inputs), State(torch.stack(last_h), torch.stack(last_c))
 
 
-class Kernels(NamedTuple):
-    """The pieces one window's update is made of, eager or compiled.
+class TorchPieces(NamedTuple):
+    """The torch functions one window's update is made of, eager or compiled.
 
     Compiling pieces rather than the whole window keeps each graph small and shared: every
     layer after the first has the same shapes, so one compiled piece serves them all, and a
@@ -109,43 +111,38 @@ class Kernels(NamedTuple):
 
 
 def train_window(
-    weights: Weights,
-    accum: Weights,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    state: State,
-    lr: torch.Tensor,
-    active: torch.Tensor,
-    kernels: Kernels | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, Weights, Weights, State, torch.Tensor]:
+    arrays: WindowArrays, x: torch.Tensor, y: torch.Tensor, pieces: TorchPieces | None = None
+) -> WindowResult:
     """One truncated-BPTT update of K models on one window.
 
-    x, y: (B, T, K) inputs and 0/1 targets; lr: (K,) Adagrad learning rates; active: (K,) bool,
-    false for models that stopped (pruned, or diverged) and must not change.
-    Returns the loss of each model (mean cross-entropy over the window, before the update), the
-    logit of class 1 minus that of class 0 (B, T, K), the updated weights and accumulators, the
-    state to carry into the next window, and `active` with the models whose loss is not finite
-    switched off, so that a diverged model keeps its last finite weights.
+    x, y: (B, T, K) inputs and 0/1 targets; `arrays.lr`: (K,) Adagrad learning rates;
+    `arrays.active`: (K,) bool, false for models that stopped (pruned, or diverged) and must not
+    change. Returns the loss of each model (mean cross-entropy over the window, before the
+    update), the logit of class 1 minus that of class 0 (B, T, K), and the arrays after the
+    window: updated weights and accumulators, the state to carry into the next window, and
+    `active` with the models whose loss is not finite switched off, so that a diverged model
+    keeps its last finite weights.
     """
-    kernels = kernels or EAGER
+    pieces = pieces or EAGER
+    weights, accum, state, lr, active = arrays
     layers = num_layers(weights)
     inputs = x.unsqueeze(2)  # (B, T, 1, K): one scalar per step
     tapes = []
     for layer in range(layers):
         tape = _LayerTape(
-            *kernels.layer_forward(*layer_of(weights, layer), inputs, *layer_of(state, layer))
+            *pieces.layer_forward(*layer_of(weights, layer), inputs, *layer_of(state, layer))
         )
         tapes.append(tape)
         inputs = tape.outputs
-    losses, margin, active, d_outputs, *head = kernels.head_update(
+    losses, margin, still, d_outputs, *head = pieces.head_update(
         *weights[-2:], *accum[-2:], inputs, y, lr, active
     )
     new_weights, new_accum = list(weights), list(accum)
     new_weights[-2:], new_accum[-2:] = head[:2], head[2:]
     for layer in reversed(range(layers)):
         tape = tapes[layer]
-        *updated, d_outputs = kernels.layer_backward_update(
-            *layer_of(weights, layer), *layer_of(accum, layer), *tape[:5], d_outputs, lr, active,
+        *updated, d_outputs = pieces.layer_backward_update(
+            *layer_of(weights, layer), *layer_of(accum, layer), *tape[:5], d_outputs, lr, still,
             layer > 0,
         )  # fmt: skip
         new_weights[3 * layer : 3 * layer + 3] = updated[:3]
@@ -153,7 +150,7 @@ def train_window(
     new_state = State(
         torch.stack([t.outputs[:, -1] for t in tapes]), torch.stack([t.c_last for t in tapes])
     )
-    return losses, margin, new_weights, new_accum, new_state, active
+    return WindowResult(losses, margin, WindowArrays(new_weights, new_accum, new_state, lr, still))
 
 
 def _layer_forward(
@@ -282,7 +279,7 @@ def _adagrad(
     return torch.where(active, weight_next, weight), torch.where(active, accum_next, accum)
 
 
-EAGER = Kernels(_layer_forward, _head_update, _layer_backward_update)
+EAGER = TorchPieces(_layer_forward, _head_update, _layer_backward_update)
 
 
 def eager_step() -> WindowStep:
@@ -294,52 +291,46 @@ def eager_step() -> WindowStep:
 def inductor_step() -> WindowStep:
     """One torch.compile step per process, so that a Ray worker compiles once for all its
     tasks, and a compile that failed is not tried again."""
-    window = functools.partial(_torch_window, kernels=compiled_kernels())
+    window = functools.partial(_torch_window, pieces=compiled_pieces())
     return WindowStep("inductor", window, fallback=_eager_window)
 
 
-def _eager_window(*args: object) -> WindowResult:
-    return _torch_window(*args, kernels=EAGER)
+def _eager_window(arrays: WindowArrays, x: torch.Tensor, y: torch.Tensor) -> WindowResult:
+    return _torch_window(arrays, x, y, pieces=EAGER)
 
 
 @torch.no_grad()  # the backward is written out: nothing needs autograd's graph
 def _torch_window(
-    weights: Weights,
-    accum: Weights,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    state: State,
-    lr: torch.Tensor,
-    active: torch.Tensor,
-    kernels: Kernels,
+    arrays: WindowArrays, x: torch.Tensor, y: torch.Tensor, pieces: TorchPieces
 ) -> WindowResult:
     """train_window, and a model inactive on input keeps its state too."""
-    losses, margin, weights, accum, new_state, still = train_window(
-        weights, accum, x, y, state, lr, active, kernels
-    )
+    losses, margin, after = train_window(arrays, x, y, pieces)
     kept = State(
-        *(torch.where(active, new, old) for new, old in zip(new_state, state, strict=True))
+        *(
+            torch.where(arrays.active, new, old)
+            for new, old in zip(after.state, arrays.state, strict=True)
+        )
     )
-    return losses, margin, weights, accum, kept, still
+    return WindowResult(losses, margin, after._replace(state=kept))
 
 
 @functools.cache
-def compiled_kernels() -> Kernels:
-    """The kernels compiled by torch.compile, with static shapes: torch compiles each kernel
+def compiled_pieces() -> TorchPieces:
+    """The pieces compiled by torch.compile, with static shapes: torch compiles each kernel
     once per state size and batch width and caches it on disk. The trainer pads batches to
     whole vectors (LANES), so the widths are few, and every model runs the same full-vector
     code whatever the width: its losses are the same bits alone or batched."""
     # Each state size, width and layer position is a version of a kernel; torch's default of
     # 8 versions would silently send a wide study back to eager.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-    return Kernels(*(_compile(kernel) for kernel in EAGER))
+    return TorchPieces(*(_compile(piece) for piece in EAGER))
 
 
-def _compile(kernel: Callable[..., tuple]) -> Callable[..., tuple]:
+def _compile(piece: Callable[..., tuple]) -> Callable[..., tuple]:
     # dynamic=False: torch would otherwise turn a size that changed between calls symbolic, so
     # that a kernel's code, and the losses, depended on what the process happened to run first.
     # A C++ wrapper allocates a kernel's many small buffers far faster than Python does.
-    return torch.compile(kernel, dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
+    return torch.compile(piece, dynamic=False, fullgraph=True, options={"cpp_wrapper": True})
 
 
 def _matmul(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
