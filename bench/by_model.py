@@ -21,39 +21,43 @@ import this_checkout  # noqa: F401  (first on the path: this checkout's pipeline
 from pipeline.config import ModelConfig
 from pipeline.training import cpu_step as numba_step
 from pipeline.training import kernel_compile
-from pipeline.training.arrays import initial_weights
+from pipeline.training.arrays import State, WindowArrays, initial_weights
 
 BATCH, STEPS = 5, 15
 # Shapes whose outputs the snapshot records: odd state sizes and K, and a model sitting out.
 SNAPSHOT_SHAPES = [(16, 3, 3), (8, 2, 5), (4, 4, 2), (5, 2, 3), (3, 1, 1), (16, 1, 2), (12, 2, 2)]
 
 
-def window(units: int, layers: int, models: int, seed: int = 0) -> numba_step._NumbaWindow:
+Window = tuple[WindowArrays, np.ndarray, np.ndarray]
+"""A window's arrays and its data x, y (B, T, K)."""
+
+
+def window(units: int, layers: int, models: int, seed: int = 0) -> Window:
     """A window's arrays: the trainer's initial weights, a random state, data and targets."""
     config = ModelConfig(num_layers=layers, state_size=units)
     weights = initial_weights(config, list(range(models)))
     rng = np.random.default_rng(seed)
     state = rng.uniform(-0.5, 0.5, (2, layers, BATCH, units, models)).astype(np.float32)
-    return numba_step._NumbaWindow(
+    arrays = WindowArrays(
         weights=weights,
         accum=[np.full_like(w, 0.1) for w in weights],
-        x=rng.integers(0, 2, (BATCH, STEPS, models)).astype(np.float32),
-        y=rng.integers(0, 2, (BATCH, STEPS, models)).astype(np.float32),
-        h=state[0].copy(),
-        c=state[1].copy(),
+        state=State(state[0].copy(), state[1].copy()),
         lr=np.full(models, 0.3, np.float32),
         active=np.ones(models, np.bool_),
     )
+    x = rng.integers(0, 2, (BATCH, STEPS, models)).astype(np.float32)
+    y = rng.integers(0, 2, (BATCH, STEPS, models)).astype(np.float32)
+    return arrays, x, y
 
 
 def rate(kernels, units: int, layers: int, models: int, windows: int, by_model: bool) -> float:
     """Model-windows per second of `windows` windows in a row."""
     family, tapes = numba_step._family(kernels, by_model), numba_step.Tapes()
-    a = window(units, layers, models)
-    numba_step._window_by(family, a, tapes)
+    a, x, y = window(units, layers, models)
+    numba_step._window_by(family, a, x, y, tapes)
     started = time.perf_counter()
     for _ in range(windows):
-        numba_step._window_by(family, a, tapes)
+        numba_step._window_by(family, a, x, y, tapes)
     return models * windows / (time.perf_counter() - started)
 
 
@@ -62,13 +66,14 @@ def outputs(kernels, by_model: bool) -> dict[str, np.ndarray]:
     family = numba_step._family(kernels, by_model)
     saved = {}
     for units, layers, models in SNAPSHOT_SHAPES:
-        a = window(units, layers, models, seed=units * 100 + models)
+        a, x, y = window(units, layers, models, seed=units * 100 + models)
         a.active[-1] = models == 1 or units % 2 == 0
         for w in range(3):
-            losses, margin, still = numba_step._window_by(family, a, numba_step.Tapes())
+            losses, margin, still = numba_step._window_by(family, a, x, y, numba_step.Tapes())
             key = f"{units}-{layers}-{models}-{w}"
             saved |= {f"{key}-losses": losses, f"{key}-margin": margin, f"{key}-still": still}
-        for name, arrays in (("w", a.weights), ("acc", a.accum), ("h", [a.h]), ("c", [a.c])):
+        for name, arrays in (("w", a.weights), ("acc", a.accum), ("h", [a.state.h]),
+                             ("c", [a.state.c])):  # fmt: skip
             for i, array in enumerate(arrays):
                 saved[f"{units}-{layers}-{models}-{name}{i}"] = array.copy()
     return saved

@@ -12,7 +12,16 @@ ratios hold even when the absolute numbers drift with the machine's load.
 Why: small LSTMs are overhead-bound, so a window of one model costs about as much as a window of
 many stacked on a trial axis. The goals per core at K = 128 and 3 layers: state 16 at 20 % of
 the arithmetic bound (10,000 model-windows/s), state 4 no slower than the torch.compile kernels
-were (43,670/s), and K = 1 faster than the loop; this script measures them (never asserts).
+were (43,670/s), and K = 1 faster than the loop; at states 32 to 128 (K >= 8), half the bound;
+the eager torch step at state 64 twice the loop at K = 128 and no slower at K = 8. This script
+measures them (never asserts).
+
+The arithmetic bound: a model-window's floating-point work over this machine's one-thread GEMM
+rate (a 1024 x 1024 float32 matmul by numpy in a fresh process limited to one thread, timed in
+the same run, best of several). The work per model-window: per layer and step, the gate matmuls
+2 B (I + H) 4H (I = 1 for the first layer, else H) and the elementwise work 13 B H; the head
+2 B H 2 per step; the backward twice the forward; so 3 T (sum over layers + head). At the
+AMD EPYC's 111 GFLOP/s that is about 11,600 model-windows/s at state 32 and 2,960 at 64.
 
 How: each measurement is a warm-up run, then runs of whole short epochs long enough to take
 about `--seconds`, repeated `--repeats` times round-robin; the best rate of each is reported.
@@ -25,8 +34,9 @@ compile and a later process's load, each timed in a fresh process (cold: an empt
 NUMBA_CACHE_DIR); neither is in the rates. Where numba is unavailable, the trainer falls back
 to eager and the numba column says so.
 
-    python bench/trainer.py            # states 4 and 16, K = 1, 8, 32, 128 (a few minutes)
+    python bench/trainer.py            # states 4 to 128, K = 1, 8, 32, 128 (under 10 minutes)
     python bench/trainer.py --quick    # state 4, K = 1 and 128 (about two minutes)
+    python bench/trainer.py --states 32 64 --ks 8 128 --modes numba
 """
 
 from __future__ import annotations
@@ -58,9 +68,11 @@ BATCH_SIZE = 5
 TRUNCATION = 15
 ECHO_STEP = 3
 LR = 0.3
-# Timed runs are whole epochs of this many windows, so every run regenerates its data as often.
+# Timed runs are whole epochs of at most this many windows, so that every run regenerates its
+# data about as often; a slow contender (eager torch at state 128) runs fewer, shorter epochs.
 EPOCH_WINDOWS = 25
-WARMUP_WINDOWS = 10
+WARMUP_WINDOWS = 3
+GEMM_SIZE = 1024
 MODES = ("eager", "numba")
 T = TypeVar("T")
 TARGET_K, TARGET_LAYERS = 128, 3
@@ -109,12 +121,14 @@ def main(argv: list[str] | None = None) -> None:
     _fill_defaults(args)
     torch.set_num_threads(1)
     load = os.getloadavg()[0]
-    compile_note = _compile_times()
-    numba_works = _numba_works(args.layers)
+    started = time.perf_counter()
+    compile_note = "not timed (--no-compile-times)" if args.no_compile_times else _compile_times()
+    numba_works = "numba" in args.modes and _numba_works(args.layers)
+    gemm_rate = _gemm_rate()
     contenders = [
         Contender(state, mode, count)
         for state in args.states
-        for mode, count in [("baseline", 1), *((m, k) for m in MODES for k in args.ks)]
+        for mode, count in [("baseline", 1), *((m, k) for m in args.modes for k in args.ks)]
         if mode != "numba" or numba_works
     ]
     for contender in contenders:
@@ -128,25 +142,31 @@ def main(argv: list[str] | None = None) -> None:
             measured = contender.run(args.layers, contender.windows)
             if contender.best is None or measured.rate > contender.best.rate:
                 contender.best = measured
-    print(_report(args, load, contenders, compile_note))
+    gemm_rate = max(gemm_rate, _gemm_rate())  # once more at the end: the best of both
+    minutes = (time.perf_counter() - started) / 60
+    print(_report(args, load, contenders, compile_note, gemm_rate, minutes))
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: state 4, K = 1, 128")
-    parser.add_argument("--states", type=int, nargs="+", help="state sizes (default: 4 16)")
+    parser.add_argument("--states", type=int, nargs="+", help="state sizes (4 16 32 64 128)")
     parser.add_argument("--ks", type=int, nargs="+", help="models in lockstep (1 8 32 128)")
     parser.add_argument("--layers", type=int, default=3, help="LSTM layers (default: 3)")
-    parser.add_argument("--seconds", type=float, help="length of each timed run (2; quick 1)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument(
+        "--no-compile-times", action="store_true", help="skip the cold compile in a fresh cache"
+    )
+    parser.add_argument("--seconds", type=float, help="length of each timed run (1; quick 1)")
     parser.add_argument("--repeats", type=int, help="timed runs of each, best kept (3; quick 1)")
     return parser
 
 
 def _fill_defaults(args: argparse.Namespace) -> None:
     """The defaults of the options left out, which depend on --quick."""
-    args.states = args.states or ([4] if args.quick else [4, 16])
+    args.states = args.states or ([4] if args.quick else [4, 16, 32, 64, 128])
     args.ks = args.ks or ([1, 128] if args.quick else [1, 8, 32, 128])
-    args.seconds = args.seconds or (1.0 if args.quick else 2.0)
+    args.seconds = args.seconds or 1.0
     args.repeats = args.repeats or (1 if args.quick else 3)
 
 
@@ -202,9 +222,49 @@ def _compile_warnings() -> Iterator[list[str]]:
 
 
 def _windows_for(seconds: float, warm: Measurement) -> int:
-    """Whole epochs worth about `seconds` at the warm-up's pace (at least one epoch)."""
+    """Windows worth about `seconds` at the warm-up's pace: whole epochs of EPOCH_WINDOWS, or
+    where one epoch would take longer, as few windows as fill `seconds` (at least 2)."""
     per_window = warm.seconds / WARMUP_WINDOWS
-    return max(1, math.ceil(seconds / per_window / EPOCH_WINDOWS)) * EPOCH_WINDOWS
+    windows = math.ceil(seconds / per_window)
+    if windows < EPOCH_WINDOWS:
+        return max(2, windows)
+    return math.ceil(windows / EPOCH_WINDOWS) * EPOCH_WINDOWS
+
+
+def _gemm_rate() -> float:
+    """This machine's one-thread float32 GEMM rate in FLOP/s: numpy's matmul of two
+    GEMM_SIZE-square matrices in a fresh process whose BLAS may use one thread, best of 5."""
+    script = f"""
+import time, numpy as np
+n = {GEMM_SIZE}
+a = np.ones((n, n), np.float32)
+b = a.copy()
+a @ b
+best = float("inf")
+for _ in range(5):
+    started = time.perf_counter()
+    a @ b
+    best = min(best, time.perf_counter() - started)
+print(2 * n**3 / best)
+"""
+    one = {name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    say("one-thread GEMM rate (numpy)")
+    done = subprocess.run(
+        [sys.executable, "-c", script], env={**os.environ, **one}, capture_output=True, text=True
+    )
+    return float(done.stdout) if done.returncode == 0 else math.nan
+
+
+def flops_per_model_window(state_size: int, layers: int) -> float:
+    """The floating-point work of one model-window (module docs): forward gate matmuls,
+    elementwise work and head, times 3 for the backward."""
+    steps, batch, units = TRUNCATION, BATCH_SIZE, state_size
+    forward = 0.0
+    for layer in range(layers):
+        inputs = 1 if layer == 0 else units
+        forward += 2 * batch * (inputs + units) * 4 * units + 13 * batch * units
+    forward += 2 * batch * units * 2
+    return 3 * steps * forward
 
 
 def _epochs(windows: int) -> tuple[int, int]:
@@ -275,9 +335,15 @@ def _cpu_name() -> str:
 
 
 def _report(
-    args: argparse.Namespace, load: float, contenders: list[Contender], compile_note: str
+    args: argparse.Namespace,
+    load: float,
+    contenders: list[Contender],
+    compile_note: str,
+    gemm_rate: float,
+    minutes: float,
 ) -> str:
-    """The README-ready result: how it was measured, then a Markdown table of rates and ratios."""
+    """The README-ready result: how it was measured, then a Markdown table of rates and ratios,
+    and each row's arithmetic bound and the share of it the numba step reached."""
     best = {(c.state_size, c.mode, c.count): c.best for c in contenders}
     cpu_ratio = max(c.best.cpu_ratio for c in contenders if c.best)
     lines = [
@@ -292,19 +358,26 @@ def _report(
         "model at a time below K = max(8, min(H² / 4, 4H)), vectorized over the models above",
         f"- numba kernels, not in the rates: {compile_note}",
         f"- 1-minute load average at the start: {load:.1f} on {os.cpu_count()} CPUs (a busy "
-        "machine skews the numbers, the ratios less so)",
+        "machine skews the numbers, the ratios less so); the whole run took "
+        f"{minutes:.1f} min",
+        f"- bound: FLOP per model-window (docstring) at this machine's one-thread GEMM rate, "
+        f"{gemm_rate / 1e9:.1f} GFLOP/s (numpy, {GEMM_SIZE}², same run); share: numba's rate "
+        "over it",
         "",
-        "| state | K | baseline win/s | eager win/s (×) | numba win/s (×) | numba / eager |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| state | K | baseline win/s | eager win/s (×) | numba win/s (×) | numba / eager "
+        "| bound win/s | numba share |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for state in args.states:
         base = best[(state, "baseline", 1)].rate
+        bound = gemm_rate / flops_per_model_window(state, args.layers)
         for count in args.ks:
             eager, numba = (best.get((state, mode, count)) for mode in MODES)
             versus = times(numba.rate / eager.rate) if numba and eager else "n/a"
+            share = f"{numba.rate / bound:.0%}" if numba else "n/a"
             lines.append(
                 f"| {state} | {count} | {base:,.0f} | {_cell(eager, base)} | "
-                f"{_cell(numba, base)} | {versus} |"
+                f"{_cell(numba, base)} | {versus} | {bound:,.0f} | {share} |"
             )
     if args.layers == TARGET_LAYERS:
         lines.append("")

@@ -13,7 +13,13 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig
-from pipeline.training.arrays import ADAGRAD_INITIAL_ACCUMULATOR, FORGET_BIAS, State
+from pipeline.training.arrays import (
+    ADAGRAD_INITIAL_ACCUMULATOR,
+    FORGET_BIAS,
+    State,
+    WindowArrays,
+    WindowResult,
+)
 from pipeline.training.cpu_step import numba_kernels
 from pipeline.training.device import step_function
 from pipeline.training.torch_step import (
@@ -72,7 +78,8 @@ def test_train_window_update_matches_autograd_and_adagrad(layers):
     state = _random_state(layers, units, models)
     lr = torch.tensor([0.3, 0.05, 1.0])
     active = torch.ones(models, dtype=torch.bool)
-    losses, _, updated, _, _, _ = train_window(weights, accum, x, y, state, lr, active)
+    losses, _, after = train_window(WindowArrays(weights, accum, state, lr, active), x, y)
+    updated = after.weights
 
     # The reference: autograd through the same forward, the initial state a constant, then
     # TensorFlow's Adagrad by hand.
@@ -94,13 +101,14 @@ def test_train_window_carries_a_state_without_a_graph_that_changes_the_next_loss
     active = torch.ones(1, dtype=torch.bool)
     lr = torch.tensor([0.3])
     zeros = init_state(weights, batch_size=5)
-    _, _, weights, accum, carried, _ = train_window(weights, accum, x, y, zeros, lr, active)
+    _, _, after = train_window(WindowArrays(weights, accum, zeros, lr, active), x, y)
+    weights, accum, carried = after.weights, after.accum, after.state
     # The state reaches the next window: it is not zero, and it holds no autograd graph.
     assert carried.h.abs().sum() > 0 and carried.c.abs().sum() > 0
     assert carried.h.grad_fn is None and not carried.h.requires_grad
     x2, y2 = _window(1, seed=1)
-    with_carry = train_window(weights, accum, x2, y2, carried, lr, active)[0]
-    without = train_window(weights, accum, x2, y2, zeros, lr, active)[0]
+    with_carry = train_window(WindowArrays(weights, accum, carried, lr, active), x2, y2).losses
+    without = train_window(WindowArrays(weights, accum, zeros, lr, active), x2, y2).losses
     assert not torch.equal(with_carry, without)
 
 
@@ -111,9 +119,10 @@ def test_train_window_freezes_a_model_whose_loss_is_not_finite():
     x[0, 0, 1] = float("nan")  # poisons model 1 only
     state = init_state(weights, batch_size=5)
     active = torch.ones(2, dtype=torch.bool)
-    losses, _, updated, _, _, still_active = train_window(
-        weights, accum, x, y, state, torch.tensor([0.3, 0.3]), active
+    losses, _, after = train_window(
+        WindowArrays(weights, accum, state, torch.tensor([0.3, 0.3]), active), x, y
     )
+    updated, still_active = after.weights, after.active
     assert torch.isfinite(losses[0]) and not torch.isfinite(losses[1])
     assert still_active.tolist() == [True, False]
     for before, after in zip(weights, updated, strict=True):
@@ -143,21 +152,24 @@ def _on_tensors(step):
     if step.arrays != "numpy":
         return step
 
-    def on_tensors(weights, accum, x, y, state, lr, active):
-        losses, margin, weights, accum, state, still = step(
-            [w.numpy() for w in weights], [a.numpy() for a in accum], x.numpy(), y.numpy(),
-            State(state.h.numpy(), state.c.numpy()), lr.numpy(), active.numpy(),
-        )  # fmt: skip
-        tensors = [torch.from_numpy(a) for a in (losses, margin, state.h, state.c, still)]
-        return (
-            *tensors[:2],
-            [torch.from_numpy(w) for w in weights],
-            [torch.from_numpy(a) for a in accum],
-            State(*tensors[2:4]),
-            tensors[4],
+    def on_tensors(arrays, x, y):
+        losses, margin, after = step(_map(arrays, torch.Tensor.numpy), x.numpy(), y.numpy())
+        return WindowResult(
+            torch.from_numpy(losses), torch.from_numpy(margin), _map(after, torch.from_numpy)
         )
 
     return on_tensors
+
+
+def _map(arrays: WindowArrays, convert) -> WindowArrays:
+    """The same window arrays, each converted (numpy arrays to tensors, or back)."""
+    return WindowArrays(
+        [convert(w) for w in arrays.weights],
+        [convert(a) for a in arrays.accum],
+        State(*(convert(s) for s in arrays.state)),
+        convert(arrays.lr),
+        convert(arrays.active),
+    )
 
 
 def _models(count: int, layers: int = 2, units: int = 4, seed: int = 0):
@@ -178,8 +190,9 @@ def test_numba_step_update_matches_autograd_and_adagrad(layers):
     weights, accum, state, lr, active = _models(3, layers=layers, units=5, seed=1)
     x, y = _window(3)
     step = _numba_step()
-    losses, _, updated, _, _, _ = step(_copy(weights), _copy(accum), x, y, State(*_copy(state)),
-                                       lr, active)  # fmt: skip
+    arrays = WindowArrays(_copy(weights), _copy(accum), State(*_copy(state)), lr, active)
+    losses, _, after = step(arrays, x, y)
+    updated = after.weights
 
     leaves = [w.clone().requires_grad_(True) for w in weights]
     logits, _ = forward(leaves, x, state)
@@ -203,12 +216,9 @@ def test_numba_step_follows_the_eager_step_over_the_first_windows():
         x, y = _window(6, seed=window)
         results = []
         for step, run in ((numba_step, numba_run), (eager_step, eager_run)):
-            weights, accum, state, lr, active = run
-            losses, margin, weights, accum, state, active = step(
-                weights, accum, x, y, state, lr, active
-            )
-            results.append((losses, margin, weights, state))
-            run_next = (weights, accum, state, lr, active)
+            losses, margin, after = step(WindowArrays(*run), x, y)
+            results.append((losses, margin, after.weights, after.state))
+            run_next = tuple(after)
             if step is numba_step:
                 numba_run = run_next
             else:
@@ -236,7 +246,8 @@ def _train_numba(seeds: list[int], echo: list[int], lr: list[float], active: lis
         x = torch.stack([_window(1, seed=100 * s + window)[0][..., 0] for s in seeds], dim=-1)
         y = torch.stack([torch.roll(x[..., k], e, dims=1) for k, e in enumerate(echo)], dim=-1)
         assert x.shape == (5, 15, count)
-        loss, _, weights, accum, state, mask = step(weights, accum, x, y, state, rates, mask)
+        loss, _, after = step(WindowArrays(weights, accum, state, rates, mask), x, y)
+        weights, accum, state, _, mask = after
         losses.append(loss.clone())
     return torch.stack(losses)
 
@@ -263,7 +274,8 @@ def test_step_keeps_an_inactive_models_weights_accumulators_and_state(backend):
     step = _on_tensors(step_function(backend, CPU))
     before = (_copy(weights), _copy(accum), State(*_copy(state)))
     x, y = _window(4)
-    _, _, weights, accum, state, still = step(weights, accum, x, y, state, lr, active)
+    _, _, after = step(WindowArrays(weights, accum, state, lr, active), x, y)
+    weights, accum, state, _, still = after
     assert still.tolist() == [True, False, True, False]
     for old, new in zip([*before[0], *before[1], *before[2]], [*weights, *accum, *state],
                         strict=True):  # fmt: skip
@@ -278,7 +290,8 @@ def test_numba_step_freezes_a_model_whose_loss_is_not_finite():
     x, y = _window(2)
     x[0, 0, 1] = float("nan")  # poisons model 1 only
     before = _copy(weights)
-    losses, _, weights, _, _, still = _numba_step()(weights, accum, x, y, state, lr, active)
+    losses, _, after = _numba_step()(WindowArrays(weights, accum, state, lr, active), x, y)
+    weights, still = after.weights, after.active
     assert torch.isfinite(losses[0]) and not torch.isfinite(losses[1])
     assert still.tolist() == [True, False]
     for old, new in zip(before, weights, strict=True):
@@ -359,7 +372,8 @@ def test_numba_kernels_by_model_and_by_lane_give_the_same_bits(units, count):
         losses = []
         for window in range(4):
             x, y = _window(count, seed=window)
-            loss, _, weights, accum, state, _ = step(weights, accum, x, y, state, lr, active)
+            loss, _, after = step(WindowArrays(weights, accum, state, lr, active), x, y)
+            weights, accum, state = after.weights, after.accum, after.state
             losses.append(loss[active])
         runs[by_model] = [torch.stack(losses), *weights, *accum, *state]
     assert torch.isfinite(runs[True][0]).all()
@@ -384,10 +398,9 @@ def test_numba_step_never_reads_what_its_kept_tapes_held_before():
                 for kept in tapes.kept if poisoned else ():
                     kept.fill(np.nan)
                 x, y = (t.numpy() for t in _window(6, seed=window))
-                loss, _, weights, accum, state, _ = numba_window(
-                    kernels, weights, accum, x, y, state, lr.numpy(), active.numpy(),
-                    by_model=by_model, tapes=tapes,
-                )  # fmt: skip
+                arrays = WindowArrays(weights, accum, state, lr.numpy(), active.numpy())
+                loss, _, after = numba_window(kernels, arrays, x, y, by_model=by_model, tapes=tapes)
+                weights, accum, state = after.weights, after.accum, after.state
                 losses.append(loss.copy())
                 if window == 0:
                     first_tapes = list(tapes.kept)

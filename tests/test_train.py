@@ -143,3 +143,36 @@ def test_train_compiled_model_computes_the_same_losses_alone_or_batched():
     # The compiled kernels compute what the eager ones do, to float32 rounding at first.
     eager = train([configs[0].with_params({"train.compile": False})]).runs[0].losses
     np.testing.assert_allclose(batched.runs[0].losses[:10], eager[:10], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("units", [16, 32])
+def test_train_torch_step_follows_the_numba_step_within_float32_rounding_for_100_windows(units):
+    # The torch step (batched matmuls over the models, model first) and the numba kernels
+    # (model last) round differently, but float32 rounding grows slowly: 3 layers, four
+    # trials of other seeds and echo steps, 100 windows (5 epochs of 20).
+    configs = [
+        small_config(**{"model.num_layers": 3, "model.state_size": units, "train.seed": s,
+                        "task.echo_step": 1 + s, "train.epochs": 5})
+        for s in range(4)
+    ]  # fmt: skip
+    torch_run = train(configs)
+    numba_run = train([c.with_params({"train.compile": True}) for c in configs])
+    assert not torch_run.compiled and numba_run.compiled
+    torch_losses = np.stack([run.losses for run in torch_run.runs])
+    numba_losses = np.stack([run.losses for run in numba_run.runs])
+    assert torch_losses.shape == (4, 100)
+    # Measured: at most 3e-7 apart relative (2 to 3 float32 ulp) over the 100 windows.
+    np.testing.assert_allclose(torch_losses, numba_losses, rtol=2e-6, atol=0)
+
+
+def test_train_torch_step_gives_a_model_the_same_bits_alone_or_among_others_on_one_thread():
+    # What the batched matmuls give on the CPU at one thread (MKL's batched GEMM computes each
+    # model's product alone): a trial's losses are the same bits in 16 lanes or 32, among
+    # trials of other seeds and echo steps. Not promised on a GPU, where cuBLAS may pick
+    # another kernel for another batch count.
+    configs = [
+        small_config(**{"model.state_size": 32, "train.seed": s, "task.echo_step": 1 + s % 5})
+        for s in range(20)
+    ]
+    alone = train(configs[3:4]).runs[0].losses
+    assert np.array_equal(train(configs).runs[3].losses, alone)

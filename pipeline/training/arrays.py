@@ -1,5 +1,5 @@
-"""The arrays of K stacked LSTMs, whatever holds them: torch tensors (torch_step.py's steps, on
-the CPU or a GPU) or numpy arrays (the numba kernels' step, cpu_step.py, which never imports torch).
+"""The arrays of K stacked LSTMs, whatever holds them: torch tensors (torch_step.py, on the CPU
+or a GPU) or numpy arrays (the numba kernels' step, cpu_step.py, which never imports torch).
 
 Every weight has shape (..., K); model k owns the slice [..., k] and no operation mixes two
 models, so a model follows the same arithmetic whatever else is in its batch.
@@ -43,17 +43,35 @@ class State(NamedTuple):
     c: Array
 
 
-WindowResult = tuple[Array, Array, Weights, Weights, State, Array]
-"""(losses (K,), margin (B, T, K), weights, accum, state, active_after (K,)): see WindowStep."""
+class WindowArrays(NamedTuple):
+    """What a window step trains: K models' weights and Adagrad accumulators (flat lists, see
+    the module docs), their carried state, learning rates (K,) and which of them train (K,
+    bool; the others keep everything). The window's data, x and y, go beside it."""
+
+    weights: Weights
+    accum: Weights
+    state: State
+    lr: Array
+    active: Array
+
+
+class WindowResult(NamedTuple):
+    """What a window step gives: each model's loss on the window (K,), before the update; the
+    logit of class 1 minus that of class 0 (B, T, K); and the arrays after the window, whose
+    `active` are the models still training (those whose loss was not finite switched off)."""
+
+    losses: Array
+    margin: Array
+    arrays: WindowArrays
 
 
 class WindowStep:
-    """`train_window` (torch_step.py) on one backend: call it as `(weights, accum, x, y, state, lr,
-    active) -> (losses, margin, weights, accum, state, active_after)`, with train_window's
-    meaning, on arrays of the kind `arrays` names: "torch" tensors or "numpy" arrays.
+    """`train_window` (torch_step.py) on one backend: call it as `(arrays, x, y) -> WindowResult`
+    with a WindowArrays of the kind `arrays` names ("torch" tensors or "numpy" arrays) and the
+    window's inputs and targets x, y (B, T, K).
 
-    It may update weights, accum and state in place and return them: callers never reuse what
-    they passed in. A model inactive on input keeps its weights, accumulators and state.
+    It may update weights, accumulators and state in place and return them: callers never reuse
+    what they passed in. A model inactive on input keeps its weights, accumulators and state.
     `backend` is "numba", "inductor" or "eager"; where `fallback` is given (torch.compile's
     step), a call that fails (no C++ compiler, say) warns once and the step goes on with
     `fallback`, the eager step.
@@ -75,7 +93,8 @@ class WindowStep:
     def compiled(self) -> bool:
         return self.backend != "eager"
 
-    def __call__(self, *args: object) -> WindowResult:
+    def __call__(self, arrays: WindowArrays, x: Array, y: Array) -> WindowResult:
+        args = (arrays, x, y)
         try:
             return self._window(*args)
         except Exception as error:  # whatever broke the compile, the eager step works

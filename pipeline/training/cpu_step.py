@@ -15,7 +15,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-from pipeline.training.arrays import State, WindowResult, WindowStep, layer_of, warn_fallback
+from pipeline.training.arrays import (
+    State,
+    WindowArrays,
+    WindowResult,
+    WindowStep,
+    layer_of,
+    warn_fallback,
+)
 from pipeline.training.cost import models_to_vectorize_over
 
 BY_LANE, BY_MODEL = "by_lane", "by_model"
@@ -87,42 +94,33 @@ class Tapes:
 
 def numba_window(
     kernels: ModuleType,
-    weights: list[np.ndarray],
-    accum: list[np.ndarray],
+    arrays: WindowArrays,
     x: np.ndarray,
     y: np.ndarray,
-    state: State,
-    lr: np.ndarray,
-    active: np.ndarray,
     by_model: bool | None = None,
     tapes: Tapes | None = None,
 ) -> WindowResult:
     """train_window by the numba kernels, which update weights, accumulators and state in
     place: float32 arrays (bool for `active`), C-contiguous, as `Lanes` keeps them; arrays that
     are not (views, other dtypes) are copied first, and the copies returned."""
-    weights = [_dense(w, np.float32) for w in weights]
-    accum = [_dense(a, np.float32) for a in accum]
-    state = State(_dense(state.h, np.float32), _dense(state.c, np.float32))
-    arrays = _NumbaWindow(
-        weights=weights,
-        accum=accum,
-        x=_dense(x, np.float32),
-        y=_dense(y, np.float32),
-        h=state.h,
-        c=state.c,
-        lr=_dense(lr, np.float32),
-        active=_dense(active, np.bool_),
+    arrays = WindowArrays(
+        weights=[_dense(w, np.float32) for w in arrays.weights],
+        accum=[_dense(a, np.float32) for a in arrays.accum],
+        state=State(_dense(arrays.state.h, np.float32), _dense(arrays.state.c, np.float32)),
+        lr=_dense(arrays.lr, np.float32),
+        active=_dense(arrays.active, np.bool_),
     )
+    x, y = _dense(x, np.float32), _dense(y, np.float32)
     if by_model is None:
         # The models that train: those kernels skip the others, these compute every lane.
         running = int(arrays.active.sum())
-        by_model = _ready_family(prefer_by_model=_by_model(arrays.h.shape[2], running))
+        by_model = _ready_family(prefer_by_model=_by_model(arrays.state.h.shape[2], running))
     else:
         from pipeline.training import kernel_compile  # loaded by numba_kernels already
 
         kernel_compile.require(BY_MODEL if by_model else BY_LANE)
-    losses, margin, still = _window_by(_family(kernels, by_model), arrays, tapes or Tapes())
-    return losses, margin, weights, accum, state, still
+    losses, margin, still = _window_by(_family(kernels, by_model), arrays, x, y, tapes or Tapes())
+    return WindowResult(losses, margin, arrays._replace(active=still))
 
 
 def _dense(array: np.ndarray, dtype: type) -> np.ndarray:
@@ -143,19 +141,6 @@ def _ready_family(prefer_by_model: bool) -> bool:
 
     order = (BY_MODEL, BY_LANE) if prefer_by_model else (BY_LANE, BY_MODEL)
     return kernel_compile.first_ready(order) == BY_MODEL
-
-
-class _NumbaWindow(NamedTuple):
-    """A window's arrays as the numba kernels take them, (..., K); updated in place."""
-
-    weights: list[np.ndarray]
-    accum: list[np.ndarray]
-    x: np.ndarray  # (B, T, K)
-    y: np.ndarray  # (B, T, K)
-    h: np.ndarray  # (L, B, H, K)
-    c: np.ndarray  # (L, B, H, K)
-    lr: np.ndarray  # (K,)
-    active: np.ndarray  # (K,)
 
 
 class _Family(NamedTuple):
@@ -182,12 +167,14 @@ def _family(kernels: ModuleType, by_model: bool) -> _Family:
 
 
 def _window_by(
-    family: _Family, a: _NumbaWindow, tapes: Tapes
+    family: _Family, a: WindowArrays, x: np.ndarray, y: np.ndarray, tapes: Tapes
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The window by one family of kernels; they update weights, accumulators and state."""
-    batch, steps, models = a.x.shape
-    units = a.h.shape[2]
-    take = tapes.for_window((family.model_first, len(a.h), batch, steps, units, models))
+    """The window by one family of kernels on dense float32 arrays (..., K), which they update
+    in place (weights, accumulators and state); returns (losses, margin, still active)."""
+    batch, steps, models = x.shape
+    h, c = a.state
+    units = h.shape[2]
+    take = tapes.for_window((family.model_first, len(h), batch, steps, units, models))
 
     def tape(*shape: int) -> np.ndarray:
         return take((models, *shape) if family.model_first else (*shape, models))
@@ -197,9 +184,9 @@ def _window_by(
     inputs = tape(batch, steps + 1, 1)
     per_model = inputs if family.model_first else np.moveaxis(inputs, -1, 0)  # (K, B, T + 1, 1)
     per_model[:, :, 0] = 0.0
-    per_model[:, :, 1:, 0] = a.x.transpose(2, 0, 1)
+    per_model[:, :, 1:, 0] = x.transpose(2, 0, 1)
     tapes = []
-    for layer in range(len(a.h)):
+    for layer in range(len(h)):
         h_seq, c_seq = tape(batch, steps + 1, units), tape(batch, steps + 1, units)
         # The kernels that run one model at a time keep their gates time major (K, T, B, 4H).
         gates = (
@@ -207,7 +194,7 @@ def _window_by(
         )
         tanh_c = tape(batch, steps, units)
         family.forward(
-            *layer_of(a.weights, layer), inputs, a.h[layer], a.c[layer], h_seq, c_seq, gates,
+            *layer_of(a.weights, layer), inputs, h[layer], c[layer], h_seq, c_seq, gates,
             tanh_c, a.active,
         )  # fmt: skip
         tapes.append((inputs, h_seq, c_seq, gates, tanh_c))
@@ -217,7 +204,7 @@ def _window_by(
     d_outputs = tape(batch, steps, units)
     still = np.empty(models, np.bool_)
     family.head(
-        *a.weights[-2:], *a.accum[-2:], inputs, a.y, a.lr, a.active, losses, margin, d_outputs,
+        *a.weights[-2:], *a.accum[-2:], inputs, y, a.lr, a.active, losses, margin, d_outputs,
         still,
     )  # fmt: skip
     for layer in reversed(range(len(tapes))):

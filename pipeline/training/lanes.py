@@ -30,6 +30,7 @@ from pipeline.training.arrays import (
     Array,
     State,
     Weights,
+    WindowArrays,
     WindowStep,
     initial_weights,
 )
@@ -154,12 +155,12 @@ class Lanes:
             self.state.h[...] = 0.0
             self.state.c[...] = 0.0
         active = self.arrays.from_numpy(running)
-        loss, margin, self.weights, self.accum, self.state, healthy = self.step_fn(
-            self.weights, self.accum, x, y, self.state, self.lr, active
-        )
+        arrays = WindowArrays(self.weights, self.accum, self.state, self.lr, active)
+        loss, margin, after = self.step_fn(arrays, x, y)
+        self.weights, self.accum, self.state = after.weights, after.accum, after.state
         self.last_window = (x, y, margin)
         losses = self.arrays.to_numpy(loss)
-        still_healthy = self.arrays.to_numpy(healthy)
+        still_healthy = self.arrays.to_numpy(after.active)
         ran = np.flatnonzero(running)
         self.trace[ran, self.position[ran]] = losses[ran]
         self.last_losses = np.where(running, losses, np.nan).astype(np.float32)
