@@ -4,6 +4,12 @@ Every value is checked when the config is loaded, so a typo or an impossible val
 with one line that names the key, the value and what is allowed, before anything is written.
 The dotted keys (`task.echo_step`, `model.num_layers`, ...) are the public vocabulary: the CLI's
 `--set`, the search space and the Parquet column names all use them.
+
+- sections.py: the sections as frozen dataclasses, each field's scope kept on the field.
+- search.py: the searched keys, and every point of the search space checked by the sections'
+  own rules.
+- files.py: reading a YAML file and `--set` overrides; keys read under an old name.
+- checks.py: the one-line ConfigError, and the checks of single values.
 """
 
 from pipeline.config.checks import ConfigError, first_line

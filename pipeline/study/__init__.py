@@ -4,7 +4,8 @@
 - driver.py: `run_study` and the driver loop (ask, place, relay pruning, record, tell);
   records.py: the trials it asked and the trainers it placed them on.
 - placement.py: which trainer takes a trial; a grid's order.
-- optuna_setup.py: samplers, pruners, distributions and storages.
+- optuna_setup.py: samplers, pruners, distributions and storages; database.py: a PostgreSQL
+  storage as Optuna's journal in one table, written a group of asks and tells at a time.
 - ray_connection.py: starting an embedded Ray on 127.0.0.1, or joining a cluster; whether a
   trainer fits on a node.
 - locations.py: outputs and storages that a study could not keep, refused before Ray starts.
