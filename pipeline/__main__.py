@@ -149,7 +149,7 @@ def run_train(config: Config, args: argparse.Namespace) -> int:
     run = result.runs[0]
     params = {name: config.value(key) for name, key in FIXED_COLUMNS.items()}
     trial = TrialResult(0, config, params, run.losses, run.status, seconds=result.seconds)
-    (row,) = record_trials(output, [trial])
+    (row,) = record_trials(output, [trial], replace=True)
     output.write_table(TRIALS, trials_table([row], list(params)))
     x, y, margin = (a[..., 0] for a in result.last_window)
     title = (

@@ -37,15 +37,18 @@ class TrialResult:
     """For a pruned trial, the last value it reported (what Optuna records for it)."""
 
 
-def record_trials(output: Output, results: Sequence[TrialResult]) -> list[dict[str, Any]]:
+def record_trials(
+    output: Output, results: Sequence[TrialResult], replace: bool = False
+) -> list[dict[str, Any]]:
     """Write the steps of `results` as one file (rows in its footer) and return their rows of
-    trials.parquet. The file appears whole or not at all."""
+    trials.parquet. The file appears whole or not at all, and never over another one unless
+    `replace` (a `train` run, rerun into its own output, replaces its trial)."""
     rows = [trial_row_of(result) for result in results]
     tables = [
         steps_table(r.number, r.losses, r.config.task.windows_per_epoch, r.param_values)
         for r in results
     ]
-    write_steps(output, tables, rows)
+    write_steps(output, tables, rows, replace)
     return rows
 
 

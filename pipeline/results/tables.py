@@ -117,13 +117,15 @@ def steps_table(
     return pa.Table.from_arrays(arrays, names=names)
 
 
-def write_steps(output: Output, tables: Sequence[pa.Table], rows: Sequence[dict]) -> None:
+def write_steps(
+    output: Output, tables: Sequence[pa.Table], rows: Sequence[dict], replace: bool = False
+) -> None:
     """Write the steps of trials recorded together as one file, their rows in its footer, so
-    that steps/ alone can rebuild trials.parquet. A steps file is never overwritten: one of
-    the same name raises FileExistsError."""
+    that steps/ alone can rebuild trials.parquet. A steps file is never overwritten, unless
+    `replace`: one of the same name raises FileExistsError."""
     metadata = {TRIALS_METADATA_KEY: json.dumps(list(rows)).encode()}
     table = pa.concat_tables(tables).replace_schema_metadata(metadata)
-    output.write_table(steps_file([row["trial"] for row in rows]), table, replace=False)
+    output.write_table(steps_file([row["trial"] for row in rows]), table, replace=replace)
 
 
 def trial_row(
