@@ -25,7 +25,7 @@ import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -180,7 +180,7 @@ class _Driver:
         output: Output,
         study: optuna.Study,
         progress: bool | None,
-        group: Callable[[], AbstractContextManager],
+        group: Callable[[], AbstractContextManager] = nullcontext,
     ) -> None:
         self.config = config
         self.launch = launch

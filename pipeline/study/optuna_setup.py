@@ -79,7 +79,7 @@ def reseed(state: LazyRandomState, study_seed: int, number: int, stream: int) ->
 
 class TrialSeededRandom(optuna.samplers.RandomSampler):
     """Optuna's random sampler, its draws for trial n seeded from (study seed, n): see
-    `reseed`. It patches the sampler's private `_rng` (tests/test_optuna_setup.py fails if an
+    `reseed`. It patches the sampler's private `_rng` (tests/study/test_optuna_setup.py fails if an
     Optuna upgrade moves it)."""
 
     def __init__(self, seed: int) -> None:
@@ -94,7 +94,7 @@ class TrialSeededRandom(optuna.samplers.RandomSampler):
 class TrialSeededTPE(optuna.samplers.TPESampler):
     """Optuna's TPE sampler, its draws for trial n (the model's, and those of its random
     start-up trials) seeded from (study seed, n): see `reseed`. It patches the private `_rng`
-    and `_random_sampler._rng` (tests/test_optuna_setup.py fails if an upgrade moves them)."""
+    and `_random_sampler._rng` (tests/study/test_optuna_setup.py fails if an upgrade moves them)."""
 
     def __init__(self, seed: int, **options: Any) -> None:
         super().__init__(seed=seed, **options)

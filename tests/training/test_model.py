@@ -346,7 +346,7 @@ def test_numba_kernels_cache_by_content_not_path(tmp_path):
     runs = []
     for name in ("first", "copy"):
         root = tmp_path / name
-        shutil.copytree(Path(__file__).parents[1] / "pipeline", root / "pipeline")
+        shutil.copytree(Path(__file__).parents[2] / "pipeline", root / "pipeline")
         done = subprocess.run(
             [sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True
         )

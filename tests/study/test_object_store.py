@@ -24,7 +24,7 @@ from pipeline.study.database import TABLE, connect
 from tests.conftest import study_config
 from tests.servers import S3Server, refusing_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SEARCH = {"train.seed": [0, 1], "train.lr": [0.1, 0.3]}
 TINY = {"task.series_length": 7500, "train.epochs": 2, "study.lanes_per_trainer": 1}
 

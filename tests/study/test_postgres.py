@@ -20,7 +20,7 @@ from pipeline.study.driver import run_study
 from pipeline.study.optuna_setup import Journal, open_storage
 from tests.conftest import study_config
 from tests.servers import PASSWORD_ROLE, refusing_port, silent_server
-from tests.test_faults import _losses_by_point, _reap, _study_process, _write_config
+from tests.study.test_faults import _losses_by_point, _reap, _study_process, _write_config
 
 SEARCH = {"train.seed": [0, 1, 2], "train.lr": [0.1, 0.3]}
 # One trial per trainer at a time, so that trials are asked and recorded in several groups.
@@ -54,7 +54,7 @@ def test_postgres_driver_killed_at_every_moment_ends_with_the_uninterrupted_resu
     journal = _write_config(tmp_path / "journal", config.with_params({"study.storage": None}))
     uninterrupted = _study_process(journal, reference)
     assert uninterrupted.wait(timeout=300) == 0, uninterrupted.stderr.read()
-    # The moments of tests/test_faults.py: within a group of asks, within the recovery of
+    # The moments of tests/study/test_faults.py: within a group of asks, within the recovery of
     # trials left running, between writing steps and telling, within a group of tells.
     for failpoint in ["asked:3", "recovering:1", "written:1", "told:2", None]:
         driver = _study_process(path, output, failpoint=failpoint)

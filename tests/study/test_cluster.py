@@ -16,7 +16,7 @@ import pytest
 from pipeline.config import load_config
 from tests.ray_nodes import RayCluster, RayNode
 
-REPO = Path(__file__).parent.parent
+REPO = Path(__file__).parents[2]
 QUICK = load_config(REPO / "configs" / "quick.yaml")
 GRID = QUICK.study.grid_size
 WINDOWS_PER_EPOCH = 666  # 50,000 values in 5 rows, windows of 15
