@@ -177,8 +177,8 @@ def _tanh(x):
 
     Measured on 840,000 points in [-12, 12] and ±[1e-8, 10] (tests/training/test_model.py
     checks it): at most 5 ulp from the correctly rounded tanh (torch's own: 1 ulp), the largest
-    errors where tanh is within 3e-7 of ±1, which it returns from ±7.9 on. A NaN stays NaN: the clamps
-    compare so that it passes through, and the trainer watches for NaN losses.
+    errors where tanh is within 3e-7 of ±1, which it returns from ±7.9 on. A NaN stays NaN: the
+    clamps compare so that it passes through, and the trainer watches for NaN losses.
     """
     clamped = TANH_CLAMP if x > TANH_CLAMP else x
     clamped = -TANH_CLAMP if clamped < -TANH_CLAMP else clamped
