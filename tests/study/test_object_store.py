@@ -91,7 +91,10 @@ def s3_study(s3_server, postgres_server, tmp_path_factory) -> S3Study:
     path.write_text(yaml.safe_dump(config.to_dict()))
     # The endpoint is in the URI: the study's environment has the keys only.
     env = {k: v for k, v in s3_server.env().items() if k != "AWS_ENDPOINT_URL"}
-    local = _cli("study", str(path), "--output", str(tmp / "local"), env=env)
+    # The local run keeps its own journal: one study in a database writes to one output.
+    local = _cli(
+        "study", str(path), "--output", str(tmp / "local"), "--set", "study.storage=null", env=env
+    )
     killed = _cli("study", str(path), "--output", uri, env=env, failpoint="writing steps:1")
     local_code, local_err = _finish(local)
     assert local_code == 0, local_err[-2000:]
