@@ -151,10 +151,11 @@ def test_lanes_packing_empty_lanes_keeps_every_running_trials_losses():
 
 
 def test_lanes_admission_that_raises_frees_its_lane():
-    config = _config()
+    # 65,538 windows an epoch, the most the config allows.
+    config = _config(**{"task.series_length": 5 * 15 * 65_538})
     lanes = Lanes(config, step_function(True, CPU), CPU)
     lanes.admit(LaneTrial(0, config))
-    # 32,767 epochs: a loss trace larger than the address space this process is allowed.
+    # 32,767 epochs of them: a loss trace of gigabytes, more than this process may map.
     huge = config.with_params({"train.epochs": 32_767, "train.seed": 1})
     with _address_space_limited(), pytest.raises(MemoryError):
         lanes.admit(LaneTrial(1, huge))
@@ -165,10 +166,11 @@ def test_lanes_admission_that_raises_frees_its_lane():
 
 @contextlib.contextmanager
 def _address_space_limited():
-    """This process may map only a little more than it has mapped now (RLIMIT_AS)."""
+    """This process may map only 512 MB more than it has mapped now (RLIMIT_AS): room for
+    its threads, not for gigabytes."""
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     mapped = psutil.Process().memory_info().vms
-    resource.setrlimit(resource.RLIMIT_AS, (mapped + 2**20, hard))
+    resource.setrlimit(resource.RLIMIT_AS, (mapped + 512 * 2**20, hard))
     try:
         yield
     finally:
