@@ -51,7 +51,8 @@ def test_cli_train_writes_steps_trials_config_and_figure(tmp_path, capsys):
 
 def test_cli_train_tutorial_behaves_like_the_tutorial(tmp_path, capsys):
     out = tmp_path / "tutorial"
-    assert main(["train", str(TUTORIAL), "--output", str(out), "--set", "train.compile=false"]) == 0
+    # As a user runs it: the config's defaults (the numba kernels on the CPU).
+    assert main(["train", str(TUTORIAL), "--output", str(out)]) == 0
     steps = pd.read_parquet(out / "steps")
     # 50,000 values in 5 rows of 10,000 columns: 666 windows of 15 per epoch, 5 epochs.
     assert len(steps) == 3330 and steps["window"].max() == 665 and steps["epoch"].max() == 4
