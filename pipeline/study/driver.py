@@ -266,7 +266,7 @@ class _Driver:
                         self._collect(trainer)
                 self._watch_unplaced_trainers()
                 self._record_if_due()
-                self.progress.tick()
+                self.progress.tick(running=sum(len(t.trials) for t in self.trainers))
             self._record()
         finally:
             self.progress.close()

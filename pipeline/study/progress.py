@@ -1,8 +1,11 @@
-"""Progress of a study: a bar on a terminal, a line per finished trial in a log (a Ray job's)."""
+"""Progress of a study: a bar on a terminal; in a log (a Ray job's), a line per finished trial
+and, while none finishes, a line a minute saying how many run, so that a study of long trials
+never sits silent in `ray job logs`."""
 
 from __future__ import annotations
 
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -13,8 +16,10 @@ from tqdm import tqdm
 class Progress:
     """A bar on a terminal (done / pruned / failed, best value); otherwise a line per trial."""
 
-    def __init__(self, total: int, bar: bool | None) -> None:
+    def __init__(self, total: int, bar: bool | None, heartbeat_s: float = 60.0) -> None:
         self.total = total
+        self.heartbeat_s = heartbeat_s
+        self.started = self.last_line = time.monotonic()
         self.counts: Counter[str] = Counter()
         self.best: float | None = None
         use_bar = sys.stderr.isatty() if bar is None else bar
@@ -39,12 +44,24 @@ class Progress:
                 f"{sum(self.counts.values())}/{self.total}{error}",
                 flush=True,
             )
+            self.last_line = time.monotonic()
         else:
             self.bar.update()
             self._postfix()
 
-    def tick(self) -> None:
-        self.bar.refresh()
+    def tick(self, running: int) -> None:
+        """Between trials: refresh the bar, or in a log say what runs once a quiet minute."""
+        if not self.bar.disable:
+            self.bar.refresh()
+            return
+        now = time.monotonic()
+        if now - self.last_line >= self.heartbeat_s:
+            print(
+                f"{running} trials running, {sum(self.counts.values())}/{self.total} finished, "
+                f"{_minutes(now - self.started)} since the study started",
+                flush=True,
+            )
+            self.last_line = now
 
     def close(self) -> None:
         self.bar.close()
@@ -60,3 +77,8 @@ class Progress:
             f"done {self.counts['COMPLETE']} pruned {self.counts['PRUNED']} "
             f"failed {self.counts['FAIL']} best {best}"
         )
+
+
+def _minutes(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes}m{seconds:02d}s"
