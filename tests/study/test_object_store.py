@@ -1,7 +1,7 @@
 """Outputs on S3, against moto's S3 server started for the session (tests/servers.py), with the
-study's storage in PostgreSQL: a driver killed in the middle of writing steps, its rerun, the
-results against a local-disk run, `summarize` and pandas on the bucket, and each S3 failure as
-one line before anything is written."""
+study's storage in PostgreSQL: a driver killed in the middle of writing steps, its rerun, its
+losses against each point trained alone, `summarize` and pandas on the bucket, and each S3
+failure as one line before anything is written."""
 
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ from pipeline.results.failpoints import FAILPOINT
 from pipeline.study.database import TABLE, connect
 from tests.conftest import study_config
 from tests.servers import S3Server, refusing_port
+from tests.study.study_processes import TINY, losses_by_point
 
 ROOT = Path(__file__).resolve().parents[2]
-SEARCH = {"train.seed": [0, 1], "train.lr": [0.1, 0.3]}
-TINY = {"task.series_length": 7500, "train.epochs": 2, "study.lanes_per_trainer": 1}
+SEARCH = {"train.seed": [0, 1], "train.lr": [0.1, 0.3]}  # within SEED_BY_LR
 
 
 def _cli(*args: str, env: dict[str, str], failpoint: str | None = None) -> subprocess.Popen:
@@ -66,13 +66,11 @@ def _objects(server: S3Server, path: str) -> list[str]:
 
 @dataclass
 class S3Study:
-    """A study into S3 killed while writing its first steps, then rerun to its end; and the
-    same config run on a local disk."""
+    """A study into S3 killed while writing its first steps, then rerun to its end."""
 
     server: S3Server
     bucket: str
     uri: str
-    local: Path
     after_kill: list[str]
     killed_code: int
     rerun: tuple[int, str]
@@ -91,17 +89,11 @@ def s3_study(s3_server, postgres_server, tmp_path_factory) -> S3Study:
     path.write_text(yaml.safe_dump(config.to_dict()))
     # The endpoint is in the URI: the study's environment has the keys only.
     env = {k: v for k, v in s3_server.env().items() if k != "AWS_ENDPOINT_URL"}
-    # The local run keeps its own journal: one study in a database writes to one output.
-    local = _cli(
-        "study", str(path), "--output", str(tmp / "local"), "--set", "study.storage=null", env=env
-    )
     killed = _cli("study", str(path), "--output", uri, env=env, failpoint="writing steps:1")
-    local_code, local_err = _finish(local)
-    assert local_code == 0, local_err[-2000:]
     killed_code, _ = _finish(killed)
     after_kill = _objects(s3_server, f"{bucket}/study")
     rerun = _finish(_cli("study", str(path), "--output", uri, env=env))
-    return S3Study(s3_server, bucket, uri, tmp / "local", after_kill, killed_code, rerun)
+    return S3Study(s3_server, bucket, uri, after_kill, killed_code, rerun)
 
 
 def test_object_store_driver_killed_mid_write_leaves_no_object_visible(s3_study):
@@ -111,21 +103,15 @@ def test_object_store_driver_killed_mid_write_leaves_no_object_visible(s3_study)
                                    f"{s3_study.bucket}/study/trials.parquet"]  # fmt: skip
 
 
-def test_object_store_rerun_ends_with_the_local_disk_losses_bit_for_bit(s3_study):
+def test_object_store_rerun_ends_with_the_losses_of_each_point_alone(s3_study, seed_by_lr_losses):
     code, err = s3_study.rerun
     assert code == 0, err[-2000:]
     remote = pd.read_parquet(s3_study.uri.replace("/study?", "/study/steps?"))
-    local = pd.read_parquet(s3_study.local / "steps")
-
-    def by_point(steps: pd.DataFrame) -> dict[tuple, np.ndarray]:
-        ordered = steps.sort_values(["trial", "step"])
-        return {point: g["loss"].to_numpy() for point, g in ordered.groupby(["seed", "lr"])}
-
-    remote_losses, local_losses = by_point(remote), by_point(local)
-    # Every grid point once, with the very losses of the run on a local disk.
-    assert remote_losses.keys() == local_losses.keys() and len(remote_losses) == 4
-    for point, losses in local_losses.items():
-        assert np.array_equal(remote_losses[point], losses), point
+    remote_losses = losses_by_point(remote, ["seed", "lr"])
+    # Every grid point once, with the very losses it gives trained alone in this process.
+    assert len(remote_losses) == 4
+    for point, losses in remote_losses.items():
+        assert np.array_equal(losses, seed_by_lr_losses[point]), point
 
 
 def test_object_store_summarize_writes_the_summary_into_the_bucket(s3_study):

@@ -3,7 +3,6 @@
 one database, the journal table's numbering under two writers, a study begun in Optuna's own
 tables, and optuna-dashboard reading the database."""
 
-import signal
 import threading
 import wsgiref.util
 from collections import Counter
@@ -20,11 +19,16 @@ from pipeline.study.driver import run_study
 from pipeline.study.optuna_setup import Journal, open_storage
 from tests.conftest import study_config
 from tests.servers import PASSWORD_ROLE, refusing_port, silent_server
-from tests.study.test_faults import _losses_by_point, _reap, _study_process, _write_config
+from tests.study.study_processes import (
+    TINY,
+    kill_at_every_moment,
+    losses_by_point,
+    reap,
+    study_process,
+    write_config,
+)
 
-SEARCH = {"train.seed": [0, 1, 2], "train.lr": [0.1, 0.3]}
-# One trial per trainer at a time, so that trials are asked and recorded in several groups.
-TINY = {"task.series_length": 7500, "train.epochs": 2, "study.lanes_per_trainer": 1}
+SEARCH = {"train.seed": [0, 1, 2], "train.lr": [0.1, 0.3]}  # within SEED_BY_LR
 
 
 def _trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
@@ -43,36 +47,20 @@ def test_postgres_study_completes_every_grid_point_once(tmp_path, ray_session, d
     assert {t.number: t.value for t in trials} == recorded["value"].to_dict()
 
 
-def test_postgres_driver_killed_at_every_moment_ends_with_the_uninterrupted_results(
-    tmp_path, database
+def test_postgres_driver_killed_at_every_moment_ends_with_the_losses_of_each_point_alone(
+    tmp_path, database, seed_by_lr_losses
 ):
     config = study_config(tmp_path, search=SEARCH, **TINY, **{"study.storage": database})
-    path = _write_config(tmp_path, config)
-    reference, output = tmp_path / "reference", tmp_path / "killed"
-    # The reference on the journal file in its own output: the storage must not change a loss.
-    (tmp_path / "journal").mkdir()
-    journal = _write_config(tmp_path / "journal", config.with_params({"study.storage": None}))
-    uninterrupted = _study_process(journal, reference)
-    assert uninterrupted.wait(timeout=300) == 0, uninterrupted.stderr.read()
-    # The moments of tests/study/test_faults.py: within a group of asks, within the recovery of
-    # trials left running, between writing steps and telling, within a group of tells.
-    for failpoint in ["asked:3", "recovering:1", "written:1", "told:2", None]:
-        driver = _study_process(path, output, failpoint=failpoint)
-        try:
-            code = driver.wait(timeout=300)
-        finally:
-            _reap(driver)
-        assert code == (-signal.SIGKILL if failpoint else 0), (failpoint, driver.stderr.read())
+    output = tmp_path / "killed"
+    kill_at_every_moment(write_config(tmp_path, config), output)
     trials = pd.read_parquet(output / "trials.parquet")
     assert len(trials) == 6 and (trials["state"] == "COMPLETE").all()
-    killed, expected = (
-        _losses_by_point(output, ["seed", "lr"]),
-        _losses_by_point(reference, ["seed", "lr"]),
-    )
-    # Every grid point exactly once, with the very losses of the uninterrupted run.
-    assert killed.keys() == expected.keys() and len(killed) == 6
-    for point, losses in expected.items():
-        assert np.array_equal(killed[point], losses), point
+    killed = losses_by_point(pd.read_parquet(output / "steps"), ["seed", "lr"])
+    # Every grid point exactly once, with the very losses it gives trained alone: the storage
+    # changes no loss.
+    assert len(killed) == 6
+    for point, losses in killed.items():
+        assert np.array_equal(losses, seed_by_lr_losses[point]), point
     states = Counter(t.state.name for t in _trials(database, config.study.name))
     assert states["COMPLETE"] == 6 and states["FAIL"] >= 1
 
@@ -85,13 +73,13 @@ def test_postgres_two_studies_run_at_once_in_one_database(tmp_path, database):
             **{"study.storage": database, "study.name": name},
         )  # fmt: skip
         (tmp_path / name).mkdir()
-        drivers[name] = (_study_process(_write_config(tmp_path / name, config), tmp_path / name
+        drivers[name] = (study_process(write_config(tmp_path / name, config), tmp_path / name
                                         / "out"), config)  # fmt: skip
     for name, (driver, _) in drivers.items():
         try:
             _, err = driver.communicate(timeout=300)
         finally:
-            _reap(driver)
+            reap(driver)
         assert driver.returncode == 0, (name, err[-2000:])
     for name in drivers:
         # Each study holds its own six grid points, all COMPLETE, none of the other's.
