@@ -73,13 +73,7 @@ def capacity_finding(capacity: pd.DataFrame, epochs: int, truncation: int | None
         f"epochs{boundary} (– where none did): {'; '.join(parts)}. With state size, "
         f"{'; '.join(growth)}."
     )
-    capped = capacity[capacity["largest_echo_step"].notna() & capacity["next_echo_step"].isna()]
-    if len(capped):
-        names = [f"{_layers(r['num_layers'])} × {r['state_size']:g} units" for r in _rows(capped)]
-        sentence += (
-            f" {_and(names)} learned every echo step run, "
-            "so the grid, not the network, stops the frontier there."
-        )
+    sentence += _capped_clause(capacity, truncation)
     depth = _depth_clause(capacity)
     return f"{sentence} {depth}" if depth else sentence
 
@@ -149,6 +143,26 @@ def _depth_clause(capacity: pd.DataFrame) -> str:
     parts += [f"as far at {_sizes(same)}"] if same else []
     parts += [f"less far at {_sizes(less)}"] if less else []
     return f"{_layers(deep)} against {_layers(shallow)}: {', '.join(parts)}."
+
+
+def _capped_clause(capacity: pd.DataFrame, truncation: int | None) -> str:
+    """Where a network learned the largest echo step run, what stops its frontier: the
+    truncation when that step is the last below it (truncated BPTT cannot learn one at or past
+    it), else the grid."""
+    capped = capacity[capacity["largest_echo_step"].notna() & capacity["next_echo_step"].isna()]
+    if not len(capped):
+        return ""
+    names = [f"{_layers(r['num_layers'])} × {r['state_size']:g} units" for r in _rows(capped)]
+    if truncation is not None and (capped["largest_echo_step"] == truncation - 1).all():
+        return (
+            f" {_and(names)} learned every echo step below the truncation ({truncation}), the "
+            "most truncated BPTT can learn, so the truncation, not the network, stops the "
+            "frontier there."
+        )
+    return (
+        f" {_and(names)} learned every echo step run, so the grid, not the network, stops the "
+        "frontier there."
+    )
 
 
 def _rows(frame: pd.DataFrame) -> list[dict]:

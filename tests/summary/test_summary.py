@@ -726,6 +726,27 @@ def test_capacity_finding_says_how_the_frontier_grows_with_state_size_and_depth(
     assert "2 layers × 4 units learned every echo step run" in finding
 
 
+def test_capacity_finding_names_the_truncation_where_a_network_learned_every_echo_below_it():
+    from pipeline.summary.capacity import capacity_finding
+
+    # 2 × 8 learned echo 14, the last below truncation 15: no grid could show it learn more.
+    capacity = pd.DataFrame(
+        {"num_layers": [2, 2], "state_size": [4, 8], "largest_echo_step": [8, 14],
+         "converged_fraction": [1.0, 1.0], "converged_fraction_low": [0.61, 0.61],
+         "converged_fraction_high": [1.0, 1.0], "next_echo_step": [9, np.nan],
+         "next_converged_fraction": [0.0, np.nan], "next_converged_fraction_low": [0.0, np.nan],
+         "next_converged_fraction_high": [0.39, np.nan]}
+    )  # fmt: skip
+    at_truncation = capacity_finding(capacity, epochs=40, truncation=15)
+    assert (
+        "2 layers × 8 units learned every echo step below the truncation (15), the most "
+        "truncated BPTT can learn, so the truncation, not the network, stops the frontier there"
+        in at_truncation
+    )
+    # At truncation 20 the grid (up to 14) stopped it, not the truncation.
+    assert "learned every echo step run, so the grid" in capacity_finding(capacity, 40, 20)
+
+
 def test_capacity_is_left_out_when_the_study_varies_no_state_size(tmp_path):
     trials = _capacity_trials()
     summary = summarize(study_config(tmp_path), trials[trials["state_size"] == 4])
