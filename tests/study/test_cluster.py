@@ -1,7 +1,10 @@
 """The study submitted as a Ray job to a real two-node Ray cluster on this machine, as users run
 it: a head and a worker node, each its own `ray start` with its own temp dir and ports and one
-CPU. Trials must run on both nodes, and losing the worker node mid-study must lose no trial."""
+CPU. Trials must run on both nodes, and losing the worker node mid-study must lose no trial; a
+worker node needs no disk the driver writes; a driver joins the cluster it is pointed at; a head
+with token authentication runs only the jobs that bring its token."""
 
+import os
 import re
 import subprocess
 import sys
@@ -14,19 +17,30 @@ import pandas as pd
 import pytest
 
 from pipeline.config import load_config
-from tests.ray_nodes import RayCluster, RayNode
+from tests.ray_nodes import (
+    RAY,
+    RayCluster,
+    RayNode,
+    missing_hiding,
+    token_env,
+    without_token,
+)
 
 REPO = Path(__file__).parents[2]
 QUICK = load_config(REPO / "configs" / "quick.yaml")
 GRID = QUICK.study.grid_size
 WINDOWS_PER_EPOCH = 666  # 50,000 values in 5 rows, windows of 15
 GRID_POINT = ["num_layers", "state_size", "echo_step", "seed"]
+# The quick grid in trials of 20 windows: seconds of training in all.
+TINY = ["--set", "train.epochs=1", "--set", "task.series_length=1500"]
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """A head of our own with one CPU, its dashboard on 127.0.0.1; tests join worker nodes."""
-    head = RayCluster.start(num_cpus=1)
+def cluster(tmp_path_factory):
+    """A head of our own with one CPU, its dashboard on 127.0.0.1, and Ray's token
+    authentication on, as README asks of any head: every command the tests send it brings the
+    token (`cluster.env`). Tests join worker nodes."""
+    head = RayCluster.start(num_cpus=1, env=token_env(tmp_path_factory.mktemp("home")))
     try:
         yield head
     finally:
@@ -185,3 +199,97 @@ def test_cluster_study_waits_for_a_node_that_fits_a_trainer_then_stops(cluster, 
         f"error: {lack} CPU; none joined in 2 s (ray.placement_timeout_s)",
     )
     assert not out.exists()
+
+
+def _start_driver(env: dict[str, str], *args: str) -> subprocess.Popen:
+    """`python -m pipeline study configs/quick.yaml <args>` on this machine, as a driver that
+    joins a cluster runs; its stderr kept."""
+    command = [sys.executable, "-m", "pipeline", "study", "configs/quick.yaml", *args]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def test_cluster_study_joins_the_running_cluster_it_is_pointed_at(cluster, tmp_path):
+    auto = cluster.auto_env()  # Ray's own lookup of the latest cluster, kept to this head
+    ways = {
+        "--address auto": (auto, ["--address", "auto"]),
+        "ray.address": (cluster.env, ["--set", f"ray.address={cluster.gcs_address}"]),
+        "RAY_ADDRESS": ({**cluster.env, "RAY_ADDRESS": cluster.gcs_address}, []),
+    }
+    # The three drivers run at once; their trainers take the head's one CPU in turn.
+    drivers = {
+        way: _start_driver(env, "--output", str(tmp_path / str(number)), *TINY, *where)
+        for number, (way, (env, where)) in enumerate(ways.items())
+    }
+    errors = {way: driver.communicate(timeout=300)[1] for way, driver in drivers.items()}
+    jobs = {job["driver_info"]["pid"]: job for job in cluster.list_state("jobs")
+            if job.get("driver_info")}  # fmt: skip
+    for way, driver in drivers.items():
+        assert driver.returncode == 0, f"{way}: {errors[way][-3000:]}"
+        # Each driver was a job of the test's head (a Ray embedded in it would be no job there),
+        # and its trainers held the head's CPU.
+        assert str(driver.pid) in jobs, way
+        ran_on = cluster.nodes_with_cpu_work(jobs[str(driver.pid)]["job_id"])
+        assert ran_on == {cluster.head.node_id}, way
+
+
+def _as_the_node_sees_it(node: RayNode, path: Path) -> Path:
+    """`path` in the mount namespace of the node's processes."""
+    return Path(f"/proc/{node.process.pid}/root{path}")
+
+
+def test_cluster_worker_node_without_the_drivers_disk_runs_trials(cluster, tmp_path):
+    reason = missing_hiding()
+    if reason:
+        pytest.skip(reason)
+    output = tmp_path / "results" / "quick"
+    output.parent.mkdir()
+    (output.parent / "the-drivers-disk").touch()
+    log = tmp_path / "job.log"
+    # Both nodes are on this machine's disk: to the worker node, the folder that the output
+    # goes in is an empty, read-only one, as on a machine without the driver's disk.
+    node = cluster.add_worker_node(num_cpus=1, hide=output.parent)
+    try:
+        seen = _as_the_node_sees_it(node, output.parent)
+        assert os.listdir(seen) == [] and not os.access(seen, os.W_OK)
+        submission_id, job = _submit_quick(cluster, log, "--output", str(output), *TINY)
+        printed = _finish(job, log)
+        ran_on = cluster.nodes_with_cpu_work(cluster.job(submission_id)["job_id"])
+    finally:
+        node.stop()
+    # Only the driver writes results: the worker node's trainer ran trials (the driver places
+    # trials on every trainer it starts), none of them lost or failed.
+    assert ran_on == {cluster.head.node_id, node.node_id}
+    assert "a trainer was lost" not in printed, printed[-3000:]
+    trials = pd.read_parquet(output / "trials.parquet")
+    assert len(trials) == GRID and (trials["status"] == "complete").all(), trials
+
+
+def test_cluster_with_token_auth_runs_a_job_given_the_token_and_refuses_one_without(
+    cluster, tmp_path
+):
+    without = without_token(cluster.env)
+    job = [RAY, "job", "submit", "--address", cluster.dashboard, "--", "python", "-c", "pass"]
+    runs = {env_name: subprocess.run(job, env=env, capture_output=True, text=True, timeout=120,
+                                     check=False)
+            for env_name, env in (("with", cluster.env), ("without", without))}  # fmt: skip
+    refused = tmp_path / "refused"
+    driver = subprocess.run(
+        [sys.executable, "-m", "pipeline", "study", "configs/quick.yaml",
+         "--address", cluster.gcs_address, "--output", str(refused), *TINY],
+        cwd=REPO, env=without, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    # The head runs the job that brings its token (as every other test here does)...
+    assert runs["with"].returncode == 0, runs["with"].stderr[-3000:]
+    # ...and its job API refuses the same job without it, saying why.
+    assert runs["without"].returncode != 0
+    assert "Unauthorized: Missing authentication token" in runs["without"].stderr
+    # A driver that joins the cluster without it stops at once, in one line naming the token.
+    assert driver.returncode == 2, driver.stderr[-3000:]
+    assert driver.stderr.splitlines()[-1] == (
+        f"error: ray.address = '{cluster.gcs_address}': the cluster refused this client "
+        "(InvalidAuthToken: Authentication token is missing or incorrect); it uses token "
+        "authentication: set RAY_AUTH_MODE=token and give this client the cluster's token "
+        "(RAY_AUTH_TOKEN, or ~/.ray/auth_token)"
+    )
+    assert not refused.exists()
