@@ -203,34 +203,36 @@ def test_cluster_study_waits_for_a_node_that_fits_a_trainer_then_stops(cluster, 
 
 def _start_driver(env: dict[str, str], *args: str) -> subprocess.Popen:
     """`python -m pipeline study configs/quick.yaml <args>` on this machine, as a driver that
-    joins a cluster runs; its stderr kept."""
+    joins a cluster from one of its nodes runs; its stderr kept."""
     command = [sys.executable, "-m", "pipeline", "study", "configs/quick.yaml", *args]
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
 def test_cluster_study_joins_the_running_cluster_it_is_pointed_at(cluster, tmp_path):
-    auto = cluster.auto_env()  # Ray's own lookup of the latest cluster, kept to this head
     ways = {
-        "--address auto": (auto, ["--address", "auto"]),
+        # Ray's own lookup of the cluster last started on this machine, kept to the test's head.
+        "--address auto": (cluster.auto_env(), ["--address", "auto"]),
         "ray.address": (cluster.env, ["--set", f"ray.address={cluster.gcs_address}"]),
         "RAY_ADDRESS": ({**cluster.env, "RAY_ADDRESS": cluster.gcs_address}, []),
     }
-    # The three drivers run at once; their trainers take the head's one CPU in turn.
+    # Each driver asks for trainers of 2 CPUs, which only a Ray embedded on this machine (2
+    # cores or more) could place: joined to the head (1 CPU) it stops after 1 s, having run
+    # as one of the head's jobs. The three run at once.
+    asks = ["--set", "ray.cpus_per_trainer=2", "--set", "ray.placement_timeout_s=1"]
     drivers = {
-        way: _start_driver(env, "--output", str(tmp_path / str(number)), *TINY, *where)
+        way: _start_driver(env, *asks, *where, "--output", str(tmp_path / str(number)))
         for number, (way, (env, where)) in enumerate(ways.items())
     }
     errors = {way: driver.communicate(timeout=300)[1] for way, driver in drivers.items()}
-    jobs = {job["driver_info"]["pid"]: job for job in cluster.list_state("jobs")
+    jobs = {job["driver_info"]["pid"] for job in cluster.list_state("jobs")
             if job.get("driver_info")}  # fmt: skip
     for way, driver in drivers.items():
-        assert driver.returncode == 0, f"{way}: {errors[way][-3000:]}"
-        # Each driver was a job of the test's head (a Ray embedded in it would be no job there),
-        # and its trainers held the head's CPU.
-        assert str(driver.pid) in jobs, way
-        ran_on = cluster.nodes_with_cpu_work(jobs[str(driver.pid)]["job_id"])
-        assert ran_on == {cluster.head.node_id}, way
+        # The driver was a job of the test's head (a Ray embedded in it would be no job
+        # there), and saw the head's one CPU as the largest node.
+        assert str(driver.pid) in jobs, f"{way}: {errors[way][-3000:]}"
+        assert driver.returncode == 2, f"{way}: {errors[way][-3000:]}"
+        assert "but the largest node has 1 CPU; none joined in 1 s" in errors[way], way
 
 
 def _as_the_node_sees_it(node: RayNode, path: Path) -> Path:
@@ -245,22 +247,26 @@ def test_cluster_worker_node_without_the_drivers_disk_runs_trials(cluster, tmp_p
     output = tmp_path / "results" / "quick"
     output.parent.mkdir()
     (output.parent / "the-drivers-disk").touch()
-    log = tmp_path / "job.log"
     # Both nodes are on this machine's disk: to the worker node, the folder that the output
     # goes in is an empty, read-only one, as on a machine without the driver's disk.
     node = cluster.add_worker_node(num_cpus=1, hide=output.parent)
     try:
         seen = _as_the_node_sees_it(node, output.parent)
         assert os.listdir(seen) == [] and not os.access(seen, os.W_OK)
-        submission_id, job = _submit_quick(cluster, log, "--output", str(output), *TINY)
-        printed = _finish(job, log)
-        ran_on = cluster.nodes_with_cpu_work(cluster.job(submission_id)["job_id"])
+        # The driver joins the cluster from the head's machine (as a job's driver would).
+        driver = _start_driver(cluster.env, "--address", cluster.gcs_address,
+                               "--output", str(output), *TINY)  # fmt: skip
+        _, errors = driver.communicate(timeout=300)
+        assert driver.returncode == 0, errors[-3000:]
+        job = next(job for job in cluster.list_state("jobs")
+                   if (job.get("driver_info") or {}).get("pid") == str(driver.pid))  # fmt: skip
+        ran_on = cluster.nodes_with_cpu_work(job["job_id"])
     finally:
         node.stop()
     # Only the driver writes results: the worker node's trainer ran trials (the driver places
     # trials on every trainer it starts), none of them lost or failed.
     assert ran_on == {cluster.head.node_id, node.node_id}
-    assert "a trainer was lost" not in printed, printed[-3000:]
+    assert "a trainer was lost" not in errors, errors[-3000:]
     trials = pd.read_parquet(output / "trials.parquet")
     assert len(trials) == GRID and (trials["status"] == "complete").all(), trials
 
