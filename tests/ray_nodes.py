@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -54,6 +55,24 @@ def ray_env() -> dict[str, str]:
     # Set for a single-node Ray (Ray then binds 127.0.0.1 only); a multi-node Ray refuses it.
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
     return env
+
+
+def token_env(home: Path) -> dict[str, str]:
+    """ray_env with Ray's token authentication on (RAY_AUTH_MODE=token), a fresh token given in
+    RAY_AUTH_TOKEN, and `home` as HOME, so that the real ~/.ray is never read nor written; the
+    caches of the numba kernels and of matplotlib stay the user's (XDG_CACHE_HOME)."""
+    return {
+        **ray_env(),
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(16),
+        "HOME": str(home),
+        "XDG_CACHE_HOME": os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache"),
+    }
+
+
+def without_token(env: dict[str, str]) -> dict[str, str]:
+    """`env` as a client that was never given the cluster's token (nor told to use one)."""
+    return {**{k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}, "RAY_AUTH_MODE": "disabled"}
 
 
 def _wait_until(condition, timeout: float, what: str, interval: float = 0.5):
@@ -132,22 +151,50 @@ class RayNode:
                     os.killpg(group, signum)
 
 
-def _start_node(args: list[str], env: dict[str, str]) -> RayNode:
+def _start_node(args: list[str], env: dict[str, str], hide: Path | None = None) -> RayNode:
+    """`ray start --block <args>` in a session of its own; where `hide` is given, in a mount
+    namespace of its own where that folder is an empty read-only one (`hiding`)."""
     # Short: Ray's socket paths must stay under 108 characters.
     temp_dir = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
+    # Ray's temp dir is <temp_dir>/ray, where `ray start` notes the cluster's address: a
+    # process with RAY_TMPDIR=<temp_dir> finds this node's cluster as `auto` (`auto_env`).
+    ray_temp_dir = temp_dir / "ray"
+    ray_temp_dir.mkdir()
     node_manager, object_manager, agent_http, agent_grpc, runtime_env, metrics = free_ports(6)
     command = [
-        RAY, "start", "--block", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+        RAY, "start", "--block", "--disable-usage-stats", f"--temp-dir={ray_temp_dir}",
         f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
         f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
         # 0: each worker binds a port the OS picks, so two nodes on one machine never collide.
         "--min-worker-port=0", "--max-worker-port=0", *args,
     ]  # fmt: skip
+    if hide is not None:
+        command = [*hiding(hide), *command]
     log = open(temp_dir / "ray-start.log", "w")  # noqa: SIM115 - open for the node's lifetime
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)  # fmt: skip
     return RayNode(process, temp_dir, log)
+
+
+def hiding(folder: Path) -> list[str]:
+    """A command prefix that runs the command in a mount namespace of its own, where `folder`
+    is an empty, read-only file system: what is there for every other process (on the same
+    disk) can be neither read nor written, as on another machine. Needs root."""
+    mount = 'mount -t tmpfs -o ro,size=1m echo-hidden "$0" && exec "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, str(folder)]
+
+
+def missing_hiding() -> str | None:
+    """Why `hiding` cannot work here, or None."""
+    try:
+        done = subprocess.run([*hiding(Path(tempfile.gettempdir())), "true"], check=False,
+                              capture_output=True, text=True, timeout=30)  # fmt: skip
+    except OSError as error:
+        return f"cannot hide a folder from a node: {error}"
+    if done.returncode != 0:
+        return f"cannot hide a folder from a node (needs root): {done.stderr.strip()}"
+    return None
 
 
 @dataclass
@@ -160,16 +207,19 @@ class RayCluster:
     env: dict[str, str] = field(default_factory=ray_env)
 
     @classmethod
-    def start(cls, num_cpus: int = 1) -> RayCluster:
-        """Start a head with `num_cpus` CPUs and wait until its job and state APIs answer."""
+    def start(cls, num_cpus: int = 1, env: dict[str, str] | None = None) -> RayCluster:
+        """Start a head with `num_cpus` CPUs and wait until its job and state APIs answer.
+        `env`: the environment of the head and of every Ray command sent to it (ray_env's by
+        default, without authentication)."""
+        env = env or ray_env()
         gcs, dashboard, client = free_ports(3)
         head = _start_node(
             ["--head", f"--port={gcs}", f"--num-cpus={num_cpus}", "--include-dashboard=true",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
              f"--ray-client-server-port={client}"],
-            ray_env(),
+            env,
         )  # fmt: skip
-        cluster = cls(head, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}")
+        cluster = cls(head, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", env)
         try:
             head.node_id = cluster._wait_for_node(head, is_head=True, known=set())
             _wait_until(lambda: cluster.ray("job", "list", check=False).returncode == 0, 90,
@@ -179,11 +229,13 @@ class RayCluster:
             raise
         return cluster
 
-    def add_worker_node(self, num_cpus: int = 1) -> RayNode:
-        """Join a worker node with `num_cpus` CPUs, its own temp dir and ports; wait until the
-        head lists it ALIVE."""
+    def add_worker_node(self, num_cpus: int = 1, hide: Path | None = None) -> RayNode:
+        """Join a worker node with `num_cpus` CPUs, its own temp dir and ports, to which the
+        folder `hide` is an empty read-only one (`hiding`); wait until the head lists it
+        ALIVE."""
         known = {node["node_id"] for node in self.list_state("nodes")}
-        node = _start_node([f"--address={self.gcs_address}", f"--num-cpus={num_cpus}"], self.env)
+        args = [f"--address={self.gcs_address}", f"--num-cpus={num_cpus}"]
+        node = _start_node(args, self.env, hide)
         try:
             node.node_id = self._wait_for_node(node, is_head=False, known=known)
         except BaseException:
@@ -193,6 +245,12 @@ class RayCluster:
 
     def stop(self) -> None:
         self.head.stop()
+
+    def auto_env(self) -> dict[str, str]:
+        """The environment in which Ray's own lookup of the latest cluster on this machine
+        (`--address auto`) finds this head, and no other: Ray reads the address that `ray
+        start` noted in $RAY_TMPDIR/ray, the head's temp dir here."""
+        return {**self.env, "RAY_TMPDIR": str(self.head.temp_dir)}
 
     def ray(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """Run `ray <args> --address <dashboard>`."""

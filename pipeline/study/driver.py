@@ -165,6 +165,7 @@ def run_study(
         driver_cpu_seconds=time.process_time() - started_cpu,
         windows_stepped=driver.windows_stepped,
         lane_windows=driver.lane_windows,
+        side_by_side=driver.side_by_side,
         run_again=driver.run_again,
     )
 
@@ -221,6 +222,7 @@ class _Driver:
         self.broken_in_a_row = 0  # trainers that broke (`_broken`) since a trial finished
         self.windows_stepped = 0
         self.lane_windows = 0
+        self.side_by_side = 0
         self.run_again = 0
 
     def recover(self) -> None:
@@ -421,6 +423,7 @@ class _Driver:
         trainer.answered = True
         self.windows_stepped += sum(events.windows.values())
         self.lane_windows += events.lane_windows
+        self.side_by_side += events.side_by_side
         trainer.work.stepped(events.windows)
         for report in events.reports:
             trainer.verdicts[report.key] = self._judge(report)

@@ -286,9 +286,40 @@ def _check_reachable(address: str) -> None:
         )
     try:
         with socket.create_connection((host, int(port)), timeout=5):
-            return
+            pass
     except OSError as error:
         raise ConfigError(_no_cluster(address, f"{target}: {first_line(error)}")) from None
+    if not target.startswith("ray://"):
+        _check_admitted(address, f"{host}:{port}")
+
+
+def _check_admitted(address: str, gcs: str) -> None:
+    """Ask the cluster's GCS for its id, as `ray.init` first does, and fail fast, naming the
+    token, when it refuses this client: a head with token authentication (RAY_AUTH_MODE=token)
+    answers a client without its token `UNAUTHENTICATED`, which `ray.init` retries for 15 s
+    and then reports as a failed connection. Ray's own gRPC channel adds the token when this
+    client has one (a private helper of Ray's: without it, or on any other answer, `ray.init`
+    decides)."""
+    try:
+        import grpc
+        from ray._private.grpc_utils import init_grpc_channel
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+    except ImportError:
+        return
+    channel = init_grpc_channel(gcs)
+    try:
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+        stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=10)
+    except grpc.RpcError as error:
+        if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+            raise ConfigError(
+                f"ray.address = {address!r}: the cluster refused this client "
+                f"({first_line(error.details() or 'unauthenticated')}); it uses token "
+                "authentication: set RAY_AUTH_MODE=token and give this client the cluster's "
+                "token (RAY_AUTH_TOKEN, or ~/.ray/auth_token)"
+            ) from None
+    finally:
+        channel.close()
 
 
 def _no_cluster(address: str, reason: str) -> str:

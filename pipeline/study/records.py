@@ -75,3 +75,6 @@ class StudyOutcome:
     """Windows trained summed over lanes: the trials' steps, counting those run again."""
     run_again: int = 0
     """Times a trial was placed again because its trainer was lost (ray.max_retries)."""
+    side_by_side: int = 0
+    """Of `windows_stepped`, those stepped beside another architecture's on a CPU that an idle
+    trainer lent (`_Driver._lend`: at a study's end, with Ray embedded)."""

@@ -233,6 +233,23 @@ class _Holder:
         return True
 
 
+def test_study_idle_trainers_lend_their_cpus_to_those_still_training_at_its_end(
+    tmp_path, ray_session
+):
+    # Three architectures of about one cost on two trainers: placed costliest first, one
+    # trainer trains the costliest alone, the other the two others in turn, ending later.
+    config = study_config(
+        tmp_path,
+        search={"model.state_size": [16, 20, 24]},
+        **{"model.num_layers": 2, "train.compile": True, "train.epochs": 10},
+    )
+    outcome = run_study(config, progress=False)
+    assert outcome.counts == {"COMPLETE": 3}
+    # Once the first has nothing left to train, its CPU goes to the other, which then steps
+    # its two architectures side by side.
+    assert outcome.side_by_side > 0
+
+
 def test_study_records_trials_that_raise_as_failed_and_goes_on(tmp_path, ray_session):
     # Told to ask Ray for no GPU, every trial of a CUDA study raises in its trainer here.
     config = study_config(tmp_path, **{"train.device": "cuda", "ray.gpus_per_trainer": 0})

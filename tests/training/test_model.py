@@ -452,6 +452,65 @@ print(json.dumps({"loaded": sorted(kernel_compile._loaded), "losses": losses.tol
     assert meanwhile["losses"] == preferred["losses"]
 
 
+def test_windows_switch_to_the_preferred_family_once_it_is_ready(tmp_path):
+    # A trainer that started on the family that was ready (another process compiling the one
+    # its model prefers) takes up the preferred one at the first window after that process
+    # lets it go. The child steps one model of state 16 (it prefers one model at a time) a
+    # window per line it reads, and prints the family each window ran on; it looks for a
+    # missing family before every window (LOOK_AGAIN_S 0), so the switch has one window to
+    # happen in.
+    script = """
+import sys
+from pipeline.config import config_from_dict
+from pipeline.training import cpu_step, kernel_compile
+from pipeline.training.device import window_step
+from pipeline.training.lanes import Lanes
+from pipeline.training.trial import LaneTrial
+kernel_compile.LOOK_AGAIN_S = 0.0
+chosen = []
+ready_family = cpu_step._ready_family
+def noted(prefer_by_model):
+    by_model = ready_family(prefer_by_model)
+    chosen.append("by_model" if by_model else "by_lane")
+    return by_model
+cpu_step._ready_family = noted
+config = config_from_dict({
+    "task": {"series_length": 600, "echo_step": 3, "batch_size": 5, "truncation": 15},
+    "model": {"num_layers": 2, "state_size": 16},
+    "train": {"epochs": 2, "lr": 0.3, "seed": 5, "device": "cpu"},
+})
+step, device = window_step(config, threads=1, gpu_from_ray=False)
+lanes = Lanes(config, step, device)
+lanes.admit(LaneTrial(0, config))
+for _ in sys.stdin:
+    lanes.step()
+    print(chosen[-1], flush=True)
+"""
+    cache = _copy_of_the_kernel_cache(tmp_path / "cache")
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache)}
+    child = subprocess.Popen([sys.executable, "-c", script], env=env, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+
+    def window() -> str:
+        child.stdin.write("\n")
+        child.stdin.flush()
+        return child.stdout.readline().strip()
+
+    try:
+        with open(cache / "compile-by_model.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # as a process compiling it would
+            meanwhile = [window(), window()]
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        once_ready = [window(), window()]
+    finally:
+        child.stdin.close()
+        child.wait(timeout=60)
+    # While the preferred family is being compiled elsewhere the windows run on the other...
+    assert meanwhile == ["by_lane", "by_lane"]
+    # ...and from the first window after it is ready, on the preferred one.
+    assert once_ready == ["by_model", "by_model"]
+
+
 def test_a_trainer_that_loads_only_cached_kernels_trains_on_those(tmp_path):
     # With Ray embedded, the driver compiles ahead only the families a study wants; its
     # trainers take up those and never compile another mid-study (here the vectorized kernels,
