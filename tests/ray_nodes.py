@@ -4,7 +4,8 @@
 Ray gives each worker process a process group of its own, but it stays in the session of the
 `ray start` that started its raylet. So a node's processes are its session, and stopping or
 killing a node means every process group in that session (never a machine-wide `ray stop`).
-Only the public surfaces are used: `ray start`, `ray list`, `ray job submit`.
+Only the public surfaces are used: `ray start`, the dashboard's state and job APIs (what
+`ray list` and `ray job list` ask), `ray job submit`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -222,7 +224,7 @@ class RayCluster:
         cluster = cls(head, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", env)
         try:
             head.node_id = cluster._wait_for_node(head, is_head=True, known=set())
-            _wait_until(lambda: cluster.ray("job", "list", check=False).returncode == 0, 90,
+            _wait_until(lambda: cluster._answers("/api/jobs/"), 90,
                         "the head's job API did not answer")  # fmt: skip
         except BaseException:
             head.stop()
@@ -252,18 +254,30 @@ class RayCluster:
         start` noted in $RAY_TMPDIR/ray, the head's temp dir here."""
         return {**self.env, "RAY_TMPDIR": str(self.head.temp_dir)}
 
-    def ray(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        """Run `ray <args> --address <dashboard>`."""
-        done = subprocess.run([RAY, *args, "--address", self.dashboard], env=self.env,
-                              capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
-        if check and done.returncode != 0:
-            raise RuntimeError(f"ray {' '.join(args)} failed: {done.stderr[-2000:]}")
-        return done
-
     def list_state(self, kind: str) -> list[dict]:
-        """`ray list <kind>` (nodes, jobs, tasks, actors) as dicts, in full detail."""
-        listed = self.ray("list", kind, "--format", "json", "--detail", "--limit", "10000")
-        return json.loads(listed.stdout)
+        """What `ray list <kind> --detail` lists (nodes, jobs, tasks, actors), as dicts: asked of
+        the dashboard's state API over HTTP, as that command does, without starting a Python
+        that imports Ray for every call (seconds each on a loaded machine)."""
+        listed = self._get(f"/api/v0/{kind}?limit=10000&detail=true")
+        if listed["result"] is False:
+            raise RuntimeError(f"the state API refused to list {kind}: {listed['msg']}")
+        return listed["data"]["result"]["result"]
+
+    def _get(self, path: str) -> dict:
+        """GET the dashboard's `path` as JSON, with the cluster's token where it has one."""
+        headers = {}
+        if self.env.get("RAY_AUTH_MODE") == "token":
+            headers["Authorization"] = f"Bearer {self.env['RAY_AUTH_TOKEN']}"
+        request = urllib.request.Request(self.dashboard + path, headers=headers)
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.load(response)
+
+    def _answers(self, path: str) -> bool:
+        try:
+            self._get(path)
+        except (OSError, ValueError):  # not listening yet, or not yet serving JSON
+            return False
+        return True
 
     def wait_for_node_state(self, node_id: str, state: str, timeout: float = 60) -> None:
         """Wait until the head lists the node in `state` (a lost node is marked DEAD once its
@@ -301,10 +315,9 @@ class RayCluster:
     def _wait_for_node(self, node: RayNode, is_head: bool, known: set[str]) -> str:
         def alive_node_id() -> str | None:
             assert node.process.poll() is None, _exited(node)
-            listed = self.ray("list", "nodes", "--format", "json", "--detail", check=False)
             try:
-                entries = json.loads(listed.stdout)
-            except ValueError:
+                entries = self.list_state("nodes")
+            except (OSError, ValueError, RuntimeError):
                 return None  # the dashboard is not up yet
             for entry in entries:
                 fresh = entry["node_id"] not in known and entry["state"] == "ALIVE"
