@@ -4,11 +4,15 @@ It never imports torch: a trainer that trains on the CPU imports numpy, numba an
 only (torch's import took each trainer 0.8 s of a core at its start, before its first window),
 and its lanes hold numpy arrays that the kernels update in place, with nothing to convert per
 window. device.step_function hands out this step too, for torch tensors on the CPU.
+
+Which family of kernels runs a window is measured, per window shape and process: the first
+windows of a shape run on both families in turn, timed, and the faster is kept (`Race`).
 """
 
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from types import ModuleType
 from typing import NamedTuple
@@ -44,8 +48,8 @@ def numba_kernels() -> ModuleType | None:
     process: a failure is not retried.
 
     Processes that start together on a cold machine share the compile: each compiles a family
-    that no other is compiling, or waits for the first to be done, and each window takes the
-    faster family once it is ready (see `_ready_family`)."""
+    that no other is compiling, or waits for the first to be done; windows run on whichever
+    family is ready (see `_ready_family`), and race the two once both are (`Race`)."""
     try:
         from pipeline.training import kernel_compile, kernels
 
@@ -58,38 +62,54 @@ def numba_kernels() -> ModuleType | None:
 
 def numba_step(kernels: ModuleType, by_model: bool | None = None) -> WindowStep:
     """The numba step on numpy arrays; `by_model` picks the kernels (both give the same bits),
-    else the faster ones for each window's shape. Each step keeps its own tapes (`Tapes`), so
-    give each set of lanes a step of its own."""
+    else the ones measured faster on each window's shape (`Race`). Each step keeps its own
+    tapes (`Tapes`), so give each set of lanes a step of its own."""
     window = functools.partial(numba_window, kernels, by_model=by_model, tapes=Tapes())
     return WindowStep("numba", window, arrays="numpy")
 
 
 class Tapes:
     """What the forward records for the backward, kept from one window to the next of the same
-    shape. A fresh tape of a few hundred KB comes fresh from the OS, and the kernels' first
-    writes to it page-faulted: at state 16, 3 layers, K = 28, about 600 faults per window, 40 %
-    of the forward's time. The kernels write every entry of a tape before they read it, so what
-    a kept tape held before never matters (a test fills them with NaN between windows)."""
+    shape, a set per family (while both are timed on a shape, windows alternate between them).
+    A fresh tape of a few hundred KB comes fresh from the OS, and the kernels' first writes to
+    it page-faulted: at state 16, 3 layers, K = 28, about 600 faults per window, 40 % of the
+    forward's time. The kernels write every entry of a tape before they read it, so what a kept
+    tape held before never matters (a test fills them with NaN between windows)."""
 
     def __init__(self) -> None:
-        self.shape: tuple = ()
-        self.kept: list[np.ndarray] = []
+        # Per family (whether its tapes are model first): the shape of its last window, and
+        # that window's tapes in the order they were taken.
+        self._kept: dict[bool, tuple[tuple, list[np.ndarray]]] = {}
 
-    def for_window(self, shape: tuple) -> Callable[[tuple[int, ...]], np.ndarray]:
+    @property
+    def kept(self) -> list[np.ndarray]:
+        """Every tape kept, of both families."""
+        return [tape for _, tapes in self._kept.values() for tape in tapes]
+
+    def for_window(
+        self, shape: tuple, model_first: bool
+    ) -> Callable[[tuple[int, ...]], np.ndarray]:
         """`take(full_shape)`, which hands out the tapes of a window of `shape` (any hashable
-        key of everything the tapes' shapes depend on) in the order it is called: the n-th
-        tape taken is the n-th of the last window of that shape."""
-        if shape != self.shape:
-            self.shape, self.kept = shape, []
+        key of everything the tapes' shapes depend on) on the family whose tapes are
+        `model_first` or not, in the order it is called: the n-th tape taken is the n-th of
+        that family's last window of that shape."""
+        kept_shape, kept = self._kept.get(model_first, ((), []))
+        if kept_shape != shape:
+            kept = []
+            self._kept[model_first] = (shape, kept)
         taken = iter(range(1 << 30))
 
         def take(full_shape: tuple[int, ...]) -> np.ndarray:
             n = next(taken)
-            if n == len(self.kept):
-                self.kept.append(np.empty(full_shape, np.float32))
-            return self.kept[n]
+            if n == len(kept):
+                kept.append(np.empty(full_shape, np.float32))
+            return kept[n]
 
         return take
+
+    def drop(self, model_first: bool) -> None:
+        """Let go of one family's tapes (that family lost a shape's race)."""
+        self._kept.pop(model_first, None)
 
 
 def numba_window(
@@ -102,7 +122,8 @@ def numba_window(
 ) -> WindowResult:
     """train_window by the numba kernels, which update weights, accumulators and state in
     place: float32 arrays (bool for `active`), C-contiguous, as `Lanes` keeps them; arrays that
-    are not (views, other dtypes) are copied first, and the copies returned."""
+    are not (views, other dtypes) are copied first, and the copies returned. `by_model` picks
+    the family of kernels; None, the one measured faster on this window's shape (`Race`)."""
     arrays = WindowArrays(
         weights=[_dense(w, np.float32) for w in arrays.weights],
         accum=[_dense(a, np.float32) for a in arrays.accum],
@@ -111,15 +132,38 @@ def numba_window(
         active=_dense(arrays.active, np.bool_),
     )
     x, y = _dense(x, np.float32), _dense(y, np.float32)
-    if by_model is None:
-        # The models that train: those kernels skip the others, these compute every lane.
-        running = int(arrays.active.sum())
-        by_model = _ready_family(prefer_by_model=_by_model(arrays.state.h.shape[2], running))
-    else:
+    tapes = tapes or Tapes()
+    if by_model is not None:
         from pipeline.training import kernel_compile  # loaded by numba_kernels already
 
         kernel_compile.require(BY_MODEL if by_model else BY_LANE)
-    losses, margin, still = _window_by(_family(kernels, by_model), arrays, x, y, tapes or Tapes())
+        return _run_window(kernels, by_model, arrays, x, y, tapes)
+    shape = window_shape(arrays, x)
+    race = RACES.get(shape)
+    if race is not None and race.winner is not None:
+        return _run_window(kernels, race.winner == BY_MODEL, arrays, x, y, tapes)
+    family = _ready_family(prefer_by_model=_by_model(shape.units, shape.running))
+    if race is None and _both_loaded():
+        race = RACES[shape] = Race(first=family)
+    if race is None:  # one family only, for now: the race waits until the other is here too
+        return _run_window(kernels, family == BY_MODEL, arrays, x, y, tapes)
+    family = race.next_family()
+    started = time.perf_counter()
+    result = _run_window(kernels, family == BY_MODEL, arrays, x, y, tapes)
+    if race.record(family, time.perf_counter() - started):
+        tapes.drop(model_first=race.winner != BY_MODEL)
+    return result
+
+
+def _run_window(
+    kernels: ModuleType,
+    by_model: bool,
+    arrays: WindowArrays,
+    x: np.ndarray,
+    y: np.ndarray,
+    tapes: Tapes,
+) -> WindowResult:
+    losses, margin, still = _window_by(_family(kernels, by_model), arrays, x, y, tapes)
     return WindowResult(losses, margin, arrays._replace(active=still))
 
 
@@ -127,20 +171,100 @@ def _dense(array: np.ndarray, dtype: type) -> np.ndarray:
     return np.ascontiguousarray(array, dtype)
 
 
+class WindowShape(NamedTuple):
+    """What a window's speed on either family depends on: the kernels that run one model at a
+    time take time in proportion to the models that train (`running`), those vectorized over
+    the models in proportion to all of them (`models`). Running counts are grouped by their
+    highest bit (1, 2-3, 4-7, ...), so that lanes emptying one by one at a study's end start
+    a few races, not one per count."""
+
+    layers: int
+    batch: int
+    steps: int
+    units: int
+    models: int
+    running: int
+    """The highest power of two at most the count of models that train (0 when none does)."""
+
+
+def window_shape(arrays: WindowArrays, x: np.ndarray) -> WindowShape:
+    """The shape of a window of `arrays` with inputs x (B, T, K)."""
+    layers, batch, units, models = arrays.state.h.shape
+    running = int(arrays.active.sum())
+    group = 1 << (running.bit_length() - 1) if running else 0
+    return WindowShape(layers, batch, x.shape[1], units, models, group)
+
+
+TIMED_WINDOWS = 2
+"""Windows of a shape timed on each family before the faster is kept for good."""
+
+
+class Race:
+    """The first windows of a shape in a process, on both families in turn, the faster kept.
+
+    Each family first runs one window untimed (it pages in that family's fresh tapes and
+    fills the caches with its own layout), then TIMED_WINDOWS timed ones, interleaved with the
+    other's, so that a spell of load elsewhere on the machine hits both alike; the family with
+    the shorter best window wins. Every window trains for real, and both families give a model
+    the same bits, so a race changes what a trial computes in no bit, only how long the
+    windows took. The cost model (`cost.models_to_vectorize_over`) only says which runs
+    first, and which family a window runs while the other is not loaded."""
+
+    def __init__(self, first: str) -> None:
+        self.order = (first, BY_LANE if first == BY_MODEL else BY_MODEL)
+        self.ran = {BY_MODEL: 0, BY_LANE: 0}
+        self.seconds: dict[str, list[float]] = {BY_MODEL: [], BY_LANE: []}
+        self.winner: str | None = None
+
+    def next_family(self) -> str:
+        """The family of the next window: the winner once there is one, else each in turn."""
+        if self.winner is not None:
+            return self.winner
+        return self.order[sum(self.ran.values()) % 2]
+
+    def record(self, family: str, seconds: float) -> bool:
+        """Count a window of `family` that took `seconds`; True when that decides the race."""
+        self.ran[family] += 1
+        if self.ran[family] > 1:  # the first window of each family is not timed
+            self.seconds[family].append(seconds)
+        if self.winner is None and all(len(t) >= TIMED_WINDOWS for t in self.seconds.values()):
+            self.winner = min(self.order, key=lambda name: min(self.seconds[name]))
+            return True
+        return False
+
+
+RACES: dict[WindowShape, Race] = {}
+"""This process's races, by window shape: each decides once, when its windows have run."""
+
+
+def measured_families() -> dict[WindowShape, str]:
+    """The family each window shape runs on in this process, where a race decided it."""
+    return {shape: race.winner for shape, race in RACES.items() if race.winner is not None}
+
+
+def _both_loaded() -> bool:
+    """Whether both families can run here now: loaded, or loaded now from the cache (a
+    fraction of a second), never compiled for a race, and never waiting on another process."""
+    from pipeline.training import kernel_compile  # loaded by numba_kernels already
+
+    return all(kernel_compile.loaded_if_cached(family) for family in (BY_MODEL, BY_LANE))
+
+
 def _by_model(units: int, models: int) -> bool:
-    """Whether the kernels that run one model at a time are the faster ones here."""
+    """Whether the cost model expects the kernels that run one model at a time to be the
+    faster ones here: which family runs first, before a race has measured both."""
     return models < models_to_vectorize_over(units)
 
 
-def _ready_family(prefer_by_model: bool) -> bool:
-    """Whether a window runs on the kernels that run one model at a time: the preferred family
-    when it is ready, else the other while another process compiles the preferred one (on a
-    cold machine, trainers train as soon as one family is compiled). Both give the same bits,
-    so a trial's losses do not depend on which family was ready when."""
+def _ready_family(prefer_by_model: bool) -> str:
+    """The family a window runs on while no race decides it: the preferred family when it is
+    ready, else the other while another process compiles the preferred one (on a cold machine,
+    trainers train as soon as one family is compiled). Both give the same bits, so a trial's
+    losses do not depend on which family was ready when."""
     from pipeline.training import kernel_compile  # loaded by numba_kernels already
 
     order = (BY_MODEL, BY_LANE) if prefer_by_model else (BY_LANE, BY_MODEL)
-    return kernel_compile.first_ready(order) == BY_MODEL
+    return kernel_compile.first_ready(order)
 
 
 class _Family(NamedTuple):
@@ -174,7 +298,7 @@ def _window_by(
     batch, steps, models = x.shape
     h, c = a.state
     units = h.shape[2]
-    take = tapes.for_window((family.model_first, len(h), batch, steps, units, models))
+    take = tapes.for_window((len(h), batch, steps, units, models), family.model_first)
 
     def tape(*shape: int) -> np.ndarray:
         return take((models, *shape) if family.model_first else (*shape, models))
