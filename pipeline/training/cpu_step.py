@@ -30,6 +30,10 @@ from pipeline.training.arrays import (
 from pipeline.training.cost import models_to_vectorize_over
 
 BY_LANE, BY_MODEL = "by_lane", "by_model"
+# The one-model kernels run on the lanes in blocks of MODEL_BLOCK models, each block's arrays
+# copied out dense and back (a way of running a window that races the other two, see `Race`).
+BY_MODEL_BLOCKS = "by_model_blocks"
+MODEL_BLOCK = 16
 
 
 def cpu_step(mode: bool | str) -> WindowStep | None:
@@ -70,21 +74,23 @@ def numba_step(kernels: ModuleType, by_model: bool | None = None) -> WindowStep:
 
 class Tapes:
     """What the forward records for the backward, kept from one window to the next of the same
-    shape, a set per family (while both are timed on a shape, windows alternate between them).
-    A fresh tape of a few hundred KB comes fresh from the OS, and the kernels' first writes to
-    it page-faulted: at state 16, 3 layers, K = 28, about 600 faults per window, 40 % of the
-    forward's time. The kernels write every entry of a tape before they read it, so what a kept
-    tape held before never matters (a test fills them with NaN between windows)."""
+    shape: a set per shape, for the last few shapes (a race alternates between ways whose
+    tapes differ, and blocks of lanes may end in a smaller one). A fresh tape of a few hundred
+    KB comes fresh from the OS, and the kernels' first writes to it page-faulted: at state 16,
+    3 layers, K = 28, about 600 faults per window, 40 % of the forward's time. The kernels
+    write every entry of a tape before they read it, so what a kept tape held before never
+    matters (a test fills them with NaN between windows)."""
+
+    KEPT_SHAPES = 4
 
     def __init__(self) -> None:
-        # Per family (whether its tapes are model first): the shape of its last window, and
-        # that window's tapes in the order they were taken.
-        self._kept: dict[bool, tuple[tuple, list[np.ndarray]]] = {}
+        # Per (model_first, shape), the oldest first: the tapes in the order they were taken.
+        self._kept: dict[tuple[bool, tuple], list[np.ndarray]] = {}
 
     @property
     def kept(self) -> list[np.ndarray]:
-        """Every tape kept, of both families."""
-        return [tape for _, tapes in self._kept.values() for tape in tapes]
+        """Every tape kept, of every shape."""
+        return [tape for tapes in self._kept.values() for tape in tapes]
 
     def for_window(
         self, shape: tuple, model_first: bool
@@ -92,11 +98,12 @@ class Tapes:
         """`take(full_shape)`, which hands out the tapes of a window of `shape` (any hashable
         key of everything the tapes' shapes depend on) on the family whose tapes are
         `model_first` or not, in the order it is called: the n-th tape taken is the n-th of
-        that family's last window of that shape."""
-        kept_shape, kept = self._kept.get(model_first, ((), []))
-        if kept_shape != shape:
-            kept = []
-            self._kept[model_first] = (shape, kept)
+        the last window of that shape and family."""
+        key = (model_first, shape)
+        kept = self._kept.pop(key, [])
+        self._kept[key] = kept  # now the newest
+        while len(self._kept) > self.KEPT_SHAPES:
+            del self._kept[next(iter(self._kept))]
         taken = iter(range(1 << 30))
 
         def take(full_shape: tuple[int, ...]) -> np.ndarray:
@@ -107,9 +114,9 @@ class Tapes:
 
         return take
 
-    def drop(self, model_first: bool) -> None:
-        """Let go of one family's tapes (that family lost a shape's race)."""
-        self._kept.pop(model_first, None)
+    def clear(self) -> None:
+        """Let go of every tape (a race is decided: the winner takes fresh ones once)."""
+        self._kept.clear()
 
 
 def numba_window(
@@ -136,35 +143,74 @@ def numba_window(
     if by_model is not None:
         from pipeline.training import kernel_compile  # loaded by numba_kernels already
 
-        kernel_compile.require(BY_MODEL if by_model else BY_LANE)
-        return _run_window(kernels, by_model, arrays, x, y, tapes)
+        way = BY_MODEL if by_model else BY_LANE
+        kernel_compile.require(way)
+        return _run_window(kernels, way, arrays, x, y, tapes)
     shape = window_shape(arrays, x)
     race = RACES.get(shape)
     if race is not None and race.winner is not None:
-        return _run_window(kernels, race.winner == BY_MODEL, arrays, x, y, tapes)
+        return _run_window(kernels, race.winner, arrays, x, y, tapes)
     family = _ready_family(prefer_by_model=_by_model(shape.units, shape.running))
     if race is None and _both_loaded():
-        race = RACES[shape] = Race(first=family)
+        blocks = (BY_MODEL_BLOCKS,) if shape.models > MODEL_BLOCK else ()
+        race = RACES[shape] = Race((family, BY_LANE if family == BY_MODEL else BY_MODEL, *blocks))
     if race is None:  # one family only, for now: the race waits until the other is here too
-        return _run_window(kernels, family == BY_MODEL, arrays, x, y, tapes)
-    family = race.next_family()
-    started = time.perf_counter()
-    result = _run_window(kernels, family == BY_MODEL, arrays, x, y, tapes)
-    if race.record(family, time.perf_counter() - started):
-        tapes.drop(model_first=race.winner != BY_MODEL)
+        return _run_window(kernels, family, arrays, x, y, tapes)
+    way = race.next_way()
+    started = time.thread_time()
+    result = _run_window(kernels, way, arrays, x, y, tapes)
+    if race.record(way, time.thread_time() - started):
+        tapes.clear()
     return result
 
 
 def _run_window(
-    kernels: ModuleType,
-    by_model: bool,
-    arrays: WindowArrays,
-    x: np.ndarray,
-    y: np.ndarray,
-    tapes: Tapes,
+    kernels: ModuleType, way: str, arrays: WindowArrays, x: np.ndarray, y: np.ndarray, tapes: Tapes
 ) -> WindowResult:
-    losses, margin, still = _window_by(_family(kernels, by_model), arrays, x, y, tapes)
+    """The window run one `way` (BY_LANE, BY_MODEL or BY_MODEL_BLOCKS)."""
+    family = _family(kernels, by_model=way != BY_LANE)
+    if way == BY_MODEL_BLOCKS:
+        losses, margin, still = _window_in_blocks(family, arrays, x, y, tapes, MODEL_BLOCK)
+    else:
+        losses, margin, still = _window_by(family, arrays, x, y, tapes)
     return WindowResult(losses, margin, arrays._replace(active=still))
+
+
+def _window_in_blocks(
+    family: _Family, a: WindowArrays, x: np.ndarray, y: np.ndarray, tapes: Tapes, size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_window_by` on blocks of `size` lanes at a time, each block's arrays copied out dense
+    (..., size) and its weights, accumulators and state copied back: for the kernels that run
+    one model at a time, which read a model's weights with a stride of the lanes (at K = 128
+    every float on a cache line of its own; measured at state 64, 3 layers: a model-window
+    took 2.1 times as long among 128 lanes as alone, and as long with 8 of the 128 training).
+    A block whose lanes all sit out is skipped: its losses and margins NaN, as the kernels
+    give an inactive model. No kernel mixes models, so the bits are those of one call."""
+    batch, steps, models = x.shape
+    losses = np.full(models, np.nan, np.float32)
+    margin = np.full((batch, steps, models), np.nan, np.float32)
+    still = np.zeros(models, np.bool_)
+    whole = [*a.weights, *a.accum, a.state.h, a.state.c]
+    for start in range(0, models, size):
+        part = slice(start, min(start + size, models))
+        if not a.active[part].any():
+            continue
+        pieces = [np.ascontiguousarray(array[..., part]) for array in whole]
+        count = len(a.weights)
+        block = WindowArrays(
+            weights=pieces[:count],
+            accum=pieces[count : 2 * count],
+            state=State(pieces[-2], pieces[-1]),
+            lr=np.ascontiguousarray(a.lr[part]),
+            active=np.ascontiguousarray(a.active[part]),
+        )
+        dense_x, dense_y = np.ascontiguousarray(x[..., part]), np.ascontiguousarray(y[..., part])
+        losses[part], margin[..., part], still[part] = _window_by(
+            family, block, dense_x, dense_y, tapes
+        )
+        for array, piece in zip(whole, pieces, strict=True):
+            array[..., part] = piece
+    return losses, margin, still
 
 
 def _dense(array: np.ndarray, dtype: type) -> np.ndarray:
@@ -196,39 +242,43 @@ def window_shape(arrays: WindowArrays, x: np.ndarray) -> WindowShape:
 
 
 TIMED_WINDOWS = 2
-"""Windows of a shape timed on each family before the faster is kept for good."""
+"""Windows of a shape timed each way before the fastest is kept for good."""
 
 
 class Race:
-    """The first windows of a shape in a process, on both families in turn, the faster kept.
+    """The first windows of a shape in a process, run each way in turn, the fastest kept.
 
-    Each family first runs one window untimed (it pages in that family's fresh tapes and
-    fills the caches with its own layout), then TIMED_WINDOWS timed ones, interleaved with the
-    other's, so that a spell of load elsewhere on the machine hits both alike; the family with
-    the shorter best window wins. Every window trains for real, and both families give a model
-    the same bits, so a race changes what a trial computes in no bit, only how long the
-    windows took. The cost model (`cost.models_to_vectorize_over`) only says which runs
-    first, and which family a window runs while the other is not loaded."""
+    The ways: the two families of kernels, and beyond MODEL_BLOCK lanes the one-model kernels
+    on blocks of lanes (`_window_in_blocks`). Each way first runs one window untimed (it
+    pages in its fresh tapes and fills the caches with its own layout), then TIMED_WINDOWS
+    timed ones, interleaved with the others', so that a spell of load elsewhere on the machine
+    hits all alike; the way with the shortest best window wins. A window's time is the CPU
+    time of its thread, so that other processes taking the core meanwhile do not count (at a
+    load of 9 on 2 cores, a shape's wall times varied about 2 times from round to round, its
+    CPU times 1.2 to 1.3 times). Every window trains for real,
+    and every way gives a model the same bits, so a race changes what a trial computes in no
+    bit, only how long the windows took. The cost model (`cost.models_to_vectorize_over`)
+    only says which family runs first, and alone while the other is not loaded."""
 
-    def __init__(self, first: str) -> None:
-        self.order = (first, BY_LANE if first == BY_MODEL else BY_MODEL)
-        self.ran = {BY_MODEL: 0, BY_LANE: 0}
-        self.seconds: dict[str, list[float]] = {BY_MODEL: [], BY_LANE: []}
+    def __init__(self, order: tuple[str, ...]) -> None:
+        self.order = order
+        self.ran = dict.fromkeys(order, 0)
+        self.seconds: dict[str, list[float]] = {way: [] for way in order}
         self.winner: str | None = None
 
-    def next_family(self) -> str:
-        """The family of the next window: the winner once there is one, else each in turn."""
+    def next_way(self) -> str:
+        """The way of the next window: the winner once there is one, else each in turn."""
         if self.winner is not None:
             return self.winner
-        return self.order[sum(self.ran.values()) % 2]
+        return self.order[sum(self.ran.values()) % len(self.order)]
 
-    def record(self, family: str, seconds: float) -> bool:
-        """Count a window of `family` that took `seconds`; True when that decides the race."""
-        self.ran[family] += 1
-        if self.ran[family] > 1:  # the first window of each family is not timed
-            self.seconds[family].append(seconds)
+    def record(self, way: str, seconds: float) -> bool:
+        """Count a window run `way` that took `seconds`; True when that decides the race."""
+        self.ran[way] += 1
+        if self.ran[way] > 1:  # the first window of each way is not timed
+            self.seconds[way].append(seconds)
         if self.winner is None and all(len(t) >= TIMED_WINDOWS for t in self.seconds.values()):
-            self.winner = min(self.order, key=lambda name: min(self.seconds[name]))
+            self.winner = min(self.order, key=lambda way: min(self.seconds[way]))
             return True
         return False
 
@@ -238,7 +288,8 @@ RACES: dict[WindowShape, Race] = {}
 
 
 def measured_families() -> dict[WindowShape, str]:
-    """The family each window shape runs on in this process, where a race decided it."""
+    """The way (BY_LANE, BY_MODEL or BY_MODEL_BLOCKS) each window shape runs in this process,
+    where a race decided it."""
     return {shape: race.winner for shape, race in RACES.items() if race.winner is not None}
 
 
