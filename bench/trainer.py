@@ -387,7 +387,7 @@ def _report(
         f"{args.seconds:g} s; (×) is the ratio to the straightforward per-trial loop timed in "
         "the same run (one trial at a time: its rate does not depend on K); kernels: the way "
         "numba's race kept for the shape (by_model: one model at a time; by_lane: vectorized "
-        "over the models; by_model_blocks: one model at a time on blocks of 16 lanes)",
+        "over the models; by_model_blocks: one model at a time on blocks of lanes)",
         f"- numba kernels, not in the rates: {compile_note}",
         f"- 1-minute load average at the start: {load:.1f} on {os.cpu_count()} CPUs (a busy "
         "machine skews the numbers, the ratios less so); the whole run took "
