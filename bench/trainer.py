@@ -250,15 +250,19 @@ def _windows_for(seconds: float, warm: Measurement, warm_windows: int) -> int:
 
 
 def _raced_family(contender: Contender, layers: int) -> str:
-    """The family of kernels that numba's race kept for the contender's windows ("" for
-    the other modes, "?" where no race decided: one family only was at hand)."""
+    """The way of running its windows that numba's race kept for the contender ("" for the
+    other modes, "?" where no race decided: one family only was at hand). Lanes may hold more
+    lanes than models (whole vectors of 16), so the shape is matched on its running models."""
     if contender.mode != "numba":
         return ""
-    count = contender.count
-    shape = cpu_step.WindowShape(
-        layers, BATCH_SIZE, TRUNCATION, contender.state_size, count, 1 << (count.bit_length() - 1)
-    )
-    return cpu_step.measured_families().get(shape, "?")
+    running = 1 << (contender.count.bit_length() - 1)
+    wanted = (layers, BATCH_SIZE, TRUNCATION, contender.state_size, running)
+    ways = [
+        way
+        for shape, way in cpu_step.measured_families().items()
+        if (shape.layers, shape.batch, shape.steps, shape.units, shape.running) == wanted
+    ]
+    return ways[-1] if ways else "?"
 
 
 def _gemm_rate() -> float:
