@@ -6,7 +6,8 @@ and its lanes hold numpy arrays that the kernels update in place, with nothing t
 window. device.step_function hands out this step too, for torch tensors on the CPU.
 
 Which family of kernels runs a window is measured, per window shape and process: the first
-windows of a shape run on both families in turn, timed, and the faster is kept (`Race`).
+windows of a shape run each way in turn (both families, and the one-model kernels on blocks of
+lanes), timed, and the fastest is kept (`Race`).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def numba_kernels() -> ModuleType | None:
 
     Processes that start together on a cold machine share the compile: each compiles a family
     that no other is compiling, or waits for the first to be done; windows run on whichever
-    family is ready (see `_ready_family`), and race the two once both are (`Race`)."""
+    family is ready (see `_ready_family`), and race the ways once both are (`Race`)."""
     try:
         from pipeline.training import kernel_compile, kernels
 
