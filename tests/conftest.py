@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -34,6 +35,18 @@ def python_output(script: str) -> str:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
+
+
+def copy_of_the_kernel_cache(folder: Path) -> Path:
+    """A kernel cache of the test's own at `folder`, holding what this machine's cache holds
+    of this version of the kernels (so nothing compiles again), whose locks no other process
+    on the machine takes: give it to a subprocess as NUMBA_CACHE_DIR."""
+    from pipeline.training.kernel_cache import kernels_folder
+
+    folder.mkdir(parents=True)
+    if kernels_folder().is_dir():
+        shutil.copytree(kernels_folder(), folder / kernels_folder().name)
+    return folder
 
 
 def small_config(**params: object) -> Config:

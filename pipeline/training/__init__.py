@@ -10,9 +10,10 @@ pandas or pyarrow, and one that trains on the CPU never imports torch.
 - kernels.py: the same update as numba kernels, in two families; kernel_compile.py compiles
   and loads them, sharing the work between processes; kernel_cache.py says where they are
   cached without importing numba.
-- cpu_step.py: the numba kernels as a window step on numpy arrays.
+- cpu_step.py: the numba kernels as a window step on numpy arrays, each window shape on the
+  family of kernels measured faster there.
 - device.py: which device and which step a set of lanes trains with (the one place).
-- cost.py: what a window of an architecture costs, for placement and the kernel choice.
+- cost.py: what a window of an architecture costs, for placement and as the kernel choice's prior.
 - trial.py: what lanes take and give (LaneTrial, Finished, Report) and `lanes_key`.
 - lanes.py: many trials of one architecture trained side by side, each at its own window.
 - train.py: `train`, the lockstep case, for the `train` command and the benchmarks.

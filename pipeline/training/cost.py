@@ -1,6 +1,7 @@
 """What a window of lanes costs on the CPU, by the kernels that will run it: one cost model
-for the choice of kernels (cpu_step.py) and for the driver's placement of trials
-(study/placement.py).
+for the driver's placement of trials (study/placement.py) and compile-ahead, the lanes'
+padding, and the family of kernels a window shape runs first (cpu_step.py), before its race
+measures both families and keeps the faster.
 
 It has a module of its own so that the driver need not import torch or numba to place trials.
 """
@@ -23,9 +24,10 @@ COST_KEYS = frozenset(
 
 
 def models_to_vectorize_over(units: int) -> float:
-    """The count of models from which the CPU kernels that vectorize over the models beat
-    those that run one model at a time. Vectorized over one model's gates, the latter's speed
-    per model hardly depends on K; vectorized over the models, the former's grows with K.
+    """The count of models from which the CPU kernels that vectorize over the models are
+    expected to beat those that run one model at a time (a prior: the step races both on each
+    window shape, cpu_step.Race). Vectorized over one model's gates, the latter's speed per
+    model hardly depends on K; vectorized over the models, the former's grows with K.
     Measured on one core (3 layers, trainer rates, best of 6 runs, of 2 at state 32, after
     the one-model kernels gained their blocked sums), the two break even between K = 8 and 16
     at states 4 and 8 (by_model 1.07 and 1.44 times as fast at K = 8, by_lane 1.5 and 1.36 at

@@ -4,11 +4,16 @@ It never imports torch: a trainer that trains on the CPU imports numpy, numba an
 only (torch's import took each trainer 0.8 s of a core at its start, before its first window),
 and its lanes hold numpy arrays that the kernels update in place, with nothing to convert per
 window. device.step_function hands out this step too, for torch tensors on the CPU.
+
+Which family of kernels runs a window is measured, per window shape and process: the first
+windows of a shape run each way in turn (both families, and the one-model kernels on blocks of
+lanes), timed, and the fastest is kept (`Race`).
 """
 
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from types import ModuleType
 from typing import NamedTuple
@@ -26,6 +31,16 @@ from pipeline.training.arrays import (
 from pipeline.training.cost import models_to_vectorize_over
 
 BY_LANE, BY_MODEL = "by_lane", "by_model"
+# The one-model kernels run on the lanes in blocks of models, each block's arrays copied out
+# dense and back (`_window_in_blocks`): a way of running a window that races the other two
+# where there are more than MODEL_BLOCK lanes (see `Race`).
+BY_MODEL_BLOCKS = "by_model_blocks"
+MODEL_BLOCK = 16
+BLOCK_BYTES = 16 << 20
+"""A block's weights and accumulators at most, or one model's where that is more: measured at
+3 layers, K = 128, in CPU time per model-window against the unblocked kernels, blocks of 16
+ran 1.37 times as fast at state 128 and blocks of 4 (13 MB) 1.54 times; at state 64 blocks of
+16 (13 MB) ran 0.87 to 1.14 times, of 4 0.96 times; at states 16 and 32 neither won."""
 
 
 def cpu_step(mode: bool | str) -> WindowStep | None:
@@ -44,8 +59,8 @@ def numba_kernels() -> ModuleType | None:
     process: a failure is not retried.
 
     Processes that start together on a cold machine share the compile: each compiles a family
-    that no other is compiling, or waits for the first to be done, and each window takes the
-    faster family once it is ready (see `_ready_family`)."""
+    that no other is compiling, or waits for the first to be done; windows run on whichever
+    family is ready (see `_ready_family`), and race the ways once both are (`Race`)."""
     try:
         from pipeline.training import kernel_compile, kernels
 
@@ -58,38 +73,57 @@ def numba_kernels() -> ModuleType | None:
 
 def numba_step(kernels: ModuleType, by_model: bool | None = None) -> WindowStep:
     """The numba step on numpy arrays; `by_model` picks the kernels (both give the same bits),
-    else the faster ones for each window's shape. Each step keeps its own tapes (`Tapes`), so
-    give each set of lanes a step of its own."""
+    else the ones measured faster on each window's shape (`Race`). Each step keeps its own
+    tapes (`Tapes`), so give each set of lanes a step of its own."""
     window = functools.partial(numba_window, kernels, by_model=by_model, tapes=Tapes())
     return WindowStep("numba", window, arrays="numpy")
 
 
 class Tapes:
     """What the forward records for the backward, kept from one window to the next of the same
-    shape. A fresh tape of a few hundred KB comes fresh from the OS, and the kernels' first
-    writes to it page-faulted: at state 16, 3 layers, K = 28, about 600 faults per window, 40 %
-    of the forward's time. The kernels write every entry of a tape before they read it, so what
-    a kept tape held before never matters (a test fills them with NaN between windows)."""
+    shape: a set per shape, for the last few shapes (a race alternates between ways whose
+    tapes differ, and blocks of lanes may end in a smaller one). A fresh tape of a few hundred
+    KB comes fresh from the OS, and the kernels' first writes to it page-faulted: at state 16,
+    3 layers, K = 28, about 600 faults per window, 40 % of the forward's time. The kernels
+    write every entry of a tape before they read it, so what a kept tape held before never
+    matters (a test fills them with NaN between windows)."""
+
+    KEPT_SHAPES = 4
 
     def __init__(self) -> None:
-        self.shape: tuple = ()
-        self.kept: list[np.ndarray] = []
+        # Per (model_first, shape), the oldest first: the tapes in the order they were taken.
+        self._kept: dict[tuple[bool, tuple], list[np.ndarray]] = {}
 
-    def for_window(self, shape: tuple) -> Callable[[tuple[int, ...]], np.ndarray]:
+    @property
+    def kept(self) -> list[np.ndarray]:
+        """Every tape kept, of every shape."""
+        return [tape for tapes in self._kept.values() for tape in tapes]
+
+    def for_window(
+        self, shape: tuple, model_first: bool
+    ) -> Callable[[tuple[int, ...]], np.ndarray]:
         """`take(full_shape)`, which hands out the tapes of a window of `shape` (any hashable
-        key of everything the tapes' shapes depend on) in the order it is called: the n-th
-        tape taken is the n-th of the last window of that shape."""
-        if shape != self.shape:
-            self.shape, self.kept = shape, []
+        key of everything the tapes' shapes depend on) on the family whose tapes are
+        `model_first` or not, in the order it is called: the n-th tape taken is the n-th of
+        the last window of that shape and family."""
+        key = (model_first, shape)
+        kept = self._kept.pop(key, [])
+        self._kept[key] = kept  # now the newest
+        while len(self._kept) > self.KEPT_SHAPES:
+            del self._kept[next(iter(self._kept))]
         taken = iter(range(1 << 30))
 
         def take(full_shape: tuple[int, ...]) -> np.ndarray:
             n = next(taken)
-            if n == len(self.kept):
-                self.kept.append(np.empty(full_shape, np.float32))
-            return self.kept[n]
+            if n == len(kept):
+                kept.append(np.empty(full_shape, np.float32))
+            return kept[n]
 
         return take
+
+    def clear(self) -> None:
+        """Let go of every tape (a race is decided: the winner takes fresh ones once)."""
+        self._kept.clear()
 
 
 def numba_window(
@@ -102,7 +136,8 @@ def numba_window(
 ) -> WindowResult:
     """train_window by the numba kernels, which update weights, accumulators and state in
     place: float32 arrays (bool for `active`), C-contiguous, as `Lanes` keeps them; arrays that
-    are not (views, other dtypes) are copied first, and the copies returned."""
+    are not (views, other dtypes) are copied first, and the copies returned. `by_model` picks
+    the family of kernels; None, the one measured faster on this window's shape (`Race`)."""
     arrays = WindowArrays(
         weights=[_dense(w, np.float32) for w in arrays.weights],
         accum=[_dense(a, np.float32) for a in arrays.accum],
@@ -111,36 +146,192 @@ def numba_window(
         active=_dense(arrays.active, np.bool_),
     )
     x, y = _dense(x, np.float32), _dense(y, np.float32)
-    if by_model is None:
-        # The models that train: those kernels skip the others, these compute every lane.
-        running = int(arrays.active.sum())
-        by_model = _ready_family(prefer_by_model=_by_model(arrays.state.h.shape[2], running))
-    else:
+    tapes = tapes or Tapes()
+    if by_model is not None:
         from pipeline.training import kernel_compile  # loaded by numba_kernels already
 
-        kernel_compile.require(BY_MODEL if by_model else BY_LANE)
-    losses, margin, still = _window_by(_family(kernels, by_model), arrays, x, y, tapes or Tapes())
+        way = BY_MODEL if by_model else BY_LANE
+        kernel_compile.require(way)
+        return _run_window(kernels, way, arrays, x, y, tapes)
+    shape = window_shape(arrays, x)
+    race = RACES.get(shape)
+    if race is not None and race.winner is not None:
+        return _run_window(kernels, race.winner, arrays, x, y, tapes)
+    family = _ready_family(prefer_by_model=_by_model(shape.units, shape.running))
+    if race is None and _both_loaded():
+        blocks = (BY_MODEL_BLOCKS,) if shape.models > MODEL_BLOCK else ()
+        race = RACES[shape] = Race((family, BY_LANE if family == BY_MODEL else BY_MODEL, *blocks))
+    if race is None:  # one family only, for now: the race waits until the other is here too
+        return _run_window(kernels, family, arrays, x, y, tapes)
+    way = race.next_way()
+    started = time.thread_time()
+    result = _run_window(kernels, way, arrays, x, y, tapes)
+    if race.record(way, time.thread_time() - started):
+        tapes.clear()
+    return result
+
+
+def _run_window(
+    kernels: ModuleType, way: str, arrays: WindowArrays, x: np.ndarray, y: np.ndarray, tapes: Tapes
+) -> WindowResult:
+    """The window run one `way` (BY_LANE, BY_MODEL or BY_MODEL_BLOCKS)."""
+    family = _family(kernels, by_model=way != BY_LANE)
+    if way == BY_MODEL_BLOCKS:
+        size = _block_size(arrays.weights)
+        losses, margin, still = _window_in_blocks(family, arrays, x, y, tapes, size)
+    else:
+        losses, margin, still = _window_by(family, arrays, x, y, tapes)
     return WindowResult(losses, margin, arrays._replace(active=still))
+
+
+def _block_size(weights: list[np.ndarray]) -> int:
+    """Models per block: the largest power of two up to MODEL_BLOCK whose weights and
+    accumulators fit in BLOCK_BYTES, at least 1."""
+    model_bytes = 2 * sum(w[..., 0].nbytes for w in weights)
+    fit = max(1, min(MODEL_BLOCK, BLOCK_BYTES // model_bytes))
+    return 1 << (fit.bit_length() - 1)
+
+
+def _window_in_blocks(
+    family: _Family, a: WindowArrays, x: np.ndarray, y: np.ndarray, tapes: Tapes, size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_window_by` on blocks of `size` lanes at a time, each block's arrays copied out dense
+    (..., size) and its weights, accumulators and state copied back: for the kernels that run
+    one model at a time, which read a model's weights with a stride of the lanes (at K = 128
+    every float on a cache line of its own; measured at state 64, 3 layers: a model-window
+    took 2.1 times as long among 128 lanes as alone, and as long with 8 of the 128 training).
+    A block whose lanes all sit out is skipped: its losses and margins NaN, as the kernels
+    give an inactive model. No kernel mixes models, so the bits are those of one call."""
+    batch, steps, models = x.shape
+    losses = np.full(models, np.nan, np.float32)
+    margin = np.full((batch, steps, models), np.nan, np.float32)
+    still = np.zeros(models, np.bool_)
+    whole = [*a.weights, *a.accum, a.state.h, a.state.c]
+    for start in range(0, models, size):
+        part = slice(start, min(start + size, models))
+        if not a.active[part].any():
+            continue
+        pieces = [np.ascontiguousarray(array[..., part]) for array in whole]
+        count = len(a.weights)
+        block = WindowArrays(
+            weights=pieces[:count],
+            accum=pieces[count : 2 * count],
+            state=State(pieces[-2], pieces[-1]),
+            lr=np.ascontiguousarray(a.lr[part]),
+            active=np.ascontiguousarray(a.active[part]),
+        )
+        dense_x, dense_y = np.ascontiguousarray(x[..., part]), np.ascontiguousarray(y[..., part])
+        losses[part], margin[..., part], still[part] = _window_by(
+            family, block, dense_x, dense_y, tapes
+        )
+        for array, piece in zip(whole, pieces, strict=True):
+            array[..., part] = piece
+    return losses, margin, still
 
 
 def _dense(array: np.ndarray, dtype: type) -> np.ndarray:
     return np.ascontiguousarray(array, dtype)
 
 
+class WindowShape(NamedTuple):
+    """What a window's speed on either family depends on: the kernels that run one model at a
+    time take time in proportion to the models that train (`running`), those vectorized over
+    the models in proportion to all of them (`models`). Running counts are grouped by their
+    highest bit (1, 2-3, 4-7, ...), so that lanes emptying one by one at a study's end start
+    a few races, not one per count."""
+
+    layers: int
+    batch: int
+    steps: int
+    units: int
+    models: int
+    running: int
+    """The highest power of two at most the count of models that train (0 when none does)."""
+
+
+def window_shape(arrays: WindowArrays, x: np.ndarray) -> WindowShape:
+    """The shape of a window of `arrays` with inputs x (B, T, K)."""
+    layers, batch, units, models = arrays.state.h.shape
+    running = int(arrays.active.sum())
+    group = 1 << (running.bit_length() - 1) if running else 0
+    return WindowShape(layers, batch, x.shape[1], units, models, group)
+
+
+TIMED_WINDOWS = 2
+"""Windows of a shape timed each way before the fastest is kept for good."""
+
+
+class Race:
+    """The first windows of a shape in a process, run each way in turn, the fastest kept.
+
+    The ways: the two families of kernels, and beyond MODEL_BLOCK lanes the one-model kernels
+    on blocks of lanes (`_window_in_blocks`). Each way first runs one window untimed (it
+    pages in its fresh tapes and fills the caches with its own layout), then TIMED_WINDOWS
+    timed ones, interleaved with the others', so that a spell of load elsewhere on the machine
+    hits all alike; the way with the shortest best window wins. A window's time is the CPU
+    time of its thread, so that other processes taking the core meanwhile do not count (at a
+    load of 9 on 2 cores, a shape's wall times varied about 2 times from round to round, its
+    CPU times 1.2 to 1.3 times). Every window trains for real,
+    and every way gives a model the same bits, so a race changes what a trial computes in no
+    bit, only how long the windows took. The cost model (`cost.models_to_vectorize_over`)
+    only says which family runs first, and alone while the other is not loaded."""
+
+    def __init__(self, order: tuple[str, ...]) -> None:
+        self.order = order
+        self.ran = dict.fromkeys(order, 0)
+        self.seconds: dict[str, list[float]] = {way: [] for way in order}
+        self.winner: str | None = None
+
+    def next_way(self) -> str:
+        """The way of the next window: the winner once there is one, else each in turn."""
+        if self.winner is not None:
+            return self.winner
+        return self.order[sum(self.ran.values()) % len(self.order)]
+
+    def record(self, way: str, seconds: float) -> bool:
+        """Count a window run `way` that took `seconds`; True when that decides the race."""
+        self.ran[way] += 1
+        if self.ran[way] > 1:  # the first window of each way is not timed
+            self.seconds[way].append(seconds)
+        if self.winner is None and all(len(t) >= TIMED_WINDOWS for t in self.seconds.values()):
+            self.winner = min(self.order, key=lambda way: min(self.seconds[way]))
+            return True
+        return False
+
+
+RACES: dict[WindowShape, Race] = {}
+"""This process's races, by window shape: each decides once, when its windows have run."""
+
+
+def measured_families() -> dict[WindowShape, str]:
+    """The way (BY_LANE, BY_MODEL or BY_MODEL_BLOCKS) each window shape runs in this process,
+    where a race decided it."""
+    return {shape: race.winner for shape, race in RACES.items() if race.winner is not None}
+
+
+def _both_loaded() -> bool:
+    """Whether both families can run here now: loaded, or loaded now from the cache (a
+    fraction of a second), never compiled for a race, and never waiting on another process."""
+    from pipeline.training import kernel_compile  # loaded by numba_kernels already
+
+    return all(kernel_compile.loaded_if_cached(family) for family in (BY_MODEL, BY_LANE))
+
+
 def _by_model(units: int, models: int) -> bool:
-    """Whether the kernels that run one model at a time are the faster ones here."""
+    """Whether the cost model expects the kernels that run one model at a time to be the
+    faster ones here: which family runs first, before a race has measured both."""
     return models < models_to_vectorize_over(units)
 
 
-def _ready_family(prefer_by_model: bool) -> bool:
-    """Whether a window runs on the kernels that run one model at a time: the preferred family
-    when it is ready, else the other while another process compiles the preferred one (on a
-    cold machine, trainers train as soon as one family is compiled). Both give the same bits,
-    so a trial's losses do not depend on which family was ready when."""
+def _ready_family(prefer_by_model: bool) -> str:
+    """The family a window runs on while no race decides it: the preferred family when it is
+    ready, else the other while another process compiles the preferred one (on a cold machine,
+    trainers train as soon as one family is compiled). Both give the same bits, so a trial's
+    losses do not depend on which family was ready when."""
     from pipeline.training import kernel_compile  # loaded by numba_kernels already
 
     order = (BY_MODEL, BY_LANE) if prefer_by_model else (BY_LANE, BY_MODEL)
-    return kernel_compile.first_ready(order) == BY_MODEL
+    return kernel_compile.first_ready(order)
 
 
 class _Family(NamedTuple):
@@ -174,7 +365,7 @@ def _window_by(
     batch, steps, models = x.shape
     h, c = a.state
     units = h.shape[2]
-    take = tapes.for_window((family.model_first, len(h), batch, steps, units, models))
+    take = tapes.for_window((len(h), batch, steps, units, models), family.model_first)
 
     def tape(*shape: int) -> np.ndarray:
         return take((models, *shape) if family.model_first else (*shape, models))

@@ -79,6 +79,31 @@ def ready(family: str) -> bool:
     return family in _loaded
 
 
+def loaded_if_cached(family: str) -> bool:
+    """Whether `family` is loaded, loading it first where it is cached and no other process
+    holds its lock; never compiles, never waits. A family found missing is looked for again
+    at most every LOOK_AGAIN_S, as in `ready`: for a window that would time both families
+    (cpu_step.Race) only where both are at hand."""
+    if family in _loaded:
+        return True
+    if family in _unusable:
+        return False
+    now = time.monotonic()
+    if now - _looked.get(family, -LOOK_AGAIN_S) < LOOK_AGAIN_S:
+        return False
+    _looked[family] = now
+    if not compiled((family,)):
+        return False
+    with _compile_lock(family, wait=False) as held:
+        if held:
+            try:
+                compile_family(family)  # loads: the marker says the cache has it
+            except Exception as error:
+                warn_fallback(f"numba's {family} kernels", error)
+                _unusable.add(family)
+    return family in _loaded
+
+
 def first_ready(families: Sequence[str] = FAMILY_NAMES) -> str:
     """The first of `families` that is ready; when none is, the first that another process is
     compiling, as soon as it is done (waiting on its lock, which that process releases the

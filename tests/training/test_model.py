@@ -29,6 +29,7 @@ from pipeline.training.torch_step import (
     init_weights,
     train_window,
 )
+from tests.conftest import copy_of_the_kernel_cache
 
 CPU = torch.device("cpu")
 
@@ -431,7 +432,7 @@ config = config_from_dict({
 losses = train([config]).runs[0].losses
 print(json.dumps({"loaded": sorted(kernel_compile._loaded), "losses": losses.tolist()}))
 """
-    cache = _copy_of_the_kernel_cache(tmp_path / "cache")
+    cache = copy_of_the_kernel_cache(tmp_path / "cache")
     env = {**os.environ, "NUMBA_CACHE_DIR": str(cache)}
 
     def run() -> dict:
@@ -552,18 +553,6 @@ print(json.dumps({"loaded": sorted(kernel_compile._loaded), "steps": steps}))
     ran = json.loads(out.strip().splitlines()[-1])
     assert ran == {"loaded": ["by_model"], "steps": [4] * 8}
     assert not list((tmp_path / "cache").glob("kernels-*/compiled-by_lane-*"))
-
-
-def _copy_of_the_kernel_cache(folder: Path) -> Path:
-    """A kernel cache of the test's own at `folder`, holding what this machine's cache holds
-    of this version of the kernels (so nothing compiles again), whose locks no other process
-    on the machine takes."""
-    from pipeline.training.kernel_cache import kernels_folder
-
-    folder.mkdir(parents=True)
-    if kernels_folder().is_dir():
-        shutil.copytree(kernels_folder(), folder / kernels_folder().name)
-    return folder
 
 
 def _wait_until_blocked_on_a_lock(pid: int, timeout: float = 120) -> None:

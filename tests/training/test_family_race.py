@@ -1,0 +1,124 @@
+"""The numba step's choice of kernel family per window shape: measured, not guessed."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pipeline.config import ModelConfig
+from pipeline.training import cpu_step, kernel_compile
+from pipeline.training.arrays import State, WindowArrays, initial_weights
+from tests.conftest import copy_of_the_kernel_cache
+
+# Trains 2 models of state 16 (1 layer) for 20 windows by `train`, with one family's kernels
+# made slow for real: each call runs the kernel EXTRA more times on copies of its arguments
+# first. Prints the race's winner and how many windows each family ran.
+_SLOWED_RUN = """
+import json, sys
+from pipeline.config import config_from_dict
+from pipeline.training import cpu_step, kernel_compile
+from pipeline.training.train import train
+
+slow, EXTRA = sys.argv[1], 8
+kernel_compile.compile_all()  # both families, loaded from the test's copy of the cache
+windows = {cpu_step.BY_MODEL: 0, cpu_step.BY_LANE: 0}
+original = cpu_step._family
+
+def repeated(kernel):
+    def run(*args):
+        for _ in range(EXTRA):
+            kernel(*[a.copy() for a in args])
+        kernel(*args)
+    return run
+
+def counted(kernel, name):
+    def run(*args):
+        windows[name] += 1
+        kernel(*args)
+    return run
+
+def family(kernels, by_model):
+    chosen = original(kernels, by_model)
+    name = cpu_step.BY_MODEL if by_model else cpu_step.BY_LANE
+    chosen = chosen._replace(head=counted(chosen.head, name))
+    if name == slow:
+        chosen = chosen._replace(
+            forward=repeated(chosen.forward), backward=repeated(chosen.backward)
+        )
+    return chosen
+
+cpu_step._family = family
+configs = [config_from_dict({
+    "task": {"series_length": 750, "echo_step": 3, "batch_size": 5, "truncation": 15},
+    "model": {"num_layers": 1, "state_size": 16},
+    "train": {"epochs": 2, "lr": 0.3, "seed": seed, "device": "cpu"},
+}) for seed in range(2)]
+train(configs)
+winners = list(cpu_step.measured_families().values())
+print(json.dumps({"winners": winners, "windows": windows}))
+"""
+
+
+@pytest.mark.parametrize("slow", [cpu_step.BY_MODEL, cpu_step.BY_LANE])
+def test_numba_step_keeps_the_family_measured_faster_when_one_is_forced_slow(tmp_path, slow):
+    # At one shape (2 models of state 16, where the cost model expects the one-model kernels
+    # to win), whichever family is made slow loses the race, and after the race every
+    # window runs on the winner: the choice follows the measurement, not the cost model.
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(copy_of_the_kernel_cache(tmp_path / "cache"))}
+    done = subprocess.run(
+        [sys.executable, "-c", _SLOWED_RUN, slow],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    ran = json.loads(done.stdout.strip().splitlines()[-1])
+    fast = cpu_step.BY_LANE if slow == cpu_step.BY_MODEL else cpu_step.BY_MODEL
+    timed = 1 + cpu_step.TIMED_WINDOWS  # an untimed window, then the timed ones
+    # The slow family ran its race's windows only; the 20 windows' rest ran on the other.
+    assert ran == {"winners": [fast], "windows": {slow: timed, fast: 20 - timed}}
+
+
+def _arrays(models: int, units: int, layers: int) -> tuple[WindowArrays, np.ndarray]:
+    weights = initial_weights(ModelConfig(num_layers=layers, state_size=units), list(range(models)))
+    rng = np.random.default_rng(3)
+    state = rng.uniform(-0.5, 0.5, (2, layers, 5, units, models)).astype(np.float32)
+    arrays = WindowArrays(
+        weights,
+        [np.full_like(w, 0.1) for w in weights],
+        State(state[0], state[1]),
+        np.full(models, 0.3, np.float32),
+        np.ones(models, np.bool_),
+    )
+    x = rng.integers(0, 2, (10, 5, 15, models)).astype(np.float32)
+    return arrays, x
+
+
+def test_numba_step_gives_the_same_bits_while_it_races_the_ways(monkeypatch):
+    # The first windows of a shape alternate between the ways of running it (a race: both
+    # families, and the one-model kernels on blocks of lanes, here a full block of 16 with a
+    # lane sitting out, and a block of 4 all sitting out), so a model's losses, weights and
+    # state must be those of a run on one family throughout.
+    monkeypatch.setattr(cpu_step, "RACES", {})
+    kernels = cpu_step.numba_kernels()
+    for family in (cpu_step.BY_MODEL, cpu_step.BY_LANE):
+        kernel_compile.require(family)
+    runs = []
+    for by_model in (None, True):
+        arrays, xs = _arrays(models=cpu_step.MODEL_BLOCK + 4, units=8, layers=2)
+        arrays.active[[3, -4, -3, -2, -1]] = False
+        step, losses = cpu_step.numba_step(kernels, by_model=by_model), []
+        for x in xs:
+            loss, _, arrays = step(arrays, x, np.roll(x, 3, axis=1))
+            losses.append(loss[arrays.active])  # (the families differ on those sitting out)
+        runs.append([np.stack(losses), *arrays.weights, *arrays.accum, *arrays.state])
+    race = next(iter(cpu_step.RACES.values()))
+    assert race.winner is not None and len(race.ran) == 3
+    assert min(race.ran.values()) >= 1 + cpu_step.TIMED_WINDOWS
+    assert np.isfinite(runs[0][0]).all()
+    for raced, one_family in zip(*runs, strict=True):
+        assert np.array_equal(raced, one_family)
