@@ -62,12 +62,8 @@ def ready(family: str) -> bool:
     what a trial computes does not depend on which family was ready when."""
     if family in _loaded:
         return True
-    if family in _unusable:
+    if not _look_again(family):
         return False
-    now = time.monotonic()
-    if now - _looked.get(family, -LOOK_AGAIN_S) < LOOK_AGAIN_S:
-        return False
-    _looked[family] = now
     with _compile_lock(family, wait=False) as held:
         if held and (_compile_missing or compiled((family,))):
             try:
@@ -79,6 +75,18 @@ def ready(family: str) -> bool:
     return family in _loaded
 
 
+def _look_again(family: str) -> bool:
+    """Whether to look for a family that is not loaded: never for one found unusable, and for
+    one found missing at most every LOOK_AGAIN_S."""
+    if family in _unusable:
+        return False
+    now = time.monotonic()
+    if now - _looked.get(family, -LOOK_AGAIN_S) < LOOK_AGAIN_S:
+        return False
+    _looked[family] = now
+    return True
+
+
 def loaded_if_cached(family: str) -> bool:
     """Whether `family` is loaded, loading it first where it is cached and no other process
     holds its lock; never compiles, never waits. A family found missing is looked for again
@@ -86,12 +94,8 @@ def loaded_if_cached(family: str) -> bool:
     (cpu_step.Race) only where both are at hand."""
     if family in _loaded:
         return True
-    if family in _unusable:
+    if not _look_again(family):
         return False
-    now = time.monotonic()
-    if now - _looked.get(family, -LOOK_AGAIN_S) < LOOK_AGAIN_S:
-        return False
-    _looked[family] = now
     if not compiled((family,)):
         return False
     with _compile_lock(family, wait=False) as held:
