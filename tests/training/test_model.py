@@ -82,17 +82,25 @@ def test_train_window_update_matches_autograd_and_adagrad(layers):
     losses, _, after = train_window(WindowArrays(weights, accum, state, lr, active), x, y)
     updated = after.weights
 
-    # The reference: autograd through the same forward, the initial state a constant, then
-    # TensorFlow's Adagrad by hand.
+    reference, expected_weights = _autograd_window(weights, x, y, state, lr)
+    torch.testing.assert_close(losses, reference, rtol=1e-6, atol=1e-7)
+    for new, expected in zip(updated, expected_weights, strict=True):
+        torch.testing.assert_close(new, expected, rtol=1e-5, atol=1e-6)
+
+
+def _autograd_window(weights, x, y, state, lr):
+    """The reference for a window's step: autograd through the same forward, the initial state
+    a constant, then TensorFlow's Adagrad by hand; returns (losses, updated weights)."""
     leaves = [w.clone().requires_grad_(True) for w in weights]
     logits, _ = forward(leaves, x, state)
     log_p = torch.log_softmax(logits, dim=2)
-    reference = -(log_p[:, :, 1] * y + log_p[:, :, 0] * (1 - y)).mean(dim=(0, 1))
-    grads = torch.autograd.grad(reference.sum(), leaves)
-    torch.testing.assert_close(losses, reference.detach(), rtol=1e-6, atol=1e-7)
-    for w, g, new in zip(weights, grads, updated, strict=True):
-        expected = w - lr * g / torch.sqrt(ADAGRAD_INITIAL_ACCUMULATOR + g * g)
-        torch.testing.assert_close(new, expected, rtol=1e-5, atol=1e-6)
+    losses = -(log_p[:, :, 1] * y + log_p[:, :, 0] * (1 - y)).mean(dim=(0, 1))
+    grads = torch.autograd.grad(losses.sum(), leaves)
+    updated = [
+        w - lr * g / torch.sqrt(ADAGRAD_INITIAL_ACCUMULATOR + g * g)
+        for w, g in zip(weights, grads, strict=True)
+    ]
+    return losses.detach(), updated
 
 
 def test_train_window_carries_a_state_without_a_graph_that_changes_the_next_loss():
@@ -195,15 +203,10 @@ def test_numba_step_update_matches_autograd_and_adagrad(layers):
     losses, _, after = step(arrays, x, y)
     updated = after.weights
 
-    leaves = [w.clone().requires_grad_(True) for w in weights]
-    logits, _ = forward(leaves, x, state)
-    log_p = torch.log_softmax(logits, dim=2)
-    reference = -(log_p[:, :, 1] * y + log_p[:, :, 0] * (1 - y)).mean(dim=(0, 1))
-    grads = torch.autograd.grad(reference.sum(), leaves)
+    reference, expected_weights = _autograd_window(weights, x, y, state, lr)
     # The gates' tanh is a rational approximation within a few ulp: float32 tolerances.
-    torch.testing.assert_close(losses, reference.detach(), rtol=1e-6, atol=1e-6)
-    for w, g, new in zip(weights, grads, updated, strict=True):
-        expected = w - lr * g / torch.sqrt(ADAGRAD_INITIAL_ACCUMULATOR + g * g)
+    torch.testing.assert_close(losses, reference, rtol=1e-6, atol=1e-6)
+    for new, expected in zip(updated, expected_weights, strict=True):
         torch.testing.assert_close(new, expected, rtol=1e-5, atol=2e-6)
 
 
