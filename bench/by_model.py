@@ -54,6 +54,7 @@ def rate(kernels, units: int, layers: int, models: int, windows: int, by_model: 
     """Model-windows per second of `windows` windows in a row."""
     family, tapes = numba_step._family(kernels, by_model), numba_step.Tapes()
     a, x, y = window(units, layers, models)
+    a = numba_step._laid_out(a, model_first=family.model_first)
     numba_step._window_by(family, a, x, y, tapes)
     started = time.perf_counter()
     for _ in range(windows):
@@ -67,6 +68,7 @@ def outputs(kernels, by_model: bool) -> dict[str, np.ndarray]:
     saved = {}
     for units, layers, models in SNAPSHOT_SHAPES:
         a, x, y = window(units, layers, models, seed=units * 100 + models)
+        a = numba_step._laid_out(a, model_first=family.model_first)
         a.active[-1] = models == 1 or units % 2 == 0
         for w in range(3):
             losses, margin, still = numba_step._window_by(family, a, x, y, numba_step.Tapes())

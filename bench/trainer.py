@@ -74,9 +74,8 @@ LR = 0.3
 # data about as often; a slow contender (eager torch at state 128) runs fewer, shorter epochs.
 EPOCH_WINDOWS = 25
 WARMUP_WINDOWS = 3
-# The numba step's warm-up holds its race: an untimed and the timed windows each way (three
-# ways beyond cpu_step.MODEL_BLOCK lanes).
-RACE_WINDOWS = 3 * (1 + cpu_step.TIMED_WINDOWS)
+# The numba step's warm-up holds its race: an untimed and the timed windows of each family.
+RACE_WINDOWS = 2 * (1 + cpu_step.TIMED_WINDOWS)
 GEMM_SIZE = 1024
 MODES = ("eager", "numba")
 T = TypeVar("T")
@@ -391,7 +390,7 @@ def _report(
         f"{args.seconds:g} s; (×) is the ratio to the straightforward per-trial loop timed in "
         "the same run (one trial at a time: its rate does not depend on K); kernels: the way "
         "numba's race kept for the shape (by_model: one model at a time; by_lane: vectorized "
-        "over the models; by_model_blocks: one model at a time on blocks of lanes)",
+        "over the models)",
         f"- numba kernels, not in the rates: {compile_note}",
         f"- 1-minute load average at the start: {load:.1f} on {os.cpu_count()} CPUs (a busy "
         "machine skews the numbers, the ratios less so); the whole run took "

@@ -6,8 +6,14 @@ and its lanes hold numpy arrays that the kernels update in place, with nothing t
 window. device.step_function hands out this step too, for torch tensors on the CPU.
 
 Which family of kernels runs a window is measured, per window shape and process: the first
-windows of a shape run each way in turn (both families, and the one-model kernels on blocks of
-lanes), timed, and the fastest is kept (`Race`).
+windows of a shape run each family in turn, timed, and the faster is kept (`Race`).
+
+The two families want the weights laid out differently: the one vectorized over the models
+with the model axis last (..., K), as the lanes hold them, the one that runs one model at a
+time with each model's weights contiguous (K, ...). The step moves the weights and
+accumulators to the layout of the family that runs, and hands them back to the lanes as
+(..., K) views of that storage (`_laid_out`): the lanes index them as before, and the layout
+moves only when the family changes, not every window.
 """
 
 from __future__ import annotations
@@ -31,16 +37,6 @@ from pipeline.training.arrays import (
 from pipeline.training.cost import models_to_vectorize_over
 
 BY_LANE, BY_MODEL = "by_lane", "by_model"
-# The one-model kernels run on the lanes in blocks of models, each block's arrays copied out
-# dense and back (`_window_in_blocks`): a way of running a window that races the other two
-# where there are more than MODEL_BLOCK lanes (see `Race`).
-BY_MODEL_BLOCKS = "by_model_blocks"
-MODEL_BLOCK = 16
-BLOCK_BYTES = 16 << 20
-"""A block's weights and accumulators at most, or one model's where that is more: measured at
-3 layers, K = 128, in CPU time per model-window against the unblocked kernels, blocks of 16
-ran 1.37 times as fast at state 128 and blocks of 4 (13 MB) 1.54 times; at state 64 blocks of
-16 (13 MB) ran 0.87 to 1.14 times, of 4 0.96 times; at states 16 and 32 neither won."""
 
 
 def cpu_step(mode: bool | str) -> WindowStep | None:
@@ -81,8 +77,8 @@ def numba_step(kernels: ModuleType, by_model: bool | None = None) -> WindowStep:
 
 class Tapes:
     """What the forward records for the backward, kept from one window to the next of the same
-    shape: a set per shape, for the last few shapes (a race alternates between ways whose
-    tapes differ, and blocks of lanes may end in a smaller one). A fresh tape of a few hundred
+    shape: a set per shape, for the last few shapes (a race alternates between families whose
+    tapes differ). A fresh tape of a few hundred
     KB comes fresh from the OS, and the kernels' first writes to it page-faulted: at state 16,
     3 layers, K = 28, about 600 faults per window, 40 % of the forward's time. The kernels
     write every entry of a tape before they read it, so what a kept tape held before never
@@ -135,12 +131,12 @@ def numba_window(
     tapes: Tapes | None = None,
 ) -> WindowResult:
     """train_window by the numba kernels, which update weights, accumulators and state in
-    place: float32 arrays (bool for `active`), C-contiguous, as `Lanes` keeps them; arrays that
-    are not (views, other dtypes) are copied first, and the copies returned. `by_model` picks
-    the family of kernels; None, the one measured faster on this window's shape (`Race`)."""
-    arrays = WindowArrays(
-        weights=[_dense(w, np.float32) for w in arrays.weights],
-        accum=[_dense(a, np.float32) for a in arrays.accum],
+    place: float32 arrays (bool for `active`), C-contiguous, as `Lanes` keeps them, the weights
+    and accumulators laid out for the family that runs (`_laid_out`); arrays that are not
+    (views, other dtypes, the other layout) are copied first, and the copies returned.
+    `by_model` picks the family of kernels; None, the one measured faster on this window's
+    shape (`Race`)."""
+    arrays = arrays._replace(
         state=State(_dense(arrays.state.h, np.float32), _dense(arrays.state.c, np.float32)),
         lr=_dense(arrays.lr, np.float32),
         active=_dense(arrays.active, np.bool_),
@@ -159,11 +155,12 @@ def numba_window(
         return _run_window(kernels, race.winner, arrays, x, y, tapes)
     family = _ready_family(prefer_by_model=_by_model(shape.units, shape.running))
     if race is None and _both_loaded():
-        blocks = (BY_MODEL_BLOCKS,) if shape.models > MODEL_BLOCK else ()
-        race = RACES[shape] = Race((family, BY_LANE if family == BY_MODEL else BY_MODEL, *blocks))
+        race = RACES[shape] = Race((family, BY_LANE if family == BY_MODEL else BY_MODEL))
     if race is None:  # one family only, for now: the race waits until the other is here too
         return _run_window(kernels, family, arrays, x, y, tapes)
     way = race.next_way()
+    # A race alternates the families, and so the layouts: the move is not the family's cost.
+    arrays = _laid_out(arrays, model_first=way == BY_MODEL)
     started = time.thread_time()
     result = _run_window(kernels, way, arrays, x, y, tapes)
     if race.record(way, time.thread_time() - started):
@@ -174,59 +171,38 @@ def numba_window(
 def _run_window(
     kernels: ModuleType, way: str, arrays: WindowArrays, x: np.ndarray, y: np.ndarray, tapes: Tapes
 ) -> WindowResult:
-    """The window run one `way` (BY_LANE, BY_MODEL or BY_MODEL_BLOCKS)."""
-    family = _family(kernels, by_model=way != BY_LANE)
-    if way == BY_MODEL_BLOCKS:
-        size = _block_size(arrays.weights)
-        losses, margin, still = _window_in_blocks(family, arrays, x, y, tapes, size)
-    else:
-        losses, margin, still = _window_by(family, arrays, x, y, tapes)
+    """The window run by one family, `way` (BY_LANE or BY_MODEL)."""
+    model_first = way == BY_MODEL
+    arrays = _laid_out(arrays, model_first)
+    losses, margin, still = _window_by(_family(kernels, model_first), arrays, x, y, tapes)
     return WindowResult(losses, margin, arrays._replace(active=still))
 
 
-def _block_size(weights: list[np.ndarray]) -> int:
-    """Models per block: the largest power of two up to MODEL_BLOCK whose weights and
-    accumulators fit in BLOCK_BYTES, at least 1."""
-    model_bytes = 2 * sum(w[..., 0].nbytes for w in weights)
-    fit = max(1, min(MODEL_BLOCK, BLOCK_BYTES // model_bytes))
-    return 1 << (fit.bit_length() - 1)
+def _laid_out(arrays: WindowArrays, model_first: bool) -> WindowArrays:
+    """`arrays` with their weights and accumulators (..., K) laid out for a family: C-contiguous
+    for the one vectorized over the models, else views of C-contiguous (K, ...) storage. Each
+    is moved (copied) only where it is not laid out so already."""
+    lay = _models_first_view if model_first else _models_last
+    return arrays._replace(
+        weights=[lay(w) for w in arrays.weights], accum=[lay(a) for a in arrays.accum]
+    )
 
 
-def _window_in_blocks(
-    family: _Family, a: WindowArrays, x: np.ndarray, y: np.ndarray, tapes: Tapes, size: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`_window_by` on blocks of `size` lanes at a time, each block's arrays copied out dense
-    (..., size) and its weights, accumulators and state copied back: for the kernels that run
-    one model at a time, which read a model's weights with a stride of the lanes (at K = 128
-    every float on a cache line of its own; measured at state 64, 3 layers: a model-window
-    took 2.1 times as long among 128 lanes as alone, and as long with 8 of the 128 training).
-    A block whose lanes all sit out is skipped: its losses and margins NaN, as the kernels
-    give an inactive model. No kernel mixes models, so the bits are those of one call."""
-    batch, steps, models = x.shape
-    losses = np.full(models, np.nan, np.float32)
-    margin = np.full((batch, steps, models), np.nan, np.float32)
-    still = np.zeros(models, np.bool_)
-    whole = [*a.weights, *a.accum, a.state.h, a.state.c]
-    for start in range(0, models, size):
-        part = slice(start, min(start + size, models))
-        if not a.active[part].any():
-            continue
-        pieces = [np.ascontiguousarray(array[..., part]) for array in whole]
-        count = len(a.weights)
-        block = WindowArrays(
-            weights=pieces[:count],
-            accum=pieces[count : 2 * count],
-            state=State(pieces[-2], pieces[-1]),
-            lr=np.ascontiguousarray(a.lr[part]),
-            active=np.ascontiguousarray(a.active[part]),
-        )
-        dense_x, dense_y = np.ascontiguousarray(x[..., part]), np.ascontiguousarray(y[..., part])
-        losses[part], margin[..., part], still[part] = _window_by(
-            family, block, dense_x, dense_y, tapes
-        )
-        for array, piece in zip(whole, pieces, strict=True):
-            array[..., part] = piece
-    return losses, margin, still
+def _models_last(array: np.ndarray) -> np.ndarray:
+    return _dense(array, np.float32)
+
+
+def _models_first_view(array: np.ndarray) -> np.ndarray:
+    """array (..., K) as a view of C-contiguous (K, ...) storage: itself where it is one."""
+    storage = np.moveaxis(array, -1, 0)
+    if storage.dtype != np.float32 or not storage.flags.c_contiguous:
+        storage = np.ascontiguousarray(storage, np.float32)
+    return np.moveaxis(storage, 0, -1)
+
+
+def _models_first(array: np.ndarray) -> np.ndarray:
+    """The (K, ...) storage of a `_models_first_view`."""
+    return np.moveaxis(array, -1, 0)
 
 
 def _dense(array: np.ndarray, dtype: type) -> np.ndarray:
@@ -264,9 +240,8 @@ TIMED_WINDOWS = 2
 class Race:
     """The first windows of a shape in a process, run each way in turn, the fastest kept.
 
-    The ways: the two families of kernels, and beyond MODEL_BLOCK lanes the one-model kernels
-    on blocks of lanes (`_window_in_blocks`). Each way first runs one window untimed (it
-    pages in its fresh tapes and fills the caches with its own layout), then TIMED_WINDOWS
+    The ways: the two families of kernels. Each first runs one window untimed (it pages in its
+    fresh tapes and fills the caches with its own layout), then TIMED_WINDOWS
     timed ones, interleaved with the others', so that a spell of load elsewhere on the machine
     hits all alike; the way with the shortest best window wins. A window's time is the CPU
     time of its thread, so that other processes taking the core meanwhile do not count (at a
@@ -304,7 +279,7 @@ RACES: dict[WindowShape, Race] = {}
 
 
 def measured_families() -> dict[WindowShape, str]:
-    """The way (BY_LANE, BY_MODEL or BY_MODEL_BLOCKS) each window shape runs in this process,
+    """The family (BY_LANE or BY_MODEL) each window shape runs in this process,
     where a race decided it."""
     return {shape: race.winner for shape, race in RACES.items() if race.winner is not None}
 
@@ -360,10 +335,16 @@ def _family(kernels: ModuleType, by_model: bool) -> _Family:
 def _window_by(
     family: _Family, a: WindowArrays, x: np.ndarray, y: np.ndarray, tapes: Tapes
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The window by one family of kernels on dense float32 arrays (..., K), which they update
-    in place (weights, accumulators and state); returns (losses, margin, still active)."""
+    """The window by one family of kernels on dense float32 arrays (..., K), the weights and
+    accumulators laid out for the family (`_laid_out`), which they update in place (weights,
+    accumulators and state); returns (losses, margin, still active)."""
     batch, steps, models = x.shape
     h, c = a.state
+    if family.model_first:  # the kernels take the weights' (K, ...) storage
+        a = a._replace(
+            weights=[_models_first(w) for w in a.weights],
+            accum=[_models_first(w) for w in a.accum],
+        )
     units = h.shape[2]
     take = tapes.for_window((len(h), batch, steps, units, models), family.model_first)
 

@@ -1,10 +1,11 @@
 """The CPU training step of K stacked LSTMs as numba kernels, compiled once per machine.
 
 The same update as `model.train_window` (forward, the backward written out by hand, Adagrad),
-written as plain loops, in two families that take the same (..., K) weights and state as
-model.py. The first ("by_lane") puts the model axis K innermost, so the loop over K reads
-consecutive floats and LLVM turns it into vector code: fast with many models. The second
-("by_model", below) runs one model at a time, vectorized over its gates: fast with a few. Each
+written as plain loops, in two families. The first ("by_lane") takes the weights and state
+as the lanes hold them, the model axis K innermost (..., K), so the loop over K reads
+consecutive floats and LLVM turns it into vector code: fast with many small models. The second
+("by_model", below) runs one model at a time, vectorized over its gates, from weights laid out
+model first (K, ...): fast with a few models, and with wide ones. Each
 kernel is compiled for one signature (float32 C-contiguous arrays of a fixed rank), so one
 compile serves every number of layers, state size, batch, truncation and K; numba caches the
 machine code on disk (see kernel_cache.py), so a machine compiles once and every later process,
@@ -567,32 +568,28 @@ def head_update(w_out, b_out, acc_w, acc_b, top, y, lr, active, losses, margin, 
 
 # One model at a time. The kernels above vectorize over the model axis, which needs many
 # models: with a few (a first study's handful of trials per architecture) their vector loops run
-# a short scalar tail. The kernels below take the same weights, accumulators and state, (..., K)
-# as above, but loop over the models outermost and vectorize over the gates (4H) and units (H)
-# of one model, from a contiguous copy of its weights (a transposed one for the backward, so its
-# sums over the gates also run over contiguous rows). Their tape is laid out model first:
-# inputs and h_seq, c_seq (K, B, T + 1, ·), tanh_c and d_outputs (K, B, T, H), and gates
-# (K, T, B, 4H), time major, so that a step's rows are adjacent and their sums share each load
-# of weights (_add_block_shares): only these kernels read it. Every value is summed in the
-# order the kernels above sum it, so both give a model the same bits (tested): a trainer may
-# switch between them as its count of models changes. Models that sit the window out are
-# skipped, their losses NaN.
+# a short scalar tail. The kernels below loop over the models outermost and vectorize over the
+# gates (4H) and units (H) of one model. They take the same weights and accumulators as above,
+# but model first, (K, ...), each model's contiguous (cpu_step moves the lanes there, once,
+# when these kernels take over): in the lanes' layout (..., K) a model's floats lie K apart,
+# each on a cache line of its own at K = 128, and copying a model's weights out and Adagrad's
+# strided updates took longer than its arithmetic (measured at state 64, 3 layers: a
+# model-window took 2.2 times as long among 128 lanes as alone; model first, 128 models ran as
+# fast per model as one). The state stays (B, H, K), as above: a model reads it once a window.
+# Their tape is laid out model first too: inputs and h_seq, c_seq (K, B, T + 1, ·), tanh_c and
+# d_outputs (K, B, T, H), and gates (K, T, B, 4H), time major, so that a step's rows are
+# adjacent and their sums share each load of weights (_add_block_shares): only these kernels
+# read it. Every value is summed in the order the kernels above sum it, so both give a model
+# the same bits (tested): a trainer may switch between them as its count of models changes.
+# Models that sit the window out are skipped, their losses NaN.
 
 
 @numba.njit(inline="always", **_JIT)
-def _gather_rows(weight, k, rows):
-    """rows (R, C) = weight[:, :, k] of a (R, C, K) weight."""
+def _transpose(rows, columns):
+    """columns (C, R) = rows (R, C).T, for one model's weight."""
     for r in range(rows.shape[0]):
         for col in range(rows.shape[1]):
-            rows[r, col] = weight[r, col, k]
-
-
-@numba.njit(inline="always", **_JIT)
-def _gather_columns(weight, k, columns):
-    """columns (C, R) = weight[:, :, k].T of a (R, C, K) weight."""
-    for r in range(columns.shape[1]):
-        for col in range(columns.shape[0]):
-            columns[col, r] = weight[r, col, k]
+            columns[col, r] = rows[r, col]
 
 
 @_row_helper
@@ -781,70 +778,44 @@ def _backward_model(
     _add_block_shares(d_pre, h_seq_t, grad_hidden)
 
 
-@numba.njit(inline="always", **_JIT)
-def _adagrad_model(weight, accum, grad, lr, k):
-    """_adagrad_rows for model k alone: weight and accum rows (J, K), grad (J,) its gradients."""
-    for g in range(grad.shape[0]):
-        d = grad[g]
-        a = accum[g, k] + d * d
-        weight[g, k] = weight[g, k] - lr * d * (ONE / np.sqrt(a))
-        accum[g, k] = a
-
-
 @_row_helper
-def _adagrad_matrix(weight, accum, grad, lr, k, acc_rows):
-    """_adagrad_model on a whole weight (R, G, K), grad (R, G) its gradients,
-    in three passes: its accumulators gathered into acc_rows (at least R rows of G); then
-    acc += d² and d becomes the step lr d (1 / √acc), in a vector loop (a loop over the
-    model's strided weights ran a scalar square root and division per weight: 2.5 times as
-    long at state 16); then both written back. The same operations on each weight as
-    _adagrad_model, so the same bits."""
-    rows, cols = grad.shape
-    for r in range(rows):
-        for g in range(cols):
-            acc_rows[r, g] = accum[r, g, k]
-    for r in range(rows):
-        for g in range(cols):
-            d = grad[r, g]
-            a = acc_rows[r, g] + d * d
-            acc_rows[r, g] = a
-            grad[r, g] = lr * d * (ONE / np.sqrt(a))
-    for r in range(rows):
-        for g in range(cols):
-            accum[r, g, k] = acc_rows[r, g]
-            weight[r, g, k] = weight[r, g, k] - grad[r, g]
+def _adagrad_model(weight, accum, grad, lr):
+    """_adagrad_rows for one model, on its contiguous weight and accum (R, C) and their grad:
+    the same operations on each weight, so the same bits, in a vector loop over each row."""
+    for r in range(weight.shape[0]):
+        w, acc, d_row = weight[r], accum[r], grad[r]
+        for g in range(w.shape[0]):
+            d = d_row[g]
+            a = acc[g] + d * d
+            w[g] = w[g] - lr * d * (ONE / np.sqrt(a))
+            acc[g] = a
 
 
 @_kernel("by_model", _FORWARD)
 def layer_forward_by_model(
     w_input, w_hidden, bias, inputs, h0, c0, h_seq, c_seq, gates, tanh_c, active
 ):  # fmt: skip
-    """layer_forward of the active models, one at a time, on a model-first tape: inputs (K, B,
-    T + 1, I); writes h_seq, c_seq (K, B, T + 1, H), gates (K, T, B, 4H: time major, see
-    above) and tanh_c (K, B, T, H), and the window's final state into h0 and c0 (B, H, K),
-    which the backward never reads."""
-    width, gate_rows, models = w_input.shape
-    units = w_hidden.shape[0]
+    """layer_forward of the active models, one at a time, from weights model first (K, I, 4H),
+    (K, H, 4H) and (K, 4H), on a model-first tape: inputs (K, B, T + 1, I); writes h_seq,
+    c_seq (K, B, T + 1, H), gates (K, T, B, 4H: time major, see above) and tanh_c (K, B, T,
+    H), and the window's final state into h0 and c0 (B, H, K), which the backward never
+    reads."""
+    models, width = w_input.shape[0], w_input.shape[1]
+    units = w_hidden.shape[1]
     batch, steps1 = inputs.shape[1], inputs.shape[2]
-    w_in = np.empty((width, gate_rows), np.float32)
-    w_h = np.empty((units, gate_rows), np.float32)
-    b_in = np.empty(gate_rows, np.float32)
     x_rows = np.empty((batch, width), np.float32)
     h_rows = np.empty((batch, units), np.float32)
     for k in range(models):
         if not active[k]:
             continue
-        _gather_rows(w_input, k, w_in)
-        _gather_rows(w_hidden, k, w_h)
-        for g in range(gate_rows):
-            b_in[g] = bias[g, k]
         for b in range(batch):
             for j in range(units):
                 h_seq[k, b, 0, j] = h0[b, j, k]
                 c_seq[k, b, 0, j] = c0[b, j, k]
         _forward_model(
-            w_in, w_h, b_in, inputs[k], h_seq[k], c_seq[k], gates[k], tanh_c[k], x_rows, h_rows
-        )
+            w_input[k], w_hidden[k], bias[k], inputs[k], h_seq[k], c_seq[k], gates[k],
+            tanh_c[k], x_rows, h_rows,
+        )  # fmt: skip
         for b in range(batch):
             for j in range(units):
                 h0[b, j, k] = h_seq[k, b, steps1 - 1, j]
@@ -855,25 +826,26 @@ def layer_forward_by_model(
 def head_update_by_model(
     w_out, b_out, acc_w, acc_b, top, y, lr, active, losses, margin, d_top, still
 ):  # fmt: skip
-    """head_update of the active models, one at a time: top (K, B, T + 1, H) and d_top (K, B,
-    T, H) are model first; y and margin (B, T, K) as in head_update. An inactive model's loss
-    and margin are NaN."""
+    """head_update of the active models, one at a time: w_out and acc_w (K, H, 2), b_out and
+    acc_b (K, 2), top (K, B, T + 1, H) and d_top (K, B, T, H) are model first; y and margin
+    (B, T, K) as in head_update. An inactive model's loss and margin are NaN."""
     batch, steps, models = y.shape
-    units = w_out.shape[0]
+    units = w_out.shape[1]
     d_margin = np.empty((batch, steps, models), np.float32)
     grad_w = np.empty((units, 2), np.float32)
-    grad_b = np.empty(2, np.float32)
+    grad_b = np.empty((1, 2), np.float32)
     for k in range(models):
         if not active[k]:
             losses[k], still[k] = np.nan, False
             margin[:, :, k] = np.nan
             continue
+        w = w_out[k]
         for b in range(batch):
             for t in range(steps):
-                logit0, logit1 = b_out[0, k], b_out[1, k]
+                logit0, logit1 = b_out[k, 0], b_out[k, 1]
                 for j in range(units):
-                    logit0 += top[k, b, t + 1, j] * w_out[j, 0, k]
-                    logit1 += top[k, b, t + 1, j] * w_out[j, 1, k]
+                    logit0 += top[k, b, t + 1, j] * w[j, 0]
+                    logit1 += top[k, b, t + 1, j] * w[j, 1]
                 margin[b, t, k] = logit1 - logit0
         losses[k] = _model_loss_and_gradient(margin, y, k, d_margin)
         still[k] = np.isfinite(losses[k])
@@ -884,15 +856,14 @@ def head_update_by_model(
         for b in range(batch):
             for t in range(steps):
                 dm = d_margin[b, t, k]
-                grad_b[0] -= dm
-                grad_b[1] += dm
+                grad_b[0, 0] -= dm
+                grad_b[0, 1] += dm
                 for j in range(units):
-                    d_top[k, b, t, j] = dm * w_out[j, 1, k] - dm * w_out[j, 0, k]
+                    d_top[k, b, t, j] = dm * w[j, 1] - dm * w[j, 0]
                     grad_w[j, 0] -= top[k, b, t + 1, j] * dm
                     grad_w[j, 1] += top[k, b, t + 1, j] * dm
-        for j in range(units):
-            _adagrad_model(w_out[j], acc_w[j], grad_w[j], lr[k], k)
-        _adagrad_model(b_out, acc_b, grad_b, lr[k], k)
+        _adagrad_model(w, acc_w[k], grad_w, lr[k])
+        _adagrad_model(b_out[k : k + 1], acc_b[k : k + 1], grad_b, lr[k])
 
 
 @_kernel("by_model", _BACKWARD)
@@ -901,9 +872,10 @@ def layer_backward_update_by_model(
     inputs, h_seq, c_seq, gates, tanh_c, d_outputs, d_inputs, lr, active,
 ):  # fmt: skip
     """layer_backward_update of the active models, one at a time, on layer_forward_by_model's
-    tape; d_outputs (K, B, T, H) and d_inputs (K, B, T, I) are model first."""
-    width, gate_rows, models = w_input.shape
-    units = w_hidden.shape[0]
+    tape, with its weights and accumulators model first; d_outputs (K, B, T, H) and d_inputs
+    (K, B, T, I) are model first."""
+    models, width, gate_rows = w_input.shape
+    units = w_hidden.shape[1]
     batch = d_outputs.shape[1]
     w_in_t = np.empty((gate_rows, width), np.float32)
     w_h_t = np.empty((gate_rows, units), np.float32)
@@ -916,19 +888,18 @@ def layer_backward_update_by_model(
     d_x = np.empty((batch, width), np.float32)
     grad_input = np.empty((width, gate_rows), np.float32)
     grad_hidden = np.empty((units, gate_rows), np.float32)
-    grad_bias = np.empty(gate_rows, np.float32)
-    acc_rows = np.empty((max(width, units), gate_rows), np.float32)
+    grad_bias = np.empty((1, gate_rows), np.float32)
     for k in range(models):
         if not active[k]:
             continue
-        _gather_columns(w_input, k, w_in_t)
-        _gather_columns(w_hidden, k, w_h_t)
+        _transpose(w_input[k], w_in_t)
+        _transpose(w_hidden[k], w_h_t)
         _backward_model(
             w_in_t, w_h_t, inputs[k], h_seq[k], c_seq[k],
             gates[k], tanh_c[k], d_outputs[k],
             d_inputs[k], d_pre, inputs_t, h_seq_t, d_h, d_c, d_x, grad_input, grad_hidden,
-            grad_bias,
+            grad_bias[0],
         )  # fmt: skip
-        _adagrad_matrix(w_input, acc_input, grad_input, lr[k], k, acc_rows)
-        _adagrad_matrix(w_hidden, acc_hidden, grad_hidden, lr[k], k, acc_rows)
-        _adagrad_model(bias, acc_bias, grad_bias, lr[k], k)
+        _adagrad_model(w_input[k], acc_input[k], grad_input, lr[k])
+        _adagrad_model(w_hidden[k], acc_hidden[k], grad_hidden, lr[k])
+        _adagrad_model(bias[k : k + 1], acc_bias[k : k + 1], grad_bias, lr[k])

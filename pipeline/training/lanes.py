@@ -127,9 +127,8 @@ class Lanes:
     def _whole(self, count: int) -> int:
         """Lanes for `count` trials: whole vectors of LANES, but as many as the trials where
         the numba kernels that run one model at a time will run them (below their switch,
-        `cost.models_to_vectorize_over`). Those skip empty lanes, but read a model's weights
-        with a stride of the lanes, so more lanes cost them cache lines: at state 16, 3 layers,
-        a trial alone took 71 µs a window in 1 lane and 81 in 16."""
+        `cost.models_to_vectorize_over`). Those skip empty lanes, but every lane is one more
+        model in the data, state and tapes that a window copies and lays out."""
         units = self.shared.model.state_size
         if self.step_fn.backend == "numba" and count < models_to_vectorize_over(units):
             return max(1, count)
