@@ -74,6 +74,8 @@ def train(configs: Sequence[Config], on_step: OnStep | None = None) -> TrainResu
         raise ValueError(f"configs differ beyond echo_step, lr, epochs and seed: {sorted(keys)}")
     step, device = window_step(first)
     lanes = Lanes(first, step, device)
+    # Room for every model at once: admitted one by one, each would grow (copy) the lanes.
+    lanes.reserve(len(configs))
     for k, config in enumerate(configs):
         lanes.admit(LaneTrial(k, config))
     count = len(configs)
