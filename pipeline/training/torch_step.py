@@ -136,6 +136,39 @@ class TorchPieces(NamedTuple):
     layer_forward: Callable[..., tuple]
     head_update: Callable[..., tuple]
     layer_backward_update: Callable[..., torch.Tensor | None]
+    scratch: Scratch | None = None
+    """Where the eager pieces take their large arrays from (None: fresh ones)."""
+
+
+class Scratch:
+    """The large arrays of a step's windows, kept from one window to the next: the i-th that a
+    window asks for is the i-th of the window before where the shapes match. Fresh arrays of
+    megabytes cost their pages' faults again at every window (state 64, K = 128: 10,000 to
+    27,000 a window, a tenth of its time). Call `start` at each window."""
+
+    def __init__(self) -> None:
+        self.arrays: list[torch.Tensor] = []
+        self.taken = 0
+
+    def start(self) -> None:
+        self.taken = 0
+
+    def empty(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        at = self.taken
+        self.taken += 1
+        if at < len(self.arrays):
+            kept = self.arrays[at]
+            if kept.shape == shape and kept.dtype == like.dtype and kept.device == like.device:
+                return kept
+            self.arrays[at] = like.new_empty(shape)
+        else:
+            self.arrays.append(like.new_empty(shape))
+        return self.arrays[at]
+
+
+def _empty(scratch: Scratch | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """An uninitialized array: from `scratch`, or a fresh one (torch.compile's pieces)."""
+    return like.new_empty(shape) if scratch is None else scratch.empty(shape, like)
 
 
 def train_window(
@@ -173,9 +206,8 @@ def train_window(
     inputs = _inputs_of(x)
     tapes = []
     for layer in range(num_layers(weights)):
-        tape = _LayerTape(
-            *pieces.layer_forward(*layer_of(weights, layer), inputs, h0[:, layer], c0[:, layer])
-        )
+        forward_args = (*layer_of(weights, layer), inputs, h0[:, layer], c0[:, layer])
+        tape = _LayerTape(*pieces.layer_forward(*forward_args, scratch=pieces.scratch))
         tapes.append(tape)
         inputs = tape.outputs
     losses, margin, still, d_outputs = pieces.head_update(
@@ -186,7 +218,7 @@ def train_window(
     for layer in reversed(range(len(tapes))):
         d_outputs = pieces.layer_backward_update(
             *layer_of(weights, layer), *layer_of(accum, layer), *tapes[layer], d_outputs,
-            lr, frozen, layer > 0,
+            lr, frozen, layer > 0, scratch=pieces.scratch,
         )  # fmt: skip
     moved = _per_model(active, h0)
     last_h = torch.stack([tape.hs[:, -1] for tape in tapes], dim=1)  # (K, L, B, H)
@@ -284,17 +316,25 @@ def _layer_forward(
     inputs: torch.Tensor,
     h: torch.Tensor,
     c: torch.Tensor,
+    scratch: Scratch | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """One LSTM layer over a window, model first: w_input (K, I, 4H), w_hidden (K, H, 4H), bias
     (K, 4H), inputs (K, T, B, I), h, c (K, B, H) → a _LayerTape."""
-    models, steps, batch, _ = inputs.shape
+    models, steps, batch, width = inputs.shape
     units = w_hidden.shape[1]
-    projected = _input_projection(w_input, bias, inputs)
-    hs = inputs.new_empty(models, steps + 1, batch, units)
-    cs = torch.empty_like(hs)
+    tape_shape = (models, steps, batch, 4 * units)
+    projected = _empty(scratch, tape_shape, inputs)
+    torch.baddbmm(
+        bias.unsqueeze(1),
+        inputs.reshape(models, steps * batch, width),
+        w_input,
+        out=projected.view(models, steps * batch, 4 * units),
+    )
+    hs = _empty(scratch, (models, steps + 1, batch, units), inputs)
+    cs = _empty(scratch, hs.shape, inputs)
     hs[:, 0], cs[:, 0] = h, c
-    gates = torch.empty_like(projected)
-    tanh_c = inputs.new_empty(models, steps, batch, units)
+    gates = _empty(scratch, tape_shape, inputs)
+    tanh_c = _empty(scratch, (models, steps, batch, units), inputs)
     # Each step's views, made in a few calls rather than a dozen per step.
     h_at, c_at, tanh_c_at = hs.unbind(1), cs.unbind(1), tanh_c.unbind(1)
     sigmoid_at, tanh_at = (part.unbind(1) for part in gates.split([3 * units, units], dim=-1))
@@ -319,6 +359,7 @@ def _plain_layer_forward(
     inputs: torch.Tensor,
     h: torch.Tensor,
     c: torch.Tensor,
+    scratch: None = None,
 ) -> tuple[torch.Tensor, ...]:
     """`_layer_forward` written plainly, step results stacked at the end: what autograd
     (`forward`) and torch.compile take, which refuse `out=` into a tape's slice. The same
@@ -407,14 +448,16 @@ def _layer_backward_update(
     lr: torch.Tensor,
     frozen: torch.Tensor | None,
     needs_input_grad: bool,
+    scratch: Scratch | None = None,
 ) -> torch.Tensor | None:
     """Backpropagate through one layer's window, update its weights and accumulators in place
     (model first), and return the gradient on its inputs (K, T, B, I), computed with the
     weights before the update (None without `needs_input_grad`)."""
     models, steps, batch, units = d_outputs.shape
-    of_d_c, of_d_h = _gate_derivatives(gates, cs[:, :steps], tanh_c)
+    of_d_c, of_d_h = _gate_derivatives(gates, cs[:, :steps], tanh_c, scratch)
     # Laid out once, not at every step: a transposed operand costs bmm a copy of it per call.
-    hidden_t = w_hidden.transpose(1, 2).contiguous()  # (K, 4H, H)
+    hidden_t = _empty(scratch, (models, 4 * units, units), w_hidden)  # (K, 4H, H)
+    hidden_t.copy_(w_hidden.transpose(1, 2))
     # d_pre (K, T, B, 4H) takes the place of the factors, step by step.
     d_pre = of_d_c.view(gates.shape)
     d_pre_at = d_pre.unbind(1)
@@ -439,19 +482,19 @@ def _layer_backward_update(
     if needs_input_grad:
         d_inputs = torch.bmm(flat, w_input.transpose(1, 2)).view(models, steps, batch, -1)
     grads = (
-        _outer_sum(inputs, flat),
-        _outer_sum(hs[:, :steps], flat),
+        _outer_sum(inputs, flat, scratch),
+        _outer_sum(hs[:, :steps], flat, scratch),
         flat.sum(dim=1),
     )
     for weight, accum, grad in zip(
         (w_input, w_hidden, bias), (accum_input, accum_hidden, accum_bias), grads, strict=True
     ):
-        _adagrad_(weight, accum, grad, lr, frozen)
+        _adagrad_(weight, accum, grad, lr, frozen, scratch)
     return d_inputs
 
 
 def _gate_derivatives(
-    gates: torch.Tensor, c_prev: torch.Tensor, tanh_c: torch.Tensor
+    gates: torch.Tensor, c_prev: torch.Tensor, tanh_c: torch.Tensor, scratch: Scratch | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For every step of the window at once, what the backward multiplies: the gates'
     pre-activation gradients per unit of d_c (K, T, B, 4, H), in slots i, f, o, g (slot o per
@@ -459,22 +502,26 @@ def _gate_derivatives(
     models, steps, batch, four_units = gates.shape
     shape = (models, steps, batch, 4, four_units // 4)
     i, _, o, g = gates.view(shape).unbind(3)
-    # σ' = σ (1 - σ) over all four slots, contiguous (slot g's is overwritten below).
-    factors = torch.rsub(gates, 1).mul_(gates).view(shape)
+    # σ' = σ (1 - σ) over all four slots, contiguous (slot g's is overwritten below); 1 - x
+    # as -x + 1, the same bits, in place.
+    factors = torch.mul(gates, -1.0, out=_empty(scratch, gates.shape, gates))
+    factors = factors.add_(1.0).mul_(gates).view(shape)
     of_i, of_f, of_o, of_g = factors.unbind(3)
     of_i.mul_(g)  # ∂c/∂i = g
     of_f.mul_(c_prev)  # ∂c/∂f = c_prev
     of_o.mul_(tanh_c)  # ∂h/∂o = tanh c
-    of_g.copy_((1 - g * g).mul_(i))  # tanh'(g) · ∂c/∂g (no `out=` into a view: torch.compile)
-    return factors, o * (1 - tanh_c * tanh_c)
+    of_g.copy_(g).mul_(g).neg_().add_(1.0).mul_(i)  # tanh'(g) · ∂c/∂g
+    of_d_h = torch.mul(tanh_c, tanh_c, out=_empty(scratch, tanh_c.shape, tanh_c))
+    return factors, of_d_h.neg_().add_(1.0).mul_(o)  # tanh'(c) · ∂h/∂tanh c
 
 
-def _outer_sum(v: torch.Tensor, d_pre: torch.Tensor) -> torch.Tensor:
+def _outer_sum(v: torch.Tensor, d_pre: torch.Tensor, scratch: Scratch | None) -> torch.Tensor:
     """Per model, Σ over batch and time of v ⊗ d: v (K, T, B, I), d_pre (K, TB, J) → (K, I, J),
     one bmm over the whole window."""
     models, steps, batch, width = v.shape
     flat = v.reshape(models, steps * batch, width)
-    return torch.bmm(flat.transpose(1, 2), d_pre)
+    out = _empty(scratch, (models, width, d_pre.shape[-1]), d_pre)
+    return torch.bmm(flat.transpose(1, 2), d_pre, out=out)
 
 
 def _adagrad_(
@@ -483,6 +530,7 @@ def _adagrad_(
     grad: torch.Tensor,
     lr: torch.Tensor,
     frozen: torch.Tensor | None,
+    scratch: Scratch | None = None,
 ) -> None:
     """TensorFlow's Adagrad (accum += g², w -= lr g / √accum), in place on model-first arrays,
     in the numba kernels' order of operations; `grad` is scratch. Models `frozen` ((K,) bool, or
@@ -491,15 +539,18 @@ def _adagrad_(
         grad.masked_fill_(_per_model(frozen, grad), 0.0)
     accum.addcmul_(grad, grad)
     # w + (-(lr g)) / √accum: ten passes over the arrays, where a separate sub took thirteen.
-    weight.addcmul_(grad.mul_(_per_model(lr, grad)), torch.rsqrt(accum), value=-1.0)
+    rsqrt = torch.rsqrt(accum, out=_empty(scratch, accum.shape, accum))
+    weight.addcmul_(grad.mul_(_per_model(lr, grad)), rsqrt, value=-1.0)
 
 
 EAGER = TorchPieces(_layer_forward, _head_update, _layer_backward_update)
 
 
 def eager_step() -> WindowStep:
-    """torch's step without a compiler."""
-    return WindowStep("eager", _eager_window)
+    """torch's step without a compiler, with arrays of its own kept between its windows."""
+    pieces = EAGER._replace(scratch=Scratch())
+    window = functools.partial(_torch_window, pieces=pieces, running_only=True)
+    return WindowStep("eager", window)
 
 
 @functools.cache
@@ -525,6 +576,8 @@ def _torch_window(
     keep_inputs: bool = False,
     running_only: bool = False,
 ) -> WindowResult:
+    if pieces.scratch is not None:
+        pieces.scratch.start()
     return train_window(arrays, x, y, pieces, keep_inputs, running_only)
 
 
