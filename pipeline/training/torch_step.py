@@ -12,8 +12,10 @@ on all T steps together: the input half of the gate matmuls before the recurrenc
 derivatives between forward and backward; the weight gradients and the gradient on the inputs
 after it. Each step then runs one matmul (h·W_h forward, d_pre·W_hᵀ backward) and four
 elementwise passes each way, written into the tapes (`out=`) rather than stacked afterwards.
-The first formulation, per-model elementwise products over the model-last layout, ran 14 to 75
-times slower than the straightforward loop at states 32 to 64 on the CPU (docs/benchmarks.md).
+The eager step also computes only the models that train (`_train_running`) and keeps its large
+arrays from one window to the next (`Scratch`). The first formulation, per-model elementwise
+products over the model-last layout, ran 14 to 75 times slower than the straightforward loop at
+states 32 to 64 on the CPU (docs/benchmarks.md, docs/engine.md).
 
 `train_window` is the hot path: forward, the backward written out by hand, and Adagrad, without
 autograd, in three pieces that torch.compile compiles. Writing the backward by hand also makes
@@ -154,16 +156,13 @@ class Scratch:
         self.taken = 0
 
     def empty(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        at = self.taken
-        self.taken += 1
-        if at < len(self.arrays):
-            kept = self.arrays[at]
-            if kept.shape == shape and kept.dtype == like.dtype and kept.device == like.device:
-                return kept
-            self.arrays[at] = like.new_empty(shape)
-        else:
+        at, self.taken = self.taken, self.taken + 1
+        if at == len(self.arrays):
             self.arrays.append(like.new_empty(shape))
-        return self.arrays[at]
+        kept = self.arrays[at]
+        if kept.shape != shape or kept.dtype != like.dtype or kept.device != like.device:
+            kept = self.arrays[at] = like.new_empty(shape)
+        return kept
 
 
 def _empty(scratch: Scratch | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
