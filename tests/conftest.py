@@ -75,6 +75,18 @@ def small() -> Config:
     return small_config()
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: its threads split an elementwise pass where they
+    please, and so change which values its scalar tail rounds."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A real embedded Ray with two CPUs, shared by the tests that run studies in-process,

@@ -116,7 +116,10 @@ def test_train_window_carries_a_state_without_a_graph_that_changes_the_next_loss
     assert carried.h.abs().sum() > 0 and carried.c.abs().sum() > 0
     assert carried.h.grad_fn is None and not carried.h.requires_grad
     x2, y2 = _window(1, seed=1)
-    with_carry = train_window(WindowArrays(weights, accum, carried, lr, active), x2, y2).losses
+    # The same weights for both (a step may update those it is given in place).
+    with_carry = train_window(
+        WindowArrays(_copy(weights), _copy(accum), carried, lr, active), x2, y2
+    ).losses
     without = train_window(WindowArrays(weights, accum, zeros, lr, active), x2, y2).losses
     assert not torch.equal(with_carry, without)
 
@@ -236,15 +239,16 @@ def test_numba_step_follows_the_eager_step_over_the_first_windows():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def _train_numba(seeds: list[int], echo: list[int], lr: list[float], active: list[bool],
-                 windows: int = 6) -> torch.Tensor:  # fmt: skip
-    """Losses (windows, K) of numba-trained models, each fed its own echo data."""
+def _train_models(seeds: list[int], echo: list[int], lr: list[float], active: list[bool],
+                 windows: int = 6, step=None, units: int = 5) -> torch.Tensor:  # fmt: skip
+    """Losses (windows, K) of models trained by `step` (numba's by default), each fed its own
+    echo data."""
     count = len(seeds)
-    weights = init_weights(ModelConfig(num_layers=2, state_size=5), seeds, CPU)
+    weights = init_weights(ModelConfig(num_layers=2, state_size=units), seeds, CPU)
     accum = init_adagrad(weights)
     state = init_state(weights, batch_size=5)
     rates, mask = torch.tensor(lr), torch.tensor(active)
-    step = _numba_step()
+    step = step or _numba_step()
     losses = []
     for window in range(windows):
         x = torch.stack([_window(1, seed=100 * s + window)[0][..., 0] for s in seeds], dim=-1)
@@ -260,15 +264,35 @@ def _train_numba(seeds: list[int], echo: list[int], lr: list[float], active: lis
 def test_numba_step_gives_a_model_the_same_bits_in_any_batch(count):
     # Model (seed 42, echo 3, lr 0.3) alone, then at index k of batches of other models with
     # other seeds, echo steps and rates, some of them inactive.
-    alone = _train_numba([42], [3], [0.3], [True])[:, 0]
+    alone = _train_models([42], [3], [0.3], [True])[:, 0]
     for k in sorted({0, count // 2, count - 1}):
         seeds = [1000 + i for i in range(count)]
         echo = [1 + i % 9 for i in range(count)]
         lr = [0.05 + 0.07 * (i % 11) for i in range(count)]
         active = [i % 3 != 1 for i in range(count)]
         seeds[k], echo[k], lr[k], active[k] = 42, 3, 0.3, True
-        batched = _train_numba(seeds, echo, lr, active)
+        batched = _train_models(seeds, echo, lr, active)
         assert torch.equal(batched[:, k], alone), (count, k)
+
+
+@pytest.mark.parametrize("units", [4, 32])
+def test_eager_step_gives_a_model_the_same_bits_among_any_number_of_others(units, one_thread):
+    # Model (seed 42, echo 3, lr 0.3) alone, then among 4 and 18 others of other seeds, echo
+    # steps and rates, some of them inactive: on one thread the eager step gives each model
+    # the same arithmetic whatever the count of models, which need not fill whole vectors
+    # (an elementwise pass over K·75 losses' terms ends mid-vector, and torch's scalar tail
+    # rounds sigmoid and softplus otherwise than its vector body).
+    step = step_function(False, CPU)
+    alone = _train_models([42], [3], [0.3], [True], windows=30, step=step, units=units)[:, 0]
+    for count in (5, 19):
+        k = count // 2
+        seeds = [1000 + i for i in range(count)]
+        echo = [1 + i % 9 for i in range(count)]
+        lr = [0.05 + 0.07 * (i % 11) for i in range(count)]
+        active = [i % 3 != 1 for i in range(count)]
+        seeds[k], echo[k], lr[k], active[k] = 42, 3, 0.3, True
+        batched = _train_models(seeds, echo, lr, active, windows=30, step=step, units=units)
+        assert torch.equal(batched[:, k], alone), count
 
 
 @pytest.mark.parametrize("backend", [True, False])
