@@ -6,8 +6,10 @@ samples every 50 ms the CPU seconds (utime + stime, /proc/PID/stat) of every pro
 session or below it, sorted by what it is (from its command line: the driver, the GCS, the
 raylet, the dashboard agent, the runtime-env agent, the log monitor, the Ray workers that ran a
 trainer, the idle ones, the kernels' compile ahead, ...). A process's last sample is its CPU;
-"unsampled" is what the kernel says the whole reaped tree used (wait4) less the samples' sum:
-processes that lived less than a sample, or a process's last 50 ms. CPU seconds are far less
+processes that lived less than a sample are missed (none of Ray's). Each is split at the span
+in which the trainers trained (from their first CPU past their start to their last): before
+(imports, Ray's start, the trainers' start), during (what competes with the trainers) and
+after (the summary, Ray's stop). CPU seconds are far less
 noisy than wall time on a shared machine; the 1-minute load and the machine's CPU seconds
 that were not ours during each run say how shared it was.
 
@@ -64,7 +66,6 @@ KINDS = (
     # A fork of the driver: the summary draws its loss curves in one (summary/forked.py).
     ("-m pipeline study", "driver's fork (summary: loss curves)"),
 )
-UNSAMPLED = "unsampled (short-lived, last 50 ms)"
 
 
 @dataclass
@@ -186,10 +187,10 @@ def _measure(args: argparse.Namespace, workers: int) -> Run:
         for i, seconds in enumerate((at_begin, at_end - at_begin, total - at_end)):
             phases[kind][i] += seconds
         processes[kind] += 1
-    sampled = sum(cpu.values())
-    tree = _reaped_cpu() - reaped_before
-    cpu[UNSAMPLED] = max(0.0, tree - sampled)
-    others = max(0.0, machine_cpu - max(tree, sampled))
+    # What the reaped tree used, where the kernel accounted it (processes that Ray leaves to
+    # init are not): a floor under the study's CPU, for the machine's share of others.
+    ours = max(_reaped_cpu() - reaped_before, sum(cpu.values()))
+    others = max(0.0, machine_cpu - ours)
     return Run(
         workers,
         wall,
@@ -309,7 +310,7 @@ def _report(args: argparse.Namespace, runs: dict[int, list[Run]]) -> str:
     counts = list(runs)
     kinds = sorted(
         {kind for runs_ in runs.values() for run in runs_ for kind in run.cpu},
-        key=lambda kind: (kind == UNSAMPLED, -max(_mean(runs[n], kind) for n in counts)),
+        key=lambda kind: -max(_mean(runs[n], kind) for n in counts),
     )
     header = [
         "process",
@@ -351,7 +352,7 @@ def _cell(runs: list[Run], kind: str) -> str:
     """A kind's mean CPU seconds, its processes, and its split by phase."""
     phases = [sum(run.phases.get(kind, (0.0, 0.0, 0.0))[i] for run in runs) / len(runs)
               for i in range(3)]  # fmt: skip
-    split = " / ".join(f"{seconds:.1f}" for seconds in phases) if kind != UNSAMPLED else "-"
+    split = " / ".join(f"{seconds:.1f}" for seconds in phases)
     return f"{_mean(runs, kind):.2f} ({_processes(runs, kind)}): {split}"
 
 
