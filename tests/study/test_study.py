@@ -358,22 +358,15 @@ for dashboard in (False, True):
 
 
 # What an embedded Ray's processes were started with, with and without the dashboard: the
-# driver's view of the GCS's system config, and the environment of the dashboard agent and of
-# the log monitor (found by their session); then a task's print, as the driver sees it.
+# GCS's system config, and the environment of the raylet (which starts the dashboard agent with
+# it: the agent's own /proc environ is overwritten when it retitles itself) and of the log
+# monitor; then a task's print, as the driver sees it.
 EMBEDDED_RAY_SETTINGS = """
-import io, json, os, sys, time, ray
+import io, json, os, sys, time, psutil, ray
 from pipeline.study.ray_connection import start_embedded_ray, stop_embedded_ray
 
-def environment(marker, session):
-    for name in os.listdir("/proc"):
-        try:
-            command = open(f"/proc/{name}/cmdline", "rb").read().decode(errors="replace")
-            if marker in command and session in command:
-                pairs = open(f"/proc/{name}/environ", "rb").read().split(b"\\0")
-                return dict(p.decode(errors="replace").split("=", 1) for p in pairs if b"=" in p)
-        except OSError:
-            continue
-    return None
+def started(kind):
+    return psutil.Process(node.all_processes[kind][0].process.pid)
 
 @ray.remote
 def shout(text):
@@ -384,12 +377,12 @@ start_embedded_ray(num_cpus=1, dashboard=dashboard)
 node = ray._private.worker._global_node
 settings = {
     "metrics": ray._private.state.state.get_system_config().get("enable_metrics_collection"),
-    "agent": environment("dashboard/agent.py", node.session_name),
-    "log_monitor": environment("log_monitor.py", node.session_name),
+    "raylet": started("raylet").environ(),
+    "log_monitor": started("log_monitor").environ(),
     "driver_reporter": os.environ.get("REPORTER_UPDATE_INTERVAL_MS"),
 }
-seen, sys.stdout = io.StringIO(), sys.stdout
-original, sys.stdout = sys.stdout, seen
+original, seen = sys.stdout, io.StringIO()
+sys.stdout = seen
 ray.get(shout.remote("a-line-from-a-worker"))
 deadline = time.monotonic() + 60  # bounds a failure only: the line comes within a second
 while "a-line-from-a-worker" not in seen.getvalue() and time.monotonic() < deadline:
@@ -416,7 +409,7 @@ def test_embedded_ray_without_the_dashboard_skips_what_only_the_dashboard_reads(
     # minute and its log monitor looks for new files every 0.5 s; the driver's own environment
     # is put back after the start.
     assert (plain["metrics"], plain["driver_reporter"]) == (False, None)
-    assert plain["agent"]["REPORTER_UPDATE_INTERVAL_MS"] == "60000"
+    assert plain["raylet"]["REPORTER_UPDATE_INTERVAL_MS"] == "60000"
     assert plain["log_monitor"]["RAY_LOG_MONITOR_MANY_FILES_THRESHOLD"] == "0"
 
 
@@ -424,7 +417,7 @@ def test_embedded_ray_with_the_dashboard_keeps_what_the_dashboard_reads():
     with_dashboard = _embedded_ray_settings(dashboard=True)
     # With the dashboard, Ray's own defaults: metrics recorded, stats every 5 s.
     assert with_dashboard["metrics"] is not False
-    assert "REPORTER_UPDATE_INTERVAL_MS" not in with_dashboard["agent"]
+    assert "REPORTER_UPDATE_INTERVAL_MS" not in with_dashboard["raylet"]
 
 
 def test_embedded_ray_without_the_dashboard_still_forwards_a_workers_output():
