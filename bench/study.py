@@ -26,6 +26,9 @@ architecture in lockstep to beat that. The targets this measures (and never asse
                                            # about 2 trials per architecture, so little lockstep:
                                            # it checks the script, its ratios mean little
     python bench/study.py configs/quick.yaml --set model.state_size=8
+    python bench/study.py --wide --no-scaling   # configs/wide.yaml (96 trials at states 32-128,
+                                           # 2 epochs) against the loop: about 15 minutes
+    python bench/study.py --scaling-only   # only 1 against 2 workers (about a minute)
 
 Ray starts embedded with RAY_AUTH_MODE=disabled and RAY_ADDRESS unset; `run_study` stops it.
 """
@@ -52,13 +55,14 @@ from report import say, times
 
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.results.tables import FIXED_COLUMNS, load_trials
-from pipeline.study.driver import run_study
+from pipeline.study.driver import StudyOutcome, run_study
 
 DEFAULT_CONFIG = "configs/study.yaml"
+WIDE_CONFIG = "configs/wide.yaml"
 QUICK = {"epochs": 1, "trials": 24, "scaling_epochs": 1}
 TARGETS = (
-    "Targets: the study ≥ 15× faster than the loop, cold (issues 6 and 10); 2 Ray workers ≥ "
-    "1.8× one (issue 6)."
+    "Targets: the study ≥ 15× faster than the loop, cold (issues 6 and 10), configs/wide.yaml "
+    "≥ 8× (issue 24); 2 Ray workers ≥ 1.8× one (issues 6 and 24)."
 )
 
 
@@ -76,6 +80,7 @@ class StudyRun(Timing):
     """One measured run of our pipeline, with its trials.parquet."""
 
     trials: pd.DataFrame
+    outcome: StudyOutcome
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,6 +88,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         for name, value in QUICK.items():
             setattr(args, name, getattr(args, name) or value)
+    if args.wide:
+        if args.config != DEFAULT_CONFIG:
+            sys.exit(f"error: --wide runs {WIDE_CONFIG}; give either it or a config, not both")
+        args.config = WIDE_CONFIG
+    if args.no_scaling and args.scaling_only:
+        sys.exit("error: --no-scaling and --scaling-only leave nothing to run; give one")
     _embedded_ray_only()
     try:
         config = _bench_config(args)
@@ -91,18 +102,24 @@ def main(argv: list[str] | None = None) -> None:
     scaling = config.with_params(
         {"train.epochs": args.scaling_epochs or min(2, config.train.epochs)}
     )
-    say(f"our pipeline: {_describe(config)} on {args.cores} Ray workers, cold then warm")
     load = os.getloadavg()[0]
-    with _fresh_kernel_cache():
-        cold = _run_study(config, args.cores)
-        ours = _run_study(config, args.cores)
-    specs = _trial_specs(config, ours.trials)
-    say(f"the straightforward loop: the same {len(specs)} trials in {args.cores} processes")
-    loop = _run_loop(specs, args.cores)
-    say(f"Ray workers: {_describe(scaling)} on 1 worker, then on {args.cores}")
-    one = _run_study(scaling, 1)
-    many = _run_study(scaling, args.cores)
-    print(_report(args, config, specs, load, cold, ours, loop, scaling, one, many))
+    report = []
+    if not args.scaling_only:
+        say(f"our pipeline: {_describe(config)} on {args.cores} Ray workers, cold then warm")
+        with _fresh_kernel_cache():
+            cold = _run_study(config, args.cores)
+            ours = _run_study(config, args.cores)
+        specs = _trial_specs(config, ours.trials)
+        say(f"the straightforward loop: the same {len(specs)} trials in {args.cores} processes")
+        loop = _run_loop(specs, args.cores)
+        report += _pipeline_report(args, config, specs, load, cold, ours, loop)
+    if not args.no_scaling:
+        say(f"Ray workers: {_describe(scaling)} on 1 worker, then on {args.cores}")
+        load = os.getloadavg()[0]
+        one = _run_study(scaling, 1)
+        many = _run_study(scaling, args.cores)
+        report += _scaling_report(args, scaling, load, one, many)
+    print("\n".join([*report, TARGETS]))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -121,6 +138,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--cores", type=int, default=2, help="cores for both sides (default 2)")
     parser.add_argument(
         "--quick", action="store_true", help="a smoke run (24 trials, 1 epoch), not representative"
+    )
+    parser.add_argument("--wide", action="store_true", help=f"the config {WIDE_CONFIG}")
+    parser.add_argument(
+        "--no-scaling", action="store_true", help="skip the 1-against-N workers runs"
+    )
+    parser.add_argument(
+        "--scaling-only", action="store_true", help="only the 1-against-N workers runs"
     )
     return parser
 
@@ -168,7 +192,7 @@ def _run_study(config: Config, workers: int) -> StudyRun:
         started = time.perf_counter()
         # Per-trial lines (when stderr is not a terminal) stay out of the result on stdout.
         with redirect_stdout(sys.stderr):
-            run_study(run_config, progress=sys.stderr.isatty())
+            outcome = run_study(run_config, progress=sys.stderr.isatty())
         seconds = time.perf_counter() - started
         trials = load_trials(run_config.output)
     finally:
@@ -176,7 +200,7 @@ def _run_study(config: Config, workers: int) -> StudyRun:
             ray.shutdown()
         shutil.rmtree(folder, ignore_errors=True)
     # Trials overlap in a trainer's lanes, so their durations add up to no training time.
-    return StudyRun(seconds, math.nan, trials)
+    return StudyRun(seconds, math.nan, trials, outcome)
 
 
 def _trial_specs(config: Config, trials: pd.DataFrame) -> list[TrialSpec]:
@@ -214,7 +238,7 @@ def _run_loop(specs: list[TrialSpec], cores: int) -> Timing:
         return Timing(time.perf_counter() - started, busy)
 
 
-def _report(
+def _pipeline_report(
     args: argparse.Namespace,
     config: Config,
     specs: list[TrialSpec],
@@ -222,13 +246,10 @@ def _report(
     cold: StudyRun,
     ours: StudyRun,
     loop: Timing,
-    scaling: Config,
-    one: StudyRun,
-    many: StudyRun,
-) -> str:
-    """The README-ready result: what was measured, then Markdown tables of times and ratios."""
+) -> list[str]:
+    """The README-ready result: what was measured, then a Markdown table of times and ratios."""
     windows = sum(s.windows for s in specs)
-    lines = [
+    return [
         f"### Study wall time: {args.config} ({_describe(config)}, {windows:,} windows)",
         "",
         f"- our pipeline: `run_study`, Ray embedded with {args.cores} CPUs (1 per trainer), "
@@ -239,28 +260,49 @@ def _report(
         "(multiprocessing Pool, longest first), timed from a started pool",
         "- training s: time inside the loop's training, summed over its processes (ours: -, "
         "trials overlap in lanes); the rest of wall s × cores is start-up, writing and idle",
+        "- driver CPU s: the driver process's CPU time (`StudyOutcome.driver_cpu_seconds`); "
+        "lanes per step: trials trained per step of a set of lanes, on average (the lockstep)",
         f"- 1-minute load average at the start: {load:.1f} on {os.cpu_count()} CPUs "
         "(other work on the machine skews every number)",
         "",
-        "| run | cores | wall s | training s | speed-up |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| run | cores | wall s | training s | driver CPU s | lanes per step | speed-up |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         f"| straightforward loop, one trial at a time | {args.cores} | {loop.seconds:.1f} "
-        f"| {loop.busy:.1f} | 1× |",
+        f"| {loop.busy:.1f} | - | 1 | 1× |",
         f"| our pipeline, cold (empty kernel cache) | {args.cores} | {cold.seconds:.1f} | - "
-        f"| {times(loop.seconds / cold.seconds)} |",
+        f"| {_driver(cold)} | {_lanes(cold)} | {times(loop.seconds / cold.seconds)} |",
         f"| our pipeline, warm | {args.cores} | {ours.seconds:.1f} | - "
-        f"| {times(loop.seconds / ours.seconds)} |",
+        f"| {_driver(ours)} | {_lanes(ours)} | {times(loop.seconds / ours.seconds)} |",
         "",
-        f"### Ray workers: 1 against {args.cores} ({_describe(scaling)})",
-        "",
-        "| Ray workers | wall s | training s | speed-up |",
-        "| ---: | ---: | ---: | ---: |",
-        f"| 1 | {one.seconds:.1f} | - | 1× |",
-        f"| {args.cores} | {many.seconds:.1f} | - | {times(one.seconds / many.seconds)} |",
-        "",
-        TARGETS,
     ]
-    return "\n".join(lines)
+
+
+def _scaling_report(
+    args: argparse.Namespace, scaling: Config, load: float, one: StudyRun, many: StudyRun
+) -> list[str]:
+    """1 Ray worker against `--cores`, as a Markdown table."""
+    return [
+        f"### Ray workers: 1 against {args.cores} ({args.config}, {_describe(scaling)})",
+        "",
+        f"- 1-minute load average at the start: {load:.1f} on {os.cpu_count()} CPUs",
+        "",
+        "| Ray workers | wall s | driver CPU s | lanes per step | speed-up |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+        f"| 1 | {one.seconds:.1f} | {_driver(one)} | {_lanes(one)} | 1× |",
+        f"| {args.cores} | {many.seconds:.1f} | {_driver(many)} | {_lanes(many)} "
+        f"| {times(one.seconds / many.seconds)} |",
+        "",
+    ]
+
+
+def _driver(run: StudyRun) -> str:
+    return f"{run.outcome.driver_cpu_seconds:.1f}"
+
+
+def _lanes(run: StudyRun) -> str:
+    """Trials trained per step of a set of lanes, on average."""
+    outcome = run.outcome
+    return f"{outcome.lane_windows / max(1, outcome.windows_stepped):.1f}"
 
 
 def _describe(config: Config) -> str:

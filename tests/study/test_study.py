@@ -357,6 +357,75 @@ for dashboard in (False, True):
     assert "autoscaler failed" not in done.stderr
 
 
+# What an embedded Ray's processes were started with, with and without the dashboard: the
+# GCS's system config, and the environment of the raylet (which starts the dashboard agent with
+# it: the agent's own /proc environ is overwritten when it retitles itself) and of the log
+# monitor; then a task's print, as the driver sees it.
+EMBEDDED_RAY_SETTINGS = """
+import io, json, os, sys, time, psutil, ray
+from pipeline.study.ray_connection import start_embedded_ray, stop_embedded_ray
+
+def started(kind):
+    return psutil.Process(node.all_processes[kind][0].process.pid)
+
+@ray.remote
+def shout(text):
+    print(text, flush=True)
+
+dashboard = sys.argv[1] == "dashboard"
+start_embedded_ray(num_cpus=1, dashboard=dashboard)
+node = ray._private.worker._global_node
+settings = {
+    "metrics": ray._private.state.state.get_system_config().get("enable_metrics_collection"),
+    "raylet": started("raylet").environ(),
+    "log_monitor": started("log_monitor").environ(),
+    "driver_reporter": os.environ.get("REPORTER_UPDATE_INTERVAL_MS"),
+}
+original, seen = sys.stdout, io.StringIO()
+sys.stdout = seen
+ray.get(shout.remote("a-line-from-a-worker"))
+deadline = time.monotonic() + 60  # bounds a failure only: the line comes within a second
+while "a-line-from-a-worker" not in seen.getvalue() and time.monotonic() < deadline:
+    time.sleep(0.05)
+sys.stdout = original
+settings["forwarded"] = "a-line-from-a-worker" in seen.getvalue()
+print(json.dumps(settings), flush=True)
+stop_embedded_ray()
+"""
+
+
+def _embedded_ray_settings(dashboard: bool) -> dict:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env = {k: v for k, v in env.items() if k not in ("REPORTER_UPDATE_INTERVAL_MS", "RAY_ADDRESS")}
+    argv = [sys.executable, "-c", EMBEDDED_RAY_SETTINGS, "dashboard" if dashboard else "plain"]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_embedded_ray_without_the_dashboard_skips_what_only_the_dashboard_reads():
+    plain = _embedded_ray_settings(dashboard=False)
+    # Without the dashboard, Ray records no metrics, its agent gathers node stats once a
+    # minute and its log monitor looks for new files every 0.5 s; the driver's own environment
+    # is put back after the start.
+    assert (plain["metrics"], plain["driver_reporter"]) == (False, None)
+    assert plain["raylet"]["REPORTER_UPDATE_INTERVAL_MS"] == "60000"
+    assert plain["log_monitor"]["RAY_LOG_MONITOR_MANY_FILES_THRESHOLD"] == "0"
+
+
+def test_embedded_ray_with_the_dashboard_keeps_what_the_dashboard_reads():
+    with_dashboard = _embedded_ray_settings(dashboard=True)
+    # With the dashboard, Ray's own defaults: metrics recorded, stats every 5 s.
+    assert with_dashboard["metrics"] is not False
+    assert "REPORTER_UPDATE_INTERVAL_MS" not in with_dashboard["raylet"]
+
+
+def test_embedded_ray_without_the_dashboard_still_forwards_a_workers_output():
+    plain = _embedded_ray_settings(dashboard=False)
+    # A trainer's warnings reach the user: the log monitor still forwards a worker's output.
+    assert plain["forwarded"]
+
+
 def _processes_naming(text: str) -> list[str]:
     """Live processes (not zombies) whose command line or open files name `text` (Ray's
     agents retitle themselves, but keep their session's log files open)."""
