@@ -73,6 +73,11 @@ LR = 0.3
 # Timed runs are whole epochs of at most this many windows, so that every run regenerates its
 # data about as often; a slow contender (eager torch at state 128) runs fewer, shorter epochs.
 EPOCH_WINDOWS = 25
+# A timed run is at least this many windows: each run is a fresh train() whose first window
+# pays one-off costs (its lanes laid out for the kernels, fresh tapes paged in; at state 128,
+# K = 128, about twice a later window), which runs of 2 windows charged at half their time,
+# where a study's trainer runs hundreds of windows on the same lanes.
+MIN_TIMED_WINDOWS = 8
 WARMUP_WINDOWS = 3
 # The numba step's warm-up holds its race: an untimed and the timed windows of each family.
 RACE_WINDOWS = 2 * (1 + cpu_step.TIMED_WINDOWS)
@@ -240,11 +245,11 @@ def _compile_warnings() -> Iterator[list[str]]:
 def _windows_for(seconds: float, warm: Measurement, warm_windows: int) -> int:
     """Windows worth about `seconds` at the pace of a warm-up of `warm_windows`: whole epochs
     of EPOCH_WINDOWS, or where one epoch would take longer, as few windows as fill `seconds`
-    (at least 2)."""
+    (at least MIN_TIMED_WINDOWS)."""
     per_window = warm.seconds / warm_windows
     windows = math.ceil(seconds / per_window)
     if windows < EPOCH_WINDOWS:
-        return max(2, windows)
+        return max(MIN_TIMED_WINDOWS, windows)
     return math.ceil(windows / EPOCH_WINDOWS) * EPOCH_WINDOWS
 
 

@@ -240,13 +240,13 @@ TIMED_WINDOWS = 2
 class Race:
     """The first windows of a shape in a process, run each way in turn, the fastest kept.
 
-    The ways: the two families of kernels. Each first runs one window untimed (it pages in its
-    fresh tapes and fills the caches with its own layout), then TIMED_WINDOWS
-    timed ones, interleaved with the others', so that a spell of load elsewhere on the machine
-    hits all alike; the way with the shortest best window wins. A window's time is the CPU
-    time of its thread, so that other processes taking the core meanwhile do not count (at a
-    load of 9 on 2 cores, a shape's wall times varied about 2 times from round to round, its
-    CPU times 1.2 to 1.3 times). Every window trains for real,
+    The ways: the two families of kernels. Each runs one window untimed (it pages in its fresh
+    tapes and fills the caches with its own layout), then TIMED_WINDOWS timed ones, all in a
+    row, so that the weights' layout moves at most twice in a race (interleaved, it moved every
+    window: at state 128, K = 128, 0.6 s each time); the way with the shortest best window
+    wins. A window's time is the CPU time of its thread, so that other processes taking the
+    core meanwhile do not count (at a load of 9 on 2 cores, a shape's wall times varied about
+    2 times from round to round, its CPU times 1.2 to 1.3 times). Every window trains for real,
     and every way gives a model the same bits, so a race changes what a trial computes in no
     bit, only how long the windows took. The cost model (`cost.models_to_vectorize_over`)
     only says which family runs first, and alone while the other is not loaded."""
@@ -258,10 +258,11 @@ class Race:
         self.winner: str | None = None
 
     def next_way(self) -> str:
-        """The way of the next window: the winner once there is one, else each in turn."""
+        """The way of the next window: the winner once there is one, else the first way in
+        `order` whose windows have not all run."""
         if self.winner is not None:
             return self.winner
-        return self.order[sum(self.ran.values()) % len(self.order)]
+        return next(way for way in self.order if self.ran[way] < 1 + TIMED_WINDOWS)
 
     def record(self, way: str, seconds: float) -> bool:
         """Count a window run `way` that took `seconds`; True when that decides the race."""
