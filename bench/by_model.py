@@ -3,7 +3,9 @@
 Times `numba_step._window_by` on the by_model family (forward of every layer, head, backward and
 Adagrad; no data generation or Python trainer around it), so that a change to those kernels
 shows without the trainer's overhead and noise. Weights are the trainer's initial ones, the
-state and data random; each timed run is several windows in a row, best of --repeats.
+state and data random; each timed run is several windows in a row, best of --repeats, timed by
+the thread's CPU time (the kernels run on it), so that other work on the machine moves the
+figures less.
 
     python bench/by_model.py --states 4 8 16 --layers 1 3 --ks 1 6 28
     python bench/by_model.py --save snap.npz   # record every output of a few windows
@@ -56,10 +58,10 @@ def rate(kernels, units: int, layers: int, models: int, windows: int, by_model: 
     a, x, y = window(units, layers, models)
     a = numba_step._laid_out(a, model_first=family.model_first)
     numba_step._window_by(family, a, x, y, tapes)
-    started = time.perf_counter()
+    started = time.thread_time()  # this thread's CPU: the kernels run on it, whatever else runs
     for _ in range(windows):
         numba_step._window_by(family, a, x, y, tapes)
-    return models * windows / (time.perf_counter() - started)
+    return models * windows / (time.thread_time() - started)
 
 
 def outputs(kernels, by_model: bool) -> dict[str, np.ndarray]:

@@ -24,7 +24,10 @@ FAMILY_NAMES = ("by_model", "by_lane")
 it knows its windows' shapes takes the first, which compiles faster (about 4.1 s of a core
 against 5.0) and is the faster one for a few models (a `train` run, a first study's trainers)."""
 
-KERNELS_SOURCE = Path(__file__).with_name("kernels.py")
+KERNELS_SOURCES = tuple(
+    Path(__file__).with_name(name) for name in ("kernels.py", "kernel_tiles.py")
+)
+"""The kernels, and the IR that is compiled into them."""
 
 
 def cache_dir() -> Path:
@@ -38,8 +41,11 @@ def cache_dir() -> Path:
 
 @functools.cache
 def source_hash() -> str:
-    """The hash of kernels.py's contents, which keys its cache."""
-    return hashlib.sha256(KERNELS_SOURCE.read_bytes()).hexdigest()
+    """The hash of the kernels' sources' contents, which keys their cache."""
+    digest = hashlib.sha256()
+    for source in KERNELS_SOURCES:
+        digest.update(source.read_bytes())
+    return digest.hexdigest()
 
 
 def kernels_folder() -> Path:
