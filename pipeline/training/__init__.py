@@ -7,9 +7,10 @@ pandas or pyarrow, and one that trains on the CPU never imports torch.
 - data.py: the echo series and a trial's seeds and windows.
 - arrays.py: the weights and state of K models stacked on a last axis; the WindowStep contract.
 - torch_step.py: the window's update in torch (eager, or torch.compile on GPUs).
-- kernels.py: the same update as numba kernels, in two families; kernel_compile.py compiles
-  and loads them, sharing the work between processes; kernel_cache.py says where they are
-  cached without importing numba.
+- kernels.py: the same update as numba kernels, in two families; kernel_tiles.py writes their
+  fused multiply-adds and register tiles as LLVM IR; kernel_compile.py compiles and loads
+  them, sharing the work between processes; kernel_cache.py says where they are cached
+  without importing numba.
 - cpu_step.py: the numba kernels as a window step on numpy arrays, each window shape on the
   family of kernels measured faster there.
 - device.py: which device and which step a set of lanes trains with (the one place).
