@@ -18,14 +18,12 @@ losses do not depend on K, on its index k, or on what the other models hold.
 
 Every sum of products (the gates' pre-activations, the gradients reaching h and the inputs,
 the weight gradients) is a chain of fused multiply-adds, acc = fma(w, v, acc), its terms in
-ascending order: one rounding per term instead of two, and half the instructions, which is
-what bounds those sums (measured: `_add_block_shares` ran 1.4× as fast). Both families and
-every blocking of a sum build the same chain, so they give the same bits. `_fma` is LLVM's
-fma intrinsic, exactly rounded wherever it runs: one instruction on a CPU with FMA (x86 since
-2013's Haswell, every ARMv8), a slow but exact library call on one without; the other
-operations stay unfused, as written. The few library
-calls (exp, log1p in the loss) run in loops over one model's window positions, never over K,
-so even a vectorized math library would treat every model alike.
+ascending order: one rounding per term instead of two, and half the instructions. Both
+families and every blocking of a sum build the same chain, so they give the same bits; the
+one-model family's sums run in register tiles written as LLVM IR (kernel_tiles.py says why,
+and that `fma` is exactly rounded on every CPU). The other operations stay unfused, as
+written. The few library calls (exp, log1p in the loss) run in loops over one model's window
+positions, never over K, so even a vectorized math library would treat every model alike.
 
 Transcendentals: a call to math.tanh or math.exp in a loop stops LLVM from vectorizing it, so
 the gates use `_tanh`, the rational approximation that Eigen (hence TensorFlow's own CPU LSTM)
@@ -241,7 +239,7 @@ def _unsigned_range(k0, n):
 def _add_lane_shares(weight, values, t_values, gates, t, lo, hi):
     """gates[:, t] (B, 4H, K) += Σ_r weight[r] values[:, t_values, r] for the lanes lo to hi,
     for weight (R, 4H, K) and values (B, ·, R, K): r ascending, eight rows per pass over the
-    gates (see _add_shares: the same order of additions as one row at a time, with a quarter
+    gates (the same chain of fused multiply-adds as one row at a time, with a quarter
     of the loads and stores), each row of weights read once for every b."""
     count = weight.shape[0]
     r = 0
@@ -385,7 +383,7 @@ def _backward_chunk(
 def _sum_lane_gates(weight, d_pre, row, out, out_k0, lo, hi):
     """out (R, ·) = Σ_g weight[:, g] d_pre[row, g] for the lanes lo to hi, from zero, the gates
     ascending: weight (R, 4H, K), d_pre (·, 4H, n) with lane k at k - lo, out with lane k at
-    k - lo + out_k0. Eight gates per pass over `out`, then one at a time (see _add_shares)."""
+    k - lo + out_k0. Eight gates per pass over `out`, then one at a time, one chain."""
     gate_rows = weight.shape[1]
     out_k0 = numba.uint64(out_k0)
     for r in range(weight.shape[0]):
@@ -421,7 +419,7 @@ def _add_lane_products(d_pre, x_rows, h_rows, start, count, grad_input, grad_hid
     """Add `count` rows of d_pre (·, 4H, n) from `start`, in order, to the weight gradients: each
     row's d_pre to grad_bias (4H, n), times its inputs x_rows (·, I, n) to grad_input (I, 4H,
     n) and times its state h_rows (·, H, n) to grad_hidden (H, 4H, n). A full pass adds
-    eight rows to each element at once, left to right (see _add_shares): the same order of
+    eight rows to each element at once, left to right: the same order of
     additions as a row at a time, with an eighth of the gradients' loads and stores."""
     _add_rows_times(d_pre, x_rows, start, count, grad_input)
     _add_rows_times(d_pre, h_rows, start, count, grad_hidden)
