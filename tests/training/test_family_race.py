@@ -148,3 +148,16 @@ def test_numba_step_moves_the_weights_layout_only_when_the_family_changes():
     assert loss[2] == loss_alone[0]
     _, _, by_lane_after = cpu_step.numba_step(kernels, by_model=False)(after, xs[4], xs[5])
     assert all(w.flags.c_contiguous for w in by_lane_after.weights)
+
+
+def test_numba_step_expects_the_family_a_race_kept_for_new_lanes(monkeypatch):
+    # Lanes lay out their weights for the family their windows will run: before any race the
+    # cost model's guess (the one-model kernels, at 4 models of state 8), after a race on
+    # such windows its winner, here the other family.
+    monkeypatch.setattr(cpu_step, "RACES", {})
+    step = cpu_step.numba_step(cpu_step.numba_kernels())
+    assert step.stores_models_first(layers=2, units=8, models=4)
+    race = cpu_step.Race((cpu_step.BY_MODEL, cpu_step.BY_LANE))
+    race.winner = cpu_step.BY_LANE
+    cpu_step.RACES[cpu_step.WindowShape(2, 5, 15, 8, 4, 4)] = race
+    assert not step.stores_models_first(layers=2, units=8, models=4)
