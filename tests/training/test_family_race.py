@@ -161,3 +161,37 @@ def test_numba_step_expects_the_family_a_race_kept_for_new_lanes(monkeypatch):
     race.winner = cpu_step.BY_LANE
     cpu_step.RACES[cpu_step.WindowShape(2, 5, 15, 8, 4, 4)] = race
     assert not step.stores_models_first(layers=2, units=8, models=4)
+
+
+def _window_tapes(step) -> list[np.ndarray]:
+    """The tapes a numba step (forced to one family) took for its windows."""
+    return step._window.keywords["tapes"].kept
+
+
+def test_numba_step_takes_the_tapes_a_step_gone_left_behind():
+    kernels = cpu_step.numba_kernels()
+    kernel_compile.require(cpu_step.BY_MODEL)
+    cpu_step.TAPE_POOL.clear()
+    arrays, xs = _arrays(models=6, units=8, layers=2)
+    first = cpu_step.numba_step(kernels, by_model=True)
+    first(arrays, xs[0], xs[1])
+    tapes = list(_window_tapes(first))
+    del first  # its lanes are gone (a `train` returned)
+    arrays, xs = _arrays(models=6, units=8, layers=2)
+    second = cpu_step.numba_step(kernels, by_model=True)
+    second(arrays, xs[0], xs[1])
+    # The next step of that shape writes into the tapes the first paged in, not fresh ones.
+    assert len(tapes) > 0
+    assert all(a is b for a, b in zip(_window_tapes(second), tapes, strict=True))
+
+
+def test_numba_step_never_shares_its_tapes_with_a_step_alive():
+    kernels = cpu_step.numba_kernels()
+    kernel_compile.require(cpu_step.BY_MODEL)
+    steps = [cpu_step.numba_step(kernels, by_model=True) for _ in range(2)]
+    for step in steps:
+        arrays, xs = _arrays(models=6, units=8, layers=2)
+        step(arrays, xs[0], xs[1])
+    # Two sets of lanes may step in threads side by side: each writes tapes of its own.
+    mine, theirs = (_window_tapes(step) for step in steps)
+    assert not any(np.shares_memory(a, b) for a in mine for b in theirs)
