@@ -267,9 +267,28 @@ def _models_last(array: np.ndarray) -> np.ndarray:
 def _models_first_view(array: np.ndarray) -> np.ndarray:
     """array (..., K) as a view of C-contiguous (K, ...) storage: itself where it is one."""
     storage = np.moveaxis(array, -1, 0)
-    if storage.dtype != np.float32 or not storage.flags.c_contiguous:
-        storage = np.ascontiguousarray(storage, np.float32)
-    return np.moveaxis(storage, 0, -1)
+    if storage.dtype == np.float32 and storage.flags.c_contiguous:
+        return array
+    if array.dtype == np.float32 and array.flags.c_contiguous:
+        return np.moveaxis(_transposed(array), 0, -1)
+    return np.moveaxis(np.ascontiguousarray(storage, np.float32), 0, -1)
+
+
+# Rows of a (..., K) array moved model first at a time: a block of a few hundred KB at
+# K = 128, which stays in the caches while it is written out to K places.
+TRANSPOSE_ROWS = 512
+
+
+def _transposed(array: np.ndarray) -> np.ndarray:
+    """A C-contiguous (..., K) array copied to C-contiguous (K, ...) storage, block by block:
+    numpy's own copy of the transposed view walked the source K floats apart, a cache line
+    per float, and took 1.5-4 s for the 322 MB of 128 models at state 128 (0.2 s so)."""
+    models = array.shape[-1]
+    rows = array.reshape(-1, models)
+    storage = np.empty((models, len(rows)), np.float32)
+    for start in range(0, len(rows), TRANSPOSE_ROWS):
+        storage[:, start : start + TRANSPOSE_ROWS] = rows[start : start + TRANSPOSE_ROWS].T
+    return storage.reshape(models, *array.shape[:-1])
 
 
 def _models_first(array: np.ndarray) -> np.ndarray:

@@ -195,3 +195,13 @@ def test_numba_step_never_shares_its_tapes_with_a_step_alive():
     # Two sets of lanes may step in threads side by side: each writes tapes of its own.
     mine, theirs = (_window_tapes(step) for step in steps)
     assert not any(np.shares_memory(a, b) for a in mine for b in theirs)
+
+
+def test_numba_step_moves_lanes_model_first_value_for_value():
+    # The move to the one-model kernels' layout runs block by block (here two whole blocks
+    # and a part of one, 7 models): every model's floats land where a plain copy puts them.
+    lanes = np.random.default_rng(5).standard_normal((9, 130, 7)).astype(np.float32)
+    moved = cpu_step._models_first_view(lanes)
+    assert 2 * cpu_step.TRANSPOSE_ROWS < 9 * 130 < 3 * cpu_step.TRANSPOSE_ROWS
+    assert np.moveaxis(moved, -1, 0).flags.c_contiguous
+    assert np.array_equal(moved, lanes) and not np.shares_memory(moved, lanes)
