@@ -74,9 +74,11 @@ LR = 0.3
 # data about as often; a slow contender (eager torch at state 128) runs fewer, shorter epochs.
 EPOCH_WINDOWS = 25
 # A timed run is at least this many windows: each run is a fresh train() whose first window
-# pays one-off costs (its lanes laid out for the kernels, fresh tapes paged in; at state 128,
-# K = 128, about twice a later window), which runs of 2 windows charged at half their time,
-# where a study's trainer runs hundreds of windows on the same lanes.
+# paid one-off costs (its lanes laid out for the kernels, fresh tapes paged in; at state 128,
+# K = 128, five later windows' worth), which runs of 2 windows charged at half their time,
+# where a study's trainer runs hundreds of windows on the same lanes. Lanes now start in the
+# kernels' layout and take the tapes the previous run left (cpu_step.TapePool), so a first
+# window costs about what a later one does.
 MIN_TIMED_WINDOWS = 8
 WARMUP_WINDOWS = 3
 # The numba step's warm-up holds its race: an untimed and the timed windows of each family.

@@ -148,3 +148,60 @@ def test_numba_step_moves_the_weights_layout_only_when_the_family_changes():
     assert loss[2] == loss_alone[0]
     _, _, by_lane_after = cpu_step.numba_step(kernels, by_model=False)(after, xs[4], xs[5])
     assert all(w.flags.c_contiguous for w in by_lane_after.weights)
+
+
+def test_numba_step_expects_the_family_a_race_kept_for_new_lanes(monkeypatch):
+    # Lanes lay out their weights for the family their windows will run: before any race the
+    # cost model's guess (the one-model kernels, at 4 models of state 8), after a race on
+    # such windows its winner, here the other family.
+    monkeypatch.setattr(cpu_step, "RACES", {})
+    step = cpu_step.numba_step(cpu_step.numba_kernels())
+    assert step.stores_models_first(layers=2, units=8, models=4)
+    race = cpu_step.Race((cpu_step.BY_MODEL, cpu_step.BY_LANE))
+    race.winner = cpu_step.BY_LANE
+    cpu_step.RACES[cpu_step.WindowShape(2, 5, 15, 8, 4, 4)] = race
+    assert not step.stores_models_first(layers=2, units=8, models=4)
+
+
+def _window_tapes(step) -> list[np.ndarray]:
+    """The tapes a numba step (forced to one family) took for its windows."""
+    return step._window.keywords["tapes"].kept
+
+
+def test_numba_step_takes_the_tapes_a_step_gone_left_behind():
+    kernels = cpu_step.numba_kernels()
+    kernel_compile.require(cpu_step.BY_MODEL)
+    cpu_step.TAPE_POOL.clear()
+    arrays, xs = _arrays(models=6, units=8, layers=2)
+    first = cpu_step.numba_step(kernels, by_model=True)
+    first(arrays, xs[0], xs[1])
+    tapes = list(_window_tapes(first))
+    del first  # its lanes are gone (a `train` returned)
+    arrays, xs = _arrays(models=6, units=8, layers=2)
+    second = cpu_step.numba_step(kernels, by_model=True)
+    second(arrays, xs[0], xs[1])
+    # The next step of that shape writes into the tapes the first paged in, not fresh ones.
+    assert len(tapes) > 0
+    assert all(a is b for a, b in zip(_window_tapes(second), tapes, strict=True))
+
+
+def test_numba_step_never_shares_its_tapes_with_a_step_alive():
+    kernels = cpu_step.numba_kernels()
+    kernel_compile.require(cpu_step.BY_MODEL)
+    steps = [cpu_step.numba_step(kernels, by_model=True) for _ in range(2)]
+    for step in steps:
+        arrays, xs = _arrays(models=6, units=8, layers=2)
+        step(arrays, xs[0], xs[1])
+    # Two sets of lanes may step in threads side by side: each writes tapes of its own.
+    mine, theirs = (_window_tapes(step) for step in steps)
+    assert not any(np.shares_memory(a, b) for a in mine for b in theirs)
+
+
+def test_numba_step_moves_lanes_model_first_value_for_value():
+    # The move to the one-model kernels' layout runs block by block (here two whole blocks
+    # and a part of one, 7 models): every model's floats land where a plain copy puts them.
+    lanes = np.random.default_rng(5).standard_normal((9, 130, 7)).astype(np.float32)
+    moved = cpu_step._models_first_view(lanes)
+    assert 2 * cpu_step.TRANSPOSE_ROWS < 9 * 130 < 3 * cpu_step.TRANSPOSE_ROWS
+    assert np.moveaxis(moved, -1, 0).flags.c_contiguous
+    assert np.array_equal(moved, lanes) and not np.shares_memory(moved, lanes)

@@ -175,3 +175,51 @@ def _address_space_limited():
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _lanes_on_one_family(by_model: bool, trials: int) -> Lanes:
+    """Lanes on the numba step forced to one family, holding `trials` small trials."""
+    from pipeline.training import cpu_step, kernel_compile
+
+    kernel_compile.require(cpu_step.BY_MODEL if by_model else cpu_step.BY_LANE)
+    step = cpu_step.numba_step(cpu_step.numba_kernels(), by_model=by_model)
+    config = _config()
+    lanes = Lanes(config, step, "cpu")
+    for key in range(trials):
+        lanes.admit(LaneTrial(key, config.with_params({"train.seed": key})))
+    return lanes
+
+
+def _model_first(arrays: list[np.ndarray]) -> bool:
+    """Whether every (..., K) array is a view of C-contiguous (K, ...) storage."""
+    return all(np.moveaxis(a, -1, 0).flags.c_contiguous for a in arrays)
+
+
+def test_lanes_hold_the_one_model_kernels_weights_model_first_from_admission():
+    lanes = _lanes_on_one_family(by_model=True, trials=3)
+    storage = [np.moveaxis(a, -1, 0) for a in lanes.weights + lanes.accum]
+    lanes.step()
+    # Admitted trials' weights and accumulators are in the kernels' layout already, so the
+    # first window trains them where they are: it moves (copies) none.
+    assert _model_first(lanes.weights + lanes.accum)
+    assert all(
+        np.shares_memory(a, s) for a, s in zip(lanes.weights + lanes.accum, storage, strict=True)
+    )
+
+
+def test_lanes_resized_keep_the_one_model_kernels_weights_model_first():
+    lanes = _lanes_on_one_family(by_model=True, trials=2)
+    lanes.step()
+    before = [a.copy() for a in lanes.weights + lanes.accum]
+    lanes.reserve(5)  # grows the lanes: new storage
+    # The lanes kept, in the layout the kernels take, with the values they had.
+    assert lanes.capacity >= 5 and _model_first(lanes.weights + lanes.accum)
+    after = lanes.weights + lanes.accum
+    assert all(np.array_equal(a[..., :2], b) for a, b in zip(after, before, strict=True))
+
+
+def test_lanes_hold_the_vectorized_kernels_weights_models_last():
+    lanes = _lanes_on_one_family(by_model=False, trials=3)
+    lanes.step()
+    # The kernels vectorized over the models take (..., K) C-contiguous, as the lanes hold it.
+    assert all(a.flags.c_contiguous for a in lanes.weights + lanes.accum)
