@@ -327,6 +327,12 @@ def window_shape(arrays: WindowArrays, x: np.ndarray) -> WindowShape:
 TIMED_WINDOWS = 2
 """Windows of a shape timed each way before the fastest is kept for good."""
 
+FORFEIT_RATIO = 3.0
+"""A way whose window, even its untimed first, takes this many times the best timed window of
+a way that has run all its windows loses the race there: its page-ins cannot explain that
+much (a fresh tape's faults cost at most about half a window, measured at state 16), and at
+state 128, K = 128 each window of the vectorized kernels took 3 s against 0.65 s."""
+
 
 class Race:
     """The first windows of a shape in a process, run each way in turn, the fastest kept.
@@ -335,7 +341,8 @@ class Race:
     tapes and fills the caches with its own layout), then TIMED_WINDOWS timed ones, all in a
     row, so that the weights' layout moves at most twice in a race (interleaved, it moved every
     window: at state 128, K = 128, 0.6 s each time); the way with the shortest best window
-    wins. A window's time is the CPU time of its thread, so that other processes taking the
+    wins; a way far slower than one that has finished forfeits at once (FORFEIT_RATIO). A
+    window's time is the CPU time of its thread, so that other processes taking the
     core meanwhile do not count (at a load of 9 on 2 cores, a shape's wall times varied about
     2 times from round to round, its CPU times 1.2 to 1.3 times). Every window trains for real,
     and every way gives a model the same bits, so a race changes what a trial computes in no
@@ -360,8 +367,15 @@ class Race:
         self.ran[way] += 1
         if self.ran[way] > 1:  # the first window of each way is not timed
             self.seconds[way].append(seconds)
-        if self.winner is None and all(len(t) >= TIMED_WINDOWS for t in self.seconds.values()):
-            self.winner = min(self.order, key=lambda way: min(self.seconds[way]))
+        if self.winner is not None:
+            return False
+        finished = {w: min(t) for w, t in self.seconds.items() if len(t) >= TIMED_WINDOWS}
+        if len(finished) == len(self.order):
+            self.winner = min(self.order, key=lambda w: finished[w])
+            return True
+        best = min(finished.values(), default=None)
+        if way not in finished and best is not None and seconds > FORFEIT_RATIO * best:
+            self.winner = min(finished, key=lambda w: finished[w])  # `way` forfeits
             return True
         return False
 

@@ -78,9 +78,23 @@ def test_numba_step_keeps_the_family_measured_faster_when_one_is_forced_slow(tmp
     assert done.returncode == 0, done.stderr[-2000:]
     ran = json.loads(done.stdout.strip().splitlines()[-1])
     fast = cpu_step.BY_LANE if slow == cpu_step.BY_MODEL else cpu_step.BY_MODEL
-    timed = 1 + cpu_step.TIMED_WINDOWS  # an untimed window, then the timed ones
-    # The slow family ran its race's windows only; the 20 windows' rest ran on the other.
-    assert ran == {"winners": [fast], "windows": {slow: timed, fast: 20 - timed}}
+    # Racing first (by_model, the cost model's guess here), the slow family runs its untimed
+    # window and its timed ones; racing second, it forfeits after its first window, 9 times
+    # the other's. The 20 windows' rest ran on the other.
+    raced = 1 + cpu_step.TIMED_WINDOWS if slow == cpu_step.BY_MODEL else 1
+    assert ran == {"winners": [fast], "windows": {slow: raced, fast: 20 - raced}}
+
+
+def test_race_way_far_slower_than_a_finished_way_forfeits_at_its_first_window():
+    race = cpu_step.Race((cpu_step.BY_MODEL, cpu_step.BY_LANE))
+    for seconds in (1.5, 1.0, 1.1):  # an untimed window, then the timed ones
+        assert not race.record(cpu_step.BY_MODEL, seconds)
+    # Within FORFEIT_RATIO of the best, a way's untimed window decides nothing ...
+    assert not race.record(cpu_step.BY_LANE, 0.99 * cpu_step.FORFEIT_RATIO)
+    assert race.winner is None and race.next_way() == cpu_step.BY_LANE
+    # ... beyond it, even a timed one loses the race at once.
+    assert race.record(cpu_step.BY_LANE, 1.01 * cpu_step.FORFEIT_RATIO)
+    assert race.winner == cpu_step.BY_MODEL
 
 
 def _arrays(models: int, units: int, layers: int) -> tuple[WindowArrays, np.ndarray]:
