@@ -81,12 +81,20 @@ class Workload:
 
     def load(self, *adding: TrialWork) -> float:
         """Work left, after adding the trials `adding` if any."""
-        if not adding:
-            return sum(group.cost() for group in self.groups.values())
-        grown = self.copy()
+        total = sum(group.cost() for group in self.groups.values())
+        grown: dict[tuple, _Group] = {}
         for trial in adding:
-            grown.add(trial)
-        return grown.load()
+            if trial.lanes_key not in grown:
+                group = self.groups.get(trial.lanes_key)
+                grown[trial.lanes_key] = (
+                    dataclasses.replace(group) if group else _Group(trial.model, 0, 0)
+                )
+            group = grown[trial.lanes_key]
+            group.trials += 1
+            group.windows = max(group.windows, trial.windows)
+        for key, group in grown.items():
+            total += group.cost() - (self.groups[key].cost() if key in self.groups else 0)
+        return total
 
     def copy(self) -> Workload:
         """A copy to place trials on ahead, this one unchanged."""
@@ -153,35 +161,41 @@ def place_run(
     if not queued:
         return []
     run = list(itertools.takewhile(lambda trial: trial.lanes_key == queued[0].lanes_key, queued))
-    split, split_loads = _trial_by_trial(workloads, rooms, run)
     whole = [i for i, room in enumerate(rooms) if room >= len(run)]
+    if len(run) == 1 and whole:  # one trial: placed alike either way
+        return [whole[place([workloads[i] for i in whole], *run)]]
+    split, ahead = _trial_by_trial(workloads, rooms, run)
     if whole:
         best = whole[place([workloads[i] for i in whole], *run)]
         loads = [workload.load() for workload in workloads]
         whole_most = max([*loads[:best], workloads[best].load(*run), *loads[best + 1 :]])
+        if whole_most <= max(workload.load() for workload in ahead) * (1 + PLACE_TOLERANCE):
+            return [best] * len(run)
         even = (sum(loads) + queued_work(queued)) / len(workloads)
-        if whole_most <= max(even, max(split_loads)) * (1 + PLACE_TOLERANCE):
+        if whole_most <= even * (1 + PLACE_TOLERANCE):
             return [best] * len(run)
     return split
 
 
 def _trial_by_trial(
     workloads: Sequence[Workload], rooms: Sequence[int], run: Sequence[TrialWork]
-) -> tuple[list[int], list[float]]:
+) -> tuple[list[int], list[Workload]]:
     """`run` placed one trial at a time (`place`) on trainers with room: their indices, and the
-    trainers' work left after it."""
+    trainers' workloads after it (those that took none, as they were)."""
     placed_on: list[int] = []
-    ahead = [workload.copy() for workload in workloads]
+    ahead = list(workloads)  # each copied once it takes a trial
     left = list(rooms)
     for trial in run:
         roomy = [i for i, room in enumerate(left) if room > 0]
         if not roomy:
             break
         chosen = roomy[place([ahead[i] for i in roomy], trial)]
+        if ahead[chosen] is workloads[chosen]:
+            ahead[chosen] = workloads[chosen].copy()
         ahead[chosen].add(trial)
         left[chosen] -= 1
         placed_on.append(chosen)
-    return placed_on, [workload.load() for workload in ahead]
+    return placed_on, ahead
 
 
 def queued_work(trials: Iterable[TrialWork]) -> float:
