@@ -372,13 +372,14 @@ class _Driver:
         """Place queued trials on trainers with room, by their estimated work left: the trials
         of one architecture queued in a row as a run, whole where that keeps the trainers even
         (`place_run`)."""
-        works = [_work(planned) for planned in self.queue]
+        works: list[TrialWork] = []  # weighed once a trainer has room (6 ms for 64 trials)
         while self.queue:
             roomy = [t for t in self.trainers if len(t.trials) < self.lanes]
             if not roomy:
                 return
             # A trainer that has answered is known to run; a new one may wait for room.
             roomy = [t for t in roomy if t.answered] or roomy
+            works = works or [_work(planned) for planned in self.queue]
             rooms = [self.lanes - len(t.trials) for t in roomy]
             for index in place_run([t.work for t in roomy], rooms, works):
                 roomy[index].take(self.queue.popleft(), works.pop(0))
