@@ -4,15 +4,17 @@ The driver estimates each trainer's work left (`Workload`: per set of lanes, the
 window times the windows its longest trial has left) and gives a trial to the trainer that
 would then have the least, preferring one that already trains its architecture; a grid is
 asked costliest first, so that it splits like a greedy partition and no trainer is left with
-a long trial at the end.
+a long trial at the end. The trials of one architecture queued in a row go to one trainer
+whole (`place_run`): a set of lanes pays its window's overhead however few models it steps,
+so two trainers that split an architecture do more work than one that keeps it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 from pipeline.config import Config, ModelConfig
@@ -50,7 +52,7 @@ class TrialWork(NamedTuple):
     """Windows it has left to train."""
 
 
-@dataclass
+@dataclasses.dataclass
 class _Group:
     """One architecture's lanes on a trainer, as placement estimates them."""
 
@@ -77,16 +79,28 @@ class Workload:
     def trials(self) -> int:
         return sum(group.trials for group in self.groups.values())
 
-    def load(self, adding: TrialWork | None = None) -> float:
-        """Work left, after adding the trial `adding` if given."""
+    def load(self, *adding: TrialWork) -> float:
+        """Work left, after adding the trials `adding` if any."""
         total = sum(group.cost() for group in self.groups.values())
-        if adding is None:
-            return total
-        group = self.groups.get(adding.lanes_key)
-        if group is None:
-            return total + _Group(adding.model, 1, adding.windows).cost()
-        grown = _Group(group.model, group.trials + 1, max(group.windows, adding.windows))
-        return total - group.cost() + grown.cost()
+        grown: dict[tuple, _Group] = {}
+        for trial in adding:
+            if trial.lanes_key not in grown:
+                group = self.groups.get(trial.lanes_key)
+                grown[trial.lanes_key] = (
+                    dataclasses.replace(group) if group else _Group(trial.model, 0, 0)
+                )
+            group = grown[trial.lanes_key]
+            group.trials += 1
+            group.windows = max(group.windows, trial.windows)
+        for key, group in grown.items():
+            total += group.cost() - (self.groups[key].cost() if key in self.groups else 0)
+        return total
+
+    def copy(self) -> Workload:
+        """A copy to place trials on ahead, this one unchanged."""
+        copied = Workload()
+        copied.groups = {key: dataclasses.replace(group) for key, group in self.groups.items()}
+        return copied
 
     def add(self, trial: TrialWork) -> None:
         group = self.groups.setdefault(trial.lanes_key, _Group(trial.model, 0, 0))
@@ -107,22 +121,86 @@ class Workload:
                 group.windows = max(0, group.windows - count)
 
 
-def place(workloads: Sequence[Workload], trial: TrialWork) -> int:
-    """The index of the trainer (by its workload) to place `trial` on.
+def place(workloads: Sequence[Workload], *trials: TrialWork) -> int:
+    """The index of the trainer (by its workload) to place `trials` on (one architecture's).
 
-    The trainer with the least work left after taking it, so that trainers end together: asked
-    costliest first, a grid then splits like a greedy partition. A trainer that already trains
-    the trial's architecture adds lanes to a set it steps anyway, and is preferred when it
-    would have at most PLACE_TOLERANCE more than the least; so an architecture is split across
-    trainers only when that evens out their work. Remaining ties go to the trainer with the
-    fewest trials.
+    The trainer with the least work left after taking them, so that trainers end together:
+    asked costliest first, a grid then splits like a greedy partition. A trainer that already
+    trains their architecture adds lanes to a set it steps anyway (its cost counts the set's
+    overhead once), and is preferred when it would have at most PLACE_TOLERANCE more than the
+    least; so an architecture is split across trainers only when that evens out their work.
+    Remaining ties go to the trainer with the fewest trials.
     """
-    after = [workload.load(trial) for workload in workloads]
+    after = [workload.load(*trials) for workload in workloads]
     least = min(after)
 
     def rank(i: int) -> tuple:
         near = after[i] <= least * (1 + PLACE_TOLERANCE)
-        new_lanes = trial.lanes_key not in workloads[i].groups
+        new_lanes = trials[0].lanes_key not in workloads[i].groups
         return (not near, new_lanes, after[i], workloads[i].trials)
 
     return min(range(len(workloads)), key=rank)
+
+
+def place_run(
+    workloads: Sequence[Workload], rooms: Sequence[int], queued: Sequence[TrialWork]
+) -> list[int]:
+    """The trainers (indices into `workloads`) for the trials at the head of `queued` that
+    share its architecture (its run), in order; fewer than the run where the trainers' `rooms`
+    (trials each can still take) run out.
+
+    The run goes whole to the trainer `place` picks for all of it, among those with room for
+    all of it, unless splitting it really evens out the trainers' work: unless placing it
+    trial by trial (`place`, each among the trainers with room left) would leave the most
+    loaded trainer with more than PLACE_TOLERANCE less work than placing it whole, and whole
+    it would leave a trainer with more than an even share of all the work known (theirs and the
+    queue's, whose trials behind the run can still even the trainers out). A set split in two
+    pays its window's overhead twice, so a split that evens out little is work lost; where no
+    trainer has room for all of it, it is placed trial by trial.
+    """
+    if not queued:
+        return []
+    run = list(itertools.takewhile(lambda trial: trial.lanes_key == queued[0].lanes_key, queued))
+    whole = [i for i, room in enumerate(rooms) if room >= len(run)]
+    if len(run) == 1 and whole:  # one trial: placed alike either way
+        return [whole[place([workloads[i] for i in whole], *run)]]
+    split, ahead = _trial_by_trial(workloads, rooms, run)
+    if whole:
+        best = whole[place([workloads[i] for i in whole], *run)]
+        loads = [workload.load() for workload in workloads]
+        whole_most = max([*loads[:best], workloads[best].load(*run), *loads[best + 1 :]])
+        if whole_most <= max(workload.load() for workload in ahead) * (1 + PLACE_TOLERANCE):
+            return [best] * len(run)
+        even = (sum(loads) + queued_work(queued)) / len(workloads)
+        if whole_most <= even * (1 + PLACE_TOLERANCE):
+            return [best] * len(run)
+    return split
+
+
+def _trial_by_trial(
+    workloads: Sequence[Workload], rooms: Sequence[int], run: Sequence[TrialWork]
+) -> tuple[list[int], list[Workload]]:
+    """`run` placed one trial at a time (`place`) on trainers with room: their indices, and the
+    trainers' workloads after it (those that took none, as they were)."""
+    placed_on: list[int] = []
+    ahead = list(workloads)  # each copied once it takes a trial
+    left = list(rooms)
+    for trial in run:
+        roomy = [i for i, room in enumerate(left) if room > 0]
+        if not roomy:
+            break
+        chosen = roomy[place([ahead[i] for i in roomy], trial)]
+        if ahead[chosen] is workloads[chosen]:
+            ahead[chosen] = workloads[chosen].copy()
+        ahead[chosen].add(trial)
+        left[chosen] -= 1
+        placed_on.append(chosen)
+    return placed_on, ahead
+
+
+def queued_work(trials: Iterable[TrialWork]) -> float:
+    """The work of `trials` not yet placed, each architecture's as one set of lanes."""
+    queue = Workload()
+    for trial in trials:
+        queue.add(trial)
+    return queue.load()

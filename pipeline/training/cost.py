@@ -38,11 +38,24 @@ def models_to_vectorize_over(units: int) -> float:
     return max(8.0, min(units * units / 4, 4.0 * units))
 
 
+# What a window of a set of lanes costs whatever its count of models (Python, the window's data,
+# the kernels' calls), in the units of `lanes_window_cost` (layers × (H + 4)² per model). Fitted
+# to the trainer's windows (bench/trainer.py, numba, 1 and 3 layers, states 4, 8 and 16, K = 1,
+# 8 and 28, best of 3 on one core, 3 December 2026) as a + c × units: a = 290 µs, c = 0.17 µs,
+# each window within 20 % (rms) of the fit; without a, K = 1 windows are 2-5 times their
+# estimate. It is what two sets of one architecture pay that one set does not: at state 4, 1
+# layer, a window of 28 models cost 592 µs, one of 1 cost 217 µs.
+SET_WINDOW_OVERHEAD = 1700.0
+
+
 def lanes_window_cost(model: ModelConfig, lanes: int) -> float:
     """What a window of `lanes` models of one architecture costs on the CPU, relative to other
-    architectures and counts: a model's matrix products, layers × (H + 4)², times the count of
-    models, each counted whole up to `models_to_vectorize_over` and half beyond it, where the
-    rate per model of the kernels vectorized over the models about doubles by K = 128."""
+    architectures and counts: the set's own overhead (`SET_WINDOW_OVERHEAD`), plus a model's
+    matrix products, layers × (H + 4)², times the count of models, each counted whole up to
+    `models_to_vectorize_over` and half beyond it, where the rate per model of the kernels
+    vectorized over the models about doubles by K = 128. No lanes, no set: nothing."""
+    if lanes <= 0:
+        return 0.0
     switch = models_to_vectorize_over(model.state_size)
     effective = lanes if lanes <= switch else switch + (lanes - switch) / 2
-    return model.num_layers * (model.state_size + 4) ** 2 * effective
+    return SET_WINDOW_OVERHEAD + model.num_layers * (model.state_size + 4) ** 2 * effective

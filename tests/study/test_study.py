@@ -22,7 +22,8 @@ from pipeline.results.tables import param_columns
 from pipeline.study.compile_ahead import kernel_families
 from pipeline.study.driver import run_study
 from pipeline.study.optuna_setup import JOURNAL
-from pipeline.study.placement import TrialWork, Workload, grid_points, place
+from pipeline.study.placement import TrialWork, Workload, grid_points, place_run
+from pipeline.training.cost import SET_WINDOW_OVERHEAD, lanes_window_cost
 from pipeline.training.trial import lanes_key
 from tests.conftest import study_config
 
@@ -35,17 +36,21 @@ def _load_optuna(config):
 
 
 def _placed(config, trainers: int) -> list[Workload]:
-    """The workloads of `trainers` trainers after placing every grid point of `config`."""
+    """The workloads of `trainers` trainers after placing every grid point of `config`, queued
+    at once and placed as the driver places its queue (`place_run`), with room for all."""
     workloads = [Workload() for _ in range(trainers)]
     keys = [p.key for p in config.study.search]
+    queue = []
     for point in grid_points(config):
         trial = config.with_params(dict(zip(keys, point, strict=True)))
-        work = TrialWork(lanes_key(trial), trial.model, trial.total_steps)
-        workloads[place(workloads, work)].add(work)
+        queue.append(TrialWork(lanes_key(trial), trial.model, trial.total_steps))
+    while queue:
+        for index in place_run(workloads, [len(queue)] * trainers, queue):
+            workloads[index].add(queue.pop(0))
     return workloads
 
 
-def test_place_splits_a_grid_of_architectures_so_that_trainers_end_together(tmp_path):
+def test_place_run_keeps_each_architecture_of_a_grid_on_one_trainer_with_trainers_even(tmp_path):
     grid = {
         "model.num_layers": [1, 2, 3, 4],
         "model.state_size": [4, 16],
@@ -55,10 +60,19 @@ def test_place_splits_a_grid_of_architectures_so_that_trainers_end_together(tmp_
     first, second = _placed(study_config(tmp_path, search=grid), trainers=2)
     # Both trainers have the same work (placing by count, one had 60 % of it)...
     assert first.load() == pytest.approx(second.load(), rel=0.05)
-    # ...and the costliest architecture (4 layers of 16) is split: below K = 64, lanes of
-    # state 16 cost each a whole model, so two trainers finish its six trials in half the time.
-    costliest = max(first.groups, key=lambda key: first.groups[key].cost())
-    assert first.groups[costliest].trials == second.groups[costliest].trials == 3
+    # ...and every architecture stays whole on one trainer: a set of lanes pays its window's
+    # overhead (cost.SET_WINDOW_OVERHEAD) however few models it steps, and the other
+    # architectures even the trainers out, so splitting one would only add work.
+    assert not set(first.groups) & set(second.groups)
+    assert first.trials + second.trials == 48
+
+
+def test_lanes_window_cost_counts_a_sets_overhead_once(tmp_path):
+    model = study_config(tmp_path).model
+    # Two sets of one model each cost a window's overhead more than one set of both.
+    assert 2 * lanes_window_cost(model, 1) - lanes_window_cost(model, 2) == SET_WINDOW_OVERHEAD
+    # No lanes, no set: nothing.
+    assert lanes_window_cost(model, 0) == 0
 
 
 def test_kernel_families_compiled_ahead_follow_the_grids_lanes_and_windows(tmp_path):
@@ -87,17 +101,37 @@ def test_kernel_families_compiled_ahead_follow_the_grids_lanes_and_windows(tmp_p
     assert families(first_study, "tpe") == ("by_model", "by_lane")
 
 
-def test_place_shares_one_architecture_between_idle_trainers(tmp_path):
+def test_place_run_splits_a_lone_architecture_only_where_that_ends_it_sooner(tmp_path):
     def lanes(seeds: int, state_size: int) -> list[int]:
         search = {"train.seed": list(range(seeds))}
         config = study_config(tmp_path, search=search, **{"model.state_size": state_size})
         return sorted(w.trials for w in _placed(config, trainers=2))
 
-    # Lanes cost less each past the kernels' switch (K = 8 at state 4, 64 at state 16), never
-    # nothing: two trainers of half the lanes each end sooner than one with all of them.
+    # Two idle trainers, one architecture: halves end sooner than the whole once the models'
+    # work outweighs the window's overhead that the second set pays (more than
+    # PLACE_TOLERANCE sooner)...
     assert lanes(6, 4) == [3, 3]
     assert lanes(7, 16) == [3, 4]
     assert lanes(48, 16) == [24, 24]
+    # ...and below that the set stays whole: a third trial at state 4 costs a thirtieth of
+    # the overhead a set of its own would add.
+    assert lanes(2, 4) == [0, 2]
+    assert lanes(3, 4) == [0, 3]
+
+
+def test_place_run_leaves_a_run_no_trainer_has_room_for_to_those_with_room(tmp_path):
+    config = study_config(tmp_path)
+    run = [TrialWork(lanes_key(config), config.model, config.total_steps)] * 5
+    # Room for 2 and for 1: three of the five are placed, the rest wait in the queue.
+    assert sorted(place_run([Workload(), Workload()], [2, 1], run)) == [0, 0, 1]
+
+
+def test_study_steps_each_architecture_whole_on_one_trainer(finished_study):
+    outcome = finished_study.outcome
+    # Two trainers, two architectures (state 3 and 4) of four trials each, queued at once:
+    # each architecture goes whole to one trainer, so every window a set of lanes stepped
+    # trained its four trials (split between the trainers, two each).
+    assert outcome.lane_windows == 4 * outcome.windows_stepped
 
 
 def test_study_writes_steps_and_trials_that_agree_with_optuna(finished_study):
