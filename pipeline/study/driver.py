@@ -518,7 +518,10 @@ class _Driver:
         none runs, the study stops."""
         now, timeout = time.monotonic(), self.config.ray.placement_timeout_s
         unplaced = [trainer for trainer in self.trainers if not trainer.answered]
-        notice = [t for t in unplaced if not t.noticed and now - t.started > self._notice_after()]
+        # One line for every trainer still waiting once any is due: started a moment apart,
+        # they were told of one at a time, a line each.
+        due = any(not t.noticed and now - t.started > self._notice_after() for t in unplaced)
+        notice = [t for t in unplaced if not t.noticed] if due else []
         if notice:
             free = ray.available_resources()
             log.warning(
