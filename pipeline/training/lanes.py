@@ -333,13 +333,14 @@ class _NumpyArrays:
 
     @staticmethod
     def models_first(array: np.ndarray) -> np.ndarray:
-        """A view (K, ...) of an array (..., K)."""
-        return np.moveaxis(array, -1, 0)
+        """A view (K, ...) of an array (..., K) (`ndarray.transpose`: a sixth of
+        `np.moveaxis`'s cost, on the numba step's hot path)."""
+        return array.transpose(array.ndim - 1, *range(array.ndim - 1))
 
     @staticmethod
     def models_last(array: np.ndarray) -> np.ndarray:
         """A view (..., K) of an array (K, ...)."""
-        return np.moveaxis(array, 0, -1)
+        return array.transpose(*range(1, array.ndim), 0)
 
     @staticmethod
     def concatenate(parts: Sequence[np.ndarray], axis: int) -> np.ndarray:
