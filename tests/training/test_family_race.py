@@ -131,7 +131,9 @@ def test_numba_step_gives_the_same_bits_while_it_races_the_families(monkeypatch)
         runs.append([np.stack(losses), *arrays.weights, *arrays.accum, *arrays.state])
     race = next(iter(cpu_step.RACES.values()))
     assert race.winner is not None and len(race.ran) == 2
-    assert min(race.ran.values()) >= 1 + cpu_step.TIMED_WINDOWS
+    # Each family ran windows, so the layout moved and back (a far slower one forfeits after
+    # its first window, FORFEIT_RATIO).
+    assert min(race.ran.values()) >= 1
     assert np.isfinite(runs[0][0]).all()
     for raced, one_family in zip(*runs, strict=True):
         assert np.array_equal(raced, one_family)
