@@ -27,6 +27,12 @@ TABLE = "echo_study_journal"
 CONNECT_TIMEOUT_S = 10
 
 _CREATE = f"CREATE TABLE IF NOT EXISTS {TABLE} (number BIGINT PRIMARY KEY, log TEXT NOT NULL)"
+# CREATE TABLE IF NOT EXISTS is not safe against itself in PostgreSQL: two at once on a new
+# database both find no table, and the second fails on the catalog's unique index. Creators
+# take turns on this transaction-scoped advisory lock (any 64-bit key of our own: these bytes
+# spell "echojrnl").
+_CREATE_LOCK = "SELECT pg_advisory_xact_lock(%s)"
+_CREATE_LOCK_KEY = int.from_bytes(b"echojrnl", "big", signed=True)
 # The lock conflicts with itself and with no reader: appenders take turns, readers never wait.
 _LOCK = f"LOCK TABLE {TABLE} IN SHARE ROW EXCLUSIVE MODE"
 _APPEND = (
@@ -84,7 +90,9 @@ class JournalTable(BaseJournalBackend):
     def __init__(self, url: str) -> None:
         self.url = url
         self._conn = connect(url)
-        self._conn.execute(_CREATE)
+        with self._conn.transaction():
+            self._conn.execute(_CREATE_LOCK, [_CREATE_LOCK_KEY])
+            self._conn.execute(_CREATE)
         self._group: ExitStack | None = None
         """The open group, if any: its transaction begins with its first log."""
         self._pending: list[str] | None = None

@@ -115,6 +115,26 @@ def test_database_journal_numbers_two_writers_logs_without_a_gap(database):
         assert mine == sorted(mine) and len(mine) == 50
 
 
+def test_database_journal_tables_opened_at_once_on_a_new_database_all_open(database):
+    barrier, errors = threading.Barrier(8), []
+
+    def open_one() -> None:
+        barrier.wait()
+        try:
+            JournalTable(database)
+        except Exception as error:  # whatever it raises, the test counts it
+            errors.append(error)
+
+    threads = [threading.Thread(target=open_one) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # Drivers starting together on a new database (two studies, a restarted head and a
+    # job) all open it: one creates the table, the others wait for it rather than collide.
+    assert errors == []
+
+
 def test_database_group_that_raises_writes_nothing(database):
     journal = JournalTable(database)
     with pytest.raises(RuntimeError), journal.group():
