@@ -451,54 +451,131 @@ def _window_by(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The window by one family of kernels on dense float32 arrays (..., K), the weights and
     accumulators laid out for the family (`_laid_out`), which they update in place (weights,
-    accumulators and state); returns (losses, margin, still active)."""
-    batch, steps, models = x.shape
-    h, c = a.state
+    accumulators and state); returns (losses, margin, still active). The kernels that run one
+    model at a time take the models in chunks (`CHUNK_BYTES`), each chunk through the whole
+    window: a model's arithmetic is the same whichever chunk it is in, so are its bits."""
     if family.model_first:  # the kernels take the weights' (K, ...) storage
         a = a._replace(
             weights=[_models_first(w) for w in a.weights],
             accum=[_models_first(w) for w in a.accum],
         )
-    units = h.shape[2]
-    take = tapes.for_window((len(h), batch, steps, units, models), family.model_first)
+    forward, gradients = _window_tapes(family.model_first, a, x, tapes)
+    # Each chunk's head writes its models' entries; the models that sit out keep these.
+    losses, margin = np.empty(len(a.active), np.float32), np.empty(y.shape, np.float32)
+    losses.fill(np.nan)  # fill, not np.full: 0.5 against 2.5 µs, in a window of 75 µs
+    margin.fill(np.nan)
+    still = np.zeros(len(a.active), np.bool_)
+    results = losses, margin, still
+    running = np.count_nonzero(a.active)
+    if (
+        not family.model_first
+        or running <= MIN_CHUNK_MODELS
+        or running <= (size := _models_per_chunk(a, forward, gradients))
+    ):
+        _window_of(family, a, y, forward, gradients, a.active, results)
+        return results
+    # Chunks of even sizes, in lane order.
+    chunks, lanes = -(-running // size), np.flatnonzero(a.active)
+    active = np.empty_like(a.active)
+    for part in range(chunks):
+        active[:] = False
+        active[lanes[part * running // chunks : (part + 1) * running // chunks]] = True
+        _window_of(family, a, y, forward, gradients, active, results)
+    return results
+
+
+# Bytes of weights, accumulators and tapes that the one-model kernels take through a window in
+# one chunk of models (`_models_per_chunk`). A window runs every model's layer 1, then layer 2,
+# ..., so a model's tapes wait for its backward while every other model runs: at state 16, 3
+# layers, 156 KB a model, 20 MB at K = 128, far past a core's L2 (512 KB here) and its share
+# of L3, and a model-window took 1.3-1.5 times as long as at K = 8. In chunks of 8 models
+# (1.2 MB), K = 128 ran within 0.84-0.93 of K = 8 per model (chunks of 26 models, 4 MB: 0.72);
+# at state 32, chunks of 8 (3 MB) 0.95 against 0.88 whole. Measured in one process, windows
+# of each kind alternating, thread CPU time.
+CHUNK_BYTES = 3 * 2**19
+# The fewest models in a chunk: each chunk costs a call of every kernel, about 50 µs a chunk
+# at 3 layers, which chunks of 4 models paid at state 64 (994 against 1,246 model-windows/s
+# whole, K = 128); chunks of 8 and 16 ran as fast as the whole window there.
+MIN_CHUNK_MODELS = 8
+# The most bytes a model may take for its window to run in chunks: from state 128 (3.5 MB a
+# model at 3 layers) a model's data streams from memory whatever the order, and chunks of 8
+# ran no faster than the whole window.
+MAX_CHUNKED_MODEL_BYTES = 2 * 2**20
+
+
+def _models_per_chunk(
+    a: WindowArrays, forward: list[tuple[np.ndarray, ...]], gradients: list[np.ndarray]
+) -> int:
+    """How many models make a chunk of about `CHUNK_BYTES` of weights, accumulators and tapes,
+    and at least `MIN_CHUNK_MODELS`; all of them where a model takes more than
+    `MAX_CHUNKED_MODEL_BYTES`."""
+    models = len(a.active)
+    arrays = [*a.weights, *a.accum, *gradients, *(t for layer in forward for t in layer[1:])]
+    per_model = sum(array.nbytes for array in arrays) // models + 1
+    if per_model > MAX_CHUNKED_MODEL_BYTES:
+        return models
+    return max(MIN_CHUNK_MODELS, CHUNK_BYTES // per_model)
+
+
+def _window_tapes(
+    model_first: bool, a: WindowArrays, x: np.ndarray, tapes: Tapes
+) -> tuple[list[tuple[np.ndarray, ...]], list[np.ndarray]]:
+    """The window's tapes: per layer (inputs, h_seq, c_seq, gates, tanh_c), the first layer's
+    inputs holding x; and the gradients on the layers' inputs, [0] the data's (none) to [L]
+    the top layer's outputs' (the head's), so that layer l's backward takes [l + 1] and
+    writes [l]."""
+    batch, steps, models = x.shape
+    layers, _, units, _ = a.state.h.shape
+    take = tapes.for_window((layers, batch, steps, units, models), model_first)
 
     def tape(*shape: int) -> np.ndarray:
-        return take((models, *shape) if family.model_first else (*shape, models))
+        return take((models, *shape) if model_first else (*shape, models))
 
     # Every layer reads step t's inputs at t + 1 of a (B, T + 1, I) sequence per model: the
     # layer below's h_seq, or for the first layer the window's x behind one unused step.
     inputs = tape(batch, steps + 1, 1)
-    per_model = inputs if family.model_first else _models_first(inputs)  # (K, B, T + 1, 1)
+    per_model = inputs if model_first else _models_first(inputs)  # (K, B, T + 1, 1)
     per_model[:, :, 0] = 0.0
     per_model[:, :, 1:, 0] = x.transpose(2, 0, 1)
-    tapes = []
-    for layer in range(len(h)):
+    forward = []
+    for _ in range(layers):
         h_seq, c_seq = tape(batch, steps + 1, units), tape(batch, steps + 1, units)
         # The kernels that run one model at a time keep their gates time major (K, T, B, 4H).
-        gates = (
-            tape(steps, batch, 4 * units) if family.model_first else tape(batch, steps, 4 * units)
-        )
-        tanh_c = tape(batch, steps, units)
+        gates = tape(steps, batch, 4 * units) if model_first else tape(batch, steps, 4 * units)
+        forward.append((inputs, h_seq, c_seq, gates, tape(batch, steps, units)))  # tanh_c
+        inputs = h_seq
+    gradients = [tape(batch, steps, units)]
+    for layer in reversed(range(layers)):
+        gradients.insert(0, tape(batch, steps, units if layer else 0))
+    return forward, gradients
+
+
+def _window_of(
+    family: _Family,
+    a: WindowArrays,
+    y: np.ndarray,
+    forward: list[tuple[np.ndarray, ...]],
+    gradients: list[np.ndarray],
+    active: np.ndarray,
+    results: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    """The window of the `active` models, on its tapes (`_window_tapes`), into their entries
+    of `results` (losses, margin, still active); the others' arrays untouched."""
+    h, c = a.state
+    for layer, (inputs, h_seq, c_seq, gates, tanh_c) in enumerate(forward):
         family.forward(
             *layer_of(a.weights, layer), inputs, h[layer], c[layer], h_seq, c_seq, gates,
-            tanh_c, a.active,
+            tanh_c, active,
         )  # fmt: skip
-        tapes.append((inputs, h_seq, c_seq, gates, tanh_c))
-        inputs = h_seq
-    losses = np.empty(models, np.float32)
-    margin = np.empty((batch, steps, models), np.float32)
-    d_outputs = tape(batch, steps, units)
-    still = np.empty(models, np.bool_)
+    losses, margin, still = results
+    top = forward[-1][1]
     family.head(
-        *a.weights[-2:], *a.accum[-2:], inputs, y, a.lr, a.active, losses, margin, d_outputs,
+        *a.weights[-2:], *a.accum[-2:], top, y, a.lr, active, losses, margin, gradients[-1],
         still,
     )  # fmt: skip
-    for layer in reversed(range(len(tapes))):
-        # The first layer's inputs are data: no gradient for them.
-        d_inputs = tape(batch, steps, units if layer else 0)
+    updated = still & active  # `still` holds the earlier chunks' models too
+    for layer in reversed(range(len(forward))):
         family.backward(
-            *layer_of(a.weights, layer), *layer_of(a.accum, layer), *tapes[layer], d_outputs,
-            d_inputs, a.lr, still,
+            *layer_of(a.weights, layer), *layer_of(a.accum, layer), *forward[layer],
+            gradients[layer + 1], gradients[layer], a.lr, updated,
         )  # fmt: skip
-        d_outputs = d_inputs
-    return losses, margin, still

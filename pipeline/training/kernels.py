@@ -834,7 +834,9 @@ def head_update_by_model(
 ):  # fmt: skip
     """head_update of the active models, one at a time: w_out and acc_w (K, H, 2), b_out and
     acc_b (K, 2), top (K, B, T + 1, H) and d_top (K, B, T, H) are model first; y and margin
-    (B, T, K) as in head_update. An inactive model's loss and margin are NaN."""
+    (B, T, K) as in head_update. An inactive model's entries of losses, margin and `still`
+    are left as they are: cpu_step runs a window's models in chunks, each chunk's head writing
+    its own models' entries into the window's arrays, which start NaN (False for `still`)."""
     batch, steps, models = y.shape
     units = w_out.shape[1]
     d_margin = np.empty((batch, steps, models), np.float32)
@@ -842,8 +844,6 @@ def head_update_by_model(
     grad_b = np.empty((1, 2), np.float32)
     for k in range(models):
         if not active[k]:
-            losses[k], still[k] = np.nan, False
-            margin[:, :, k] = np.nan
             continue
         w = w_out[k]
         for b in range(batch):

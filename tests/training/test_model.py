@@ -422,6 +422,36 @@ def test_numba_kernels_by_model_and_by_lane_give_the_same_bits(units, count):
         assert torch.equal(by_model, by_lane)
 
 
+def test_numba_step_gives_models_the_same_bits_in_chunks_as_in_one(monkeypatch):
+    # The one-model kernels take a window's models in chunks when their tapes would not fit
+    # the caches (cpu_step.CHUNK_BYTES); a model's arithmetic, and so every result, is the
+    # same whichever chunk it is in. Here chunks of 2 of 7 models, 2 of which sit out.
+    from pipeline.training.cpu_step import numba_step
+
+    active = torch.tensor([k not in (1, 4) for k in range(7)])
+    family, heads = cpu_step._family(numba_kernels(), by_model=True), []
+    counted = family._replace(head=lambda *args: heads.append(1) or family.head(*args))
+    monkeypatch.setattr(cpu_step, "_family", lambda kernels, by_model: counted)
+    monkeypatch.setattr(cpu_step, "MIN_CHUNK_MODELS", 2)
+    runs = {}
+    for chunk_bytes in (2**40, 1):
+        monkeypatch.setattr(cpu_step, "CHUNK_BYTES", chunk_bytes)
+        weights, accum, state, lr, _ = _models(7, layers=3, units=8)
+        step = _on_tensors(numba_step(numba_kernels(), by_model=True))
+        heads.clear()
+        results = []
+        for window in range(4):
+            x, y = _window(7, seed=window)
+            loss, margin, after = step(WindowArrays(weights, accum, state, lr, active), x, y)
+            weights, accum, state = after.weights, after.accum, after.state
+            results += [loss, margin, after.active]
+        runs[chunk_bytes] = [*results, *weights, *accum, *state], len(heads)
+    (whole, whole_heads), (chunked, chunked_heads) = runs.values()
+    assert (whole_heads, chunked_heads) == (4, 4 * 3)  # 5 running models: chunks of 2, 2, 1
+    for one, other in zip(whole, chunked, strict=True):
+        assert np.array_equal(one.numpy(), other.numpy(), equal_nan=True)
+
+
 def test_numba_step_never_reads_what_its_kept_tapes_held_before():
     # A step keeps its tapes from one window to the next of the same shape (fresh ones
     # page-faulted), so the kernels must write every entry of a tape before reading it: kept
