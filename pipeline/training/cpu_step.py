@@ -452,69 +452,101 @@ def _window_by(
     """The window by one family of kernels on dense float32 arrays (..., K), the weights and
     accumulators laid out for the family (`_laid_out`), which they update in place (weights,
     accumulators and state); returns (losses, margin, still active). The kernels that run one
-    model at a time take the models in chunks (`CHUNK_BYTES`), each chunk through the whole
-    window: a model's arithmetic is the same whichever chunk it is in, so are its bits."""
-    if family.model_first:  # the kernels take the weights' (K, ...) storage
-        a = a._replace(
-            weights=[_models_first(w) for w in a.weights],
-            accum=[_models_first(w) for w in a.accum],
+    model at a time take the lanes in chunks (`_lanes_per_chunk`), each chunk through the
+    whole window on tapes of a chunk's size: a model's arithmetic is the same whichever chunk
+    it is in, so are its bits."""
+    if not family.model_first:
+        return _window_of_lanes(family, a, x, y, tapes)
+    # The kernels take the weights' (K, ...) storage.
+    a = a._replace(
+        weights=[_models_first(w) for w in a.weights], accum=[_models_first(w) for w in a.accum]
+    )
+    models = len(a.active)
+    size = _lanes_per_chunk(a, x)
+    if models <= size:
+        return _window_of_lanes(family, a, x, y, tapes)
+    losses, margin = np.empty(models, np.float32), np.empty(y.shape, np.float32)
+    still = np.empty(models, np.bool_)
+    (h, c), chunks = a.state, -(-models // size)
+    for part in range(chunks):  # of even sizes
+        lanes = slice(part * models // chunks, (part + 1) * models // chunks)
+        chunk = WindowArrays(
+            [w[lanes] for w in a.weights],
+            [w[lanes] for w in a.accum],
+            State(_dense(h[..., lanes], np.float32), _dense(c[..., lanes], np.float32)),
+            a.lr[lanes],
+            a.active[lanes],
         )
+        x_lanes, y_lanes = _dense(x[..., lanes], np.float32), _dense(y[..., lanes], np.float32)
+        losses[lanes], margin[..., lanes], still[lanes] = _window_of_lanes(
+            family, chunk, x_lanes, y_lanes, tapes
+        )
+        h[..., lanes], c[..., lanes] = chunk.state
+    return losses, margin, still
+
+
+# About how many bytes of weights, accumulators and tapes the one-model kernels take through a
+# window in one chunk of lanes (`_lanes_per_chunk`). A window runs every model's first layer,
+# then every model's second, ..., so a model's tapes wait for its backward while every other
+# model runs: at state 16, 3 layers, 156 KB a model, 20 MB at K = 128, far past a core's L2
+# (512 KB here) and its share of L3, and a model-window took 1.3-1.5 times as long as at
+# K = 8. In chunks of 8 or 9 models on tapes of a chunk's size, which stay in the caches from
+# chunk to chunk and window to window, K = 32 and 128 took 1.08-1.10 times as long as K = 8
+# (chunks over all K models' tapes: 1.29-1.33). Measured side by side in one process, windows
+# of each kind alternating, thread CPU time, medians of 12.
+CHUNK_BYTES = 3 * 2**19
+# The fewest lanes in a chunk: each chunk costs a call of every kernel and a few copies, about
+# 50-90 µs at 3 layers; chunks of 4 models cost a fifth at state 64 (994 against 1,246
+# model-windows/s whole, K = 128), chunks of 8 nothing measurable.
+MIN_CHUNK_LANES = 8
+# The most bytes a model may take for its window to run in chunks: from state 128 (3.5 MB a
+# model at 3 layers) a model's data streams from memory in any order, and chunks ran no faster.
+MAX_CHUNKED_MODEL_BYTES = 2 * 2**20
+# Tape floats per layer, batch row, step and unit: h_seq, c_seq, gates (4), tanh_c and the
+# gradient on the layer's outputs.
+TAPE_FLOATS = 8
+
+
+def _lanes_per_chunk(a: WindowArrays, x: np.ndarray) -> int:
+    """How many lanes make a chunk of about `CHUNK_BYTES` of weights, accumulators and tapes,
+    and at least `MIN_CHUNK_LANES`; all of them where a model takes more than
+    `MAX_CHUNKED_MODEL_BYTES`."""
+    models = len(a.active)
+    layers, batch, units, _ = a.state.h.shape
+    tapes = 4 * TAPE_FLOATS * layers * batch * (x.shape[1] + 1) * units
+    per_model = sum(w.nbytes for w in (*a.weights, *a.accum)) // models + tapes
+    if models <= MIN_CHUNK_LANES or per_model > MAX_CHUNKED_MODEL_BYTES:
+        return models
+    return max(MIN_CHUNK_LANES, CHUNK_BYTES // per_model)
+
+
+def _window_of_lanes(
+    family: _Family, a: WindowArrays, x: np.ndarray, y: np.ndarray, tapes: Tapes
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_window_by` on all of `a`'s lanes at once, its weights and accumulators as the
+    family's kernels take them."""
     forward, gradients = _window_tapes(family.model_first, a, x, tapes)
-    # Each chunk's head writes its models' entries; the models that sit out keep these.
+    # The heads write the entries of the models that train; those that sit out keep these.
     losses, margin = np.empty(len(a.active), np.float32), np.empty(y.shape, np.float32)
     losses.fill(np.nan)  # fill, not np.full: 0.5 against 2.5 µs, in a window of 75 µs
     margin.fill(np.nan)
     still = np.zeros(len(a.active), np.bool_)
-    results = losses, margin, still
-    running = np.count_nonzero(a.active)
-    if (
-        not family.model_first
-        or running <= MIN_CHUNK_MODELS
-        or running <= (size := _models_per_chunk(a, forward, gradients))
-    ):
-        _window_of(family, a, y, forward, gradients, a.active, results)
-        return results
-    # Chunks of even sizes, in lane order.
-    chunks, lanes = -(-running // size), np.flatnonzero(a.active)
-    active = np.empty_like(a.active)
-    for part in range(chunks):
-        active[:] = False
-        active[lanes[part * running // chunks : (part + 1) * running // chunks]] = True
-        _window_of(family, a, y, forward, gradients, active, results)
-    return results
-
-
-# Bytes of weights, accumulators and tapes that the one-model kernels take through a window in
-# one chunk of models (`_models_per_chunk`). A window runs every model's layer 1, then layer 2,
-# ..., so a model's tapes wait for its backward while every other model runs: at state 16, 3
-# layers, 156 KB a model, 20 MB at K = 128, far past a core's L2 (512 KB here) and its share
-# of L3, and a model-window took 1.3-1.5 times as long as at K = 8. In chunks of 8 models
-# (1.2 MB), K = 128 ran within 0.84-0.93 of K = 8 per model (chunks of 26 models, 4 MB: 0.72);
-# at state 32, chunks of 8 (3 MB) 0.95 against 0.88 whole. Measured in one process, windows
-# of each kind alternating, thread CPU time.
-CHUNK_BYTES = 3 * 2**19
-# The fewest models in a chunk: each chunk costs a call of every kernel, about 50 µs a chunk
-# at 3 layers, which chunks of 4 models paid at state 64 (994 against 1,246 model-windows/s
-# whole, K = 128); chunks of 8 and 16 ran as fast as the whole window there.
-MIN_CHUNK_MODELS = 8
-# The most bytes a model may take for its window to run in chunks: from state 128 (3.5 MB a
-# model at 3 layers) a model's data streams from memory whatever the order, and chunks of 8
-# ran no faster than the whole window.
-MAX_CHUNKED_MODEL_BYTES = 2 * 2**20
-
-
-def _models_per_chunk(
-    a: WindowArrays, forward: list[tuple[np.ndarray, ...]], gradients: list[np.ndarray]
-) -> int:
-    """How many models make a chunk of about `CHUNK_BYTES` of weights, accumulators and tapes,
-    and at least `MIN_CHUNK_MODELS`; all of them where a model takes more than
-    `MAX_CHUNKED_MODEL_BYTES`."""
-    models = len(a.active)
-    arrays = [*a.weights, *a.accum, *gradients, *(t for layer in forward for t in layer[1:])]
-    per_model = sum(array.nbytes for array in arrays) // models + 1
-    if per_model > MAX_CHUNKED_MODEL_BYTES:
-        return models
-    return max(MIN_CHUNK_MODELS, CHUNK_BYTES // per_model)
+    h, c = a.state
+    for layer, (inputs, h_seq, c_seq, gates, tanh_c) in enumerate(forward):
+        family.forward(
+            *layer_of(a.weights, layer), inputs, h[layer], c[layer], h_seq, c_seq, gates,
+            tanh_c, a.active,
+        )  # fmt: skip
+    family.head(
+        *a.weights[-2:], *a.accum[-2:], forward[-1][1], y, a.lr, a.active, losses, margin,
+        gradients[-1], still,
+    )  # fmt: skip
+    for layer in reversed(range(len(forward))):
+        family.backward(
+            *layer_of(a.weights, layer), *layer_of(a.accum, layer), *forward[layer],
+            gradients[layer + 1], gradients[layer], a.lr, still,
+        )  # fmt: skip
+    return losses, margin, still
 
 
 def _window_tapes(
@@ -548,34 +580,3 @@ def _window_tapes(
     for layer in reversed(range(layers)):
         gradients.insert(0, tape(batch, steps, units if layer else 0))
     return forward, gradients
-
-
-def _window_of(
-    family: _Family,
-    a: WindowArrays,
-    y: np.ndarray,
-    forward: list[tuple[np.ndarray, ...]],
-    gradients: list[np.ndarray],
-    active: np.ndarray,
-    results: tuple[np.ndarray, np.ndarray, np.ndarray],
-) -> None:
-    """The window of the `active` models, on its tapes (`_window_tapes`), into their entries
-    of `results` (losses, margin, still active); the others' arrays untouched."""
-    h, c = a.state
-    for layer, (inputs, h_seq, c_seq, gates, tanh_c) in enumerate(forward):
-        family.forward(
-            *layer_of(a.weights, layer), inputs, h[layer], c[layer], h_seq, c_seq, gates,
-            tanh_c, active,
-        )  # fmt: skip
-    losses, margin, still = results
-    top = forward[-1][1]
-    family.head(
-        *a.weights[-2:], *a.accum[-2:], top, y, a.lr, active, losses, margin, gradients[-1],
-        still,
-    )  # fmt: skip
-    updated = still & active  # `still` holds the earlier chunks' models too
-    for layer in reversed(range(len(forward))):
-        family.backward(
-            *layer_of(a.weights, layer), *layer_of(a.accum, layer), *forward[layer],
-            gradients[layer + 1], gradients[layer], a.lr, updated,
-        )  # fmt: skip

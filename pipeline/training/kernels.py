@@ -835,8 +835,7 @@ def head_update_by_model(
     """head_update of the active models, one at a time: w_out and acc_w (K, H, 2), b_out and
     acc_b (K, 2), top (K, B, T + 1, H) and d_top (K, B, T, H) are model first; y and margin
     (B, T, K) as in head_update. An inactive model's entries of losses, margin and `still`
-    are left as they are: cpu_step runs a window's models in chunks, each chunk's head writing
-    its own models' entries into the window's arrays, which start NaN (False for `still`)."""
+    are left as they are: cpu_step fills them NaN (False for `still`) first."""
     batch, steps, models = y.shape
     units = w_out.shape[1]
     d_margin = np.empty((batch, steps, models), np.float32)
