@@ -465,11 +465,16 @@ def _window_by(
     size = _lanes_per_chunk(a, x)
     if models <= size:
         return _window_of_lanes(family, a, x, y, tapes)
+    # The entries of the models that sit out, and of chunks where every lane does.
     losses, margin = np.empty(models, np.float32), np.empty(y.shape, np.float32)
-    still = np.empty(models, np.bool_)
+    losses.fill(np.nan)
+    margin.fill(np.nan)
+    still = np.zeros(models, np.bool_)
     (h, c), chunks = a.state, -(-models // size)
     for part in range(chunks):  # of even sizes
         lanes = slice(part * models // chunks, (part + 1) * models // chunks)
+        if not a.active[lanes].any():  # emptied lanes at a study's end: no calls, no copies
+            continue
         chunk = WindowArrays(
             [w[lanes] for w in a.weights],
             [w[lanes] for w in a.accum],
@@ -512,10 +517,12 @@ def _lanes_per_chunk(a: WindowArrays, x: np.ndarray) -> int:
     and at least `MIN_CHUNK_LANES`; all of them where a model takes more than
     `MAX_CHUNKED_MODEL_BYTES`."""
     models = len(a.active)
+    if models <= MIN_CHUNK_LANES:
+        return models
     layers, batch, units, _ = a.state.h.shape
     tapes = 4 * TAPE_FLOATS * layers * batch * (x.shape[1] + 1) * units
     per_model = sum(w.nbytes for w in (*a.weights, *a.accum)) // models + tapes
-    if models <= MIN_CHUNK_LANES or per_model > MAX_CHUNKED_MODEL_BYTES:
+    if per_model > MAX_CHUNKED_MODEL_BYTES:
         return models
     return max(MIN_CHUNK_LANES, CHUNK_BYTES // per_model)
 
