@@ -7,6 +7,7 @@ pandas or pyarrow, and one that trains on the CPU never imports torch.
 - data.py: the echo series and a trial's seeds and windows.
 - arrays.py: the weights and state of K models stacked on a last axis; the WindowStep contract.
 - torch_step.py: the window's update in torch (eager, or torch.compile on GPUs).
+- torch_backward.py: its backward written by hand, Adagrad, and the scratch it keeps.
 - kernels.py: the same update as numba kernels, in two families; kernel_tiles.py writes their
   fused multiply-adds and register tiles as LLVM IR; kernel_compile.py compiles and loads
   them, sharing the work between processes; kernel_cache.py says where they are cached
