@@ -453,6 +453,49 @@ def test_numba_step_gives_models_the_same_bits_in_chunks_as_in_one(monkeypatch):
         assert np.array_equal(one.numpy(), other.numpy(), equal_nan=True)
 
 
+def test_eager_step_gives_models_the_same_bits_in_chunks_as_in_one(monkeypatch, one_thread):
+    # On the CPU the eager step takes a window's lanes in chunks when their recurrent weights
+    # pass torch_step.CHUNK_RECURRENT_BYTES, each chunk through the whole window; on one
+    # thread a model's arithmetic does not depend on its neighbours, so neither do its bits
+    # (on two, torch splits elementwise passes where it pleases: a chunk of one model's margins
+    # then differed by an ulp). Here 7 lanes, 2 of them sitting out: the 5 that run go in
+    # chunks of 1, 2 and 2.
+    from pipeline.training import torch_step
+    from pipeline.training.torch_backward import Scratch
+
+    active = torch.tensor([k not in (1, 4) for k in range(7)])
+    heads = []
+
+    def counted_head(*args):
+        heads.append(1)
+        return torch_step.EAGER.head_update(*args)
+
+    runs = {}
+    for chunk_bytes in (2**40, 2 * 4 * 8 * 8 * 4):  # whole; two models' W_h at state 8
+        monkeypatch.setattr(torch_step, "CHUNK_RECURRENT_BYTES", chunk_bytes)
+        pieces = torch_step.EAGER._replace(
+            head_update=counted_head, scratch=Scratch(), chunked=True
+        )
+        weights, accum, state, lr, _ = _models(7, layers=3, units=8)
+        heads.clear()
+        results = []
+        for window in range(4):
+            x, y = _window(7, seed=window)
+            pieces.scratch.start()
+            with torch.no_grad():
+                loss, margin, after = train_window(
+                    WindowArrays(weights, accum, state, lr, active), x, y, pieces,
+                    running_only=True,
+                )  # fmt: skip
+            weights, accum, state = after.weights, after.accum, after.state
+            results += [loss, margin, after.active]
+        runs[chunk_bytes] = [*results, *weights, *accum, *state], len(heads)
+    (whole, whole_heads), (chunked, chunked_heads) = runs.values()
+    assert (whole_heads, chunked_heads) == (4, 4 * 3)
+    for one, other in zip(whole, chunked, strict=True):
+        assert torch.equal(one.nan_to_num(7.0), other.nan_to_num(7.0))
+
+
 def test_numba_step_never_reads_what_its_kept_tapes_held_before():
     # A step keeps its tapes from one window to the next of the same shape (fresh ones
     # page-faulted), so the kernels must write every entry of a tape before reading it: kept
