@@ -12,16 +12,17 @@ on all T steps together: the input half of the gate matmuls before the recurrenc
 derivatives between forward and backward; the weight gradients and the gradient on the inputs
 after it. Each step then runs one matmul (h·W_h forward, d_pre·W_hᵀ backward) and four
 elementwise passes each way, written into the tapes (`out=`) rather than stacked afterwards.
-The eager step also computes only the models that train (`_train_running`) and keeps its large
-arrays from one window to the next (`Scratch`). The first formulation, per-model elementwise
-products over the model-last layout, ran 14 to 75 times slower than the straightforward loop at
-states 32 to 64 on the CPU (docs/benchmarks.md, docs/engine.md).
+The eager step also computes only the models that train (`_train_running`), keeps its large
+arrays from one window to the next (`Scratch`), and on the CPU takes wide models' lanes in
+chunks that stay in the caches (`CHUNK_RECURRENT_BYTES`). The first formulation, per-model
+elementwise products over the model-last layout, ran 14 to 75 times slower than the
+straightforward loop at states 32 to 64 on the CPU (docs/benchmarks.md, docs/engine.md).
 
 `train_window` is the hot path: forward, the backward written out by hand (torch_backward.py,
 which says why), and Adagrad, without autograd, in three pieces that torch.compile compiles.
-`forward` is the same model written plainly, for predictions
-and for checking those hand-written gradients against autograd. On the CPU the same update runs
-as numba kernels, on numpy arrays (cpu_step.py).
+`forward` is the same model written plainly, for predictions and for checking those
+hand-written gradients against autograd. On the CPU the same update runs as numba kernels, on
+numpy arrays (cpu_step.py).
 """
 
 from __future__ import annotations
@@ -155,8 +156,9 @@ class TorchPieces(NamedTuple):
 # in the caches, where a window of all the lanes streamed them from memory. Measured side by
 # side in one process, medians of 9, per model, K = 128, 3 layers: state 64 ran 1.14-1.20
 # times as fast in chunks of 32 or 64 lanes as whole; state 128, 1.16 (8 lanes), 1.19-1.22
-# (16), 1.08-1.10 (32). Below state 64 the calls of a chunk cost more than the caches save
-# (state 32: 0.72 in chunks of 16, 0.92 of 32), and this budget makes no chunks there.
+# (16), 1.08-1.10 (32); the step with this budget against the step before, 1.04-1.13 at
+# state 64 and 1.19 at 128. Below state 64 the calls of a chunk cost more than the caches
+# save (state 32: 0.72 in chunks of 16, 0.92 of 32), and this budget makes no chunks there.
 CHUNK_RECURRENT_BYTES = 4 * 2**20
 
 
