@@ -422,6 +422,19 @@ def test_numba_kernels_by_model_and_by_lane_give_the_same_bits(units, count):
         assert torch.equal(by_model, by_lane)
 
 
+def _windows_of_seven(step, active: torch.Tensor) -> list[torch.Tensor]:
+    """The losses, margins and active flags of 4 windows of 7 models (3 layers of 8 units) by
+    `step`, then the models' weights, accumulators and state after them."""
+    weights, accum, state, lr, _ = _models(7, layers=3, units=8)
+    results = []
+    for window in range(4):
+        x, y = _window(7, seed=window)
+        loss, margin, after = step(WindowArrays(weights, accum, state, lr, active), x, y)
+        weights, accum, state = after.weights, after.accum, after.state
+        results += [loss, margin, after.active]
+    return [*results, *weights, *accum, *state]
+
+
 def test_numba_step_gives_models_the_same_bits_in_chunks_as_in_one(monkeypatch):
     # The one-model kernels take a window's lanes in chunks when their tapes would not fit the
     # caches (cpu_step.CHUNK_BYTES); a model's arithmetic, and so every result, is the same
@@ -437,16 +450,9 @@ def test_numba_step_gives_models_the_same_bits_in_chunks_as_in_one(monkeypatch):
     runs = {}
     for chunk_bytes in (2**40, 1):
         monkeypatch.setattr(cpu_step, "CHUNK_BYTES", chunk_bytes)
-        weights, accum, state, lr, _ = _models(7, layers=3, units=8)
         step = _on_tensors(numba_step(numba_kernels(), by_model=True))
         heads.clear()
-        results = []
-        for window in range(4):
-            x, y = _window(7, seed=window)
-            loss, margin, after = step(WindowArrays(weights, accum, state, lr, active), x, y)
-            weights, accum, state = after.weights, after.accum, after.state
-            results += [loss, margin, after.active]
-        runs[chunk_bytes] = [*results, *weights, *accum, *state], len(heads)
+        runs[chunk_bytes] = _windows_of_seven(step, active), len(heads)
     (whole, whole_heads), (chunked, chunked_heads) = runs.values()
     assert (whole_heads, chunked_heads) == (4, 4 * 3)
     for one, other in zip(whole, chunked, strict=True):
@@ -476,20 +482,14 @@ def test_eager_step_gives_models_the_same_bits_in_chunks_as_in_one(monkeypatch, 
         pieces = torch_step.EAGER._replace(
             head_update=counted_head, scratch=Scratch(), chunked=True
         )
-        weights, accum, state, lr, _ = _models(7, layers=3, units=8)
-        heads.clear()
-        results = []
-        for window in range(4):
-            x, y = _window(7, seed=window)
+
+        def eager(arrays, x, y, pieces=pieces):
             pieces.scratch.start()
             with torch.no_grad():
-                loss, margin, after = train_window(
-                    WindowArrays(weights, accum, state, lr, active), x, y, pieces,
-                    running_only=True,
-                )  # fmt: skip
-            weights, accum, state = after.weights, after.accum, after.state
-            results += [loss, margin, after.active]
-        runs[chunk_bytes] = [*results, *weights, *accum, *state], len(heads)
+                return train_window(arrays, x, y, pieces, running_only=True)
+
+        heads.clear()
+        runs[chunk_bytes] = _windows_of_seven(eager, active), len(heads)
     (whole, whole_heads), (chunked, chunked_heads) = runs.values()
     assert (whole_heads, chunked_heads) == (4, 4 * 3)
     for one, other in zip(whole, chunked, strict=True):
