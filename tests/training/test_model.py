@@ -296,9 +296,17 @@ def test_eager_step_gives_a_model_the_same_bits_among_any_number_of_others(units
         assert torch.equal(batched[:, k], alone), count
 
 
-def test_eager_step_updates_the_lanes_weights_in_place_after_its_first_window():
+@pytest.mark.parametrize("chunk_bytes", [None, 3 * 4 * 8 * 8 * 4])
+def test_eager_step_updates_the_lanes_weights_in_place_after_its_first_window(
+    chunk_bytes, monkeypatch
+):
     # The lanes hold views of the step's model-first storage: a window after the first copies
-    # no weight or accumulator (a copy each way per window cost the step a fifth of its time).
+    # no weight or accumulator (a copy each way per window cost the step a fifth of its time),
+    # whether it takes the lanes whole or in chunks (here of 3 models' W_h).
+    if chunk_bytes is not None:
+        from pipeline.training import torch_step
+
+        monkeypatch.setattr(torch_step, "CHUNK_RECURRENT_BYTES", chunk_bytes)
     weights, accum, state, lr, active = _models(16, layers=2, units=8)
     step = step_function(False, CPU)
     x, y = _window(16)
