@@ -2,7 +2,8 @@
 
 - launch.py: embedded Ray or a cluster, decided once before Ray is imported; compile ahead.
 - driver.py: `run_study` and the driver loop (ask, place, relay pruning, record, tell);
-  records.py: the trials it asked and the trainers it placed them on.
+  records.py: the trials it asked and the trainers it placed them on; asking.py: its asks,
+  each point of the search space once, with the seed from its parameters.
 - placement.py: which trainer takes a trial; a grid's order.
 - optuna_setup.py: samplers, pruners, distributions and storages; database.py: a PostgreSQL
   storage as Optuna's journal in one table, written a group of asks and tells at a time.

@@ -33,11 +33,12 @@ import optuna
 import ray
 from optuna.trial import TrialState
 
-from pipeline.config import Config, ConfigError, first_line, short_name
+from pipeline.config import Config, ConfigError, first_line
 from pipeline.results.failpoints import failpoint
 from pipeline.results.output import TRIALS, Output, check_output, claim_output
 from pipeline.results.record import TrialResult, record_trials
-from pipeline.results.tables import FIXED_COLUMNS, param_columns, read_steps_outcomes, trials_table
+from pipeline.results.tables import param_columns, read_steps_outcomes, trials_table
+from pipeline.study.asking import Asker
 from pipeline.study.launch import Launch, import_in_background, prepare
 from pipeline.study.locations import check_output_location
 from pipeline.study.optuna_setup import (
@@ -45,7 +46,6 @@ from pipeline.study.optuna_setup import (
     bind_output,
     check_output_bound,
     check_storage_knows,
-    distribution,
     grouping,
     judge_attempt,
     make_pruner,
@@ -53,7 +53,7 @@ from pipeline.study.optuna_setup import (
     open_storage,
     told_value,
 )
-from pipeline.study.placement import TrialWork, grid_points, place_run
+from pipeline.study.placement import TrialWork, place_run
 from pipeline.study.progress import Progress
 from pipeline.study.ray_connection import (
     check_placement,
@@ -66,7 +66,6 @@ from pipeline.study.ray_connection import (
 from pipeline.study.records import PlannedTrial, StudyOutcome, TrainerRecord
 from pipeline.study.trainer import start_trainer
 from pipeline.summary.write import write_summary
-from pipeline.training.data import trial_seed
 from pipeline.training.trial import Finished, LaneTrial, Report, lanes_key
 
 log = logging.getLogger(__name__)
@@ -85,8 +84,6 @@ TRIALS_TABLE_EVERY_SECONDS = 10.0
 # A trainer that Ray has not placed this long after it was started says what it waits for
 # (or sooner, at half of ray.placement_timeout_s).
 WAIT_NOTICE_SECONDS = 10.0
-# A sampler that draws this many points in a row that were run before has spent its space.
-DUPLICATE_ASKS = 50
 # How long a trainer holds a call when it has nothing to tell yet.
 EXCHANGE_WAIT_SECONDS = 0.5
 
@@ -190,17 +187,10 @@ class _Driver:
         # What is asked, or told, at once is written to the storage at once (`grouping`).
         self.group = group
         self.columns = param_columns(config)
-        grid = config.study.sampler == "grid"
-        self.distributions = {p.short_name: distribution(p, grid) for p in config.study.search}
-        # Optuna refuses another kind of distribution for a parameter its trials already have.
-        for trial in study.get_trials(deepcopy=False)[:1]:
-            self.distributions.update(
-                {k: d for k, d in trial.distributions.items() if k in self.distributions}
-            )
+        self.asker = Asker(config, study)
         self.lanes = config.study.lanes_per_trainer or DEFAULT_LANES[config.study.sampler]
         self.rows: dict[int, dict[str, Any]] = {}
         self.queue: deque[PlannedTrial] = deque()
-        self.asked: dict[int, optuna.Trial] = {}
         self.attempts: Counter[int] = Counter()
         # Each trial's last report (step, value) and all its reports in its current attempt
         # (what the pruner judges it on), and the last step it reported to Optuna in any.
@@ -216,9 +206,6 @@ class _Driver:
         # trial is judged (nor reports) during its first epoch; without a pruner, none reports.
         self.judge_from = config.task.windows_per_epoch
         self.report_every = config.study.report_every if config.study.pruner != "none" else None
-        self.points: Iterator[tuple] = iter(())
-        self.recorded_points: set[tuple] = set()
-        self.spent = False  # the sampler draws only points run before (`_ask_new_point`)
         self.broken_in_a_row = 0  # trainers that broke (`_broken`) since a trial finished
         self.windows_stepped = 0
         self.lane_windows = 0
@@ -240,9 +227,7 @@ class _Driver:
                 else:
                     self.study.tell(frozen.number, told_value(row), state=TrialState[row["state"]])
                 failpoint("recovering")
-        self.recorded_points = {self._point_of(row) for row in self.rows.values()}
-        if self.config.study.sampler == "grid":
-            self.points = iter(grid_points(self.config))
+        self.asker.start(self.rows.values())
         self.progress.start(self.rows.values())
         self._write_trials_table()
 
@@ -294,7 +279,7 @@ class _Driver:
         capacity = self.lanes * len(self.trainers)
         with self.group():
             while self._in_flight() < capacity and self._wanted() > 0:
-                planned = self._ask_one()
+                planned = self.asker.ask({t.point for t in self._unfinished()})
                 if planned is None:
                     return
                 self.queue.append(planned)
@@ -303,65 +288,6 @@ class _Driver:
         """Trials still to ask for: finished trials are the recorded ones."""
         done = len(self.rows) + len(self.unrecorded)
         return self.config.study.n_trials - done - self._in_flight()
-
-    def _ask_one(self) -> PlannedTrial | None:
-        """The next trial to run, or None when the search space has no point left to run."""
-        if self.config.study.sampler == "grid":
-            point = self._next_grid_point()
-            if point is None:
-                return None
-            self.study.sampler.point = dict(zip(self.distributions, point, strict=True))
-            return self._planned(self.study.ask(self.distributions))
-        return self._ask_new_point()
-
-    def _ask_new_point(self) -> PlannedTrial | None:
-        """A trial of the sampler at a point not yet run: a point's seed derives from its
-        parameters, so a second run of it would only copy the first. A point drawn again is
-        told FAIL (samplers ignore those) and the sampler asked once more, up to
-        DUPLICATE_ASKS times in a row; then the space is taken as spent."""
-        if self.spent:
-            return None
-        taken = self.recorded_points | {t.point for t in self._unfinished()}
-        for _ in range(DUPLICATE_ASKS):
-            trial = self.study.ask(self.distributions)
-            planned = self._planned(trial)
-            if planned.point not in taken:
-                return planned
-            trial.set_user_attr("skipped", "its point was run before")
-            self.study.tell(self.asked.pop(trial.number), state=TrialState.FAIL)
-        self.spent = True
-        log.warning(
-            "the sampler drew %d points in a row that were run before: the search space looks "
-            "spent, so no more trials are asked (study.trials = %d)",
-            DUPLICATE_ASKS,
-            self.config.study.n_trials,
-        )
-        return None
-
-    def _planned(self, trial: optuna.Trial) -> PlannedTrial:
-        """What a trainer needs of an asked trial: its config, with its seed from its
-        parameters."""
-        search = self.config.study.search
-        failpoint("asked")
-        params = {p.key: trial.params[p.short_name] for p in search}
-        trial_config = self.config.with_params(params)
-        seed = trial_seed(self.config.study.seed, {**params, "train.seed": trial_config.train.seed})
-        values = {name: trial_config.value(key) for name, key in FIXED_COLUMNS.items()}
-        values.update({short_name(k): v for k, v in params.items()})
-        self.asked[trial.number] = trial
-        return PlannedTrial(
-            trial.number,
-            trial_config.with_params({"train.seed": seed}),
-            values,
-            tuple(params[p.key] for p in search),
-        )
-
-    def _next_grid_point(self) -> tuple | None:
-        running = {t.point for t in self._unfinished()}
-        for point in self.points:
-            if point not in self.recorded_points and point not in running:
-                return point
-        return None
 
     def _unfinished(self) -> Iterator[PlannedTrial]:
         yield from self.queue
@@ -444,7 +370,7 @@ class _Driver:
         self.broken_in_a_row += 1
         if self.broken_in_a_row > self._slots():
             self._record()
-            for trial in self.asked.values():  # not run: a rerun runs them
+            for trial in self.asker.asked.values():  # not run: a rerun runs them
                 self.study.tell(trial, state=TrialState.FAIL)
             raise NoTrainerCanTrain(
                 f"no trainer can train here: {self.broken_in_a_row} trainers in a row failed "
@@ -455,7 +381,7 @@ class _Driver:
 
     def _judge(self, report: Report) -> bool:
         """Report a running loss to Optuna; True when its pruner stops the trial."""
-        trial = self.asked.get(report.key)
+        trial = self.asker.asked.get(report.key)
         if trial is None:  # recorded meanwhile: nothing left to judge
             return False
         self.last_report[report.key] = (report.step, report.value)
@@ -568,13 +494,12 @@ class _Driver:
         failpoint("written")
         with self.group():
             for result, row in zip(results, rows, strict=True):
-                trial = self.asked.pop(result.number)
+                trial = self.asker.recorded(result.number, row)
                 for reports in (self.last_report, self.attempt_reports, self.told_up_to):
                     reports.pop(result.number, None)
                 self.study.tell(trial, told_value(row), state=TrialState[row["state"]])
                 failpoint("told")
                 self.rows[result.number] = row
-                self.recorded_points.add(self._point_of(row))
         for row in rows:
             self.progress.record(row, self.columns)
 
@@ -582,9 +507,6 @@ class _Driver:
         rows = [self.rows[n] for n in sorted(self.rows)]
         self.output.write_table(TRIALS, trials_table(rows, self.columns))
         self.trials_written = time.monotonic()
-
-    def _point_of(self, row: dict[str, Any]) -> tuple:
-        return tuple(row[p.short_name] for p in self.config.study.search)
 
 
 def _work(planned: PlannedTrial) -> TrialWork:

@@ -31,7 +31,7 @@ def _driver(tmp_path, **params: object) -> _Driver:
 def _completed(driver: _Driver, count: int, reports: dict[int, float]) -> None:
     """`count` finished trials of the study, each with `reports` (step → value)."""
     for _ in range(count):
-        trial = driver.study.ask(driver.distributions)
+        trial = driver.study.ask(driver.asker.distributions)
         for step, value in reports.items():
             trial.report(value, step)
         driver.study.tell(trial, value)
@@ -39,7 +39,7 @@ def _completed(driver: _Driver, count: int, reports: dict[int, float]) -> None:
 
 def _running(driver: _Driver) -> tuple[TrainerRecord, PlannedTrial]:
     """A trial asked through the driver, placed on a real trainer actor."""
-    planned = driver._ask_one()
+    planned = driver.asker.ask(running=set())
     trainer = TrainerRecord(start_trainer(driver.config, driver.launch), 0.0)
     trainer.trials[planned.number] = planned
     driver.trainers.append(trainer)
