@@ -157,3 +157,10 @@ def layer_of(arrays: Sequence[Array], layer: int) -> Sequence[Array]:
     if isinstance(arrays, State):
         return arrays.h[layer], arrays.c[layer]
     return arrays[3 * layer : 3 * layer + 3]
+
+
+def lane_chunks(models: int, size: int) -> list[slice]:
+    """`models` lanes in the fewest chunks of at most `size`, of even sizes (they differ by one
+    at most), as ranges of lanes: how both steps take wide sets of lanes through a window."""
+    chunks = -(-models // size)
+    return [slice(part * models // chunks, (part + 1) * models // chunks) for part in range(chunks)]

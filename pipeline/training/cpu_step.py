@@ -36,6 +36,7 @@ from pipeline.training.arrays import (
     WindowArrays,
     WindowResult,
     WindowStep,
+    lane_chunks,
     layer_of,
     warn_fallback,
 )
@@ -470,9 +471,8 @@ def _window_by(
     losses.fill(np.nan)
     margin.fill(np.nan)
     still = np.zeros(models, np.bool_)
-    (h, c), chunks = a.state, -(-models // size)
-    for part in range(chunks):  # of even sizes
-        lanes = slice(part * models // chunks, (part + 1) * models // chunks)
+    h, c = a.state
+    for lanes in lane_chunks(models, size):
         if not a.active[lanes].any():  # emptied lanes at a study's end: no calls, no copies
             continue
         chunk = WindowArrays(

@@ -43,6 +43,7 @@ from pipeline.training.arrays import (
     WindowResult,
     WindowStep,
     initial_weights,
+    lane_chunks,
     layer_of,
     num_layers,
 )
@@ -304,11 +305,8 @@ def _train_in_chunks(
     first = _models_first_copy if keep_inputs else models_first
     weights, accum = [first(w) for w in arrays.weights], [first(a) for a in arrays.accum]
     state = [models_first(s) for s in arrays.state]
-    models = len(arrays.active)
-    chunks = -(-models // size)
     results = []
-    for part in range(chunks):
-        lanes = slice(part * models // chunks, (part + 1) * models // chunks)
+    for lanes in lane_chunks(len(arrays.active), size):
         chunk = WindowArrays(
             [models_last(w[lanes]) for w in weights],
             [models_last(a[lanes]) for a in accum],
