@@ -48,8 +48,9 @@ import numpy as np
 from numba.core import caching
 
 from pipeline.training.kernel_cache import FAMILY_NAMES, kernels_folder, source_hash
-from pipeline.training.kernel_tiles import TILE, TILE_SUMS
+from pipeline.training.kernel_tiles import TILE, TILE_SUMS, VECTOR
 from pipeline.training.kernel_tiles import fma as _fma
+from pipeline.training.kernel_tiles import transpose_blocks as _transpose_blocks
 
 if numba.config.DISABLE_JIT:
     raise ImportError("numba's JIT is disabled (NUMBA_DISABLE_JIT is set)")
@@ -609,26 +610,21 @@ def head_update(w_out, b_out, acc_w, acc_b, top, y, lr, active, losses, margin, 
 # Models that sit the window out are skipped, their losses NaN.
 
 
-# Rows and columns per block of a transpose: a block's 16 rows of 16 floats are 16 cache lines
-# read and 16 written, where a row at a time wrote each float to a line of its own (measured at
-# state 128: the six transposes of a window took 13 % of its time).
-TRANSPOSE_BLOCK = 16
-
-
 @_row_helper
 def _transpose(rows, columns):
-    """columns (C, R) = rows (R, C).T, for one model's weight, block by block, each block's
-    columns written in order (measured: 2.2 times as fast as a row at a time at state 128;
-    blocks of 8, or rows read in order, ran slower)."""
+    """columns (C, R) = rows (R, C).T, for one model's weight or tape: whole blocks of VECTOR
+    × VECTOR in registers (kernel_tiles.py), the rows and columns left over one float at a
+    time."""
+    _transpose_blocks(rows, columns)
     row_count, column_count = numba.uint64(rows.shape[0]), numba.uint64(rows.shape[1])
-    block = numba.uint64(TRANSPOSE_BLOCK)
-    for r0 in range(numba.uint64(0), row_count, block):
-        r1 = min(r0 + block, row_count)
-        for c0 in range(numba.uint64(0), column_count, block):
-            c1 = min(c0 + block, column_count)
-            for col in range(c0, c1):
-                for r in range(r0, r1):
-                    columns[col, r] = rows[r, col]
+    whole_rows = row_count - row_count % numba.uint64(VECTOR)
+    whole_columns = column_count - column_count % numba.uint64(VECTOR)
+    for r in range(whole_rows, row_count):
+        for col in range(column_count):
+            columns[col, r] = rows[r, col]
+    for r in range(whole_rows):
+        for col in range(whole_columns, column_count):
+            columns[col, r] = rows[r, col]
 
 
 @_row_helper
@@ -736,31 +732,36 @@ def _gates_backward(gates, tanh_c, c, d_out, d_h, d_c, d_pre):
 @_row_helper
 def _backward_model(
     w_in_t, w_h_t, inputs, h_seq, c_seq, gates, tanh_c, d_outputs, d_inputs,
-    d_pre, inputs_t, h_seq_t, d_h, d_c, d_x, grad_input, grad_hidden, grad_bias,
+    d_pre, inputs_t, h_seq_t, h_rows, d_h, d_c, d_x, grad_input, grad_hidden, grad_bias,
 ):  # fmt: skip
     """One model's layer back over the window (as _backward_chunk): its weight gradients into
-    grad_input (I, 4H), grad_hidden (H, 4H) and grad_bias (4H,), its input gradients into
-    d_inputs (B, T, I). Scratch: d_pre (T B, 4H), the gradients on the pre-activations of
-    every step and row in the order the weight gradients sum them (t descending, b
-    ascending), with inputs_t (I, T B) and h_seq_t (H, T B), each step's inputs and state in
-    that order; d_h and d_c (B, H); d_x (T B, I) the input gradients, rows as d_pre's. The
-    weight gradients and the input gradients are summed after the recurrence, over the whole
-    window, rather than at every step: the recurrence reads only w_h_t (see _forward_model),
-    and each sum serves every row of the window with each load (_add_block_shares)."""
+        grad_input (I, 4H), grad_hidden (H, 4H) and grad_bias (4H,), its input gradients into
+        d_inputs (B, T, I). Scratch: d_pre (T B, 4H), the gradients on the pre-activations of
+        every step and row in the order the weight gradients sum them (t descending, b
+        ascending), with inputs_t (I, T B) and h_seq_t (H, T B), each step's inputs and state in
+        that order, transposed from h_rows (T B, H) and d_x (T B, I), which hold them a row each
+    first; d_h and d_c (B, H); d_x (T B, I) then the input gradients, rows as d_pre's. The
+        weight gradients and the input gradients are summed after the recurrence, over the whole
+        window, rather than at every step: the recurrence reads only w_h_t (see _forward_model),
+        and each sum serves every row of the window with each load (_add_block_shares)."""
     batch, steps = d_outputs.shape[0], d_outputs.shape[1]
+    for t in range(steps):
+        first = (steps - 1 - t) * batch
+        for b in range(batch):
+            for i in range(d_x.shape[1]):
+                d_x[first + b, i] = inputs[b, t + 1, i]
+            for j in range(h_rows.shape[1]):
+                h_rows[first + b, j] = h_seq[b, t, j]
+    _transpose(d_x, inputs_t)
+    _transpose(h_rows, h_seq_t)
     d_h[:], d_c[:] = ZERO, ZERO
     for t in range(steps - 1, -1, -1):
         first = (steps - 1 - t) * batch  # the step's first row of d_pre
         for b in range(batch):
-            s = first + b
             _gates_backward(
                 gates[t, b], tanh_c[b, t], c_seq[b, t], d_outputs[b, t], d_h[b],
-                d_c[b], d_pre[s],
+                d_c[b], d_pre[first + b],
             )  # fmt: skip
-            for i in range(inputs_t.shape[0]):
-                inputs_t[i, s] = inputs[b, t + 1, i]
-            for j in range(h_seq_t.shape[0]):
-                h_seq_t[j, s] = h_seq[b, t, j]
         # The gradient reaching h from the step before; none flows past the window's start.
         # Every row's d_pre first, then its sums, so that the step's rows share the weights.
         if t > 0:
@@ -888,6 +889,7 @@ def layer_backward_update_by_model(
     d_pre = np.empty((steps * batch, gate_rows), np.float32)
     inputs_t = np.empty((width, steps * batch), np.float32)
     h_seq_t = np.empty((units, steps * batch), np.float32)
+    h_rows = np.empty((steps * batch, units), np.float32)
     d_h = np.empty((batch, units), np.float32)
     d_c = np.empty((batch, units), np.float32)
     d_x = np.empty((steps * batch, width), np.float32)
@@ -902,7 +904,7 @@ def layer_backward_update_by_model(
         _backward_model(
             w_in_t, w_h_t, inputs[k], h_seq[k], c_seq[k],
             gates[k], tanh_c[k], d_outputs[k],
-            d_inputs[k], d_pre, inputs_t, h_seq_t, d_h, d_c, d_x, grad_input, grad_hidden,
+            d_inputs[k], d_pre, inputs_t, h_seq_t, h_rows, d_h, d_c, d_x, grad_input, grad_hidden,
             grad_bias[0],
         )  # fmt: skip
         _adagrad_model(w_input[k], acc_input[k], grad_input, lr[k])

@@ -1,11 +1,11 @@
-"""The register tiles of kernel_tiles.py, through the kernels' one sum of products."""
+"""The register tiles and block transposes of kernel_tiles.py, through the kernels that use them."""
 
 import numba
 import numpy as np
 import pytest
 
 from pipeline.training import kernels
-from pipeline.training.kernel_tiles import MAX_HEIGHT, TILE
+from pipeline.training.kernel_tiles import MAX_HEIGHT, TILE, VECTOR
 
 
 @numba.njit
@@ -45,3 +45,17 @@ def test_fma_rounds_once():
     a = np.float32(1 + 2**-23)
     # (1 + 2^-23)² = 1 + 2^-22 + 2^-46: less 1 + 2^-22 leaves 2^-46 rounded once, 0 twice.
     assert _fused(a, a, np.float32(-(1 + 2**-22))) == np.float32(2**-46)
+
+
+# Shapes of no whole block, whole blocks only, and blocks with rows, columns or both left over;
+# a layer's weights (H, 4H) and a window's rows of states (T B, H).
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 3), (3, 1), (VECTOR, VECTOR), (VECTOR + 5, VECTOR), (VECTOR, 2 * VECTOR + 3), (13, 20),
+     (32, 128), (75, 32), (75, 1)],
+)  # fmt: skip
+def test_transpose_copies_every_float_to_its_place(shape):
+    rows = np.random.default_rng(sum(shape)).standard_normal(shape).astype(np.float32)
+    columns = np.full(shape[::-1], np.nan, np.float32)
+    kernels._transpose(rows, columns)
+    assert columns.tobytes() == np.ascontiguousarray(rows.T).tobytes()
