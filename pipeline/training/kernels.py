@@ -832,6 +832,36 @@ def layer_forward_by_model(
                 c0[b, j, k] = c_seq[k, b, steps1 - 1, j]
 
 
+@_row_helper
+def _head_logits(w_cols, bias, top_t, logits):
+    """logits[c, s] = bias[c] + Σ_j top_t[j, s] w_cols[c, j] for each class c and window
+    position s, over j ascending, a product and a sum each, as head_update sums them; one
+    position per lane of a vector (top_t (H, T B) holds the positions' states as columns),
+    where a position at a time was one chain of dependent sums."""
+    for c in range(2):
+        out = logits[c]
+        for s in range(out.shape[0]):
+            out[s] = bias[c]
+        for j in range(top_t.shape[0]):
+            w, row = w_cols[c, j], top_t[j]
+            for s in range(out.shape[0]):
+                out[s] += row[s] * w
+
+
+@_row_helper
+def _head_gradients(d_margin, w_cols, top_rows, d_top_rows, grad_cols):
+    """For each window position s in order (d_margin (T B,), top_rows and d_top_rows (T B,
+    H)): the gradient into the top layer's outputs, and its share of the output weights'
+    gradient, grad_cols (2, H), summed as head_update sums them; the columns of the weights
+    and gradients a row each, so that the loop over units reads and writes whole vectors."""
+    for s in range(d_margin.shape[0]):
+        dm, top, d_top = d_margin[s], top_rows[s], d_top_rows[s]
+        for j in range(top.shape[0]):
+            d_top[j] = dm * w_cols[1, j] - dm * w_cols[0, j]
+            grad_cols[0, j] -= top[j] * dm
+            grad_cols[1, j] += top[j] * dm
+
+
 @_kernel("by_model", _HEAD)
 def head_update_by_model(
     w_out, b_out, acc_w, acc_b, top, y, lr, active, losses, margin, d_top, still
@@ -839,38 +869,52 @@ def head_update_by_model(
     """head_update of the active models, one at a time: w_out and acc_w (K, H, 2), b_out and
     acc_b (K, 2), top (K, B, T + 1, H) and d_top (K, B, T, H) are model first; y and margin
     (B, T, K) as in head_update. An inactive model's entries of losses, margin and `still`
-    are left as they are: cpu_step fills them NaN (False for `still`) first."""
+    are left as they are: cpu_step fills them NaN (False for `still`) first. Positions s = b T
+    + t run in head_update's order (b, then t)."""
     batch, steps, models = y.shape
     units = w_out.shape[1]
+    positions = batch * steps
     d_margin = np.empty((batch, steps, models), np.float32)
+    top_rows = np.empty((positions, units), np.float32)
+    top_t = np.empty((units, positions), np.float32)
+    logits = np.empty((2, positions), np.float32)
+    d_margin_rows = np.empty(positions, np.float32)
+    w_cols = np.empty((2, units), np.float32)
+    grad_cols = np.empty((2, units), np.float32)
     grad_w = np.empty((units, 2), np.float32)
     grad_b = np.empty((1, 2), np.float32)
     for k in range(models):
         if not active[k]:
             continue
         w = w_out[k]
+        for j in range(units):
+            w_cols[0, j], w_cols[1, j] = w[j, 0], w[j, 1]
         for b in range(batch):
             for t in range(steps):
-                logit0, logit1 = b_out[k, 0], b_out[k, 1]
                 for j in range(units):
-                    logit0 += top[k, b, t + 1, j] * w[j, 0]
-                    logit1 += top[k, b, t + 1, j] * w[j, 1]
-                margin[b, t, k] = logit1 - logit0
+                    top_rows[b * steps + t, j] = top[k, b, t + 1, j]
+        _transpose(top_rows, top_t)
+        _head_logits(w_cols, b_out[k], top_t, logits)
+        for b in range(batch):
+            for t in range(steps):
+                margin[b, t, k] = logits[1, b * steps + t] - logits[0, b * steps + t]
         losses[k] = _model_loss_and_gradient(margin, y, k, d_margin)
         still[k] = np.isfinite(losses[k])
         if not still[k]:
             continue
-        grad_w[:] = ZERO
         grad_b[:] = ZERO
         for b in range(batch):
             for t in range(steps):
                 dm = d_margin[b, t, k]
+                d_margin_rows[b * steps + t] = dm
                 grad_b[0, 0] -= dm
                 grad_b[0, 1] += dm
-                for j in range(units):
-                    d_top[k, b, t, j] = dm * w[j, 1] - dm * w[j, 0]
-                    grad_w[j, 0] -= top[k, b, t + 1, j] * dm
-                    grad_w[j, 1] += top[k, b, t + 1, j] * dm
+        grad_cols[:] = ZERO
+        _head_gradients(
+            d_margin_rows, w_cols, top_rows, d_top[k].reshape((positions, units)), grad_cols
+        )
+        for j in range(units):
+            grad_w[j, 0], grad_w[j, 1] = grad_cols[0, j], grad_cols[1, j]
         _adagrad_model(w, acc_w[k], grad_w, lr[k])
         _adagrad_model(b_out[k : k + 1], acc_b[k : k + 1], grad_b, lr[k])
 
