@@ -97,9 +97,11 @@ def run_study_command(config: Config, args: argparse.Namespace) -> int:
 
     outcome = run_study(config, launch=launch)
     counts = ", ".join(f"{n} {state}" for state, n in sorted(outcome.counts.items()))
+    phases = outcome.phases
     print(
         f"Study {config.study.name}: {outcome.ran} trials ran in {outcome.seconds:.1f} s "
-        f"({counts} in all)."
+        f"({counts} in all): set-up {phases.setup:.1f} s, trials {phases.trials:.1f} s, "
+        f"summary {phases.summary:.1f} s."
     )
     if outcome.best_value is not None:
         print(f"Best value {outcome.best_value:.4g} with {outcome.best_params}")

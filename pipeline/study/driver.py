@@ -63,7 +63,7 @@ from pipeline.study.ray_connection import (
     stop_in_background,
     trainers_that_fit,
 )
-from pipeline.study.records import PlannedTrial, StudyOutcome, TrainerRecord
+from pipeline.study.records import Phases, PlannedTrial, StudyOutcome, TrainerRecord
 from pipeline.study.trainer import start_trainer
 from pipeline.summary.write import write_summary
 from pipeline.training.trial import Finished, LaneTrial, Report, lanes_key
@@ -138,12 +138,15 @@ def run_study(
                 bind_output(study, output)
             driver = _Driver(config, launch, output, study, progress, grouping(storage))
             driver.recover()
+            looping = time.perf_counter()
             ran = driver.run()
+            trained = time.perf_counter()
             # An embedded Ray takes a second or two to stop: let it while the summary is drawn.
             stopping = stop_in_background(embedded)
             embedded = False
             if driver.rows:
                 write_summary(config.output)
+            summarized = time.perf_counter()
             stopping.join()
     finally:
         if embedded:
@@ -159,6 +162,7 @@ def run_study(
         best_value=best["value"] if best else None,
         best_params={c: best[c] for c in driver.columns} if best else None,
         seconds=time.perf_counter() - started,
+        phases=Phases(looping - started, trained - looping, summarized - trained),
         driver_cpu_seconds=time.process_time() - started_cpu,
         windows_stepped=driver.windows_stepped,
         lane_windows=driver.lane_windows,

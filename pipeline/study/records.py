@@ -57,6 +57,20 @@ class TrainerRecord:
 
 
 @dataclass(frozen=True)
+class Phases:
+    """Where the wall time of a `run_study` call went. Only `trials` is split between trainers:
+    the other two take as long on one CPU as on many, and bound what more trainers can gain."""
+
+    setup: float
+    """From the call to the driver's loop: the checks, Ray's start (or joining a cluster), the
+    study's storage, a resumed study's recovery."""
+    trials: float
+    """The driver's loop: the trainers' start, the training, the last trials' records."""
+    summary: float
+    """Writing the summary (0 when no trial finished)."""
+
+
+@dataclass(frozen=True)
 class StudyOutcome:
     """What a `run_study` call achieved."""
 
@@ -67,6 +81,7 @@ class StudyOutcome:
     best_value: float | None
     best_params: dict[str, Any] | None
     seconds: float
+    phases: Phases
     driver_cpu_seconds: float
     """CPU time this process (the driver) spent, Ray's own processes not included."""
     windows_stepped: int
