@@ -6,8 +6,9 @@ storage model first, (K, ...), and gives the lanes views of it in their layout (
 so that a window finds its weights, accumulators and state model first without a copy;
 `models_first` copies only what the lanes laid out anew (new lanes, a resize). Every matrix
 product is one batched matmul over the models (`torch.bmm`/`baddbmm`: MKL's batched GEMM on the
-CPU, cuBLAS's on a GPU), every tape (K, T, B, ·), so that one step's slice is a (K, B, ·) batch
-of matrices, and Adagrad updates the weights in place. What does not recur runs once per window
+CPU, cuBLAS's on a GPU; on the CPU each step's 5-row products run as numpy's matmul, twice as
+fast: `matmul_add`), every tape (K, T, B, ·), so that one step's slice is a (K, B, ·) batch of
+matrices, and Adagrad updates the weights in place. What does not recur runs once per window
 on all T steps together: the input half of the gate matmuls before the recurrence; the gates'
 derivatives between forward and backward; the weight gradients and the gradient on the inputs
 after it. Each step then runs one matmul (h·W_h forward, d_pre·W_hᵀ backward) and four
@@ -52,6 +53,7 @@ from pipeline.training.torch_backward import (
     adagrad_,
     empty,
     layer_backward_update,
+    matmul_add,
     per_model,
 )
 
@@ -367,8 +369,8 @@ def _layer_forward(
         w_input,
         out=projected.view(models, steps * batch, 4 * units),
     )
-    # Step by step, laid out time first: baddbmm copies its addend, and a step's slice of a
-    # model-first one cost the step's matmul a fifth more (state 64, K = 128).
+    # Step by step, laid out time first, so that a step's addend is one block: a step's slice
+    # of a model-first one cost the step's product a fifth more (state 64, K = 128).
     by_step = empty(scratch, (steps, models, batch, 4 * units), inputs)
     by_step.copy_(projected.transpose(0, 1))
     hs = empty(scratch, (models, steps + 1, batch, units), inputs)
@@ -382,8 +384,9 @@ def _layer_forward(
     i_at, f_at, o_at, g_at = (
         gate.unbind(1) for gate in gates.view(models, steps, batch, 4, units).unbind(3)
     )
+    step_out = empty(scratch, by_step.shape[1:], inputs)  # (K, B, 4H), each step's in turn
     for t, projected_t in enumerate(by_step):
-        pre = torch.baddbmm(projected_t, h_at[t], w_hidden)  # (K, B, 4H)
+        pre = matmul_add(projected_t, h_at[t], w_hidden, out=step_out)
         sigmoid_part, tanh_part = pre.split([3 * units, units], dim=-1)
         torch.sigmoid(sigmoid_part, out=sigmoid_at[t])
         torch.tanh(tanh_part, out=tanh_at[t])
