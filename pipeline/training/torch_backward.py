@@ -14,7 +14,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["Scratch", "adagrad_", "empty", "layer_backward_update", "matmul_add", "per_model"]
+__all__ = [
+    "Scratch",
+    "adagrad_",
+    "empty",
+    "layer_backward_update",
+    "matmul_add",
+    "per_model",
+    "tanh_into",
+]
 
 
 class Scratch:
@@ -59,6 +67,17 @@ def matmul_add(
         return torch.baddbmm(addend, a, b)
     np.matmul(a.numpy(), b.numpy(), out=out.numpy())
     return out.add_(addend)
+
+
+def tanh_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """tanh(x) into `out`. On the CPU numpy's: torch's took 53-66 µs on a (64, 5, 64) float32
+    step of state 64, 2.8 ns a float where its sigmoid takes 0.4; numpy's vectorized one 7.7
+    µs, within 1.2e-7 (relative) of the exact value, as torch's is within 7.4e-8 (4 December
+    2026). On a GPU and under torch.compile, torch's."""
+    if out.device.type != "cpu" or torch.compiler.is_compiling():
+        return torch.tanh(x, out=out)
+    np.tanh(x.numpy(), out=out.numpy())
+    return out
 
 
 def per_model(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,7 @@ from pipeline.training.torch_backward import (
     layer_backward_update,
     matmul_add,
     per_model,
+    tanh_into,
 )
 
 __all__ = [
@@ -389,9 +390,9 @@ def _layer_forward(
         pre = matmul_add(projected_t, h_at[t], w_hidden, out=step_out)
         sigmoid_part, tanh_part = pre.split([3 * units, units], dim=-1)
         torch.sigmoid(sigmoid_part, out=sigmoid_at[t])
-        torch.tanh(tanh_part, out=tanh_at[t])
+        tanh_into(tanh_part, out=tanh_at[t])
         torch.mul(f_at[t], c_at[t], out=c_at[t + 1]).addcmul_(i_at[t], g_at[t])
-        torch.tanh(c_at[t + 1], out=tanh_c_at[t])
+        tanh_into(c_at[t + 1], out=tanh_c_at[t])
         torch.mul(o_at[t], tanh_c_at[t], out=h_at[t + 1])
     return inputs, hs, cs, gates, tanh_c
 

@@ -276,13 +276,14 @@ def test_numba_step_gives_a_model_the_same_bits_in_any_batch(count):
         assert torch.equal(batched[:, k], alone), (count, k)
 
 
-@pytest.mark.parametrize("units", [4, 32])
+@pytest.mark.parametrize("units", [4, 20, 32])
 def test_eager_step_gives_a_model_the_same_bits_among_any_number_of_others(units, one_thread):
     # Model (seed 42, echo 3, lr 0.3) alone, then among 4 and 18 others of other seeds, echo
     # steps and rates, some of them inactive: on one thread the eager step gives each model
     # the same arithmetic whatever the count of models, which need not fill whole vectors
     # (an elementwise pass over K·75 losses' terms ends mid-vector, and torch's scalar tail
-    # rounds sigmoid and softplus otherwise than its vector body).
+    # rounds sigmoid and softplus otherwise than its vector body). State 20's rows of units
+    # end mid-vector too, in numpy's tanh and step products on the CPU.
     step = step_function(False, CPU)
     alone = _train_models([42], [3], [0.3], [True], windows=30, step=step, units=units)[:, 0]
     for count in (5, 19):
