@@ -53,6 +53,12 @@ def empty(scratch: Scratch | None, shape: tuple[int, ...], like: torch.Tensor) -
     return like.new_empty(shape) if scratch is None else scratch.empty(shape, like)
 
 
+def _by_numpy(out: torch.Tensor) -> bool:
+    """Whether a step's product or tanh into `out` runs as numpy's (below): on the CPU, outside
+    torch.compile, which traces torch alone."""
+    return out.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def matmul_add(
     addend: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor
 ) -> torch.Tensor:
@@ -63,7 +69,7 @@ def matmul_add(
     larger products torch's `bmm` was as fast or faster, and they stay with it. numpy computes
     each model's product alone, so its bits do not depend on the models beside it. On a GPU,
     and under torch.compile (which traces torch alone), a fresh `baddbmm`, `out` unused."""
-    if out.device.type != "cpu" or torch.compiler.is_compiling():
+    if not _by_numpy(out):
         return torch.baddbmm(addend, a, b)
     np.matmul(a.numpy(), b.numpy(), out=out.numpy())
     return out.add_(addend)
@@ -74,7 +80,7 @@ def tanh_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     step of state 64, 2.8 ns a float where its sigmoid takes 0.4; numpy's vectorized one 7.7
     µs, within 1.2e-7 (relative) of the exact value, as torch's is within 7.4e-8 (4 December
     2026). On a GPU and under torch.compile, torch's."""
-    if out.device.type != "cpu" or torch.compiler.is_compiling():
+    if not _by_numpy(out):
         return torch.tanh(x, out=out)
     np.tanh(x.numpy(), out=out.numpy())
     return out

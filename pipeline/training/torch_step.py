@@ -370,8 +370,10 @@ def _layer_forward(
         w_input,
         out=projected.view(models, steps * batch, 4 * units),
     )
-    # Step by step, laid out time first, so that a step's addend is one block: a step's slice
-    # of a model-first one cost the step's product a fifth more (state 64, K = 128).
+    # Step by step, laid out time first, so that a step's addend is one block: baddbmm copies
+    # its addend, and a model-first slice cost its step a fifth more (state 64, K = 128). On
+    # the CPU numpy's product is added after, where such a slice cost the add a tenth, about
+    # what the copy costs: left as it is.
     by_step = empty(scratch, (steps, models, batch, 4 * units), inputs)
     by_step.copy_(projected.transpose(0, 1))
     hs = empty(scratch, (models, steps + 1, batch, units), inputs)
