@@ -17,6 +17,7 @@ import torch
 __all__ = [
     "Scratch",
     "adagrad_",
+    "eager_on_cpu",
     "empty",
     "layer_backward_update",
     "matmul_add",
@@ -53,10 +54,11 @@ def empty(scratch: Scratch | None, shape: tuple[int, ...], like: torch.Tensor) -
     return like.new_empty(shape) if scratch is None else scratch.empty(shape, like)
 
 
-def _by_numpy(out: torch.Tensor) -> bool:
-    """Whether a step's product or tanh into `out` runs as numpy's (below): on the CPU, outside
-    torch.compile, which traces torch alone."""
-    return out.device.type == "cpu" and not torch.compiler.is_compiling()
+def eager_on_cpu(array: torch.Tensor) -> bool:
+    """Whether work on `array` runs eagerly on the CPU, where this step lays it out for the
+    caches and runs a step's products and tanh as numpy's (below); not on a GPU, nor under
+    torch.compile, which traces torch alone and lays out its own loops."""
+    return array.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def matmul_add(
@@ -69,7 +71,7 @@ def matmul_add(
     larger products torch's `bmm` was as fast or faster, and they stay with it. numpy computes
     each model's product alone, so its bits do not depend on the models beside it. On a GPU,
     and under torch.compile (which traces torch alone), a fresh `baddbmm`, `out` unused."""
-    if not _by_numpy(out):
+    if not eager_on_cpu(out):
         return torch.baddbmm(addend, a, b)
     np.matmul(a.numpy(), b.numpy(), out=out.numpy())
     return out.add_(addend)
@@ -80,7 +82,7 @@ def tanh_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     step of state 64, 2.8 ns a float where its sigmoid takes 0.4; numpy's vectorized one 7.7
     µs, within 1.2e-7 (relative) of the exact value, as torch's is within 7.4e-8 (4 December
     2026). On a GPU and under torch.compile, torch's."""
-    if not _by_numpy(out):
+    if not eager_on_cpu(out):
         return torch.tanh(x, out=out)
     np.tanh(x.numpy(), out=out.numpy())
     return out
@@ -114,9 +116,12 @@ def layer_backward_update(
     weights before the update (None without `needs_input_grad`)."""
     models, steps, batch, units = d_outputs.shape
     of_d_c, of_d_h = _gate_derivatives(gates, cs[:, :steps], tanh_c, scratch)
-    # Laid out once, not at every step: a transposed operand costs bmm a copy of it per call.
-    hidden_t = empty(scratch, (models, 4 * units, units), w_hidden)  # (K, 4H, H)
-    hidden_t.copy_(w_hidden.transpose(1, 2))
+    hidden_t = w_hidden.transpose(1, 2)  # (K, 4H, H), a view
+    if not eager_on_cpu(hidden_t):
+        # Laid out once, not at every step: a transposed operand cost torch's bmm a copy of it
+        # per call. numpy's matmul reads it as it is (OpenBLAS packs either layout), as fast,
+        # and the copy cost the eager step 2-3 % (state 64, K = 128).
+        hidden_t = empty(scratch, hidden_t.shape, w_hidden).copy_(hidden_t)
     # d_pre (K, T, B, 4H) takes the place of the factors, step by step.
     d_pre = of_d_c.view(gates.shape)
     d_pre_at = d_pre.unbind(1)
@@ -141,15 +146,12 @@ def layer_backward_update(
     d_inputs = None
     if needs_input_grad:
         d_inputs = torch.bmm(flat, w_input.transpose(1, 2)).view(models, steps, batch, -1)
-    grads = (
-        _outer_sum(inputs, flat, scratch),
-        _outer_sum(hs[:, :steps], flat, scratch),
-        flat.sum(dim=1),
-    )
-    for weight, accum, grad in zip(
-        (w_input, w_hidden, bias), (accum_input, accum_hidden, accum_bias), grads, strict=True
+    for v, weight, accum in (
+        (inputs, w_input, accum_input),
+        (hs[:, :steps], w_hidden, accum_hidden),
     ):
-        adagrad_(weight, accum, grad, lr, frozen, scratch)
+        _update_with_outer_sum(weight, accum, v, flat, lr, frozen, scratch)
+    adagrad_(bias, accum_bias, flat.sum(dim=1), lr, frozen)
     return d_inputs
 
 
@@ -162,26 +164,53 @@ def _gate_derivatives(
     models, steps, batch, four_units = gates.shape
     shape = (models, steps, batch, 4, four_units // 4)
     i, _, o, g = gates.view(shape).unbind(3)
-    # σ' = σ (1 - σ) over all four slots, contiguous (slot g's is overwritten below); 1 - x
-    # as -x + 1, the same bits, in place.
-    factors = torch.mul(gates, -1.0, out=empty(scratch, gates.shape, gates))
-    factors = factors.add_(1.0).mul_(gates).view(shape)
+    # σ' = σ (1 - σ) over all four slots, contiguous (slot g's is overwritten below). Each
+    # 1 - x is one pass, where -x + 1 took two; the same bits.
+    factors = torch.sub(1.0, gates, out=empty(scratch, gates.shape, gates))
+    factors = factors.mul_(gates).view(shape)
     of_i, of_f, of_o, of_g = factors.unbind(3)
     of_i.mul_(g)  # ∂c/∂i = g
     of_f.mul_(c_prev)  # ∂c/∂f = c_prev
     of_o.mul_(tanh_c)  # ∂h/∂o = tanh c
-    of_g.copy_(g).mul_(g).neg_().add_(1.0).mul_(i)  # tanh'(g) · ∂c/∂g
+    squared = torch.mul(g, g, out=of_g)
+    torch.sub(1.0, squared, out=of_g).mul_(i)  # tanh'(g) · ∂c/∂g
     of_d_h = torch.mul(tanh_c, tanh_c, out=empty(scratch, tanh_c.shape, tanh_c))
-    return factors, of_d_h.neg_().add_(1.0).mul_(o)  # tanh'(c) · ∂h/∂tanh c
+    return factors, torch.sub(1.0, of_d_h, out=of_d_h).mul_(o)  # tanh'(c) · ∂h/∂tanh c
 
 
-def _outer_sum(v: torch.Tensor, d_pre: torch.Tensor, scratch: Scratch | None) -> torch.Tensor:
-    """Per model, Σ over batch and time of v ⊗ d: v (K, T, B, I), d_pre (K, TB, J) → (K, I, J),
-    one bmm over the whole window."""
+# On the CPU a weight's gradient is computed and applied this many bytes of it at a time, so
+# that Adagrad's passes over the gradient find it in the caches: over whole arrays (4 MB a
+# weight at state 64 and 64 lanes) each pass streamed it from memory. Side by side, state 64,
+# K = 128: 1.03-1.05 times as fast as whole (blocks of 0.25 MiB: 0.96-0.98; 2 MiB: as 1).
+GRADIENT_BLOCK_BYTES = 2**20
+
+
+def _update_with_outer_sum(
+    weight: torch.Tensor,
+    accum: torch.Tensor,
+    v: torch.Tensor,
+    d_pre: torch.Tensor,
+    lr: torch.Tensor,
+    frozen: torch.Tensor | None,
+    scratch: Scratch | None,
+) -> None:
+    """Adagrad on `weight` (K, I, J) with its gradient, per model the sum over batch and time
+    of v ⊗ d_pre: v (K, T, B, I), d_pre (K, TB, J). One bmm over the whole window, or on the
+    CPU over blocks of models in turn (GRADIENT_BLOCK_BYTES), each block then updated."""
     models, steps, batch, width = v.shape
     flat = v.reshape(models, steps * batch, width)
-    out = empty(scratch, (models, width, d_pre.shape[-1]), d_pre)
-    return torch.bmm(flat.transpose(1, 2), d_pre, out=out)
+    size = models
+    if eager_on_cpu(weight):
+        size = max(
+            1, min(models, GRADIENT_BLOCK_BYTES // (weight[0].numel() * weight.element_size()))
+        )
+    # One block's arrays, taken again by every block: they stay in the caches.
+    grads, work = (empty(scratch, (size, *weight.shape[1:]), weight) for _ in range(2))
+    for start in range(0, models, size):
+        block = slice(start, min(start + size, models))
+        grad = torch.bmm(flat[block].transpose(1, 2), d_pre[block], out=grads[: block.stop - start])
+        block_frozen = None if frozen is None else frozen[block]
+        adagrad_(weight[block], accum[block], grad, lr[block], block_frozen, work[: len(grad)])
 
 
 def adagrad_(
@@ -190,14 +219,15 @@ def adagrad_(
     grad: torch.Tensor,
     lr: torch.Tensor,
     frozen: torch.Tensor | None,
-    scratch: Scratch | None = None,
+    work: torch.Tensor | None = None,
 ) -> None:
     """TensorFlow's Adagrad (accum += g², w -= lr g / √accum), in place on model-first arrays,
-    in the numba kernels' order of operations; `grad` is scratch. Models `frozen` ((K,) bool, or
-    None for none) keep their weights and accumulators: their gradient counts as zero."""
+    in the numba kernels' order of operations; `grad` is scratch, and so is `work`, an array
+    shaped like them (None: a fresh one). Models `frozen` ((K,) bool, or None for none) keep
+    their weights and accumulators: their gradient counts as zero."""
     if frozen is not None:
         grad.masked_fill_(per_model(frozen, grad), 0.0)
     accum.addcmul_(grad, grad)
     # w + (-(lr g)) / √accum: ten passes over the arrays, where a separate sub took thirteen.
-    rsqrt = torch.rsqrt(accum, out=empty(scratch, accum.shape, accum))
+    rsqrt = torch.rsqrt(accum, out=accum.new_empty(accum.shape) if work is None else work)
     weight.addcmul_(grad.mul_(per_model(lr, grad)), rsqrt, value=-1.0)

@@ -15,7 +15,7 @@ after it. Each step then runs one matmul (h·W_h forward, d_pre·W_hᵀ backward
 elementwise passes each way, written into the tapes (`out=`) rather than stacked afterwards.
 The eager step also computes only the models that train (`_train_running`), keeps its large
 arrays from one window to the next (`Scratch`), and on the CPU takes wide models' lanes in
-chunks that stay in the caches (`CHUNK_RECURRENT_BYTES`). The first formulation, per-model
+chunks that stay in the caches (`CHUNK_GATE_TAPE_BYTES`). The first formulation, per-model
 elementwise products over the model-last layout, ran 14 to 75 times slower than the
 straightforward loop at states 32 to 64 on the CPU (docs/benchmarks.md, docs/engine.md).
 
@@ -154,16 +154,17 @@ class TorchPieces(NamedTuple):
     """Whether a window on the CPU takes its lanes in chunks (`_lanes_per_chunk`)."""
 
 
-# On the CPU a window takes its lanes in chunks whose recurrent weights (W_h, 4H² floats a model
-# and layer, which every step reads) come to about this many bytes, each chunk through the
-# whole window: every step's batched matmul then finds its weights, and every step its tapes,
-# in the caches, where a window of all the lanes streamed them from memory. Measured side by
-# side in one process, medians of 9, per model, K = 128, 3 layers: state 64 ran 1.14-1.20
-# times as fast in chunks of 32 or 64 lanes as whole; state 128, 1.16 (8 lanes), 1.19-1.22
-# (16), 1.08-1.10 (32); the step with this budget against the step before, 1.04-1.13 at
-# state 64 and 1.19 at 128. Below state 64 the calls of a chunk cost more than the caches
-# save (state 32: 0.72 in chunks of 16, 0.92 of 32), and this budget makes no chunks there.
-CHUNK_RECURRENT_BYTES = 4 * 2**20
+# On the CPU a window takes its lanes in chunks whose gates (one layer's tape of them, T·B·4H
+# floats a model) come to about this many bytes, each chunk through the whole window: every
+# step then finds its weights and tape slices, and the window's products their operands, in
+# the caches, where a window of all the lanes streamed them from memory. With the tutorial's
+# window (T = 15, B = 5) that is 64 lanes at state 32, 32 at 64, 16 at 128, and none below
+# state 32, where a chunk's calls cost more than the caches save. Measured side by side in
+# one process (per model, K = 128, 3 layers, 4 December 2026): state 64 in chunks of 32,
+# 1.03-1.06 times as fast as in chunks of 64 (the budget before, 4 MiB of W_h), which had run
+# 1.14-1.20 times as fast as whole; state 128 in chunks of 16, 1.05-1.08 times chunks of 8 or
+# 32; state 32 in chunks of 64 as fast as whole, and 0.85 times as fast in chunks of 32.
+CHUNK_GATE_TAPE_BYTES = 5 * 2**19
 
 
 def train_window(
@@ -194,7 +195,7 @@ def train_window(
         if len(running) < len(arrays.active):
             return _train_running(arrays, x, y, running, pieces)
     pieces = pieces or EAGER
-    size = _lanes_per_chunk(arrays, pieces)
+    size = _lanes_per_chunk(arrays, x, pieces)
     if size < len(arrays.active):
         return _train_in_chunks(arrays, x, y, pieces, size, keep_inputs)
     weights, accum, state, lr, active = arrays
@@ -282,15 +283,16 @@ def _train_running(
     )
 
 
-def _lanes_per_chunk(arrays: WindowArrays, pieces: TorchPieces) -> int:
-    """How many lanes a chunk of a window takes (see CHUNK_RECURRENT_BYTES): all of them on a
-    GPU, or where the pieces are not `chunked`."""
+def _lanes_per_chunk(arrays: WindowArrays, x: torch.Tensor, pieces: TorchPieces) -> int:
+    """How many lanes a chunk of a window x (B, T, K) takes (see CHUNK_GATE_TAPE_BYTES): all
+    of them on a GPU, or where the pieces are not `chunked`."""
     models = len(arrays.active)
     w_hidden = arrays.weights[1]  # (H, 4H, K)
     if not pieces.chunked or w_hidden.device.type != "cpu":
         return models
-    per_model = w_hidden[..., 0].numel() * w_hidden.element_size()
-    return max(1, CHUNK_RECURRENT_BYTES // per_model)
+    batch, steps = x.shape[:2]
+    per_model = batch * steps * w_hidden.shape[1] * w_hidden.element_size()
+    return max(1, CHUNK_GATE_TAPE_BYTES // per_model)
 
 
 def _train_in_chunks(

@@ -297,17 +297,17 @@ def test_eager_step_gives_a_model_the_same_bits_among_any_number_of_others(units
         assert torch.equal(batched[:, k], alone), count
 
 
-@pytest.mark.parametrize("chunk_bytes", [None, 3 * 4 * 8 * 8 * 4])
+@pytest.mark.parametrize("chunk_bytes", [None, 3 * 5 * 15 * 4 * 8 * 4])
 def test_eager_step_updates_the_lanes_weights_in_place_after_its_first_window(
     chunk_bytes, monkeypatch
 ):
     # The lanes hold views of the step's model-first storage: a window after the first copies
     # no weight or accumulator (a copy each way per window cost the step a fifth of its time),
-    # whether it takes the lanes whole or in chunks (here of 3 models' W_h).
+    # whether it takes the lanes whole or in chunks (here of 3 models' gate tapes).
     if chunk_bytes is not None:
         from pipeline.training import torch_step
 
-        monkeypatch.setattr(torch_step, "CHUNK_RECURRENT_BYTES", chunk_bytes)
+        monkeypatch.setattr(torch_step, "CHUNK_GATE_TAPE_BYTES", chunk_bytes)
     weights, accum, state, lr, active = _models(16, layers=2, units=8)
     step = step_function(False, CPU)
     x, y = _window(16)
@@ -469,8 +469,8 @@ def test_numba_step_gives_models_the_same_bits_in_chunks_as_in_one(monkeypatch):
 
 
 def test_eager_step_gives_models_the_same_bits_in_chunks_as_in_one(monkeypatch, one_thread):
-    # On the CPU the eager step takes a window's lanes in chunks when their recurrent weights
-    # pass torch_step.CHUNK_RECURRENT_BYTES, each chunk through the whole window; on one
+    # On the CPU the eager step takes a window's lanes in chunks when their gate tapes pass
+    # torch_step.CHUNK_GATE_TAPE_BYTES, each chunk through the whole window; on one
     # thread a model's arithmetic does not depend on its neighbours, so neither do its bits
     # (on two, torch splits elementwise passes where it pleases: a chunk of one model's margins
     # then differed by an ulp). Here 7 lanes, 2 of them sitting out: the 5 that run go in
@@ -486,8 +486,8 @@ def test_eager_step_gives_models_the_same_bits_in_chunks_as_in_one(monkeypatch, 
         return torch_step.EAGER.head_update(*args)
 
     runs = {}
-    for chunk_bytes in (2**40, 2 * 4 * 8 * 8 * 4):  # whole; two models' W_h at state 8
-        monkeypatch.setattr(torch_step, "CHUNK_RECURRENT_BYTES", chunk_bytes)
+    for chunk_bytes in (2**40, 2 * 5 * 15 * 4 * 8 * 4):  # whole; two models' gates, state 8
+        monkeypatch.setattr(torch_step, "CHUNK_GATE_TAPE_BYTES", chunk_bytes)
         pieces = torch_step.EAGER._replace(
             head_update=counted_head, scratch=Scratch(), chunked=True
         )
