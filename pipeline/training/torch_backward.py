@@ -172,8 +172,8 @@ def _gate_derivatives(
     of_i.mul_(g)  # ∂c/∂i = g
     of_f.mul_(c_prev)  # ∂c/∂f = c_prev
     of_o.mul_(tanh_c)  # ∂h/∂o = tanh c
-    squared = torch.mul(g, g, out=of_g)
-    torch.sub(1.0, squared, out=of_g).mul_(i)  # tanh'(g) · ∂c/∂g
+    # In place, not out= into the slot: torch.compile takes no out= that is not contiguous.
+    of_g.copy_(g).mul_(g).neg_().add_(1.0).mul_(i)  # tanh'(g) · ∂c/∂g
     of_d_h = torch.mul(tanh_c, tanh_c, out=empty(scratch, tanh_c.shape, tanh_c))
     return factors, torch.sub(1.0, of_d_h, out=of_d_h).mul_(o)  # tanh'(c) · ∂h/∂tanh c
 

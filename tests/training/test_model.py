@@ -89,6 +89,29 @@ def test_train_window_update_matches_autograd_and_adagrad(layers):
         torch.testing.assert_close(new, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_compiled_step_compiles_and_follows_the_eager_step(caplog):
+    # The torch.compile step is the GPU's. There is no GPU here, but inductor compiles the same
+    # pieces for the CPU, and a change to them that it cannot trace (an out= into a slot of a
+    # tape, say) would otherwise reach the GPU path unseen: the step would log a warning and
+    # fall back to eager. One layer of 4 units (about 35 s of compile on a cold cache).
+    from pipeline.training import torch_step
+
+    weights, accum, state, lr, active = _models(4, layers=1, units=4)
+    x, y = _window(4)
+
+    def window(step):
+        arrays = WindowArrays(_copy(weights), _copy(accum), State(*_copy(state)), lr, active)
+        return step(arrays, x, y)
+
+    eager = window(torch_step.eager_step())
+    step = torch_step.inductor_step()
+    compiled = window(step)
+    assert step.compiled, caplog.text
+    torch.testing.assert_close(compiled.losses, eager.losses, rtol=1e-6, atol=1e-6)
+    for ours, theirs in zip(compiled.arrays.weights, eager.arrays.weights, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
 def _autograd_window(weights, x, y, state, lr):
     """The reference for a window's step: autograd through the same forward, the initial state
     a constant, then TensorFlow's Adagrad by hand; returns (losses, updated weights)."""
