@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import one_blas_thread  # noqa: F401  (before numpy: one thread, as the trainers have)
 import this_checkout  # noqa: F401  (first on the path: this checkout's pipeline)
 import torch
 from baseline import TrialSpec, train_trial

@@ -158,12 +158,12 @@ class TorchPieces(NamedTuple):
 # floats a model) come to about this many bytes, each chunk through the whole window: every
 # step then finds its weights and tape slices, and the window's products their operands, in
 # the caches, where a window of all the lanes streamed them from memory. With the tutorial's
-# window (T = 15, B = 5) that is 64 lanes at state 32, 32 at 64, 16 at 128, and none below
-# state 32, where a chunk's calls cost more than the caches save. Measured side by side in
-# one process (per model, K = 128, 3 layers, 4 December 2026): state 64 in chunks of 32,
-# 1.03-1.06 times as fast as in chunks of 64 (the budget before, 4 MiB of W_h), which had run
-# 1.14-1.20 times as fast as whole; state 128 in chunks of 16, 1.05-1.08 times chunks of 8 or
-# 32; state 32 in chunks of 64 as fast as whole, and 0.85 times as fast in chunks of 32.
+# window (T = 15, B = 5) that is 64 lanes at state 32, 32 at 64, 16 at 128, and whole sets of
+# up to 136 at state 16, where a chunk's calls would cost more than the caches save. Measured
+# side by side in one process (per model, K = 128, 3 layers, 4 December 2026): state 64 in
+# chunks of 32, 1.03-1.06 times as fast as in chunks of 64 (the budget before, 4 MiB of W_h),
+# which had run 1.14-1.20 times as fast as whole; state 128 in chunks of 16, 1.05-1.08 times
+# chunks of 8 or 32; state 32 in chunks of 64 as fast as whole, 0.85 times in chunks of 32.
 CHUNK_GATE_TAPE_BYTES = 5 * 2**19
 
 
