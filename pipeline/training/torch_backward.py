@@ -199,11 +199,7 @@ def _update_with_outer_sum(
     CPU over blocks of models in turn (GRADIENT_BLOCK_BYTES), each block then updated."""
     models, steps, batch, width = v.shape
     flat = v.reshape(models, steps * batch, width)
-    size = models
-    if eager_on_cpu(weight):
-        size = max(
-            1, min(models, GRADIENT_BLOCK_BYTES // (weight[0].numel() * weight.element_size()))
-        )
+    size = _models_per_block(weight) if eager_on_cpu(weight) else models
     # One block's arrays, taken again by every block: they stay in the caches.
     grads, work = (empty(scratch, (size, *weight.shape[1:]), weight) for _ in range(2))
     for start in range(0, models, size):
@@ -211,6 +207,12 @@ def _update_with_outer_sum(
         grad = torch.bmm(flat[block].transpose(1, 2), d_pre[block], out=grads[: block.stop - start])
         block_frozen = None if frozen is None else frozen[block]
         adagrad_(weight[block], accum[block], grad, lr[block], block_frozen, work[: len(grad)])
+
+
+def _models_per_block(weight: torch.Tensor) -> int:
+    """How many models' gradients of `weight` (K, ...) make about GRADIENT_BLOCK_BYTES."""
+    per_model = weight[0].numel() * weight.element_size()
+    return max(1, min(len(weight), GRADIENT_BLOCK_BYTES // per_model))
 
 
 def adagrad_(
