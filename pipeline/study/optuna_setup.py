@@ -107,12 +107,9 @@ class TrialSeededTPE(optuna.samplers.TPESampler):
 
 
 class GridPoint(optuna.samplers.BaseSampler):
-    """The grid, as the driver walks it: Optuna's GridSampler picks points at random and scans
-    the whole grid and every trial on each ask; the driver instead walks the points in a fixed
-    order, skipping those recorded, and hands each one to Optuna through this sampler."""
-
-    def __init__(self) -> None:
-        self.point: dict[str, Any] = {}
+    """The grid's sampler, which draws nothing: Optuna's GridSampler picks points at random and
+    scans the whole grid and every trial on each ask; the driver instead walks the points in a
+    fixed order, skipping those recorded, and writes each with its trial (`Asker`)."""
 
     def infer_relative_search_space(self, study, trial) -> dict:
         return {}
@@ -121,7 +118,9 @@ class GridPoint(optuna.samplers.BaseSampler):
         return {}
 
     def sample_independent(self, study, trial, param_name, param_distribution) -> Any:
-        return self.point[param_name]
+        raise RuntimeError(
+            f"a grid's trials are written with their points, not drawn ({param_name})"
+        )
 
 
 def make_pruner(config: Config) -> optuna.pruners.BasePruner:
