@@ -277,11 +277,13 @@ def test_study_idle_trainers_lend_their_cpus_to_those_still_training_at_its_end(
     # Three architectures of about one cost on two trainers: placed costliest first, one
     # trainer trains the costliest alone, the other the two others in turn, ending later, by
     # about twice the work. (States 16, 20 and 24 left a quarter's margin by the cost model,
-    # and on a fast machine the state-24 trainer sometimes ended last: nothing to lend.)
+    # and on a fast machine the state-24 trainer sometimes ended last: nothing to lend. At 10
+    # epochs a trial took about half a second, less than one trainer may start after the
+    # other, and the lone trainer then ended last, 1 run in 4 on a loaded machine.)
     config = study_config(
         tmp_path,
         search={"model.state_size": [20, 21, 22]},
-        **{"model.num_layers": 2, "train.compile": True, "train.epochs": 10},
+        **{"model.num_layers": 2, "train.compile": True, "train.epochs": 50},
     )
     outcome = run_study(config, progress=False)
     assert outcome.counts == {"COMPLETE": 3}
