@@ -504,8 +504,11 @@ CHUNK_BYTES = 3 * 2**19
 # 50-90 µs at 3 layers; chunks of 4 models cost a fifth at state 64 (994 against 1,246
 # model-windows/s whole, K = 128), chunks of 8 nothing measurable.
 MIN_CHUNK_LANES = 8
-# The most bytes a model may take for its window to run in chunks: from state 128 (3.5 MB a
-# model at 3 layers) a model's data streams from memory in any order, and chunks ran no faster.
+# The most bytes a model may take for its window to run in chunks of several: from state 128
+# (3.5 MB a model at 3 layers) a model's weights and accumulators stream from memory in any
+# order, and chunks of several ran no faster. One model at a time still keeps its tapes, of one
+# model's size, in L2: side by side (medians of 7-25, 4 December 2026), state 128 ran 1.03-1.05
+# times as fast so at K = 8 and 128 (chunks of 2: 1.01; of 4: 0.95) than all lanes at once.
 MAX_CHUNKED_MODEL_BYTES = 2 * 2**20
 # Tape floats per layer, batch row, step and unit: h_seq, c_seq, gates (4), tanh_c and the
 # gradient on the layer's outputs.
@@ -514,15 +517,15 @@ TAPE_FLOATS = 8
 
 def _lanes_per_chunk(a: WindowArrays, x: np.ndarray) -> int:
     """How many lanes make a chunk of about `CHUNK_BYTES` of weights, accumulators and tapes,
-    and at least `MIN_CHUNK_LANES`; all of them where a model takes more than
+    and at least `MIN_CHUNK_LANES`; one where a model takes more than
     `MAX_CHUNKED_MODEL_BYTES`."""
     models = len(a.active)
-    if models <= MIN_CHUNK_LANES:
-        return models
     layers, batch, units, _ = a.state.h.shape
     tapes = 4 * TAPE_FLOATS * layers * batch * (x.shape[1] + 1) * units
     per_model = sum(w.nbytes for w in (*a.weights, *a.accum)) // models + tapes
     if per_model > MAX_CHUNKED_MODEL_BYTES:
+        return 1
+    if models <= MIN_CHUNK_LANES:
         return models
     return max(MIN_CHUNK_LANES, CHUNK_BYTES // per_model)
 
