@@ -17,7 +17,6 @@ import torch
 __all__ = [
     "Scratch",
     "adagrad_",
-    "eager_on_cpu",
     "empty",
     "layer_backward_update",
     "matmul_add",
@@ -54,7 +53,7 @@ def empty(scratch: Scratch | None, shape: tuple[int, ...], like: torch.Tensor) -
     return like.new_empty(shape) if scratch is None else scratch.empty(shape, like)
 
 
-def eager_on_cpu(array: torch.Tensor) -> bool:
+def _eager_on_cpu(array: torch.Tensor) -> bool:
     """Whether work on `array` runs eagerly on the CPU, where this step lays it out for the
     caches and runs a step's products and tanh as numpy's (below); not on a GPU, nor under
     torch.compile, which traces torch alone and lays out its own loops."""
@@ -71,7 +70,7 @@ def matmul_add(
     larger products torch's `bmm` was as fast or faster, and they stay with it. numpy computes
     each model's product alone, so its bits do not depend on the models beside it. On a GPU,
     and under torch.compile (which traces torch alone), a fresh `baddbmm`, `out` unused."""
-    if not eager_on_cpu(out):
+    if not _eager_on_cpu(out):
         return torch.baddbmm(addend, a, b)
     np.matmul(a.numpy(), b.numpy(), out=out.numpy())
     return out.add_(addend)
@@ -82,7 +81,7 @@ def tanh_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     step of state 64, 2.8 ns a float where its sigmoid takes 0.4; numpy's vectorized one 7.7
     µs, within 1.2e-7 (relative) of the exact value, as torch's is within 7.4e-8 (4 December
     2026). On a GPU and under torch.compile, torch's."""
-    if not eager_on_cpu(out):
+    if not _eager_on_cpu(out):
         return torch.tanh(x, out=out)
     np.tanh(x.numpy(), out=out.numpy())
     return out
@@ -117,7 +116,7 @@ def layer_backward_update(
     models, steps, batch, units = d_outputs.shape
     of_d_c, of_d_h = _gate_derivatives(gates, cs[:, :steps], tanh_c, scratch)
     hidden_t = w_hidden.transpose(1, 2)  # (K, 4H, H), a view
-    if not eager_on_cpu(hidden_t):
+    if not _eager_on_cpu(hidden_t):
         # Laid out once, not at every step: a transposed operand cost torch's bmm a copy of it
         # per call. numpy's matmul reads it as it is (OpenBLAS packs either layout), as fast,
         # and the copy cost the eager step 2-3 % (state 64, K = 128).
@@ -199,7 +198,7 @@ def _update_with_outer_sum(
     CPU over blocks of models in turn (GRADIENT_BLOCK_BYTES), each block then updated."""
     models, steps, batch, width = v.shape
     flat = v.reshape(models, steps * batch, width)
-    size = _models_per_block(weight) if eager_on_cpu(weight) else models
+    size = _models_per_block(weight) if _eager_on_cpu(weight) else models
     # One block's arrays, taken again by every block: they stay in the caches.
     grads, work = (empty(scratch, (size, *weight.shape[1:]), weight) for _ in range(2))
     for start in range(0, models, size):

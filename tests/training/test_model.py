@@ -491,6 +491,30 @@ def test_numba_step_gives_models_the_same_bits_in_chunks_as_in_one(monkeypatch):
         assert np.array_equal(one.numpy(), other.numpy(), equal_nan=True)
 
 
+def test_numba_step_runs_models_past_the_chunk_limit_one_at_a_time_with_the_same_bits(
+    monkeypatch,
+):
+    # A model larger than cpu_step.MAX_CHUNKED_MODEL_BYTES (from state 128) runs its window
+    # alone, however few the lanes (here 7, under MIN_CHUNK_LANES): the 4 that train take a
+    # kernel call each, and give the bits they give all together.
+    from pipeline.training.cpu_step import numba_step
+
+    active = torch.tensor([k not in (1, 3, 4) for k in range(7)])
+    family, heads = cpu_step._family(numba_kernels(), by_model=True), []
+    counted = family._replace(head=lambda *args: heads.append(1) or family.head(*args))
+    monkeypatch.setattr(cpu_step, "_family", lambda kernels, by_model: counted)
+    runs = []
+    for limit in (2**40, 0):  # no model past it; every model past it
+        monkeypatch.setattr(cpu_step, "MAX_CHUNKED_MODEL_BYTES", limit)
+        step = _on_tensors(numba_step(numba_kernels(), by_model=True))
+        heads.clear()
+        runs.append((_windows_of_seven(step, active), len(heads)))
+    (together, together_heads), (alone, alone_heads) = runs
+    assert (together_heads, alone_heads) == (4, 4 * 4)
+    for one, other in zip(together, alone, strict=True):
+        assert np.array_equal(one.numpy(), other.numpy(), equal_nan=True)
+
+
 def test_eager_step_gives_models_the_same_bits_in_chunks_as_in_one(monkeypatch, one_thread):
     # On the CPU the eager step takes a window's lanes in chunks when their gate tapes pass
     # torch_step.CHUNK_GATE_TAPE_BYTES, each chunk through the whole window; on one
