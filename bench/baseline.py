@@ -100,31 +100,35 @@ def init_worker(ready: Barrier | None = None) -> None:
         ready.wait(timeout=READY_TIMEOUT_S)
 
 
-def generate_data(spec: TrialSpec, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """One epoch of the echo task: inputs (B, columns, 1) float and targets (B, columns) long."""
+def generate_data(
+    spec: TrialSpec, rng: np.random.Generator, device: str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One epoch of the echo task: inputs (B, columns, 1) float and targets (B, columns) long,
+    on `device`."""
     x = rng.integers(0, 2, spec.series_length)
     y = np.roll(x, spec.echo_step)
     y[: spec.echo_step] = 0
     rows = (spec.batch_size, -1)
     return (
-        torch.from_numpy(x.reshape(rows)).float().unsqueeze(-1),
-        torch.from_numpy(y.reshape(rows)).long(),
+        torch.from_numpy(x.reshape(rows)).float().unsqueeze(-1).to(device),
+        torch.from_numpy(y.reshape(rows)).long().to(device),
     )
 
 
-def train_trial(spec: TrialSpec) -> BaselineResult:
-    """Train one trial with the plain loop and return its per-window losses."""
+def train_trial(spec: TrialSpec, device: str = "cpu") -> BaselineResult:
+    """Train one trial with the plain loop on `device` (cuda: the model, its state and each
+    epoch's data there, cuDNN's LSTM) and return its per-window losses."""
     torch.manual_seed(spec.seed)
     rng = np.random.default_rng(spec.seed)
-    model = EchoLSTM(spec.num_layers, spec.state_size)
+    model = EchoLSTM(spec.num_layers, spec.state_size).to(device)
     optimizer = torch.optim.Adagrad(
         model.parameters(), lr=spec.lr, initial_accumulator_value=ADAGRAD_INITIAL_ACCUMULATOR
     )
-    zeros = torch.zeros(spec.num_layers, spec.batch_size, spec.state_size)
+    zeros = torch.zeros(spec.num_layers, spec.batch_size, spec.state_size, device=device)
     losses = []
     started = time.perf_counter()
     for _ in range(spec.epochs):
-        x, y = generate_data(spec, rng)
+        x, y = generate_data(spec, rng, device)
         state = (zeros, zeros)
         for window in range(spec.windows_per_epoch):
             columns = slice(window * spec.truncation, (window + 1) * spec.truncation)

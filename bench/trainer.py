@@ -34,15 +34,25 @@ compile and a later process's load, each timed in a fresh process (cold: an empt
 NUMBA_CACHE_DIR); neither is in the rates. Where numba is unavailable, the trainer falls back
 to eager and the numba column says so.
 
+No cliff: numba's rate per model at each K is checked against its best at every smaller K (a
+larger set of lanes should never train a model more slowly), allowing CLIFF_NOISE.
+
+On a GPU (`--device cuda`) the same table compares the loop on the GPU (cuDNN's LSTM, one trial
+at a time) with the torch step, `eager` and `compiled` (train.compile=true: torch.compile's
+kernels); by default at states 16 to 128 and K up to 1024. Each shape's compile falls in its
+warm-up (static shapes: about a minute per shape, cold), not in the rates; the report gives the
+longest warm-up. The bound is then the GPU's float32 GEMM rate (torch, 8192², TF32 off), the
+share the compiled step's. `--modes eager` skips the compiles, for a first table in minutes.
+
     python bench/trainer.py            # states 4 to 128, K = 1, 8, 32, 128 (under 10 minutes)
     python bench/trainer.py --quick    # state 4, K = 1 and 128 (about two minutes)
     python bench/trainer.py --states 32 64 --ks 8 128 --modes numba
+    python bench/trainer.py --device cuda --modes eager     # the GPU, no compile
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import logging
 import math
 import os
@@ -86,7 +96,12 @@ WARMUP_WINDOWS = 3
 # The numba step's warm-up holds its race: an untimed and the timed windows of each family.
 RACE_WINDOWS = 2 * (1 + cpu_step.TIMED_WINDOWS)
 GEMM_SIZE = 1024
-MODES = ("eager", "numba")
+GPU_GEMM_SIZE = 8192
+# The modes of each device; the last is the fast one, whose share of the bound and cliffs the
+# report gives.
+MODES = {"cpu": ("eager", "numba"), "cuda": ("eager", "compiled")}
+DEFAULT_STATES = {"cpu": [4, 16, 32, 64, 128], "cuda": [16, 32, 64, 128]}
+DEFAULT_KS = {"cpu": [1, 8, 32, 128], "cuda": [1, 8, 128, 1024]}
 T = TypeVar("T")
 # A larger K's rate per model counts as no lower than a smaller K's above this share of it:
 # the noise of best-of-3 runs on a shared machine.
@@ -98,6 +113,9 @@ TARGET_K, TARGET_LAYERS = 128, 3
 TARGETS = {16: (10_000, "20 % of the arithmetic bound"), 4: (43_670, "torch.compile's rate")}
 # States where the goal is half the arithmetic bound at K >= 8 (issue 24).
 HALF_BOUND_STATES = (32, 64, 128)
+# The eager torch step's goals on the CPU (issue 24): at this state, these times the loop's
+# rate at these K.
+EAGER_STATE, EAGER_GOALS = 64, {8: 1.0, 128: 2.0}
 
 
 @dataclass(frozen=True)
@@ -108,6 +126,9 @@ class Measurement:
     seconds: float
     cpu_ratio: float
     """Process CPU time over wall time around the run: about 1.0 on one thread."""
+    compiled: bool = True
+    """Whether our trainer's compiled step ran to the end: torch.compile's falls back to eager
+    (with a warning) where it fails, and its column must not pass eager off as compiled."""
 
     @property
     def rate(self) -> float:
@@ -120,14 +141,17 @@ class Contender:
 
     state_size: int
     mode: str
-    """baseline, eager or numba."""
+    """baseline, eager, numba (the CPU) or compiled (a GPU)."""
     count: int
     """Models in lockstep (1 for the baseline, which trains one trial at a time)."""
+    device: str = "cpu"
     windows: int = EPOCH_WINDOWS
     """Windows of each timed run, sized from the warm-up."""
     best: Measurement | None = None
     family: str = ""
     """numba's family of kernels for this shape, as its race decided (numba only)."""
+    warmup_seconds: float = 0.0
+    """Wall time of the warm-up: on a GPU, the compiled step's compile."""
 
     @property
     def warmup_windows(self) -> int:
@@ -135,29 +159,39 @@ class Contender:
 
     def run(self, layers: int, windows: int) -> Measurement:
         if self.mode == "baseline":
-            return _time_baseline(self.state_size, layers, windows)
-        compiled = self.mode == "numba"
-        return _time_trainer(self.state_size, layers, self.count, compiled, windows)
+            return _time_baseline(self.state_size, layers, windows, self.device)
+        compiled = self.mode != "eager"
+        return _time_trainer(self.state_size, layers, self.count, compiled, windows, self.device)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_device(parser, args)
     _fill_defaults(args)
     torch.set_num_threads(1)
     load = os.getloadavg()[0]
     started = time.perf_counter()
-    compile_note = "not timed (--no-compile-times)" if args.no_compile_times else _compile_times()
+    on_cpu = args.device == "cpu"
+    if not on_cpu:
+        compile_note = "torch.compile's, in each shape's warm-up"
+    elif args.no_compile_times:
+        compile_note = "not timed (--no-compile-times)"
+    else:
+        compile_note = _compile_times()
     numba_works = "numba" in args.modes and _numba_works(args.layers)
-    gemm_rate = _gemm_rate()
+    gemm_rate = _gemm_rate() if on_cpu else _gpu_gemm_rate()
     contenders = [
-        Contender(state, mode, count)
+        Contender(state, mode, count, args.device)
         for state in args.states
         for mode, count in [("baseline", 1), *((m, k) for m in args.modes for k in args.ks)]
         if mode != "numba" or numba_works
     ]
     for contender in contenders:
         say(f"warm-up: state {contender.state_size}, {contender.mode}, K = {contender.count}")
+        warming = time.perf_counter()
         warm = contender.run(args.layers, contender.warmup_windows)
+        contender.warmup_seconds = time.perf_counter() - warming
         contender.windows = _windows_for(args.seconds, warm, contender.warmup_windows)
         contender.family = _raced_family(contender, args.layers)
     # Round-robin, so that a spell of load elsewhere on the machine hits every contender alike.
@@ -167,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
             measured = contender.run(args.layers, contender.windows)
             if contender.best is None or measured.rate > contender.best.rate:
                 contender.best = measured
-    gemm_rate = max(gemm_rate, _gemm_rate())  # once more at the end: the best of both
+    # Once more at the end: the best of both.
+    gemm_rate = max(gemm_rate, _gemm_rate() if on_cpu else _gpu_gemm_rate())
     minutes = (time.perf_counter() - started) / 60
     print(_report(args, load, contenders, compile_note, gemm_rate, minutes))
 
@@ -178,7 +213,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--states", type=int, nargs="+", help="state sizes (4 16 32 64 128)")
     parser.add_argument("--ks", type=int, nargs="+", help="models in lockstep (1 8 32 128)")
     parser.add_argument("--layers", type=int, default=3, help="LSTM layers (default: 3)")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument(
+        "--device", choices=list(MODES), default="cpu", help="where to train (default: cpu)"
+    )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=sorted({mode for modes in MODES.values() for mode in modes}),
+        help="the trainer's modes: eager and numba on the CPU, eager and compiled on cuda",
+    )
     parser.add_argument(
         "--no-compile-times", action="store_true", help="skip the cold compile in a fresh cache"
     )
@@ -187,10 +230,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse a GPU that torch does not see, or a mode the device has not (exit code 2)."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda: torch {torch.__version__} sees no CUDA device here")
+    wrong = [mode for mode in args.modes or () if mode not in MODES[args.device]]
+    if wrong:
+        allowed = " and ".join(MODES[args.device])
+        parser.error(f"--modes {' '.join(wrong)}: on {args.device} the modes are {allowed}")
+
+
 def _fill_defaults(args: argparse.Namespace) -> None:
-    """The defaults of the options left out, which depend on --quick."""
-    args.states = args.states or ([4] if args.quick else [4, 16, 32, 64, 128])
-    args.ks = args.ks or ([1, 128] if args.quick else [1, 8, 32, 128])
+    """The defaults of the options left out, which depend on --quick and --device."""
+    args.modes = args.modes or list(MODES[args.device])
+    quick_states = DEFAULT_STATES[args.device][:1]
+    args.states = args.states or (quick_states if args.quick else DEFAULT_STATES[args.device])
+    quick_ks = [1, DEFAULT_KS[args.device][-1]]
+    args.ks = args.ks or (quick_ks if args.quick else DEFAULT_KS[args.device])
     args.seconds = args.seconds or 1.0
     args.repeats = args.repeats or (1 if args.quick else 3)
 
@@ -303,6 +359,25 @@ print(2 * n**3 / best)
     return float(done.stdout) if done.returncode == 0 else math.nan
 
 
+def _gpu_gemm_rate() -> float:
+    """The GPU's float32 GEMM rate in FLOP/s: torch's matmul of two GPU_GEMM_SIZE-square
+    matrices with TF32 off (the step's precision), best of 5."""
+    say("GPU GEMM rate (torch, float32)")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    n = GPU_GEMM_SIZE
+    a = torch.ones((n, n), device="cuda")
+    b = a.clone()
+    a @ b
+    best = math.inf
+    for _ in range(5):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        a @ b
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - started)
+    return 2 * n**3 / best
+
+
 def flops_per_model_window(state_size: int, layers: int) -> float:
     """The floating-point work of one model-window (module docs): forward gate matmuls,
     elementwise work and head, times 3 for the backward."""
@@ -321,8 +396,9 @@ def _epochs(windows: int) -> tuple[int, int]:
     return windows // per_epoch, per_epoch
 
 
-def _time_baseline(state_size: int, layers: int, windows: int) -> Measurement:
-    """The straightforward loop on one trial for `windows` windows."""
+def _time_baseline(state_size: int, layers: int, windows: int, device: str) -> Measurement:
+    """The straightforward loop on one trial for `windows` windows (its `.item()` of every
+    window's loss waits for a GPU, so its clock is the GPU's too)."""
     epochs, per_epoch = _epochs(windows)
     spec = TrialSpec(
         num_layers=layers,
@@ -335,14 +411,15 @@ def _time_baseline(state_size: int, layers: int, windows: int) -> Measurement:
         truncation=TRUNCATION,
         seed=0,
     )
-    result, cpu_ratio = _with_cpu_ratio(lambda: train_trial(spec))
+    result, cpu_ratio = _with_cpu_ratio(lambda: train_trial(spec, device))
     return Measurement(spec.windows, result.seconds, cpu_ratio)
 
 
 def _time_trainer(
-    state_size: int, layers: int, count: int, compiled: bool, windows: int
+    state_size: int, layers: int, count: int, compiled: bool, windows: int, device: str = "cpu"
 ) -> Measurement:
-    """Our trainer on `count` models in lockstep for `windows` windows."""
+    """Our trainer on `count` models in lockstep for `windows` windows (its lanes read every
+    window's losses back, which waits for a GPU)."""
     epochs, per_epoch = _epochs(windows)
     base = Config().with_params(
         {
@@ -355,12 +432,12 @@ def _time_trainer(
             "train.epochs": epochs,
             "train.lr": LR,
             "train.compile": compiled,
-            "train.device": "cpu",
+            "train.device": device,
         }
     )
     configs = [base.with_params({"train.seed": seed}) for seed in range(count)]
     result, cpu_ratio = _with_cpu_ratio(lambda: train(configs))
-    return Measurement(count * epochs * per_epoch, result.seconds, cpu_ratio)
+    return Measurement(count * epochs * per_epoch, result.seconds, cpu_ratio, result.compiled)
 
 
 def _with_cpu_ratio(run: Callable[[], T]) -> tuple[T, float]:
@@ -391,92 +468,144 @@ def _report(
     minutes: float,
 ) -> str:
     """The README-ready result: how it was measured, then a Markdown table of rates and ratios,
-    and each row's arithmetic bound and the share of it the numba step reached."""
+    and each row's arithmetic bound and the share of it the fast mode (numba on the CPU, the
+    compiled step on a GPU) reached."""
     best = {(c.state_size, c.mode, c.count): c.best for c in contenders}
     family = {(c.state_size, c.count): c.family for c in contenders if c.mode == "numba"}
-    cpu_ratio = max(c.best.cpu_ratio for c in contenders if c.best)
-    lines = [
-        f"### Trainer throughput per core ({args.layers} layers, batch {BATCH_SIZE}, "
-        f"truncation {TRUNCATION})",
-        "",
-        f"- torch {torch.__version__}, numba {_numba_version()} on 1 thread of {_cpu_name()} "
-        f"(CPU time / wall time of the timed runs: at most {cpu_ratio:.2f})",
-        f"- model-windows per second, best of {args.repeats} timed run(s) of about "
-        f"{args.seconds:g} s; (×) is the ratio to the straightforward per-trial loop timed in "
-        "the same run (one trial at a time: its rate does not depend on K); kernels: the way "
-        "numba's race kept for the shape (by_model: one model at a time; by_lane: vectorized "
-        "over the models)",
-        f"- numba kernels, not in the rates: {compile_note}",
-        f"- 1-minute load average at the start: {load:.1f} on {os.cpu_count()} CPUs (a busy "
-        "machine skews the numbers, the ratios less so); the whole run took "
-        f"{minutes:.1f} min",
-        f"- bound: FLOP per model-window (docstring) at this machine's one-thread GEMM rate, "
-        f"{gemm_rate / 1e9:.1f} GFLOP/s (numpy, {GEMM_SIZE}², same run); share: numba's rate "
-        "over it",
-        "",
-        "| state | K | baseline win/s | eager win/s (×) | numba win/s (×) | kernels "
-        "| numba / eager | bound win/s | numba share |",
+    eager, fast = MODES[args.device]
+    lines = [*_preamble(args, load, contenders, compile_note, gemm_rate, minutes), ""]
+    lines += [
+        f"| state | K | baseline win/s | {eager} win/s (×) | {fast} win/s (×) | kernels "
+        f"| {fast} / {eager} | bound win/s | {fast} share |",
         "| ---: | ---: | ---: | ---: | ---: | :--- | ---: | ---: | ---: |",
     ]
     for state in args.states:
         base = best[(state, "baseline", 1)].rate
         bound = gemm_rate / flops_per_model_window(state, args.layers)
         for count in args.ks:
-            eager, numba = (best.get((state, mode, count)) for mode in MODES)
-            versus = times(numba.rate / eager.rate) if numba and eager else "n/a"
-            share = f"{numba.rate / bound:.0%}" if numba else "n/a"
+            slow, quick = (best.get((state, mode, count)) for mode in (eager, fast))
+            if quick and not quick.compiled:
+                quick = None  # fell back to eager: the warning above says why
+            versus = times(quick.rate / slow.rate) if quick and slow else "n/a"
+            share = _percent(quick.rate / bound) if quick else "n/a"
             lines.append(
-                f"| {state} | {count} | {base:,.0f} | {_cell(eager, base)} | "
-                f"{_cell(numba, base)} | {family.get((state, count), 'n/a')} | {versus} | "
+                f"| {state} | {count} | {base:,.0f} | {_cell(slow, base)} | "
+                f"{_cell(quick, base)} | {family.get((state, count), 'n/a')} | {versus} | "
                 f"{bound:,.0f} | {share} |"
             )
-    if args.layers == TARGET_LAYERS:
-        lines.append("")
-        for state, (goal, meaning) in TARGETS.items():
-            measured = best.get((state, "numba", TARGET_K))
-            if measured is not None:
-                lines.append(
-                    f"- Goal, state {state}, K = {TARGET_K}: ≥ {goal:,} model-windows/s "
-                    f"({meaning}); measured {measured.rate:,.0f} ({times(measured.rate / goal)})."
-                )
-        for state in args.states:
-            single = best.get((state, "numba", 1))
-            if single is not None:
-                ratio = single.rate / best[(state, "baseline", 1)].rate
-                lines.append(
-                    f"- Goal, state {state}, K = 1: faster than the loop; measured {times(ratio)}."
-                )
-        for state in [s for s in args.states if s in HALF_BOUND_STATES]:
-            bound = gemm_rate / flops_per_model_window(state, args.layers)
-            shares = [
-                best[(state, "numba", k)].rate / bound
-                for k in args.ks
-                if k >= 8 and best.get((state, "numba", k))
-            ]
-            if shares:
-                lines.append(
-                    f"- Goal, state {state}, K ≥ 8: ≥ 50 % of the bound; measured "
-                    f"{min(shares):.0%} to {max(shares):.0%}."
-                )
-    lines += [_cliff_line(state, args.ks, best) for state in args.states]
+    lines.append("")
+    if args.layers == TARGET_LAYERS and args.device == "cpu":
+        lines += _cpu_goal_lines(args, best, gemm_rate)
+    lines += [_cliff_line(state, args.ks, best, fast) for state in args.states]
     return "\n".join(lines)
 
 
-def _cliff_line(state: int, ks: list[int], best: dict) -> str:
-    """Whether numba's rate per model, K ascending, ever falls by more than the noise."""
-    rates = [(k, best[(state, "numba", k)]) for k in sorted(ks) if best.get((state, "numba", k))]
-    drops = [
-        f"K = {small} → {large}: {after.rate / before.rate:.2f}×"
-        for (small, before), (large, after) in itertools.pairwise(rates)
-        if after.rate < CLIFF_NOISE * before.rate
+def _preamble(
+    args: argparse.Namespace,
+    load: float,
+    contenders: list[Contender],
+    compile_note: str,
+    gemm_rate: float,
+    minutes: float,
+) -> list[str]:
+    """What was measured, on what, and how."""
+    cpu_ratio = max(c.best.cpu_ratio for c in contenders if c.best)
+    ran = f"on 1 thread of {_cpu_name()}"
+    where, bound_from = "per core", f"this machine's one-thread GEMM rate, {gemm_rate / 1e9:.1f} "
+    bound_from += f"GFLOP/s (numpy, {GEMM_SIZE}², same run)"
+    if args.device == "cuda":
+        gpu = torch.cuda.get_device_name()
+        ran = f"on {gpu} (CUDA {torch.version.cuda}), host side on 1 thread of {_cpu_name()}"
+        where = f"on one {gpu}"
+        bound_from = (
+            f"the GPU's float32 GEMM rate, {gemm_rate / 1e12:.1f} TFLOP/s (torch, "
+            f"{GPU_GEMM_SIZE}², TF32 off, same run)"
+        )
+        warmups = [c.warmup_seconds for c in contenders if c.mode == "compiled"]
+        if warmups:
+            compile_note += f"; the longest warm-up took {max(warmups):.0f} s"
+    return [
+        f"### Trainer throughput {where} ({args.layers} layers, batch {BATCH_SIZE}, "
+        f"truncation {TRUNCATION})",
+        "",
+        f"- torch {torch.__version__}, numba {_numba_version()} {ran} (CPU time / wall time "
+        f"of the timed runs: at most {cpu_ratio:.2f})",
+        f"- model-windows per second, best of {args.repeats} timed run(s) of about "
+        f"{args.seconds:g} s; (×) is the ratio to the straightforward per-trial loop timed in "
+        "the same run (one trial at a time: its rate does not depend on K); kernels: the way "
+        "numba's race kept for the shape (by_model: one model at a time; by_lane: vectorized "
+        "over the models)",
+        f"- compiled kernels, not in the rates: {compile_note}",
+        f"- 1-minute load average at the start: {load:.1f} on {os.cpu_count()} CPUs (a busy "
+        "machine skews the numbers, the ratios less so); the whole run took "
+        f"{minutes:.1f} min",
+        f"- bound: FLOP per model-window (docstring) at {bound_from}; share: "
+        f"{MODES[args.device][-1]}'s rate over it",
     ]
+
+
+def _cpu_goal_lines(args: argparse.Namespace, best: dict, gemm_rate: float) -> list[str]:
+    """The per-core goals of issues 10 and 24 that this run measured, each with its result."""
+    lines = []
+    for state, (goal, meaning) in TARGETS.items():
+        measured = best.get((state, "numba", TARGET_K))
+        if measured is not None:
+            lines.append(
+                f"- Goal, state {state}, K = {TARGET_K}: ≥ {goal:,} model-windows/s "
+                f"({meaning}); measured {measured.rate:,.0f} ({times(measured.rate / goal)})."
+            )
+    for state in args.states:
+        single = best.get((state, "numba", 1))
+        if single is not None:
+            ratio = single.rate / best[(state, "baseline", 1)].rate
+            lines.append(
+                f"- Goal, state {state}, K = 1: faster than the loop; measured {times(ratio)}."
+            )
+    for state in [s for s in args.states if s in HALF_BOUND_STATES]:
+        bound = gemm_rate / flops_per_model_window(state, args.layers)
+        shares = [
+            best[(state, "numba", k)].rate / bound
+            for k in args.ks
+            if k >= 8 and best.get((state, "numba", k))
+        ]
+        if shares:
+            lines.append(
+                f"- Goal, state {state}, K ≥ 8: ≥ 50 % of the bound; measured "
+                f"{min(shares):.0%} to {max(shares):.0%}."
+            )
+    for count, goal in EAGER_GOALS.items():
+        measured = best.get((EAGER_STATE, "eager", count))
+        if measured is not None:
+            ratio = measured.rate / best[(EAGER_STATE, "baseline", 1)].rate
+            verdict = "met" if ratio >= goal else "missed"
+            lines.append(
+                f"- Goal, eager torch, state {EAGER_STATE}, K = {count}: ≥ {goal:g}× the loop; "
+                f"measured {times(ratio)} ({verdict})."
+            )
+    return lines
+
+
+def _cliff_line(state: int, ks: list[int], best: dict, mode: str) -> str:
+    """Whether `mode`'s rate per model at some K falls by more than the noise below its best
+    rate at any smaller K."""
+    rates = [(k, best[(state, mode, k)]) for k in sorted(ks) if best.get((state, mode, k))]
     if len(rates) < 2:
-        return f"- No cliff, state {state}: n/a (numba at one K or none)"
+        return f"- No cliff, state {state}: n/a ({mode} at one K or none)"
+    drops = []
+    for index, (large, after) in enumerate(rates[1:], start=1):
+        small, before = max(rates[:index], key=lambda pair: pair[1].rate)
+        if after.rate < CLIFF_NOISE * before.rate:
+            drops.append(f"K = {small} → {large}: {after.rate / before.rate:.2f}×")
     verdict = "met" if not drops else "missed, per model at the larger K: " + ", ".join(drops)
     return (
-        f"- No cliff, state {state} (numba's rate per model never below {CLIFF_NOISE:.0%} of "
-        f"that at a smaller K): {verdict}."
+        f"- No cliff, state {state} ({mode}'s rate per model never below {CLIFF_NOISE:.0%} of "
+        f"its best at a smaller K): {verdict}."
     )
+
+
+def _percent(share: float) -> str:
+    """A share with the digits that matter: 67%, 4.2%, 0.031% (a small model on a GPU)."""
+    return f"{share:.0%}" if share >= 0.1 else f"{100 * share:.2g}%"
 
 
 def _numba_version() -> str:
