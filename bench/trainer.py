@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     # Once more at the end: the best of both.
     gemm_rate = max(gemm_rate, _gemm_rate() if on_cpu else _gpu_gemm_rate())
     minutes = (time.perf_counter() - started) / 60
-    print(_report(args, load, contenders, compile_note, gemm_rate, minutes))
+    print(_report(Run(args, load, contenders, compile_note, gemm_rate, minutes)))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -459,21 +459,29 @@ def _cpu_name() -> str:
     return names[0] if names else platform.processor() or platform.machine()
 
 
-def _report(
-    args: argparse.Namespace,
-    load: float,
-    contenders: list[Contender],
-    compile_note: str,
-    gemm_rate: float,
-    minutes: float,
-) -> str:
+@dataclass(frozen=True)
+class Run:
+    """What one run of this script measured, and around what."""
+
+    args: argparse.Namespace
+    load: float
+    """The 1-minute load average at the start."""
+    contenders: list[Contender]
+    compile_note: str
+    gemm_rate: float
+    """FLOP/s of the bound: one CPU thread's GEMM, or the GPU's."""
+    minutes: float
+
+
+def _report(run: Run) -> str:
     """The README-ready result: how it was measured, then a Markdown table of rates and ratios,
     and each row's arithmetic bound and the share of it the fast mode (numba on the CPU, the
     compiled step on a GPU) reached."""
-    best = {(c.state_size, c.mode, c.count): c.best for c in contenders}
-    family = {(c.state_size, c.count): c.family for c in contenders if c.mode == "numba"}
+    args, gemm_rate = run.args, run.gemm_rate
+    best = {(c.state_size, c.mode, c.count): c.best for c in run.contenders}
+    family = {(c.state_size, c.count): c.family for c in run.contenders if c.mode == "numba"}
     eager, fast = MODES[args.device]
-    lines = [*_preamble(args, load, contenders, compile_note, gemm_rate, minutes), ""]
+    lines = [*_preamble(run), ""]
     lines += [
         f"| state | K | baseline win/s | {eager} win/s (×) | {fast} win/s (×) | kernels "
         f"| {fast} / {eager} | bound win/s | {fast} share |",
@@ -500,30 +508,27 @@ def _report(
     return "\n".join(lines)
 
 
-def _preamble(
-    args: argparse.Namespace,
-    load: float,
-    contenders: list[Contender],
-    compile_note: str,
-    gemm_rate: float,
-    minutes: float,
-) -> list[str]:
+def _preamble(run: Run) -> list[str]:
     """What was measured, on what, and how."""
-    cpu_ratio = max(c.best.cpu_ratio for c in contenders if c.best)
-    ran = f"on 1 thread of {_cpu_name()}"
-    where, bound_from = "per core", f"this machine's one-thread GEMM rate, {gemm_rate / 1e9:.1f} "
-    bound_from += f"GFLOP/s (numpy, {GEMM_SIZE}², same run)"
+    args, compile_note = run.args, run.compile_note
+    cpu_ratio = max(c.best.cpu_ratio for c in run.contenders if c.best)
     if args.device == "cuda":
         gpu = torch.cuda.get_device_name()
         ran = f"on {gpu} (CUDA {torch.version.cuda}), host side on 1 thread of {_cpu_name()}"
         where = f"on one {gpu}"
         bound_from = (
-            f"the GPU's float32 GEMM rate, {gemm_rate / 1e12:.1f} TFLOP/s (torch, "
+            f"the GPU's float32 GEMM rate, {run.gemm_rate / 1e12:.1f} TFLOP/s (torch, "
             f"{GPU_GEMM_SIZE}², TF32 off, same run)"
         )
-        warmups = [c.warmup_seconds for c in contenders if c.mode == "compiled"]
+        warmups = [c.warmup_seconds for c in run.contenders if c.mode == "compiled"]
         if warmups:
             compile_note += f"; the longest warm-up took {max(warmups):.0f} s"
+    else:
+        ran, where = f"on 1 thread of {_cpu_name()}", "per core"
+        bound_from = (
+            f"this machine's one-thread GEMM rate, {run.gemm_rate / 1e9:.1f} GFLOP/s (numpy, "
+            f"{GEMM_SIZE}², same run)"
+        )
     return [
         f"### Trainer throughput {where} ({args.layers} layers, batch {BATCH_SIZE}, "
         f"truncation {TRUNCATION})",
@@ -536,9 +541,9 @@ def _preamble(
         "numba's race kept for the shape (by_model: one model at a time; by_lane: vectorized "
         "over the models)",
         f"- compiled kernels, not in the rates: {compile_note}",
-        f"- 1-minute load average at the start: {load:.1f} on {os.cpu_count()} CPUs (a busy "
-        "machine skews the numbers, the ratios less so); the whole run took "
-        f"{minutes:.1f} min",
+        f"- 1-minute load average at the start: {run.load:.1f} on {os.cpu_count()} CPUs (a "
+        "busy machine skews the numbers, the ratios less so); the whole run took "
+        f"{run.minutes:.1f} min",
         f"- bound: FLOP per model-window (docstring) at {bound_from}; share: "
         f"{MODES[args.device][-1]}'s rate over it",
     ]
