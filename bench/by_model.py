@@ -1,7 +1,8 @@
 """The one-model-at-a-time kernels alone: their rate per core, and their bits against a snapshot.
 
-Times `numba_step._window_by` on the by_model family (forward of every layer, head, backward and
-Adagrad; no data generation or Python trainer around it), so that a change to those kernels
+Times `numba_step._windows_by` on the by_model family, a window a call (forward of every
+layer, head, backward and Adagrad; no data generation or Python trainer around it), so that a
+change to those kernels
 shows without the trainer's overhead and noise. Weights are the trainer's initial ones, the
 state and data random; each timed run is several windows in a row, best of --repeats, timed by
 the thread's CPU time (the kernels run on it), so that other work on the machine moves the
@@ -57,10 +58,10 @@ def rate(kernels, units: int, layers: int, models: int, windows: int, by_model: 
     family, tapes = numba_step._family(kernels, by_model), numba_step.Tapes()
     a, x, y = window(units, layers, models)
     a = numba_step._laid_out(a, model_first=family.model_first)
-    numba_step._window_by(family, a, x, y, tapes)
+    numba_step._windows_by(family, a, x[np.newaxis], y[np.newaxis], tapes)
     started = time.thread_time()  # this thread's CPU: the kernels run on it, whatever else runs
     for _ in range(windows):
-        numba_step._window_by(family, a, x, y, tapes)
+        numba_step._windows_by(family, a, x[np.newaxis], y[np.newaxis], tapes)
     return models * windows / (time.thread_time() - started)
 
 
@@ -73,7 +74,10 @@ def outputs(kernels, by_model: bool) -> dict[str, np.ndarray]:
         a = numba_step._laid_out(a, model_first=family.model_first)
         a.active[-1] = models == 1 or units % 2 == 0
         for w in range(3):
-            losses, margin, still = numba_step._window_by(family, a, x, y, numba_step.Tapes())
+            losses, margin, still = numba_step._windows_by(
+                family, a, x[np.newaxis], y[np.newaxis], numba_step.Tapes()
+            )
+            losses = losses[0]
             key = f"{units}-{layers}-{models}-{w}"
             saved |= {f"{key}-losses": losses, f"{key}-margin": margin, f"{key}-still": still}
         for name, arrays in (("w", a.weights), ("acc", a.accum), ("h", [a.state.h]),

@@ -191,9 +191,9 @@ class Trainer:
             self._publish([], [], [(k, text) for k in keys])
             return False
         with self.changed:
-            if running:
-                self.stepped[key] += 1
-            self.trained += running
+            if lanes.last_windows:
+                self.stepped[key] += lanes.last_windows
+            self.trained += lanes.last_lane_windows
         if self.failpoint is not None:
             self._pass_failpoint(lanes)
         if finished or reports:
@@ -224,7 +224,9 @@ class Trainer:
         key = lanes_key(config)
         if key not in self.lanes:
             step, device = window_step(config, self.cpus, _gpu_from_ray())
-            self.lanes[key] = Lanes(config, step, device, self.report_every, self.judge_from)
+            self.lanes[key] = Lanes(
+                config, step, device, self.report_every, self.judge_from, step.max_windows
+            )
         return self.lanes[key]
 
 

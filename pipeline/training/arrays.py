@@ -65,6 +65,17 @@ class WindowResult(NamedTuple):
     arrays: WindowArrays
 
 
+class WindowsResult(NamedTuple):
+    """What a step of several windows in a row gives (`WindowStep.windows`): each model's loss
+    on each window (W, K), NaN on the windows it sat out (a model whose loss is not finite sits
+    out the windows after); the last window's margin (B, T, K); and the arrays after the last
+    window."""
+
+    losses: Array
+    margin: Array
+    arrays: WindowArrays
+
+
 class WindowStep:
     """`train_window` (torch_step.py) on one backend: call it as `(arrays, x, y) -> WindowResult`
     with a WindowArrays of the kind `arrays` names ("torch" tensors or "numpy" arrays) and the
@@ -75,7 +86,9 @@ class WindowStep:
     `backend` is "numba", "inductor" or "eager"; where `fallback` is given (torch.compile's
     step), a call that fails (no C++ compiler, say) warns once and the step goes on with
     `fallback`, the eager step. `models_first`: whether the step wants a set of lanes' weights
-    and accumulators stored model first (see `stores_models_first`).
+    and accumulators stored model first (see `stores_models_first`). `windows`: where given,
+    the step runs up to `max_windows` windows in a row in one call, with the same bits as one
+    call a window (see `windows`).
     """
 
     def __init__(
@@ -85,12 +98,17 @@ class WindowStep:
         arrays: str = "torch",
         fallback: Callable[..., WindowResult] | None = None,
         models_first: Callable[[int, int, int], bool] | None = None,
+        windows: Callable[..., WindowsResult] | None = None,
+        max_windows: int = 1,
     ) -> None:
         self.backend = backend
         self.arrays = arrays
         self._window = window
         self._fallback = fallback
         self._models_first = models_first
+        self._windows = windows
+        self.max_windows = max_windows if windows is not None else 1
+        """The most windows `windows` takes in one call (1: a window a call)."""
 
     def stores_models_first(self, layers: int, units: int, models: int) -> bool:
         """Whether `models` lanes of `layers` layers of `units` units should keep their weights
@@ -114,6 +132,15 @@ class WindowStep:
             warn_fallback("torch.compile", error)
             self.backend, self._window, self._fallback = "eager", self._fallback, None
             return self._window(*args)
+
+    def windows(self, arrays: WindowArrays, xs: Array, ys: Array) -> WindowsResult:
+        """Windows xs[i], ys[i] (W, B, T, K) in a row, W at most `max_windows`, giving each
+        model what W calls would: the step may run them model by model (cpu_step.py), never
+        otherwise. Callers give it only windows within which no lane's data, state or
+        trial changes (lanes.py)."""
+        if self._windows is None:
+            raise TypeError(f"the {self.backend} step takes one window a call")
+        return self._windows(arrays, xs, ys)
 
 
 def warn_fallback(compiler: str, error: BaseException) -> None:

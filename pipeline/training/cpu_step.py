@@ -35,6 +35,7 @@ from pipeline.training.arrays import (
     State,
     WindowArrays,
     WindowResult,
+    WindowsResult,
     WindowStep,
     lane_chunks,
     layer_of,
@@ -73,13 +74,31 @@ def numba_kernels() -> ModuleType | None:
     return kernels
 
 
+# Windows a step may run in a row (`numba_windows`), chunk by chunk: a chunk's weights and
+# accumulators then serve BLOCK_WINDOWS windows from the caches before the next chunk's evict
+# them, where window after window every chunk came back from L3 or memory and a model-window
+# at K >= 8 took 1.13 times as long as at K = 1 (state 128; the forward 1.22-1.26 times). In
+# blocks of 2 and 4 windows, side by side (one process, medians of 22), state 128 at K = 8
+# ran 1.115 and 1.120 times as fast, state 64 at K = 32 1.057 and 1.088 times.
+BLOCK_WINDOWS = 4
+
+
 def numba_step(kernels: ModuleType, by_model: bool | None = None) -> WindowStep:
     """The numba step on numpy arrays; `by_model` picks the kernels (both give the same bits),
     else the ones measured faster on each window's shape (`Race`). Each step keeps its own
     tapes (`Tapes`), so give each set of lanes a step of its own."""
-    window = functools.partial(numba_window, kernels, by_model=by_model, tapes=Tapes())
+    tapes = Tapes()
+    window = functools.partial(numba_window, kernels, by_model=by_model, tapes=tapes)
+    windows = functools.partial(numba_windows, kernels, by_model=by_model, tapes=tapes)
     models_first = functools.partial(_expects_by_model, by_model)
-    return WindowStep("numba", window, arrays="numpy", models_first=models_first)
+    return WindowStep(
+        "numba",
+        window,
+        arrays="numpy",
+        models_first=models_first,
+        windows=windows,
+        max_windows=BLOCK_WINDOWS,
+    )
 
 
 def _expects_by_model(by_model: bool | None, layers: int, units: int, models: int) -> bool:
@@ -209,23 +228,14 @@ def numba_window(
     (views, other dtypes, the other layout) are copied first, and the copies returned.
     `by_model` picks the family of kernels; None, the one measured faster on this window's
     shape (`Race`)."""
-    arrays = arrays._replace(
-        state=State(_dense(arrays.state.h, np.float32), _dense(arrays.state.c, np.float32)),
-        lr=_dense(arrays.lr, np.float32),
-        active=_dense(arrays.active, np.bool_),
-    )
+    arrays = _dense_arrays(arrays)
     x, y = _dense(x, np.float32), _dense(y, np.float32)
     tapes = tapes or Tapes()
-    if by_model is not None:
-        from pipeline.training import kernel_compile  # loaded by numba_kernels already
-
-        way = BY_MODEL if by_model else BY_LANE
-        kernel_compile.require(way)
+    way = _settled_way(arrays, x, by_model)
+    if way is not None:
         return _run_window(kernels, way, arrays, x, y, tapes)
     shape = window_shape(arrays, x)
     race = RACES.get(shape)
-    if race is not None and race.winner is not None:
-        return _run_window(kernels, race.winner, arrays, x, y, tapes)
     family = _ready_family(prefer_by_model=_by_model(shape.units, shape.running))
     if race is None and _both_loaded():
         race = RACES[shape] = Race((family, BY_LANE if family == BY_MODEL else BY_MODEL))
@@ -241,14 +251,68 @@ def numba_window(
     return result
 
 
+def numba_windows(
+    kernels: ModuleType,
+    arrays: WindowArrays,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    by_model: bool | None = None,
+    tapes: Tapes | None = None,
+) -> WindowsResult:
+    """`numba_window` on the windows xs[i], ys[i] (W, B, T, K) in a row, with the same bits:
+    a model's arithmetic is the same whichever order the models and windows run in. Where
+    the one-model kernels take the lanes in chunks, each chunk runs every window before the
+    next chunk starts (see BLOCK_WINDOWS); while a race of the families is still on, window
+    after window, each timed as `numba_window` times it."""
+    arrays = _dense_arrays(arrays)
+    xs, ys = _dense(xs, np.float32), _dense(ys, np.float32)
+    tapes = tapes or Tapes()
+    way = _settled_way(arrays, xs[0], by_model)
+    if way is not None:
+        model_first = way == BY_MODEL
+        arrays = _laid_out(arrays, model_first)
+        losses, margin, still = _windows_by(_family(kernels, model_first), arrays, xs, ys, tapes)
+        return WindowsResult(losses, margin, arrays._replace(active=still))
+    losses = []
+    for x, y in zip(xs, ys, strict=True):
+        result = numba_window(kernels, arrays, x, y, tapes=tapes)
+        losses.append(result.losses)
+        arrays = result.arrays
+    return WindowsResult(np.stack(losses), result.margin, arrays)
+
+
+def _dense_arrays(arrays: WindowArrays) -> WindowArrays:
+    """`arrays` with state, learning rates and mask as the kernels take them."""
+    return arrays._replace(
+        state=State(_dense(arrays.state.h, np.float32), _dense(arrays.state.c, np.float32)),
+        lr=_dense(arrays.lr, np.float32),
+        active=_dense(arrays.active, np.bool_),
+    )
+
+
+def _settled_way(arrays: WindowArrays, x: np.ndarray, by_model: bool | None) -> str | None:
+    """The family that runs windows of this shape: the one forced, or the winner of its race;
+    None while that is not settled (`numba_window` races or picks the family ready)."""
+    if by_model is not None:
+        from pipeline.training import kernel_compile  # loaded by numba_kernels already
+
+        way = BY_MODEL if by_model else BY_LANE
+        kernel_compile.require(way)
+        return way
+    race = RACES.get(window_shape(arrays, x))
+    return race.winner if race is not None else None
+
+
 def _run_window(
     kernels: ModuleType, way: str, arrays: WindowArrays, x: np.ndarray, y: np.ndarray, tapes: Tapes
 ) -> WindowResult:
     """The window run by one family, `way` (BY_LANE or BY_MODEL)."""
     model_first = way == BY_MODEL
     arrays = _laid_out(arrays, model_first)
-    losses, margin, still = _window_by(_family(kernels, model_first), arrays, x, y, tapes)
-    return WindowResult(losses, margin, arrays._replace(active=still))
+    losses, margin, still = _windows_by(
+        _family(kernels, model_first), arrays, x[np.newaxis], y[np.newaxis], tapes
+    )
+    return WindowResult(losses[0], margin, arrays._replace(active=still))
 
 
 def _laid_out(arrays: WindowArrays, model_first: bool) -> WindowArrays:
@@ -447,27 +511,28 @@ def _family(kernels: ModuleType, by_model: bool) -> _Family:
     )
 
 
-def _window_by(
-    family: _Family, a: WindowArrays, x: np.ndarray, y: np.ndarray, tapes: Tapes
+def _windows_by(
+    family: _Family, a: WindowArrays, xs: np.ndarray, ys: np.ndarray, tapes: Tapes
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The window by one family of kernels on dense float32 arrays (..., K), the weights and
-    accumulators laid out for the family (`_laid_out`), which they update in place (weights,
-    accumulators and state); returns (losses, margin, still active). The kernels that run one
-    model at a time take the lanes in chunks (`_lanes_per_chunk`), each chunk through the
-    whole window on tapes of a chunk's size: a model's arithmetic is the same whichever chunk
-    it is in, so are its bits."""
-    if not family.model_first:
-        return _window_of_lanes(family, a, x, y, tapes)
-    # The kernels take the weights' (K, ...) storage.
-    a = a._replace(
-        weights=[_models_first(w) for w in a.weights], accum=[_models_first(w) for w in a.accum]
-    )
+    """The windows xs[i], ys[i] (W, B, T, K) in a row by one family of kernels on dense
+    float32 arrays (..., K), the weights and accumulators laid out for the family
+    (`_laid_out`), which they update in place (weights, accumulators and state); returns each
+    window's losses (W, K), the last window's margin and which models still train. The
+    kernels that run one model at a time take the lanes in chunks (`_lanes_per_chunk`), each
+    chunk through every window on tapes of a chunk's size: a model's arithmetic is the same
+    whichever chunk it is in, so are its bits."""
+    if family.model_first:
+        # The kernels take the weights' (K, ...) storage.
+        a = a._replace(
+            weights=[_models_first(w) for w in a.weights],
+            accum=[_models_first(w) for w in a.accum],
+        )
     models = len(a.active)
-    size = _lanes_per_chunk(a, x)
+    size = _lanes_per_chunk(a, xs[0]) if family.model_first else models
     if models <= size:
-        return _window_of_lanes(family, a, x, y, tapes)
+        return _windows_of_lanes(family, a, xs, ys, tapes)
     # The entries of the models that sit out, and of chunks where every lane does.
-    losses, margin = np.empty(models, np.float32), np.empty(y.shape, np.float32)
+    losses, margin = np.empty((len(xs), models), np.float32), np.empty(ys.shape[1:], np.float32)
     losses.fill(np.nan)
     margin.fill(np.nan)
     still = np.zeros(models, np.bool_)
@@ -482,12 +547,30 @@ def _window_by(
             a.lr[lanes],
             a.active[lanes],
         )
-        x_lanes, y_lanes = _dense(x[..., lanes], np.float32), _dense(y[..., lanes], np.float32)
-        losses[lanes], margin[..., lanes], still[lanes] = _window_of_lanes(
-            family, chunk, x_lanes, y_lanes, tapes
+        xs_lanes, ys_lanes = _dense(xs[..., lanes], np.float32), _dense(ys[..., lanes], np.float32)
+        losses[:, lanes], margin[..., lanes], still[lanes] = _windows_of_lanes(
+            family, chunk, xs_lanes, ys_lanes, tapes
         )
         h[..., lanes], c[..., lanes] = chunk.state
     return losses, margin, still
+
+
+def _windows_of_lanes(
+    family: _Family, a: WindowArrays, xs: np.ndarray, ys: np.ndarray, tapes: Tapes
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_windows_by` on all of `a`'s lanes at once, window after window; a model whose loss
+    is not finite sits out the windows after, and once none trains no kernel runs."""
+    losses = np.empty((len(xs), len(a.active)), np.float32)
+    losses.fill(np.nan)
+    active = a.active
+    for window, (x, y) in enumerate(zip(xs, ys, strict=True)):
+        if window and not active.any():
+            margin = np.full(y.shape, np.nan, np.float32)
+            break
+        losses[window], margin, active = _window_of_lanes(
+            family, a._replace(active=active), x, y, tapes
+        )
+    return losses, margin, active
 
 
 # About how many bytes of weights, accumulators and tapes the one-model kernels take through a
@@ -533,7 +616,7 @@ def _lanes_per_chunk(a: WindowArrays, x: np.ndarray) -> int:
 def _window_of_lanes(
     family: _Family, a: WindowArrays, x: np.ndarray, y: np.ndarray, tapes: Tapes
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`_window_by` on all of `a`'s lanes at once, its weights and accumulators as the
+    """One window on all of `a`'s lanes at once, its weights and accumulators as the
     family's kernels take them."""
     forward, gradients = _window_tapes(family.model_first, a, x, tapes)
     # The heads write the entries of the models that train; those that sit out keep these.

@@ -56,6 +56,13 @@ class Lanes:
     and the reports that fell due: with `report_every`, each trial reports its mean loss every
     that many steps from step `judge_from` on, and waits (trains no window) until `resume` or
     `stop` rules on it: a pruner's verdict.
+
+    With `block_windows` above 1, where the step takes several windows a call
+    (`WindowStep.max_windows`: the numba step's), `step` trains every running lane on as many
+    windows as none of them crosses the end of an epoch, of its trial or of a report interval
+    in, up to that many: each lane's losses are the same bits, and its trial ends, reports and
+    waits at the same step, as one window a step gives. `last_windows` and
+    `last_lane_windows` say what the last step ran.
     """
 
     def __init__(
@@ -65,9 +72,11 @@ class Lanes:
         device: Any = "cpu",
         report_every: int | None = None,
         judge_from: int = 0,
+        block_windows: int = 1,
     ) -> None:
         """`device`: where torch tensors live (a torch.device or its name); a step on numpy
-        arrays runs on the CPU."""
+        arrays runs on the CPU. `block_windows`: the most windows a `step` may train, at
+        most what the step takes a call."""
         self.shared = shared
         self._key = lanes_key(shared)  # 0.7 ms a call: once, not per admission
         self.step_fn = step_fn
@@ -75,6 +84,13 @@ class Lanes:
         self.report_every = report_every
         self.judge_from = judge_from
         self.windows = shared.task.windows_per_epoch
+        most = min(block_windows, step_fn.max_windows)
+        # A step resets the carried state before each window where it is not carried.
+        self.block_windows = most if shared.train.carry_state else 1
+        self.last_windows = 0
+        """Windows the last `step` trained (0: no lane ran)."""
+        self.last_lane_windows = 0
+        """Windows the last `step` trained, summed over lanes."""
         self.capacity = 0
         self.weights: Weights = []
         self.accum: Weights = []
@@ -142,31 +158,69 @@ class Lanes:
         return self.occupied & ~self.waiting
 
     def step(self) -> tuple[list[Finished], list[Report]]:
-        """Train every running, non-waiting lane on its next window."""
+        """Train every running, non-waiting lane on its next window, or its next few (see the
+        class docs)."""
         count = len(self)
         if count and 2 * count <= self.capacity and self._whole(count) < self.capacity:
             self._resize(self._whole(count))
         running = self.running
+        self.last_windows = self.last_lane_windows = 0
         if not running.any():
             return [], []
+        ran = np.flatnonzero(running)
+        block = self._block(ran)
         window = self.position % self.windows
-        x = self.arrays.window_of(self.data_x, window)  # (B, T, L)
-        y = self.arrays.window_of(self.data_y, window)  # (B, T, L)
         if not self.shared.train.carry_state:
             self.state.h[...] = 0.0
             self.state.c[...] = 0.0
         active = self.arrays.from_numpy(running)
         arrays = WindowArrays(self.weights, self.accum, self.state, self.lr, active)
-        loss, margin, after = self.step_fn(arrays, x, y)
+        if block == 1:
+            x = self.arrays.window_of(self.data_x, window)  # (B, T, L)
+            y = self.arrays.window_of(self.data_y, window)  # (B, T, L)
+            loss, margin, after = self.step_fn(arrays, x, y)
+            losses = self.arrays.to_numpy(loss)[np.newaxis]
+        else:
+            xs = self._windows_of(self.data_x, window, block)  # (W, B, T, L)
+            ys = self._windows_of(self.data_y, window, block)
+            loss, margin, after = self.step_fn.windows(arrays, xs, ys)
+            losses = self.arrays.to_numpy(loss)
+            x, y = xs[-1], ys[-1]
         self.weights, self.accum, self.state = after.weights, after.accum, after.state
         self.last_window = (x, y, margin)
-        losses = self.arrays.to_numpy(loss)
         still_healthy = self.arrays.to_numpy(after.active)
-        ran = np.flatnonzero(running)
-        self.trace[ran, self.position[ran]] = losses[ran]
-        self.last_losses = np.where(running, losses, np.nan).astype(np.float32)
-        self.position[ran] += 1
+        trained = self._windows_trained(losses[:, ran], still_healthy[ran])
+        for offset in range(block):
+            lanes = ran[trained > offset]
+            self.trace[lanes, self.position[lanes] + offset] = losses[offset, lanes]
+        self.last_losses = np.where(running, losses[-1], np.nan).astype(np.float32)
+        self.position[ran] += trained
+        self.last_windows, self.last_lane_windows = block, int(trained.sum())
         return self._after_window(ran, still_healthy)
+
+    def _block(self, ran: np.ndarray) -> int:
+        """How many windows the lanes `ran` train in a row: up to `block_windows`, and none
+        past the end of a lane's epoch (its data is drawn anew), of its trial, or of its
+        report interval (it waits for a verdict there)."""
+        if self.block_windows == 1:
+            return 1
+        position = self.position[ran]
+        left = np.minimum(self.windows - position % self.windows, self.total[ran] - position)
+        if self.report_every:
+            left = np.minimum(left, self.report_every - position % self.report_every)
+        return int(min(self.block_windows, left.min()))
+
+    def _windows_of(self, data: Array, window: np.ndarray, block: int) -> Array:
+        """Each lane's windows window[l] to window[l] + block - 1 of data, (W, B, T, L)."""
+        return self.arrays.stack([self.arrays.window_of(data, window + k) for k in range(block)])
+
+    @staticmethod
+    def _windows_trained(losses: np.ndarray, healthy: np.ndarray) -> np.ndarray:
+        """How many windows of a block (losses (W, R)) each of R lanes trained: all of them,
+        or up to the one whose loss was not finite (the lane diverged there)."""
+        block = len(losses)
+        broke = ~np.isfinite(losses)
+        return np.where(healthy, block, np.argmax(broke, axis=0) + 1)
 
     def resume(self, keys: Iterable[int]) -> None:
         """Let waiting trials go on (the pruner kept them)."""
@@ -347,6 +401,10 @@ class _NumpyArrays:
         return np.concatenate(parts, axis=axis)
 
     @staticmethod
+    def stack(parts: Sequence[np.ndarray]) -> np.ndarray:
+        return np.stack(parts)
+
+    @staticmethod
     def window_of(data: np.ndarray, window: np.ndarray) -> np.ndarray:
         """Lane l's window window[l] of data (L, W, B, T), as one contiguous (B, T, L)."""
         return np.ascontiguousarray(data[np.arange(len(window)), window].transpose(1, 2, 0))
@@ -386,6 +444,9 @@ class _TorchArrays:
 
     def concatenate(self, parts: Sequence[Any], axis: int) -> Any:
         return self.torch.cat(list(parts), dim=axis)
+
+    def stack(self, parts: Sequence[Any]) -> Any:
+        return self.torch.stack(list(parts))
 
     def window_of(self, data: Any, window: np.ndarray) -> Any:
         """Lane l's window window[l] of data (L, W, B, T), as one contiguous (B, T, L)."""

@@ -73,7 +73,8 @@ def train(configs: Sequence[Config], on_step: OnStep | None = None) -> TrainResu
     if len(keys) > 1:
         raise ValueError(f"configs differ beyond echo_step, lr, epochs and seed: {sorted(keys)}")
     step, device = window_step(first)
-    lanes = Lanes(first, step, device)
+    # on_step sees every window: then a window a step, else as many as the step takes.
+    lanes = Lanes(first, step, device, block_windows=1 if on_step else step.max_windows)
     # Room for every model at once: admitted one by one, each would grow (copy) the lanes.
     lanes.reserve(len(configs))
     for k, config in enumerate(configs):

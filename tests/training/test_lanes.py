@@ -13,6 +13,7 @@ import torch
 from pipeline.results.output import Output
 from pipeline.study.driver import run_study
 from pipeline.study.optuna_setup import JOURNAL
+from pipeline.training import cpu_step
 from pipeline.training.device import step_function
 from pipeline.training.lanes import LANES, Lanes
 from pipeline.training.trial import LaneTrial
@@ -108,6 +109,54 @@ def test_lanes_waiting_lane_trains_no_window_until_ruled_on():
     assert lanes.step() == ([], []) and lanes.position[0] == 5
     (pruned,) = lanes.stop([0])
     assert pruned.status == "pruned" and len(pruned.losses) == 5
+
+
+def test_lanes_in_blocks_of_windows_give_every_trial_what_a_window_a_step_gives(monkeypatch):
+    # A step of up to 4 windows (the numba step's blocks, chunk by chunk: chunks of 2 lanes
+    # here) stops at every lane's epoch end, trial end and report: each trial's losses,
+    # status and reports are those of a window a step. Trials arrive midway, one diverges,
+    # and the pruner stops one at its first report.
+    monkeypatch.setattr(cpu_step, "MIN_CHUNK_LANES", 2)
+    monkeypatch.setattr(cpu_step, "CHUNK_BYTES", 1)
+    arrivals = [
+        (3 * k, _config(**{"train.seed": k, "task.echo_step": 1 + k % 4, "train.lr": 0.2}))
+        for k in range(5)
+    ]
+    arrivals.append((5, _config(**{"train.seed": 9, "train.lr": 1e30})))
+    pruned = {2}
+    runs = {block: _run_blocks(arrivals, block, pruned) for block in (1, 4)}
+    (one_finished, one_reports, one_blocks), (finished, reports, blocks) = runs.values()
+    assert set(one_blocks) == {1} and max(blocks) == 4
+    assert one_reports == reports and {key for key, _, _ in reports} >= pruned
+    assert sorted(finished) == list(range(6))
+    assert {key: status for key, (_, status) in finished.items()} == {
+        key: status for key, (_, status) in one_finished.items()
+    }
+    assert finished[5][1] == "diverged" and finished[2][1] == "pruned"
+    for key, (losses, _) in finished.items():
+        assert np.array_equal(losses, one_finished[key][0], equal_nan=True)
+
+
+def _run_blocks(arrivals: list[tuple[int, object]], block: int, pruned: set[int]) -> tuple:
+    """Trials joining one trainer's lanes after the given steps, stepped in blocks of up to
+    `block` windows, reporting every 7 steps and stopped at their first report if `pruned`:
+    (key: (losses, status)), the reports (key, step, value) and the windows of each step."""
+    first = arrivals[0][1]
+    step = cpu_step.numba_step(cpu_step.numba_kernels(), by_model=True)  # chunk by chunk
+    lanes = Lanes(first, step, CPU, 7, 3, block_windows=block)
+    waiting = sorted(enumerate(arrivals), key=lambda item: item[1][0])
+    finished, reports, blocks = {}, [], []
+    while waiting or len(lanes):
+        while waiting and waiting[0][1][0] <= len(blocks):
+            key, (_, config) = waiting.pop(0)
+            lanes.admit(LaneTrial(key, config))
+        done, due = lanes.step()
+        blocks.append(lanes.last_windows)
+        reports += [(r.key, r.step, r.value) for r in due]
+        done += lanes.stop([r.key for r in due if r.key in pruned])
+        lanes.resume([r.key for r in due if r.key not in pruned])
+        finished.update({f.key: (f.losses, f.status) for f in done})
+    return finished, sorted(reports), [b for b in blocks if b]
 
 
 def test_study_tpe_asks_each_trial_after_the_earlier_ones_were_told(tmp_path, ray_session):

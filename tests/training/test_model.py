@@ -515,6 +515,60 @@ def test_numba_step_runs_models_past_the_chunk_limit_one_at_a_time_with_the_same
         assert np.array_equal(one.numpy(), other.numpy(), equal_nan=True)
 
 
+def test_numba_step_runs_windows_in_a_row_chunk_by_chunk_with_the_bits_of_one_a_call(
+    monkeypatch,
+):
+    # numba_windows takes 4 windows in one call, each chunk of lanes through all 4 before the
+    # next chunk (its weights stay in the caches): every result is the bits of 4 calls of a
+    # window each, here with 7 lanes in chunks of 2, 2 models sitting out and 1 diverging in
+    # the middle of the block, which sits out the windows after.
+    from pipeline.training.cpu_step import numba_step
+
+    family, heads = cpu_step._family(numba_kernels(), by_model=True), []
+    # The head's seventh argument is its chunk's learning rates: the first names the chunk.
+    counted = family._replace(
+        head=lambda *args: heads.append(float(args[6][0])) or family.head(*args)
+    )
+    monkeypatch.setattr(cpu_step, "_family", lambda kernels, by_model: counted)
+    monkeypatch.setattr(cpu_step, "MIN_CHUNK_LANES", 2)
+    monkeypatch.setattr(cpu_step, "CHUNK_BYTES", 1)
+    weights, accum, state, lr, _ = _models(7, layers=3, units=8)
+    lr[5] = 1e30  # diverges once its weights overflow
+    active = torch.tensor([k not in (1, 4) for k in range(7)])
+    windows = [_window(7, seed=window) for window in range(4)]
+
+    def arrays():
+        return _map(WindowArrays(_copy(weights), _copy(accum), State(*_copy(state)), lr, active),
+                    torch.Tensor.numpy)  # fmt: skip
+
+    step = numba_step(numba_kernels(), by_model=True)
+    one_a_call, losses = arrays(), []
+    for x, y in windows:
+        result = step(one_a_call, x.numpy(), y.numpy())
+        one_a_call = result.arrays
+        losses.append(result.losses)
+    window_major, heads[:] = heads[:], []
+    xs, ys = (torch.stack(parts).numpy() for parts in zip(*windows, strict=True))
+    in_a_row = step.windows(arrays(), xs, ys)
+
+    assert np.isfinite(losses[0][5]) and not np.isfinite(losses[-1][5])
+    assert not in_a_row.arrays.active[5] and in_a_row.arrays.active[6]
+    # The same kernel calls, chunk by chunk (the chunks' rates ascend) rather than window by
+    # window; the diverged model's chunk stops with it.
+    assert sorted(heads) == sorted(window_major) and heads != window_major
+    assert heads == sorted(heads)
+    assert np.array_equal(in_a_row.losses, np.stack(losses), equal_nan=True)
+    assert np.array_equal(in_a_row.margin, result.margin, equal_nan=True)
+    after = _map(in_a_row.arrays, torch.from_numpy)
+    expected = _map(one_a_call, torch.from_numpy)
+    for ours, theirs in zip(_flat(after), _flat(expected), strict=True):
+        assert np.array_equal(ours.numpy(), theirs.numpy(), equal_nan=True)
+
+
+def _flat(arrays: WindowArrays) -> list[torch.Tensor]:
+    return [*arrays.weights, *arrays.accum, *arrays.state, arrays.active]
+
+
 def test_eager_step_gives_models_the_same_bits_in_chunks_as_in_one(monkeypatch, one_thread):
     # On the CPU the eager step takes a window's lanes in chunks when their gate tapes pass
     # torch_step.CHUNK_GATE_TAPE_BYTES, each chunk through the whole window; on one
