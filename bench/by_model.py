@@ -25,6 +25,7 @@ from pipeline.config import ModelConfig
 from pipeline.training import cpu_step as numba_step
 from pipeline.training import kernel_compile
 from pipeline.training.arrays import State, WindowArrays, initial_weights
+from pipeline.training.tapes import Tapes
 
 BATCH, STEPS = 5, 15
 # Shapes whose outputs the snapshot records: odd state sizes and K, and a model sitting out.
@@ -55,7 +56,7 @@ def window(units: int, layers: int, models: int, seed: int = 0) -> Window:
 
 def rate(kernels, units: int, layers: int, models: int, windows: int, by_model: bool) -> float:
     """Model-windows per second of `windows` windows in a row."""
-    family, tapes = numba_step._family(kernels, by_model), numba_step.Tapes()
+    family, tapes = numba_step._family(kernels, by_model), Tapes()
     a, x, y = window(units, layers, models)
     a = numba_step._laid_out(a, model_first=family.model_first)
     numba_step._windows_by(family, a, x[np.newaxis], y[np.newaxis], tapes)
@@ -75,7 +76,7 @@ def outputs(kernels, by_model: bool) -> dict[str, np.ndarray]:
         a.active[-1] = models == 1 or units % 2 == 0
         for w in range(3):
             losses, margin, still = numba_step._windows_by(
-                family, a, x[np.newaxis], y[np.newaxis], numba_step.Tapes()
+                family, a, x[np.newaxis], y[np.newaxis], Tapes()
             )
             losses = losses[0]
             key = f"{units}-{layers}-{models}-{w}"

@@ -89,7 +89,7 @@ EPOCH_WINDOWS = 25
 # paid one-off costs (its lanes laid out for the kernels, fresh tapes paged in; at state 128,
 # K = 128, five later windows' worth), which runs of 2 windows charged at half their time,
 # where a study's trainer runs hundreds of windows on the same lanes. Lanes now start in the
-# kernels' layout and take the tapes the previous run left (cpu_step.TapePool), so a first
+# kernels' layout and take the tapes the previous run left (tapes.TapePool), so a first
 # window costs about what a later one does.
 MIN_TIMED_WINDOWS = 8
 WARMUP_WINDOWS = 3

@@ -11,6 +11,7 @@ import pytest
 from pipeline.config import ModelConfig
 from pipeline.training import cpu_step, kernel_compile
 from pipeline.training.arrays import State, WindowArrays, initial_weights
+from pipeline.training.tapes import TAPE_POOL
 from tests.conftest import copy_of_the_kernel_cache
 
 # Trains 2 models of state 16 (1 layer) for 20 windows by `train`, with one family's kernels
@@ -189,7 +190,7 @@ def _window_tapes(step) -> list[np.ndarray]:
 def test_numba_step_takes_the_tapes_a_step_gone_left_behind():
     kernels = cpu_step.numba_kernels()
     kernel_compile.require(cpu_step.BY_MODEL)
-    cpu_step.TAPE_POOL.clear()
+    TAPE_POOL.clear()
     arrays, xs = _arrays(models=6, units=8, layers=2)
     first = cpu_step.numba_step(kernels, by_model=True)
     first(arrays, xs[0], xs[1])

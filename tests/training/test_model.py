@@ -610,7 +610,8 @@ def test_numba_step_never_reads_what_its_kept_tapes_held_before():
     # A step keeps its tapes from one window to the next of the same shape (fresh ones
     # page-faulted), so the kernels must write every entry of a tape before reading it: kept
     # tapes filled with NaN between windows change no bit of what the windows give.
-    from pipeline.training.cpu_step import Tapes, numba_window
+    from pipeline.training.cpu_step import numba_window
+    from pipeline.training.tapes import Tapes
 
     kernels = numba_kernels()
     for by_model in (True, False):
