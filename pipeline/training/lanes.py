@@ -211,8 +211,12 @@ class Lanes:
         return int(min(self.block_windows, left.min()))
 
     def _windows_of(self, data: Array, window: np.ndarray, block: int) -> Array:
-        """Each lane's windows window[l] to window[l] + block - 1 of data, (W, B, T, L)."""
-        return self.arrays.stack([self.arrays.window_of(data, window + k) for k in range(block)])
+        """Each lane's windows window[l] to window[l] + block - 1 of data, (W, B, T, L). A
+        lane that does not train (waiting, or empty) may stand at its epoch's last windows:
+        it takes the epoch's first again, which nothing reads."""
+        return self.arrays.stack(
+            [self.arrays.window_of(data, (window + k) % self.windows) for k in range(block)]
+        )
 
     @staticmethod
     def _windows_trained(losses: np.ndarray, healthy: np.ndarray) -> np.ndarray:

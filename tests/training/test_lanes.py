@@ -17,7 +17,7 @@ from pipeline.training import cpu_step
 from pipeline.training.device import step_function
 from pipeline.training.lanes import LANES, Lanes
 from pipeline.training.trial import LaneTrial
-from tests.conftest import python_output, small_config, study_config
+from tests.conftest import python_output, small_config, study_config, train_alone
 
 CPU = torch.device("cpu")
 
@@ -135,6 +135,31 @@ def test_lanes_in_blocks_of_windows_give_every_trial_what_a_window_a_step_gives(
     assert finished[5][1] == "diverged" and finished[2][1] == "pruned"
     for key, (losses, _) in finished.items():
         assert np.array_equal(losses, one_finished[key][0], equal_nan=True)
+
+
+def test_lanes_step_in_blocks_beside_a_trial_waiting_at_its_epochs_last_window():
+    # A trial waiting for a verdict at the last window of its epoch (window 19 of 20) trains
+    # nothing, while a trial beside it takes a block of 4 windows; then it goes on with the
+    # losses it has alone.
+    waiting, beside = (_config(**{"train.seed": s}) for s in (1, 2))
+    step = cpu_step.numba_step(cpu_step.numba_kernels(), by_model=True)
+    lanes = Lanes(waiting, step, CPU, report_every=19, judge_from=0, block_windows=4)
+    lanes.admit(LaneTrial(0, waiting))
+    reports = []
+    while not reports:
+        reports = lanes.step()[1]
+    assert [(r.key, r.step) for r in reports] == [(0, 18)] and lanes.position[0] == 19
+    lanes.admit(LaneTrial(1, beside))
+    lanes.step()
+    assert lanes.last_windows == 4 and lanes.position[0] == 19
+    lanes.resume([0])
+    finished = {}
+    while len(lanes):
+        done, due = lanes.step()
+        lanes.resume(r.key for r in due)
+        finished.update({f.key: f.losses for f in done})
+    assert np.array_equal(finished[0], train_alone(waiting))
+    assert np.array_equal(finished[1], train_alone(beside))
 
 
 def _run_blocks(arrivals: list[tuple[int, object]], block: int, pruned: set[int]) -> tuple:
