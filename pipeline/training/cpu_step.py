@@ -135,11 +135,12 @@ def numba_window(
     arrays = _dense_arrays(arrays)
     x, y = _dense(x, np.float32), _dense(y, np.float32)
     tapes = tapes or Tapes()
-    way = _settled_way(arrays, x, by_model)
-    if way is not None:
-        return _run_window(kernels, way, arrays, x, y, tapes)
+    if by_model is not None:
+        return _run_window(kernels, _forced_way(by_model), arrays, x, y, tapes)
     shape = window_shape(arrays, x)
     race = RACES.get(shape)
+    if race is not None and race.winner is not None:
+        return _run_window(kernels, race.winner, arrays, x, y, tapes)
     family = _ready_family(prefer_by_model=_by_model(shape.units, shape.running))
     if race is None and _both_loaded():
         race = RACES[shape] = Race((family, BY_LANE if family == BY_MODEL else BY_MODEL))
@@ -171,12 +172,11 @@ def numba_windows(
     arrays = _dense_arrays(arrays)
     xs, ys = _dense(xs, np.float32), _dense(ys, np.float32)
     tapes = tapes or Tapes()
-    way = _settled_way(arrays, xs[0], by_model)
-    if way is not None:
-        model_first = way == BY_MODEL
-        arrays = _laid_out(arrays, model_first)
-        losses, margin, still = _windows_by(_family(kernels, model_first), arrays, xs, ys, tapes)
-        return WindowsResult(losses, margin, arrays._replace(active=still))
+    if by_model is not None:
+        return _run_windows(kernels, _forced_way(by_model), arrays, xs, ys, tapes)
+    race = RACES.get(window_shape(arrays, xs[0]))
+    if race is not None and race.winner is not None:
+        return _run_windows(kernels, race.winner, arrays, xs, ys, tapes)
     losses = []
     for x, y in zip(xs, ys, strict=True):
         result = numba_window(kernels, arrays, x, y, tapes=tapes)
@@ -194,29 +194,36 @@ def _dense_arrays(arrays: WindowArrays) -> WindowArrays:
     )
 
 
-def _settled_way(arrays: WindowArrays, x: np.ndarray, by_model: bool | None) -> str | None:
-    """The family that runs windows of this shape: the one forced, or the winner of its race;
-    None while that is not settled (`numba_window` races or picks the family ready)."""
-    if by_model is not None:
-        from pipeline.training import kernel_compile  # loaded by numba_kernels already
+def _forced_way(by_model: bool) -> str:
+    """The family `by_model` forces, loaded."""
+    from pipeline.training import kernel_compile  # loaded by numba_kernels already
 
-        way = BY_MODEL if by_model else BY_LANE
-        kernel_compile.require(way)
-        return way
-    race = RACES.get(window_shape(arrays, x))
-    return race.winner if race is not None else None
+    way = BY_MODEL if by_model else BY_LANE
+    kernel_compile.require(way)
+    return way
 
 
 def _run_window(
     kernels: ModuleType, way: str, arrays: WindowArrays, x: np.ndarray, y: np.ndarray, tapes: Tapes
 ) -> WindowResult:
     """The window run by one family, `way` (BY_LANE or BY_MODEL)."""
+    losses, margin, after = _run_windows(kernels, way, arrays, x[np.newaxis], y[np.newaxis], tapes)
+    return WindowResult(losses[0], margin, after)
+
+
+def _run_windows(
+    kernels: ModuleType,
+    way: str,
+    arrays: WindowArrays,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    tapes: Tapes,
+) -> WindowsResult:
+    """The windows xs[i], ys[i] in a row, run by one family, `way`."""
     model_first = way == BY_MODEL
     arrays = _laid_out(arrays, model_first)
-    losses, margin, still = _windows_by(
-        _family(kernels, model_first), arrays, x[np.newaxis], y[np.newaxis], tapes
-    )
-    return WindowResult(losses[0], margin, arrays._replace(active=still))
+    losses, margin, still = _windows_by(_family(kernels, model_first), arrays, xs, ys, tapes)
+    return WindowsResult(losses, margin, arrays._replace(active=still))
 
 
 def _laid_out(arrays: WindowArrays, model_first: bool) -> WindowArrays:
